@@ -1,0 +1,1 @@
+"""Budgets, smart offload, block streaming, soft/force unload and the MemoryTracker."""

@@ -1,0 +1,156 @@
+"""``Int8Linear``: a drop-in ``nn.Linear`` holding an int8 weight and float32 scales.
+
+* state_dict keys: ``weight`` (int8 ``[out, in]``), ``weight_scale`` (float32), ``bias`` (compute dtype);
+  the granularity (rowwise/block/tensorwise) is read back from the scale's shape on load.
+* ``.to(device)`` moves everything; ``.to(dtype)`` casts only the bias - the int8 weight and the float32
+  scale keep their dtypes, so a ``model.to(torch.bfloat16)`` never destroys the quantization.
+* forward goes through :func:`comfyui_headroom.kernels.int8_linear` (the dispatcher), plus optional
+  float LoRA side branches ``scale * (x A^T) B^T`` that never touch the int8 weight.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .int8 import DEFAULT_BLOCK_SIZE, block_size_of, dequantize_weight, method_of_scale, quantize_weight
+
+
+class Int8Linear(nn.Module):
+    """Linear layer with a symmetric INT8 weight (see module docstring)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        method: str = "rowwise",
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.block_size = block_size
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", self._empty_scale(method, device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=compute_dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        # Float LoRA side branches: (down [r, in], up [out, r], scale). Not part of the state dict.
+        self.lora: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+
+    def _empty_scale(self, method: str, device) -> torch.Tensor:
+        if method == "tensorwise":
+            return torch.ones((), dtype=torch.float32, device=device)
+        if method == "rowwise":
+            return torch.ones(self.out_features, dtype=torch.float32, device=device)
+        if method == "block":
+            blocks = -(-self.in_features // self.block_size)
+            return torch.ones(self.out_features, blocks, dtype=torch.float32, device=device)
+        raise ValueError(f"unknown INT8 method {method!r}")
+
+    @property
+    def method(self) -> str:
+        return method_of_scale(self.weight_scale, self.out_features)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        method: str = "rowwise",
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        compute_dtype: torch.dtype | None = None,
+    ) -> "Int8Linear":
+        """Quantize an existing ``nn.Linear`` (on whatever device it lives)."""
+        weight = linear.weight.detach()
+        compute_dtype = compute_dtype or (weight.dtype if weight.dtype != torch.float32 else torch.bfloat16)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            method=method,
+            block_size=block_size,
+            compute_dtype=compute_dtype,
+            device="meta",
+        )
+        q, scale = quantize_weight(weight, method, block_size)
+        layer.weight = q
+        layer.weight_scale = scale
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().to(compute_dtype).clone(), requires_grad=False)
+        return layer
+
+    @classmethod
+    def from_quantized(
+        cls,
+        weight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        compute_dtype: torch.dtype = torch.bfloat16,
+    ) -> "Int8Linear":
+        """Wrap already-quantized tensors (read from a file) without copying them."""
+        if weight.dtype != torch.int8 or weight.ndim != 2:
+            raise ValueError(f"expected an int8 [out, in] weight, got {weight.dtype} {tuple(weight.shape)}")
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, bias=bias is not None, block_size=block_size,
+                    compute_dtype=compute_dtype, device="meta")
+        layer.weight = weight
+        layer.weight_scale = _normalise_scale(weight_scale.float(), out_features)
+        if layer.method == "block":
+            layer.block_size = block_size_of(in_features, layer.weight_scale, block_size)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.to(compute_dtype), requires_grad=False)
+        return layer
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_weight(self.weight, self.weight_scale, dtype, self.block_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..kernels import int8_linear  # late import: kernels import quant
+
+        y = int8_linear(x, self.weight, self.weight_scale, self.bias, self.block_size)
+        for down, up, scale in self.lora:
+            d = down.to(device=x.device, dtype=x.dtype)
+            u = up.to(device=x.device, dtype=x.dtype)
+            y = y + scale * torch.nn.functional.linear(torch.nn.functional.linear(x, d), u)
+        return y
+
+    def _apply(self, fn, recurse=True):
+        # Keep int8 weight and float32 scale dtypes under .to(dtype)/.half(); follow device moves.
+        scale = self._buffers.pop("weight_scale")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            moved = fn(scale)
+            self._buffers["weight_scale"] = moved if moved.dtype == torch.float32 else scale.to(moved.device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # Accept any scale layout: resize our buffer to the incoming one before the copy.
+        key = prefix + "weight_scale"
+        if key in state_dict:
+            incoming = _normalise_scale(state_dict[key].float(), self.out_features)
+            state_dict[key] = incoming
+            if incoming.shape != self.weight_scale.shape:
+                self.weight_scale = torch.empty_like(incoming, device=self.weight_scale.device)
+                if incoming.ndim == 2:
+                    self.block_size = block_size_of(self.in_features, incoming, self.block_size)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        extra = f", block_size={self.block_size}" if self.method == "block" else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, method={self.method}{extra}")
+
+
+def _normalise_scale(scale: torch.Tensor, out_features: int) -> torch.Tensor:
+    """``[out, 1]`` -> ``[out]``; ``[1]`` -> ``[]``; other layouts unchanged."""
+    if scale.ndim == 2 and scale.shape[1] == 1 and scale.shape[0] == out_features:
+        return scale.reshape(out_features)
+    if scale.numel() == 1 and scale.ndim > 0 and not (scale.ndim == 1 and out_features == 1):
+        return scale.reshape(())
+    return scale

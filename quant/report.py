@@ -1,0 +1,105 @@
+"""The dtype report: what precision every parameter ended up in, and which skips leaked.
+
+Seed 000's "colourful noise" came from a VAE that a skip pattern meant to keep but that was quantized
+anyway; the report makes that visible after every load (``leaks``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .skip import matching_pattern
+
+log = logging.getLogger("comfyui_headroom")
+
+EXAMPLES_PER_DTYPE = 3
+
+
+@dataclass
+class DtypeStats:
+    parameters: int = 0
+    bytes: int = 0
+    examples: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DtypeReport:
+    """Per dtype: parameter count, bytes, example names; plus the quantization decisions."""
+
+    dtypes: dict[str, DtypeStats] = field(default_factory=dict)
+    quantized: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # layer -> reason
+    leaks: list[str] = field(default_factory=list)  # a skip pattern names it, yet it is quantized
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.bytes for s in self.dtypes.values())
+
+    def as_dict(self) -> dict:
+        return {
+            "dtypes": {k: {"parameters": v.parameters, "bytes": v.bytes, "examples": v.examples}
+                       for k, v in self.dtypes.items()},
+            "quantized": list(self.quantized),
+            "skipped": dict(self.skipped),
+            "leaks": list(self.leaks),
+        }
+
+    def __str__(self) -> str:
+        lines = [f"dtype report: {len(self.quantized)} layers INT8, {len(self.skipped)} kept in float"]
+        for name, stats in sorted(self.dtypes.items(), key=lambda kv: -kv[1].bytes):
+            lines.append(f"  {name:>9}: {stats.parameters:,} params, {stats.bytes / 2**20:,.1f} MiB "
+                         f"(e.g. {', '.join(stats.examples)})")
+        if self.leaks:
+            lines.append(f"  WARNING: {len(self.leaks)} layers named by a skip pattern are quantized: "
+                         f"{', '.join(self.leaks[:5])}")
+        return "\n".join(lines)
+
+
+def _tensors(module: nn.Module):
+    seen: set[int] = set()
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        yield name, t
+
+
+def dtype_report(module: nn.Module, skip_patterns=(), skipped: dict | None = None) -> DtypeReport:
+    """Count parameters and buffers per dtype; flag quantized layers that ``skip_patterns`` name.
+
+    A layer counts as quantized when it holds an int8 ``weight`` (ours) or is a bitsandbytes
+    ``Linear8bitLt``/``Linear4bit``.
+    """
+    report = DtypeReport(skipped=dict(skipped or {}))
+    for name, t in _tensors(module):
+        key = str(t.dtype).replace("torch.", "")
+        if t.__class__.__name__ == "Params4bit":
+            key = "nf4/fp4"
+        stats = report.dtypes.setdefault(key, DtypeStats())
+        stats.parameters += t.numel()
+        stats.bytes += t.numel() * t.element_size()
+        if len(stats.examples) < EXAMPLES_PER_DTYPE:
+            stats.examples.append(name)
+    for name, sub in module.named_modules():
+        if _is_quantized_layer(sub):
+            report.quantized.append(name)
+            if matching_pattern(name, skip_patterns):
+                report.leaks.append(name)
+    return report
+
+
+def _is_quantized_layer(module: nn.Module) -> bool:
+    if type(module).__name__ in ("Linear8bitLt", "Linear4bit", "LinearNF4", "LinearFP4"):
+        return True
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.dtype == torch.int8
+
+
+def log_report(report: DtypeReport) -> None:
+    log.info("%s", report)
+    if report.leaks:
+        log.warning("layers meant to stay full precision were quantized: %s", ", ".join(report.leaks))
