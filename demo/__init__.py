@@ -1,0 +1,1 @@
+"""`headroom demo`: a self-made diffusion transformer, converted, loaded under a budget and sampled."""
