@@ -1,0 +1,620 @@
+"""The streaming converter: a bf16/fp16/fp32/fp8 safetensors checkpoint (file or folder of shards) -> INT8.
+
+One tensor at a time: read it memory-mapped (:class:`~.safetensors_stream.TensorReader`), quantize it in
+chunks of rows (rowwise and block scales are per row, so chunking gives bit-identical results), stream the
+bytes into a file whose header was computed up front (:class:`~.safetensors_stream.StreamingWriter`).
+Peak memory is a few chunks plus bookkeeping, whatever the model size.
+
+Which tensors are Linear weights is decided from the state dict alone: a 2-D floating ``<layer>.weight``
+whose layer name passes the skip rules (:func:`.skip.decide`: patterns, then in/out >= 1024) and does not
+look like an embedding table (:func:`looks_like_embedding`: embeddings are 2-D too). Everything else -
+norms, biases, 1-D/3-D/4-D tensors, embeddings, skipped layers - is copied as is. fp8 weights (with
+``weight_scale`` / ``scale_weight``) are dequantized first; their scale, input scale and ``comfy_quant``
+keys are dropped.
+
+The output goes to a temporary name next to OUT, is verified by reopening it, then renamed: an interrupted
+conversion leaves neither OUT nor a temporary file behind, and the input is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .formats import (
+    COMFY_INT8_FORMAT,
+    COMFY_LEGACY_KEY,
+    COMFY_QUANT_SUFFIX,
+    FORMAT_VERSION,
+    FP8_DTYPES,
+    INPUT_SCALE_SUFFIXES,
+    META_BLOCK_SIZE,
+    META_FORMAT_VERSION,
+    META_LAYOUT,
+    META_METHOD,
+    META_QUANTIZED,
+    META_SKIP_REASONS,
+    META_SKIPPED,
+    META_SOURCE_FILE,
+    META_SOURCE_HASH,
+    META_TOOL_VERSION,
+    SCALE_SUFFIXES,
+    describe_header,
+    encode_comfy_quant,
+    safetensors_files,
+)
+from .int8 import DEFAULT_BLOCK_SIZE, METHODS, QMAX, dequantize_weight, quantize_weight
+from .safetensors_stream import (
+    FormatError,
+    Header,
+    StreamingWriter,
+    TensorInfo,
+    TensorReader,
+    raw_header_sha256,
+    read_header,
+    verify_file,
+)
+from .skip import DEFAULT_MIN_FEATURES, decide, resolve_patterns
+
+LAYOUTS = ("headroom", "comfy")
+CHUNK_ELEMENTS = 8 * 2**20  # float32 elements quantized at once (32 MB; temporaries ~5x that)
+KEPT_FP8_DTYPE = torch.bfloat16  # an fp8 layer that stays in float is dequantized to this
+FP8_MARKER_KEY = "scaled_fp8"  # old ComfyUI scaled-fp8 files carry this marker tensor
+
+# Parts of a layer name that mark an embedding / positional table (embeddings are 2-D like Linear weights).
+# Matched against each dot-separated component, split on "_": e.g. "pos_embed", "tok_embeddings",
+# "embed_tokens", "wte", "wpe", "time_embedding" all match; "proj_out", "post_attention" do not.
+EMBEDDING_WORDS = frozenset({"emb", "embed", "embeds", "embedder", "embedding", "embeddings", "embedder",
+                             "wte", "wpe", "tok", "pos", "position", "positional"})
+
+
+class ConvertError(ValueError):
+    """Conversion refused (bad options, existing output, NaN in the input...): the message says what to do."""
+
+
+def looks_like_embedding(layer: str) -> bool:
+    """True when a component of the dotted layer name contains an embedding-like word (see EMBEDDING_WORDS)."""
+    return any(word in EMBEDDING_WORDS for part in layer.split(".") for word in re.split(r"[_\-]", part.lower()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class ConvertReport:
+    """What a conversion did; ``str()`` is the closing report the CLI prints."""
+
+    src: str
+    dst: str
+    layout: str
+    method: str
+    block_size: int
+    quantized: dict[str, float] = field(default_factory=dict)  # layer -> relative error of its weight
+    kept: dict[str, str] = field(default_factory=dict)  # 2-D float weight left in float -> reason
+    copied_tensors: int = 0
+    dropped_keys: list[str] = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+    seconds: float = 0.0
+    files: int = 0
+
+    @property
+    def reduction_pct(self) -> float:
+        return 100.0 * (1 - self.bytes_after / self.bytes_before) if self.bytes_before else 0.0
+
+    @property
+    def worst_layer(self) -> str | None:
+        return max(self.quantized, key=self.quantized.get) if self.quantized else None
+
+    @property
+    def worst_error(self) -> float | None:
+        return self.quantized[self.worst_layer] if self.quantized else None
+
+    def merge(self, other: "ConvertReport") -> None:
+        self.quantized.update(other.quantized)
+        self.kept.update(other.kept)
+        self.copied_tensors += other.copied_tensors
+        self.dropped_keys += other.dropped_keys
+        self.files += other.files
+
+    def as_dict(self) -> dict:
+        return {
+            "src": self.src, "dst": self.dst, "layout": self.layout, "method": self.method,
+            "block_size": self.block_size, "files": self.files,
+            "layers_quantized": len(self.quantized), "layers_kept": len(self.kept),
+            "copied_tensors": self.copied_tensors, "dropped_keys": list(self.dropped_keys),
+            "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
+            "reduction_pct": round(self.reduction_pct, 2), "worst_relative_error": self.worst_error,
+            "worst_layer": self.worst_layer, "seconds": round(self.seconds, 2),
+            "quantized": dict(self.quantized), "kept": dict(self.kept),
+        }
+
+    def __str__(self) -> str:
+        method = f"{self.method} (block {self.block_size})" if self.method == "block" else self.method
+        lines = [
+            f"converted {self.src} -> {self.dst}",
+            f"  layout {self.layout}, method {method}, {self.files} file(s), {self.seconds:.1f} s",
+            f"  layers: {len(self.quantized)} quantized to INT8, {len(self.kept)} kept in float; "
+            f"{self.copied_tensors} other tensors copied",
+            f"  size: {_gib(self.bytes_before)} -> {_gib(self.bytes_after)} ({self.reduction_pct:.1f} % smaller)",
+        ]
+        if self.quantized:
+            lines.append(f"  worst relative error: {self.worst_error:.4%} in {self.worst_layer}")
+        reasons: dict[str, int] = {}
+        for reason in self.kept.values():
+            reasons[reason] = reasons.get(reason, 0) + 1
+        for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1])[:6]:
+            lines.append(f"  kept {count} x {reason}")
+        return "\n".join(lines)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Planning: what each source tensor becomes
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Job:
+    """One source tensor and what to do with it."""
+
+    key: str
+    action: str  # "copy" | "quantize" | "dequantize" (fp8 kept in float)
+    outputs: list[str]
+    fp8_scale_key: str | None = None
+
+
+@dataclass
+class _Plan:
+    jobs: list[_Job]
+    tensors: dict[str, TensorInfo]  # output name -> dtype/shape, in write order
+    dropped: list[str]
+    kept: dict[str, str]
+
+
+def _scale_shape(method: str, layout: str, out_features: int, in_features: int, block_size: int) -> tuple[int, ...]:
+    if method == "tensorwise":
+        return ()
+    if method == "rowwise":
+        # ComfyUI's int8_tensorwise multiplies the int8 weight by the scale as stored: a row scale must be [out, 1].
+        return (out_features, 1) if layout == "comfy" else (out_features,)
+    return (out_features, math.ceil(in_features / block_size))
+
+
+def _comfy_config() -> dict:
+    return {"format": COMFY_INT8_FORMAT}
+
+
+def _fp8_scale_key(header: Header, layer: str) -> str | None:
+    for suffix in SCALE_SUFFIXES:
+        if f"{layer}.{suffix}" in header.tensors:
+            return f"{layer}.{suffix}"
+    return None
+
+
+def plan_conversion(
+    header: Header,
+    method: str,
+    block_size: int,
+    patterns: Sequence[str],
+    layout: str,
+    name_prefix: str = "",
+    min_features: int = DEFAULT_MIN_FEATURES,
+) -> _Plan:
+    """Decide per tensor (from the header only) whether it is quantized, copied, dequantized or dropped.
+
+    ``name_prefix`` is prepended to layer names for the skip decision only (a shard in ``vae/`` is judged
+    as ``vae.<layer>``, so the ``vae`` pattern keeps a diffusers VAE folder in float).
+    """
+    fp8_layers = {k[: -len(".weight")] for k, i in header.tensors.items() if k.endswith(".weight") and i.dtype in FP8_DTYPES}
+    dropped = [FP8_MARKER_KEY] if FP8_MARKER_KEY in header.tensors else []
+    for layer in fp8_layers:
+        for suffix in SCALE_SUFFIXES + INPUT_SCALE_SUFFIXES + (COMFY_QUANT_SUFFIX,):
+            if f"{layer}.{suffix}" in header.tensors:
+                dropped.append(f"{layer}.{suffix}")
+    dropped_set = set(dropped)
+    jobs, tensors, kept = [], {}, {}
+    for key, info in header.tensors.items():
+        if key in dropped_set:
+            continue
+        layer = key[: -len(".weight")] if key.endswith(".weight") else None
+        is_fp8 = info.dtype in FP8_DTYPES
+        if layer is not None and len(info.shape) == 2 and (info.dtype.is_floating_point or is_fp8):
+            out_features, in_features = info.shape
+            if looks_like_embedding(name_prefix + layer):
+                reason = "embedding-like name"
+            else:
+                decision = decide(name_prefix + layer, in_features, out_features, patterns, method, block_size, min_features)
+                reason = decision.reason if decision.skip else None
+            if reason is None:
+                outputs = [key, f"{layer}.weight_scale"]
+                tensors[key] = TensorInfo(torch.int8, info.shape)
+                tensors[f"{layer}.weight_scale"] = TensorInfo(
+                    torch.float32, _scale_shape(method, layout, out_features, in_features, block_size))
+                if layout == "comfy":
+                    quant_key = f"{layer}.{COMFY_QUANT_SUFFIX}"
+                    outputs.append(quant_key)
+                    tensors[quant_key] = TensorInfo(torch.uint8, tuple(encode_comfy_quant(_comfy_config()).shape))
+                jobs.append(_Job(key, "quantize", outputs, _fp8_scale_key(header, layer) if is_fp8 else None))
+                continue
+            kept[layer] = reason
+        if is_fp8 and layer in fp8_layers:
+            tensors[key] = TensorInfo(KEPT_FP8_DTYPE, info.shape)
+            jobs.append(_Job(key, "dequantize", [key], _fp8_scale_key(header, layer)))
+        else:
+            tensors[key] = info
+            jobs.append(_Job(key, "copy", [key]))
+    return _Plan(jobs, tensors, dropped, kept)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quantizing one weight in chunks of rows
+# ---------------------------------------------------------------------------------------------------------
+
+def _float_rows(weight: torch.Tensor, start: int, stop: int, fp8_scale: torch.Tensor | None, device) -> torch.Tensor:
+    rows = weight[start:stop].to(device=device).float()
+    if fp8_scale is not None:
+        scale = fp8_scale.to(device=device, dtype=torch.float32)
+        if scale.numel() > 1:
+            scale = scale.reshape(-1)[start:stop].reshape(-1, 1)
+        rows = rows * scale
+    return rows
+
+
+def _check_finite(rows: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(rows).all()):
+        bad = "NaN" if bool(torch.isnan(rows).any()) else "inf"
+        raise ConvertError(f"tensor '{name}' contains {bad} values; the source checkpoint is damaged "
+                           f"(re-download or re-export it)")
+
+
+def _rows_per_chunk(in_features: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(1, in_features))
+
+
+def quantize_streamed(
+    weight: torch.Tensor,
+    method: str,
+    block_size: int,
+    name: str,
+    fp8_scale: torch.Tensor | None = None,
+    device: str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Quantize a (possibly memory-mapped, possibly fp8) ``[out, in]`` weight chunk by chunk.
+
+    Returns ``(int8 [out, in], float32 scale, relative error)``; bit-identical to
+    :func:`.int8.quantize_weight` on the whole tensor. Raises ConvertError on NaN/inf.
+    """
+    out_features, in_features = weight.shape
+    step = _rows_per_chunk(in_features)
+    global_scale = None
+    if method == "tensorwise":  # one scale for all rows: find the global absmax first
+        amax = torch.zeros((), dtype=torch.float32, device=device)
+        for start in range(0, out_features, step):
+            rows = _float_rows(weight, start, start + step, fp8_scale, device)
+            _check_finite(rows, name)
+            amax = torch.maximum(amax, rows.abs().amax())
+        global_scale = amax / QMAX if amax > 0 else torch.ones((), device=device)
+    qweight = torch.empty(out_features, in_features, dtype=torch.int8)
+    scales, err2, ref2 = [], 0.0, 0.0
+    for start in range(0, out_features, step):
+        rows = _float_rows(weight, start, start + step, fp8_scale, device)
+        if global_scale is None:
+            _check_finite(rows, name)
+            q, scale = quantize_weight(rows, method, block_size)
+            scales.append(scale.cpu())
+        else:
+            q, scale = torch.round(rows / global_scale).clamp_(-QMAX, QMAX).to(torch.int8), global_scale
+        err2 += float((dequantize_weight(q, scale, torch.float32, block_size) - rows).pow(2).sum(dtype=torch.float64))
+        ref2 += float(rows.pow(2).sum(dtype=torch.float64))
+        qweight[start:start + step] = q.cpu()
+    scale = global_scale.cpu().float() if global_scale is not None else torch.cat(scales, dim=0)
+    error = math.sqrt(err2 / ref2) if ref2 > 0 else math.sqrt(err2)
+    return qweight, scale, error
+
+
+def _dequantized(weight: torch.Tensor, fp8_scale: torch.Tensor | None, name: str) -> torch.Tensor:
+    out = torch.empty(weight.shape, dtype=KEPT_FP8_DTYPE)
+    step = _rows_per_chunk(weight.shape[1])
+    for start in range(0, weight.shape[0], step):
+        rows = _float_rows(weight, start, start + step, fp8_scale, "cpu")
+        _check_finite(rows, name)
+        out[start:start + step] = rows.to(KEPT_FP8_DTYPE)
+    return out
+
+
+def _check_finite_copy(tensor: torch.Tensor, name: str) -> None:
+    if not tensor.is_floating_point() or tensor.dtype in FP8_DTYPES:
+        return
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), CHUNK_ELEMENTS):
+        _check_finite(flat[start:start + CHUNK_ELEMENTS], name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One file
+# ---------------------------------------------------------------------------------------------------------
+
+def _tool_version() -> str:
+    try:
+        from .. import __version__
+        return __version__
+    except ImportError:  # imported outside the package (should not happen)
+        return "unknown"
+
+
+def _output_metadata(header: Header, plan: _Plan, report_quantized: list[str], method: str, block_size: int,
+                     layout: str) -> dict[str, str]:
+    metadata = {k: v for k, v in header.metadata.items() if k != COMFY_LEGACY_KEY and not k.startswith("headroom.")}
+    metadata.setdefault("format", "pt")
+    metadata.update({
+        META_FORMAT_VERSION: FORMAT_VERSION,
+        META_METHOD: method,
+        META_BLOCK_SIZE: str(block_size),
+        META_LAYOUT: layout,
+        META_QUANTIZED: json.dumps(report_quantized),
+        META_SKIPPED: json.dumps(sorted(plan.kept)),
+        META_SKIP_REASONS: json.dumps(plan.kept, sort_keys=True),
+        META_SOURCE_FILE: header.path.name,
+        META_SOURCE_HASH: raw_header_sha256(header.path),
+        META_TOOL_VERSION: _tool_version(),
+    })
+    return metadata
+
+
+def refuse_quantized_input(header: Header) -> None:
+    info = describe_header(header)
+    if info.is_quantized:
+        raise ConvertError(f"{header.path} is already quantized ({info.format} INT8, {info.method}, "
+                           f"{len(info.quantized_layers)} layers); nothing to convert - see `headroom inspect {header.path}`")
+
+
+def _write_file(header: Header, dst: Path, method: str, block_size: int, patterns: Sequence[str], layout: str,
+                device: str, progress_bar, name_prefix: str = "", fail_after: int | None = None) -> tuple[ConvertReport, _Plan]:
+    """Convert one parsed file into ``dst`` (written in place: the caller provides a temporary path)."""
+    plan = plan_conversion(header, method, block_size, patterns, layout, name_prefix)
+    quantized_layers = [j.key[: -len(".weight")] for j in plan.jobs if j.action == "quantize"]
+    metadata = _output_metadata(header, plan, quantized_layers, method, block_size, layout)
+    report = ConvertReport(str(header.path), str(dst), layout, method, block_size, kept=dict(plan.kept),
+                           dropped_keys=list(plan.dropped), files=1)
+    writer = StreamingWriter(dst, plan.tensors, metadata)
+    try:
+        with TensorReader(header.path, header) as reader:
+            for index, job in enumerate(plan.jobs):
+                if fail_after is not None and index >= fail_after:
+                    raise RuntimeError(f"injected failure after {fail_after} tensors (test hook)")
+                source = reader[job.key]
+                fp8_scale = reader[job.fp8_scale_key] if job.fp8_scale_key else None
+                if job.action == "quantize":
+                    q, scale, error = quantize_streamed(source, method, block_size, job.key, fp8_scale, device)
+                    report.quantized[job.key[: -len(".weight")]] = error
+                    writer.write(job.outputs[0], q)
+                    writer.write(job.outputs[1], scale.reshape(plan.tensors[job.outputs[1]].shape))
+                    if layout == "comfy":
+                        writer.write(job.outputs[2], encode_comfy_quant(_comfy_config()))
+                    del q
+                elif job.action == "dequantize":
+                    writer.write(job.key, _dequantized(source, fp8_scale, job.key))
+                else:
+                    _check_finite_copy(source, job.key)
+                    writer.write(job.key, source)
+                    report.copied_tensors += 1
+                del source, fp8_scale
+                if progress_bar is not None:
+                    progress_bar.update(header.tensors[job.key].nbytes)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    verify_file(dst, plan.tensors, metadata)
+    return report, plan
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------------------
+
+def _check_options(method: str, block_size: int, layout: str, device: str) -> None:
+    if method not in METHODS:
+        raise ConvertError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+    if block_size < 1:
+        raise ConvertError(f"block size must be a positive integer, got {block_size}")
+    if layout not in LAYOUTS:
+        raise ConvertError(f"unknown layout '{layout}'; choose one of {', '.join(LAYOUTS)}")
+    if layout == "comfy" and method == "block":
+        raise ConvertError("ComfyUI's int8_tensorwise layout has one scale per tensor or per output row: it cannot "
+                           "express block scales. Use --method rowwise (or tensorwise) with --layout comfy, or "
+                           "--layout headroom for block")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConvertError(f"--device {device} requested but CUDA is not available; use --device cpu")
+
+
+def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
+    if not src.exists():
+        raise FormatError(f"{src} does not exist")
+    if src.resolve() == dst.resolve() or (dst.exists() and os.path.samefile(src, dst)):
+        raise ConvertError(f"OUT {dst} is the input itself; headroom never overwrites its input - choose another OUT")
+    if src.is_dir() and dst.resolve().is_relative_to(src.resolve()):
+        raise ConvertError(f"OUT {dst} lies inside the input folder {src}; choose a folder outside it")
+    if dst.exists() and not overwrite:
+        raise ConvertError(f"{dst} already exists; pass --overwrite to replace it")
+    if dst.exists() and dst.is_dir() != src.is_dir():
+        kind = "a folder" if dst.is_dir() else "a file"
+        raise ConvertError(f"{dst} exists and is {kind}; the output of converting {src} cannot replace it")
+
+
+def _temp_path(dst: Path) -> Path:
+    return dst.with_name(f".{dst.name}.headroom-tmp-{os.getpid()}")
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False)
+
+
+def convert_file(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    method: str = "rowwise",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    skip: Sequence[str] | str | None = None,
+    keep_default_skips: bool = True,
+    device: str = "cpu",
+    layout: str = "headroom",
+    progress: bool = True,
+    overwrite: bool = False,
+    _fail_after: int | None = None,
+) -> ConvertReport:
+    """Convert one safetensors file to INT8 (see module docstring). ``_fail_after`` is a test hook."""
+    src, dst = Path(src), Path(dst)
+    _check_options(method, block_size, layout, device)
+    _check_paths(src, dst, overwrite)
+    header = read_header(src)
+    refuse_quantized_input(header)
+    start = time.perf_counter()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(dst)
+    bar = _progress(header.data_bytes, progress, src.name)
+    try:
+        report, _ = _write_file(header, tmp, method, block_size, resolve_patterns(skip, keep_default_skips),
+                                layout, device, bar, fail_after=_fail_after)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    report.dst = str(dst)
+    report.bytes_before = src.stat().st_size
+    report.bytes_after = dst.stat().st_size
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _decision_prefix(relative: Path) -> str:
+    """``vae/diffusion_pytorch_model.safetensors`` -> ``vae.`` (folder names join the skip decision)."""
+    parts = relative.parent.parts
+    return "".join(f"{p}." for p in parts)
+
+
+def _rewrite_index(src_index: Path, dst_index: Path, shard_outputs: dict[str, tuple[dict[str, TensorInfo], int]]) -> None:
+    """Copy a ``*.safetensors.index.json`` with its weight_map pointing at the converted shards' tensors."""
+    index = json.loads(src_index.read_text())
+    weight_map: dict[str, str] = {}
+    total = 0
+    for shard in dict.fromkeys(index.get("weight_map", {}).values()):
+        if shard not in shard_outputs:
+            raise FormatError(f"{src_index} names shard '{shard}', which is not in the folder")
+        tensors, data_bytes = shard_outputs[shard]
+        for name in tensors:
+            weight_map[name] = shard
+        total += data_bytes
+    index["weight_map"] = dict(sorted(weight_map.items()))
+    index.setdefault("metadata", {})["total_size"] = total
+    dst_index.write_text(json.dumps(index, indent=2) + "\n")
+
+
+def convert_folder(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    method: str = "rowwise",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    skip: Sequence[str] | str | None = None,
+    keep_default_skips: bool = True,
+    device: str = "cpu",
+    layout: str = "headroom",
+    progress: bool = True,
+    overwrite: bool = False,
+    _fail_after: int | None = None,
+) -> ConvertReport:
+    """Convert every ``*.safetensors`` of a model folder (shards, diffusers sub-folders) into a new folder.
+
+    Index files (``*.safetensors.index.json``) are rewritten for the new tensor names; every other file
+    (config.json, tokenizer files...) is copied. The folder is built under a temporary name and renamed.
+    """
+    src, dst = Path(src), Path(dst)
+    _check_options(method, block_size, layout, device)
+    _check_paths(src, dst, overwrite)
+    shards = safetensors_files(src)
+    if not shards:
+        raise FormatError(f"{src} is a folder without any .safetensors file")
+    headers = {shard: read_header(shard) for shard in shards}
+    for header in headers.values():
+        refuse_quantized_input(header)
+    patterns = resolve_patterns(skip, keep_default_skips)
+    start = time.perf_counter()
+    tmp = _temp_path(dst)
+    bar = _progress(sum(h.data_bytes for h in headers.values()), progress, src.name)
+    report = ConvertReport(str(src), str(dst), layout, method, block_size)
+    try:
+        tmp.mkdir(parents=True)
+        outputs: dict[Path, dict[str, tuple[dict[str, TensorInfo], int]]] = {}
+        for shard, header in headers.items():
+            relative = shard.relative_to(src)
+            target = tmp / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shard_report, plan = _write_file(header, target, method, block_size, patterns, layout, device, bar,
+                                             name_prefix=_decision_prefix(relative), fail_after=_fail_after)
+            report.merge(shard_report)
+            data_bytes = sum(i.nbytes for i in plan.tensors.values())
+            outputs.setdefault(shard.parent, {})[shard.name] = (plan.tensors, data_bytes)
+        for path in sorted(src.rglob("*")):
+            relative = path.relative_to(src)
+            if path.is_dir() or path.suffix == ".safetensors":
+                continue
+            (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+            if path.name.endswith(".safetensors.index.json"):
+                _rewrite_index(path, tmp / relative, outputs.get(path.parent, {}))
+            else:
+                shutil.copy2(path, tmp / relative)
+        _replace_folder(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    report.bytes_before = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+    report.bytes_after = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _replace_folder(tmp: Path, dst: Path) -> None:
+    if not dst.exists():
+        os.replace(tmp, dst)
+        return
+    old = dst.with_name(f".{dst.name}.headroom-old-{os.getpid()}")
+    os.replace(dst, old)
+    os.replace(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def convert_path(src: str | os.PathLike, dst: str | os.PathLike, **options) -> ConvertReport:
+    """:func:`convert_file` for a file, :func:`convert_folder` for a folder."""
+    return (convert_folder if Path(src).is_dir() else convert_file)(src, dst, **options)
+
+
+def default_output(src: str | os.PathLike, method: str, layout: str) -> Path:
+    """``model.safetensors`` -> ``model-int8-rowwise.safetensors`` (``-int8-comfy`` for the ComfyUI layout)."""
+    src = Path(src)
+    tag = "comfy" if layout == "comfy" else method
+    if src.is_dir():
+        return src.with_name(f"{src.name}-int8-{tag}")
+    return src.with_name(f"{src.stem}-int8-{tag}.safetensors")
