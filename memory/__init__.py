@@ -1,1 +1,67 @@
-"""Budgets, smart offload, block streaming, soft/force unload and the MemoryTracker."""
+"""Budgets, smart offload, block streaming, soft/force unload and the MemoryTracker (no ComfyUI import).
+
+Public API (see docs/memory.md):
+
+* :class:`MemoryTracker` - peak VRAM per device, peak RSS, wall time of a run.
+* :func:`estimate_inference_vram_gb`, :func:`should_offload`, :func:`record_run` - seed 000's smart offload.
+* :func:`plan_placement`, :func:`default_budget_bytes` - what lives where under a VRAM budget.
+* :func:`enable_block_streaming` / :func:`disable_block_streaming` - the streaming entry point.
+* :func:`soft_unload`, :func:`restore` - park a model in pinned RAM and back.
+* :func:`force_unload`, :func:`register_cache` - give VRAM back (also after an OOM).
+"""
+
+from .blocks import find_block_lists, resolve_blocks
+from .estimate import (
+    CalibrationStore,
+    OffloadDecision,
+    estimate_for_model,
+    estimate_inference_vram_gb,
+    megapixels,
+    record_run,
+    should_offload,
+)
+from .planner import PlacementPlan, PlanError, default_budget_bytes, plan_placement
+from .streaming import BlockStreamer, disable_block_streaming, enable_block_streaming
+from .tensors import UnsupportedModuleError, module_bytes
+from .tracker import MemoryReport, MemoryTracker
+from .unload import (
+    ForceUnloadReport,
+    SoftUnloadHandle,
+    force_unload,
+    register_cache,
+    release_pinned,
+    restore,
+    soft_unload,
+    unregister_cache,
+)
+
+__all__ = [
+    "BlockStreamer",
+    "CalibrationStore",
+    "ForceUnloadReport",
+    "MemoryReport",
+    "MemoryTracker",
+    "OffloadDecision",
+    "PlacementPlan",
+    "PlanError",
+    "SoftUnloadHandle",
+    "UnsupportedModuleError",
+    "default_budget_bytes",
+    "disable_block_streaming",
+    "enable_block_streaming",
+    "estimate_for_model",
+    "estimate_inference_vram_gb",
+    "find_block_lists",
+    "force_unload",
+    "megapixels",
+    "module_bytes",
+    "plan_placement",
+    "record_run",
+    "register_cache",
+    "release_pinned",
+    "resolve_blocks",
+    "restore",
+    "should_offload",
+    "soft_unload",
+    "unregister_cache",
+]

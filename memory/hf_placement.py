@@ -1,0 +1,314 @@
+"""Where the modules of a transformers model go under a VRAM budget (the HunyuanImage-3 road).
+
+- :func:`resolve_budget` / :func:`max_memory_for_budget`: seed 000 §4, ``max_memory={gpu: budget, "cpu": ...}``
+  for ``device_map="auto"``; budget 0 means 55 % of the card.
+- :func:`manual_device_map`: seed 000's "optimal device map" (critical modules + the first N decoder layers
+  on the GPU, the rest on the CPU), generated from N instead of typed by hand, and
+  :func:`validate_device_map`, which names what a map forgets (seed 000's own example lost
+  ``model.layers.24``) before anything is loaded.
+- :func:`plan_quantized_map`: for bitsandbytes, a map that never puts a quantized layer on the CPU
+  (transformers rejects that): idle float modules go to the CPU first, then whole decoder layers,
+  which then stay in float there.
+- :func:`describe_placement`: bytes and modules per device after a load (the "placement plan").
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+GB = 1024 ** 3
+DEFAULT_BUDGET_FRACTION = 0.55
+# Modules the denoising loop needs at every step (stay on the GPU first).
+STEP_MODULES = ("timestep_emb", "patch_embed", "time_embed", "final_layer", "time_embed_2", "model.wte", "model.ln_f")
+# Float modules the denoising loop does not touch (the vision tower and aligner only see input images,
+# lm_head only picks the size in "auto" mode, the VAE runs once at the end): first to leave the GPU.
+IDLE_MODULES = ("vision_model", "vision_aligner", "lm_head", "vae")
+LAYERS_PREFIX = "model.layers"
+
+
+class DeviceMapError(ValueError):
+    """A device map that does not place every module exactly once."""
+
+
+def resolve_budget(budget_gb: float, total_bytes: int | None) -> int:
+    """Bytes of VRAM for weights: ``budget_gb`` (GiB), or 55 % of ``total_bytes`` when 0 (seed 000 §4)."""
+    if budget_gb < 0:
+        raise ValueError(f"GPU budget must be >= 0 GB (0 = auto), got {budget_gb}")
+    if budget_gb > 0:
+        return int(budget_gb * GB)
+    if not total_bytes:
+        raise ValueError("GPU budget 0 (auto) needs a CUDA device to size 55 % of; set a budget in GB")
+    return int(total_bytes * DEFAULT_BUDGET_FRACTION)
+
+
+def cpu_allowance_bytes(reserve_gb: float = 4.0) -> int:
+    """RAM that weights may take: what is available now minus a reserve for the OS and ComfyUI."""
+    import psutil
+
+    return max(int(psutil.virtual_memory().available - reserve_gb * GB), 1 * GB)
+
+
+def max_memory_for_budget(budget_gb: float, device: int = 0, total_bytes: int | None = None,
+                          external_vram_gb: float = 0.0, cpu_bytes: int | None = None) -> dict:
+    """``max_memory`` for ``from_pretrained(device_map="auto")``.
+
+    ``external_vram_gb``: VRAM other programs (or other nodes' models) hold on that card; it comes off the
+    budget so the weights plus the inference reserve still fit.
+    """
+    if total_bytes is None and torch.cuda.is_available():
+        total_bytes = torch.cuda.get_device_properties(device).total_memory
+    budget = resolve_budget(budget_gb, total_bytes) - int(external_vram_gb * GB)
+    if budget <= 0:
+        raise ValueError(f"GPU budget {budget_gb} GB minus external VRAM {external_vram_gb} GB leaves nothing "
+                         "for weights; raise the budget or lower external_vram_gb")
+    return {device: budget, "cpu": cpu_bytes if cpu_bytes is not None else cpu_allowance_bytes()}
+
+
+# ------------------------------------------------------------------------------------------ maps
+
+
+def top_level_units(model: nn.Module, layers_prefix: str = LAYERS_PREFIX) -> list[str]:
+    """The units a map assigns: each decoder layer, and every other module that holds tensors directly
+    or is a direct child of the root / of the layers' parent (``vae``, ``model.wte``, ``lm_head`` ...)."""
+    parent_name = layers_prefix.rpartition(".")[0]
+    units: list[str] = []
+    layers = _get(model, layers_prefix)
+    parent = _get(model, parent_name) if parent_name else model
+    for name, child in model.named_children():
+        if parent_name and name == parent_name.split(".")[0] and parent is not None and layers is not None:
+            for sub_name, sub in parent.named_children():
+                full = f"{parent_name}.{sub_name}"
+                if full == layers_prefix:
+                    units.extend(f"{layers_prefix}.{i}" for i in range(len(layers)))
+                elif _has_tensors(sub):
+                    units.append(full)
+            if any(True for _ in parent.parameters(recurse=False)) or any(True for _ in parent.buffers(recurse=False)):
+                raise DeviceMapError(f"{parent_name} holds tensors directly; cannot map it by children")
+        elif _has_tensors(child):
+            units.append(name)
+    return units
+
+
+def manual_device_map(model: nn.Module, gpu_layers: int, device: int | str = 0,
+                      layers_prefix: str = LAYERS_PREFIX, idle_on_cpu: bool = False) -> dict[str, int | str]:
+    """Seed 000's "optimal device map" from N: every non-layer module and layers ``0..N-1`` on ``device``,
+    the other layers on the CPU (``idle_on_cpu`` also sends :data:`IDLE_MODULES` there)."""
+    if gpu_layers < 0:
+        raise ValueError(f"gpu_layers must be >= 0, got {gpu_layers}")
+    device_map: dict[str, int | str] = {}
+    for unit in top_level_units(model, layers_prefix):
+        index = _layer_index(unit, layers_prefix)
+        if index is not None:
+            device_map[unit] = device if index < gpu_layers else "cpu"
+        elif idle_on_cpu and unit.split(".")[0] in IDLE_MODULES:
+            device_map[unit] = "cpu"
+        else:
+            device_map[unit] = device
+    validate_device_map(device_map, model)
+    return device_map
+
+
+def validate_device_map(device_map: Mapping[str, int | str], model: nn.Module) -> None:
+    """Every parameter and buffer must be covered by exactly one key; keys must name real modules.
+
+    Raises :class:`DeviceMapError` naming the missing modules (grouped: ``model.layers.24``, not its 30
+    tensors), the keys that name nothing, and overlapping keys.
+    """
+    module_names = {name for name, _ in model.named_modules()}
+    unknown = [k for k in device_map if k != "" and k not in module_names]
+    keys = sorted(device_map, key=len)
+    overlaps = [(a, b) for i, a in enumerate(keys) for b in keys[i + 1:] if _covers(a, b)]
+    tensor_names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    missing_tensors = [n for n in tensor_names if not any(_covers(k, n) for k in device_map)]
+    problems = []
+    if missing_tensors:
+        problems.append("not placed: " + ", ".join(_group_missing(missing_tensors, model)))
+    if unknown:
+        problems.append("keys that name no module: " + ", ".join(unknown[:10]))
+    if overlaps:
+        problems.append("overlapping keys: " + ", ".join(f"{a} / {b}" for a, b in overlaps[:5]))
+    if problems:
+        raise DeviceMapError("invalid device map - " + "; ".join(problems)
+                             + ". Generate it with manual_device_map(model, gpu_layers=N) or add the missing entries.")
+
+
+def _covers(key: str, name: str) -> bool:
+    return key == "" or name == key or name.startswith(key + ".")
+
+
+def _group_missing(tensor_names: Sequence[str], model: nn.Module) -> list[str]:
+    """Smallest set of module names that together hold exactly the missing tensors."""
+    missing = set(tensor_names)
+    groups: list[str] = []
+    taken: set[str] = set()
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(g + ".") for g in groups):
+            continue
+        owned = {f"{name}.{n}" for n, _ in module.named_parameters()} | {f"{name}.{n}" for n, _ in module.named_buffers()}
+        if owned and owned <= missing:
+            groups.append(name)
+            taken |= owned
+    groups.extend(sorted(missing - taken))
+    return groups
+
+
+# ------------------------------------------------------------------------ planning for bitsandbytes
+
+
+@dataclass
+class QuantizedPlan:
+    """A map for bitsandbytes + what it costs."""
+
+    device_map: dict[str, int | str]
+    gpu_bytes: int
+    cpu_bytes: int
+    needs_fp32_cpu_offload: bool
+    float_layers_on_cpu: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def unit_bytes(model: nn.Module, units: Sequence[str], quantized: Callable[[str], bool], bytes_per_param: float) -> dict[str, int]:
+    """Size of each unit after loading: quantized Linear weights at ``bytes_per_param``, the rest as stored."""
+    sizes = {u: 0 for u in units}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        unit = next((u for u in units if _covers(u, name)), None)
+        if unit is None:
+            continue
+        module_name = name.rpartition(".")[0]
+        if name.endswith(".weight") and quantized(module_name):
+            sizes[unit] += int(t.numel() * bytes_per_param)
+        else:
+            sizes[unit] += t.numel() * t.element_size()
+    return sizes
+
+
+def plan_quantized_map(model: nn.Module, budget_bytes: int, quantized: Callable[[str], bool], bytes_per_param: float,
+                       device: int | str = 0, compute_dtype_bytes: int = 2,
+                       layers_prefix: str = LAYERS_PREFIX) -> QuantizedPlan:
+    """Fit the model into ``budget_bytes`` of VRAM without putting a quantized layer on the CPU.
+
+    Order of eviction: idle float modules (vision tower, aligner, lm_head, VAE), then decoder layers from
+    the last one down. A decoder layer on the CPU is kept unquantized (``llm_int8_enable_fp32_cpu_offload``),
+    so it costs ``compute_dtype_bytes`` per parameter of RAM, and accelerate moves it per step.
+    """
+    units = top_level_units(model, layers_prefix)
+    sizes = unit_bytes(model, units, quantized, bytes_per_param)
+    device_map: dict[str, int | str] = {u: device for u in units}
+    gpu = sum(sizes.values())
+    notes: list[str] = []
+    float_layers: list[str] = []
+    if gpu > budget_bytes:
+        for unit in units:
+            if unit.split(".")[0] in IDLE_MODULES and gpu > budget_bytes:
+                device_map[unit] = "cpu"
+                gpu -= sizes[unit]
+                notes.append(f"{unit} ({sizes[unit] / GB:.2f} GB, float) -> CPU")
+    if gpu > budget_bytes:
+        layer_units = [u for u in units if _layer_index(u, layers_prefix) is not None]
+        for unit in reversed(layer_units):
+            if gpu <= budget_bytes:
+                break
+            device_map[unit] = "cpu"
+            gpu -= sizes[unit]
+            float_layers.append(unit)
+        if float_layers:
+            notes.append(f"{len(float_layers)} decoder layers do not fit the budget: they stay unquantized on the "
+                         "CPU (bitsandbytes cannot offload quantized layers) - raise the budget or use NF4")
+    if gpu > budget_bytes:
+        notes.append(f"even with every decoder layer on the CPU, {gpu / GB:.2f} GB remain on the GPU "
+                     f"(budget {budget_bytes / GB:.2f} GB)")
+    cpu_bytes = 0
+    for unit, dev in device_map.items():
+        if dev == "cpu":
+            cpu_bytes += sizes[unit]
+            if unit in float_layers:  # unquantized on the CPU: bytes at compute precision
+                cpu_bytes += _float_extra(model, unit, quantized, bytes_per_param, compute_dtype_bytes)
+    validate_device_map(device_map, model)
+    return QuantizedPlan(device_map, gpu, cpu_bytes, any(d == "cpu" for d in device_map.values()), float_layers, notes)
+
+
+def _float_extra(model, unit, quantized, bytes_per_param, dtype_bytes) -> int:
+    extra = 0
+    for name, p in _get(model, unit).named_parameters():
+        if name.endswith("weight") and quantized(f"{unit}.{name.rpartition('.')[0]}".rstrip(".")):
+            extra += int(p.numel() * (dtype_bytes - bytes_per_param))
+    return extra
+
+
+# ------------------------------------------------------------------------------ after loading
+
+
+@dataclass
+class PlacementPlan:
+    """Bytes and units per device after a load."""
+
+    devices: dict[str, int] = field(default_factory=dict)
+    units: dict[str, str] = field(default_factory=dict)  # unit -> device
+    offloaded_by: str = "none"  # none | accelerate | headroom-streaming
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{dev}: {b / GB:.2f} GB" for dev, b in sorted(self.devices.items()))
+        cpu_units = [u for u, d in self.units.items() if d == "cpu"]
+        tail = f"; on CPU: {_summarize(cpu_units)}" if cpu_units else ""
+        return f"placement: {parts}{tail} (offload: {self.offloaded_by})"
+
+    def as_dict(self) -> dict:
+        return {"devices": dict(self.devices), "units": dict(self.units), "offloaded_by": self.offloaded_by}
+
+
+def describe_placement(model: nn.Module, layers_prefix: str = LAYERS_PREFIX) -> PlacementPlan:
+    """Where each unit's tensors are now (accelerate-offloaded tensors are on "meta": counted as CPU)."""
+    plan = PlacementPlan()
+    hf_map = getattr(model, "hf_device_map", None) or {}
+    try:
+        units = top_level_units(model, layers_prefix)
+    except DeviceMapError:
+        units = [n for n, _ in model.named_children()]
+    for unit in units:
+        module = _get(model, unit)
+        devices: dict[str, int] = {}
+        for t in list(module.parameters()) + list(module.buffers()):
+            dev = t.device.type if t.device.type != "cuda" else f"cuda:{t.device.index}"
+            if dev == "meta":
+                dev = "cpu"
+            devices[dev] = devices.get(dev, 0) + t.numel() * t.element_size()
+        for dev, b in devices.items():
+            plan.devices[dev] = plan.devices.get(dev, 0) + b
+        if devices:
+            plan.units[unit] = max(devices, key=devices.get)
+    if any(str(v) in ("cpu", "disk") for v in hf_map.values()) and len(set(map(str, hf_map.values()))) > 1:
+        plan.offloaded_by = "accelerate"
+    return plan
+
+
+def _summarize(units: Sequence[str]) -> str:
+    layers = [u for u in units if _layer_index(u, LAYERS_PREFIX) is not None]
+    others = [u for u in units if u not in layers]
+    text = ", ".join(others)
+    if layers:
+        idx = sorted(_layer_index(u, LAYERS_PREFIX) for u in layers)
+        text += (", " if text else "") + f"{len(layers)} layers ({idx[0]}..{idx[-1]})"
+    return text
+
+
+def _layer_index(unit: str, layers_prefix: str) -> int | None:
+    m = re.fullmatch(re.escape(layers_prefix) + r"\.(\d+)", unit)
+    return int(m.group(1)) if m else None
+
+
+def _get(model: nn.Module, path: str):
+    if not path:
+        return model
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _has_tensors(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())

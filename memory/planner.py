@@ -1,0 +1,353 @@
+"""Budget planner: which blocks live on which GPU, which are streamed from pinned RAM.
+
+The plan is data (print it, test it, ``as_dict()`` it); :func:`enable_block_streaming` executes it.
+
+Rules:
+
+* "The rest" (everything that is not a block: embeddings, norms, final layer, VAE ...) is resident. Units
+  registered before the blocks go with the first block's device, the others with the last block's device
+  (the device that runs the tail of the chain) - critical layers stay with the blocks that use them.
+* Blocks that a ``critical`` pattern names are never streamed.
+* Devices are filled in order with consecutive blocks; what fits nowhere is streamed from pinned host memory
+  onto the device that runs the end of the chain, which also holds the ring of ``prefetch + 1`` GPU slots
+  (each as large as the largest streamed block).
+* ``blocks_resident=N`` caps the resident blocks (seed 002's ``blocks_in_memory``); None = as many as fit.
+* Default budget per device: 55 % of its total VRAM (seed 000). A budget above the card is clamped to the
+  card; a single-device budget below what the critical parts need is raised to that minimum; both with a
+  warning that says what was done. Several budgets whose sum is below the critical need are an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from torch import nn
+
+from ..quant.skip import DEFAULT_SKIP_PATTERNS, matching_pattern
+from .blocks import resolve_blocks
+from .tensors import module_bytes, tensor_nbytes
+
+log = logging.getLogger("comfyui_headroom")
+
+GB = 1024 ** 3
+DEFAULT_BUDGET_FRACTION = 0.55
+STREAMED = "pinned"  # the location name of streamed blocks
+
+
+class PlanError(ValueError):
+    """The budgets cannot hold what must be resident (message names the numbers)."""
+
+
+def default_budget_bytes(total_bytes: int, fraction: float = DEFAULT_BUDGET_FRACTION) -> int:
+    """Seed 000: give the weights 55 % of the card, leave the rest for inference."""
+    if total_bytes <= 0:
+        raise ValueError(f"total VRAM must be > 0 bytes, got {total_bytes}")
+    return int(total_bytes * fraction)
+
+
+def _gb(n: int) -> str:
+    return f"{n / GB:.2f} GB"
+
+
+def _device_name(dev) -> str:
+    if isinstance(dev, int):
+        return f"cuda:{dev}"
+    text = str(dev)
+    return "cuda:0" if text == "cuda" else text
+
+
+@dataclass
+class Unit:
+    name: str
+    bytes: int
+    kind: str  # "block" | "head" | "tail"
+    critical: bool = False
+
+
+@dataclass
+class DevicePlacement:
+    device: str
+    budget_bytes: int
+    modules: list[tuple[str, int]] = field(default_factory=list)
+    ring_bytes: int = 0
+
+    @property
+    def bytes(self) -> int:
+        return sum(b for _, b in self.modules) + self.ring_bytes
+
+
+@dataclass
+class PlacementPlan:
+    devices: list[DevicePlacement]
+    streamed: list[tuple[str, int]]
+    stream_device: str | None
+    ring_slots: int
+    block_names: list[str]
+    units: list[Unit]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def streamed_bytes(self) -> int:
+        return sum(b for _, b in self.streamed)
+
+    def device_of(self, name: str) -> str:
+        """Device holding module ``name`` (``"pinned"`` for streamed blocks)."""
+        for dp in self.devices:
+            if any(n == name for n, _ in dp.modules):
+                return dp.device
+        if any(n == name for n, _ in self.streamed):
+            return STREAMED
+        raise KeyError(name)
+
+    def resident_blocks(self, device: str | None = None) -> list[str]:
+        blocks = set(self.block_names)
+        return [n for dp in self.devices if device is None or dp.device == _device_name(device)
+                for n, _ in dp.modules if n in blocks]
+
+    def streamed_blocks(self) -> list[str]:
+        return [n for n, _ in self.streamed]
+
+    def as_dict(self) -> dict:
+        return {
+            "devices": [{"device": dp.device, "budget_bytes": dp.budget_bytes, "bytes": dp.bytes,
+                         "ring_bytes": dp.ring_bytes, "modules": [list(m) for m in dp.modules]} for dp in self.devices],
+            "streamed": [list(m) for m in self.streamed],
+            "streamed_bytes": self.streamed_bytes,
+            "stream_device": self.stream_device,
+            "ring_slots": self.ring_slots,
+            "warnings": list(self.warnings),
+        }
+
+    def __str__(self) -> str:
+        n_blocks = len(self.block_names)
+        lines = []
+        for dp in self.devices:
+            blocks = [n for n, _ in dp.modules if n in set(self.block_names)]
+            others = [n for n, _ in dp.modules if n not in set(self.block_names)]
+            ring = f", ring {self.ring_slots} x slot = {_gb(dp.ring_bytes)}" if dp.ring_bytes else ""
+            lines.append(f"{dp.device}: {_gb(dp.bytes)} of {_gb(dp.budget_bytes)} budget - {len(blocks)}/{n_blocks} "
+                         f"blocks{_span(blocks)}, {len(others)} other modules{ring}")
+        if self.streamed:
+            lines.append(f"streamed from pinned RAM onto {self.stream_device}: {len(self.streamed)} blocks"
+                         f"{_span([n for n, _ in self.streamed])}, {_gb(self.streamed_bytes)}")
+        else:
+            lines.append("streamed: none")
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _span(names: list[str]) -> str:
+    if not names:
+        return ""
+    return f" ({names[0]})" if len(names) == 1 else f" ({names[0]} .. {names[-1]})"
+
+
+def _own_bytes(mod: nn.Module) -> int:
+    total = 0
+    for t in list(mod._parameters.values()) + list(mod._buffers.values()):
+        if t is not None:
+            total += tensor_nbytes(t)
+            qs = t.__dict__.get("quant_state") if isinstance(t.__dict__, dict) else None
+            if qs is not None:  # bitsandbytes 4-bit: count its quant state too
+                for attr in ("absmax", "code", "offset"):
+                    v = getattr(qs, attr, None)
+                    total += tensor_nbytes(v) if hasattr(v, "element_size") else 0
+    return total
+
+
+def collect_units(model: nn.Module | None, block_names: list[str], block_mods: list[nn.Module],
+                  critical: Sequence[str]) -> list[Unit]:
+    """Blocks plus the rest of the model grouped into the largest sub-modules that contain no block."""
+    units: list[Unit] = []
+    block_ids = {id(m): n for n, m in zip(block_names, block_mods)}
+    if model is None:
+        return [Unit(n, module_bytes(m), "block", matching_pattern(n, critical) is not None)
+                for n, m in zip(block_names, block_mods)]
+    ancestors = set()
+    for name in block_names:
+        parts = name.split(".")
+        ancestors.update(".".join(parts[:i]) for i in range(len(parts)))
+    seen_block = False
+
+    def visit(prefix: str, mod: nn.Module) -> None:
+        nonlocal seen_block
+        if id(mod) in block_ids:
+            seen_block = True
+            units.append(Unit(block_ids[id(mod)], module_bytes(mod), "block",
+                              matching_pattern(block_ids[id(mod)], critical) is not None))
+            return
+        if prefix in ancestors:
+            own = _own_bytes(mod)
+            if own:
+                units.append(Unit(prefix or "(root)", own, "tail" if seen_block else "head",
+                                  matching_pattern(prefix, critical) is not None))
+            for child_name, child in mod.named_children():
+                visit(f"{prefix}.{child_name}" if prefix else child_name, child)
+            return
+        size = module_bytes(mod)
+        if size:
+            units.append(Unit(prefix, size, "tail" if seen_block else "head", matching_pattern(prefix, critical) is not None))
+
+    visit("", model)
+    return units
+
+
+def _normalise_budgets(budgets, devices, device_totals) -> tuple[list[str], list[int]]:
+    totals = device_totals
+    if isinstance(budgets, dict):
+        names = [_device_name(d) for d in budgets]
+        values = list(budgets.values())
+        if devices is not None and [_device_name(d) for d in devices] != names:
+            raise PlanError(f"budgets name devices {names} but devices={[_device_name(d) for d in devices]}")
+        return names, [int(v) for v in values]
+    names = [_device_name(d) for d in (devices if devices is not None else
+                                       (list(totals) if isinstance(totals, dict) else ["cuda:0"]))]
+    if budgets is None:
+        if totals is None:
+            raise PlanError("no budget and no device_totals: pass budgets (bytes) or device_totals "
+                            "(total VRAM per device, e.g. from torch.cuda.mem_get_info) for the 55 % default")
+        tot = _totals_list(totals, names)
+        return names, [default_budget_bytes(t) for t in tot]
+    if isinstance(budgets, (list, tuple)):
+        if len(budgets) != len(names):
+            raise PlanError(f"{len(budgets)} budgets given for {len(names)} devices {names}: pass one budget per device")
+        return names, [int(b) for b in budgets]
+    return names, [int(budgets)] * len(names)
+
+
+def _totals_list(totals, names: list[str]) -> list[int] | None:
+    if totals is None:
+        return None
+    if isinstance(totals, dict):
+        norm = {_device_name(k): int(v) for k, v in totals.items()}
+        missing = [n for n in names if n not in norm]
+        if missing:
+            raise PlanError(f"device_totals has no entry for {missing}")
+        return [norm[n] for n in names]
+    if isinstance(totals, (list, tuple)):
+        if len(totals) != len(names):
+            raise PlanError(f"{len(totals)} device totals for {len(names)} devices")
+        return [int(t) for t in totals]
+    return [int(totals)] * len(names)
+
+
+def plan_placement(model_or_blocks, budgets=None, critical: Sequence[str] = DEFAULT_SKIP_PATTERNS,
+                   blocks_resident: int | None = None, *, blocks=None, devices: Sequence | None = None,
+                   device_totals=None, prefetch: int = 1) -> PlacementPlan:
+    """Plan where every module lives under per-device budgets (bytes). See the module docstring.
+
+    ``budgets``: ``{device: bytes}``, a list aligned with ``devices``, one number (each device), or None
+    (55 % of ``device_totals``). ``device_totals``: total VRAM per device (dict, list or one number) -
+    used for the default budget and for clamping budgets above the card. ``prefetch``: blocks copied
+    ahead (ring of ``prefetch + 1`` slots).
+    """
+    if prefetch < 1:
+        raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+    if blocks_resident is not None and blocks_resident < 0:
+        raise ValueError(f"blocks_resident must be >= 0, got {blocks_resident}")
+    model, block_names, block_mods = resolve_blocks(model_or_blocks, blocks)
+    units = collect_units(model, block_names, block_mods, critical)
+    names, budget_list = _normalise_budgets(budgets, devices, device_totals)
+    totals = _totals_list(device_totals, names)
+    warnings: list[str] = []
+
+    blocks = [u for u in units if u.kind == "block"]
+    head = [u for u in units if u.kind == "head"]
+    tail = [u for u in units if u.kind == "tail"]
+    forced = [u for u in blocks if u.critical]
+    optional = [u for u in blocks if not u.critical]
+    slots = prefetch + 1
+    max_optional = max((u.bytes for u in optional), default=0)
+    ring_min = slots * max_optional if optional else 0
+    need = sum(u.bytes for u in head + tail + forced)
+
+    if totals is not None:
+        for i, (name, total) in enumerate(zip(names, totals)):
+            if budget_list[i] > total:
+                warnings.append(f"{name}: budget {_gb(budget_list[i])} is above the card's {_gb(total)}; "
+                                f"clamped to {_gb(total)}")
+                budget_list[i] = total
+    for i, name in enumerate(names):
+        if budget_list[i] < 0:
+            raise PlanError(f"{name}: budget {budget_list[i]} bytes is negative")
+    if len(names) == 1:
+        minimum = need + (ring_min if optional and (blocks_resident is not None and blocks_resident < len(blocks)
+                                                     or sum(u.bytes for u in blocks) + need > budget_list[0]) else 0)
+        if budget_list[0] < minimum:
+            if totals is not None and minimum > totals[0]:
+                raise PlanError(f"{names[0]}: the critical parts need {_gb(minimum)} (rest {_gb(need - sum(u.bytes for u in forced))}"
+                                f", critical blocks {_gb(sum(u.bytes for u in forced))}, ring {_gb(ring_min)}) but the card has "
+                                f"{_gb(totals[0])}")
+            warnings.append(f"{names[0]}: budget {_gb(budget_list[0])} is below the {_gb(minimum)} the critical "
+                            f"parts need (non-block modules, critical blocks, streaming ring); raised to {_gb(minimum)}")
+            budget_list[0] = minimum
+    elif sum(budget_list) < need:
+        raise PlanError(f"budgets {[_gb(b) for b in budget_list]} for {names} sum to {_gb(sum(budget_list))}, below the "
+                        f"{_gb(need)} that must be resident (non-block modules {_gb(need - sum(u.bytes for u in forced))}, "
+                        f"critical blocks {_gb(sum(u.bytes for u in forced))})")
+
+    limit = len(blocks) if blocks_resident is None else blocks_resident
+    if len(forced) > limit:
+        warnings.append(f"{len(forced)} blocks are critical and stay resident although blocks_resident={limit}")
+    streamed: set[str] = set()
+    budget_left = limit - len(forced)
+    for u in optional:  # the first blocks stay resident, the last ones are streamed
+        if budget_left > 0:
+            budget_left -= 1
+        else:
+            streamed.add(u.name)
+
+    while True:
+        result = _try_place(names, budget_list, head, tail, blocks, streamed, slots)
+        if isinstance(result, PlacementPlan):
+            result.block_names = block_names
+            result.units = units
+            result.warnings = warnings
+            for w in warnings:
+                log.warning("headroom plan: %s", w)
+            return result
+        resident_optional = [u for u in optional if u.name not in streamed]
+        if not resident_optional:
+            raise PlanError(f"cannot place the model: {result}; budgets {dict(zip(names, map(_gb, budget_list)))}, "
+                            f"resident need {_gb(need)}, streaming ring {_gb(ring_min)}")
+        streamed.add(resident_optional[-1].name)
+
+
+def _try_place(names, budget_list, head, tail, blocks, streamed, slots):
+    """One greedy pass; returns a plan, or a string saying what did not fit."""
+    placements = [DevicePlacement(n, b) for n, b in zip(names, budget_list)]
+    used = [0] * len(names)
+
+    def put(k: int, unit: Unit) -> None:
+        placements[k].modules.append((unit.name, unit.bytes))
+        used[k] += unit.bytes
+
+    head_bytes = sum(u.bytes for u in head)
+    if head_bytes > budget_list[0]:
+        return f"{names[0]} cannot hold the modules before the blocks ({_gb(head_bytes)} > budget {_gb(budget_list[0])})"
+    for u in head:
+        put(0, u)
+    k = 0
+    last = 0
+    for u in blocks:
+        if u.name in streamed:
+            continue
+        while k < len(names) and used[k] + u.bytes > budget_list[k]:
+            k += 1
+        if k == len(names):
+            return f"block {u.name} ({_gb(u.bytes)}) fits on no device after {names[last]}"
+        put(k, u)
+        last = k
+    stream_list = [(u.name, u.bytes) for u in blocks if u.name in streamed]
+    ring = slots * max((b for _, b in stream_list), default=0) if stream_list else 0
+    tail_bytes = sum(u.bytes for u in tail)
+    if used[last] + ring + tail_bytes > budget_list[last]:
+        return (f"{names[last]} cannot hold its blocks ({_gb(used[last])}) + ring ({_gb(ring)}) + modules after the "
+                f"blocks ({_gb(tail_bytes)}) in {_gb(budget_list[last])}")
+    for u in tail:
+        put(last, u)
+    placements[last].ring_bytes = ring
+    return PlacementPlan(placements, stream_list, names[last] if stream_list else None, slots if stream_list else 0,
+                         [], [])

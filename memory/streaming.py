@@ -1,0 +1,335 @@
+"""Block streaming: run a model whose non-resident blocks live in pinned host memory.
+
+Entry point: :func:`enable_block_streaming` -> :class:`BlockStreamer` (``.disable()`` puts the model back
+to normal). How it works:
+
+* Each streamed block's tensors are packed once into its own flat, page-locked (pinned) host buffer; the
+  block's parameters/buffers (and bitsandbytes 4-bit quant states) are re-pointed at views of that buffer.
+* A ring of ``prefetch + 1`` GPU slots, each as large as the largest streamed block, is allocated once.
+* A forward pre-hook on every block (resident or streamed) makes sure the next ``prefetch`` streamed blocks
+  (in list order, wrapping around to the next forward pass) are being copied into ring slots on a side
+  CUDA stream: one ``non_blocking`` host->device copy of the whole flat buffer per block, then the block's
+  tensors are re-pointed at views of the slot. The compute stream waits on the copy's event before a
+  streamed block runs; a slot is refilled only after the compute stream has passed the event recorded when
+  its previous block finished (forward hook). No pageable copies, no allocation per step.
+* Without CUDA (or with a CPU ``device``) the same code runs with plain synchronous copies, so the CPU tests
+  exercise the hooks and the bookkeeping.
+
+Assumptions (documented limits): inference only (no autograd through streamed weights); blocks are called
+one at a time, not re-entrantly; the block list order is the execution order (calls out of order still
+work - a block that is not in a slot is copied on demand - but lose the overlap); torch.compile / CUDA
+graphs must not capture the streamed blocks. Streamed blocks' weights are only valid inside their forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .blocks import resolve_blocks
+from .planner import plan_placement
+from .tensors import FlatLayout, collect_tensor_refs, empty_host
+
+log = logging.getLogger("comfyui_headroom")
+
+_ATTR = "_headroom_streamer"
+
+
+@dataclass
+class StreamStats:
+    copies: int = 0  # block copies into a slot
+    bytes_copied: int = 0
+    on_demand: int = 0  # copies issued by the block's own pre-hook (prefetch missed it)
+    hits: int = 0  # streamed block found already in its slot
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Slot:
+    buffer: torch.Tensor
+    holder: int | None = None
+    free_event: object | None = None  # recorded on the compute stream after the holder's forward
+
+
+@dataclass
+class _Streamed:
+    layout: FlatLayout
+    host: torch.Tensor
+    host_views: list[torch.Tensor]
+    slot: int | None = None
+    ready_event: object | None = None
+    slot_views: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+
+class BlockStreamer:
+    """Hooks + buffers that stream some blocks of a model (see module docstring). Create it with
+    :func:`enable_block_streaming`."""
+
+    def __init__(self, blocks: list[nn.Module], names: list[str], resident: list[bool], device,
+                 prefetch: int = 1, pin_memory: bool | None = None):
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+        if len(blocks) != len(resident):
+            raise ValueError(f"{len(blocks)} blocks but {len(resident)} resident flags")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.cuda = self.device.type == "cuda"
+        self.pin_memory = self.cuda if pin_memory is None else pin_memory
+        if self.pin_memory and not self.cuda:
+            raise ValueError("pin_memory=True needs a CUDA device; pass pin_memory=False to stream on CPU")
+        self.blocks = blocks
+        self.names = names
+        self.resident = resident
+        self.prefetch = prefetch
+        self.stats = StreamStats()
+        self._handles: list = []
+        self._streamed: dict[int, _Streamed] = {}
+        self._slots: list[_Slot] = []
+        self._next_slot = 0
+        self._active = True
+
+        for i, (block, keep) in enumerate(zip(blocks, resident)):
+            if keep:
+                block.to(self.device)
+            else:
+                self._streamed[i] = self._park(block)
+        order = [i for i in range(len(blocks)) if not resident[i]]
+        self._lookahead = {}
+        for i in range(len(blocks)):  # the next `prefetch` streamed blocks after position i (cyclic)
+            after = [j for j in order if j > i] + [j for j in order if j <= i]
+            self._lookahead[i] = [j for j in after if j != i][: prefetch]
+        if order:
+            slot_bytes = max(self._streamed[i].layout.nbytes for i in order)
+            n_slots = min(prefetch + 1, len(order))
+            for _ in range(n_slots):
+                self._slots.append(_Slot(torch.empty(slot_bytes, dtype=torch.uint8, device=self.device)))
+            self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        else:
+            self.copy_stream = None
+        for i, block in enumerate(blocks):
+            self._handles.append(block.register_forward_pre_hook(self._make_pre_hook(i)))
+            if not resident[i]:
+                self._handles.append(block.register_forward_hook(self._make_post_hook(i)))
+
+    # -- setup -------------------------------------------------------------------------------------------
+    def _park(self, block: nn.Module) -> _Streamed:
+        layout = FlatLayout(collect_tensor_refs(block))
+        host = empty_host(layout.nbytes, self.pin_memory)
+        views = layout.pack(host)
+        layout.point_to(views)
+        return _Streamed(layout, host, views)
+
+    # -- properties ----------------------------------------------------------------------------------------
+    @property
+    def streamed_indices(self) -> list[int]:
+        return sorted(self._streamed)
+
+    @property
+    def streamed_bytes(self) -> int:
+        return sum(s.layout.nbytes for s in self._streamed.values())
+
+    @property
+    def ring_bytes(self) -> int:
+        return sum(s.buffer.numel() for s in self._slots)
+
+    def host_buffers(self) -> list[torch.Tensor]:
+        """The flat host buffers the copies read from (pinned on CUDA)."""
+        return [self._streamed[i].host for i in self.streamed_indices]
+
+    # -- the streaming machinery -----------------------------------------------------------------------------
+    def _slot_views(self, index: int, slot: int) -> list[torch.Tensor]:
+        entry = self._streamed[index]
+        views = entry.slot_views.get(slot)
+        if views is None:
+            views = entry.layout.views(self._slots[slot].buffer)
+            entry.slot_views[slot] = views
+        return views
+
+    def _ensure(self, index: int, on_demand: bool = False) -> None:
+        """Make sure block ``index`` is (being) copied into a slot and its tensors point there."""
+        entry = self._streamed[index]
+        if entry.slot is not None:
+            if on_demand:
+                self.stats.hits += 1
+            return
+        slot_id = self._next_slot
+        self._next_slot = (self._next_slot + 1) % len(self._slots)
+        slot = self._slots[slot_id]
+        if slot.holder is not None:  # evict: the old holder points back at its host copy
+            old = self._streamed[slot.holder]
+            old.layout.point_to(old.host_views)
+            old.slot = None
+        n = entry.layout.nbytes
+        if self.cuda:
+            with torch.cuda.stream(self.copy_stream):
+                if slot.free_event is not None:
+                    self.copy_stream.wait_event(slot.free_event)
+                slot.buffer[:n].copy_(entry.host, non_blocking=True)
+                if entry.ready_event is None:
+                    entry.ready_event = torch.cuda.Event()
+                entry.ready_event.record(self.copy_stream)
+        else:
+            slot.buffer[:n].copy_(entry.host)
+        slot.holder = index
+        entry.slot = slot_id
+        entry.layout.point_to(self._slot_views(index, slot_id))
+        self.stats.copies += 1
+        self.stats.bytes_copied += n
+        if on_demand:
+            self.stats.on_demand += 1
+
+    def _make_pre_hook(self, index: int):
+        streamed = not self.resident[index]
+
+        def pre_hook(module, args):
+            if not self._active:
+                return None
+            if streamed:
+                self._ensure(index, on_demand=True)
+            for j in self._lookahead[index]:
+                self._ensure(j)
+            if streamed and self.cuda:
+                torch.cuda.current_stream(self.device).wait_event(self._streamed[index].ready_event)
+            return None
+
+        return pre_hook
+
+    def _make_post_hook(self, index: int):
+        def post_hook(module, args, output):
+            if not self._active:
+                return None
+            entry = self._streamed[index]
+            if self.cuda and entry.slot is not None:
+                slot = self._slots[entry.slot]
+                if slot.free_event is None:
+                    slot.free_event = torch.cuda.Event()
+                slot.free_event.record(torch.cuda.current_stream(self.device))
+            return None
+
+        return post_hook
+
+    # -- teardown ----------------------------------------------------------------------------------------------
+    def disable(self, device=None) -> None:
+        """Remove the hooks and the ring. Streamed blocks end up as ordinary modules on the host (pinned
+        memory), or on ``device`` when given. Idempotent."""
+        if not self._active:
+            return
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self._active = False
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for index, entry in self._streamed.items():
+            entry.layout.point_to(entry.host_views)
+            entry.slot = None
+            entry.slot_views.clear()
+            if device is not None:
+                self.blocks[index].to(device)
+        self._slots.clear()
+        self._streamed.clear()
+        for holder in list(_OWNERS.get(id(self), [])):
+            owner = holder()
+            if owner is not None and getattr(owner, _ATTR, None) is self:
+                delattr(owner, _ATTR)
+        _OWNERS.pop(id(self), None)
+
+    def summary(self) -> str:
+        n = len(self.blocks)
+        return (f"streaming {len(self._streamed)}/{n} blocks onto {self.device} "
+                f"({self.streamed_bytes / 1024 ** 3:.2f} GB from {'pinned' if self.pin_memory else 'pageable'} host "
+                f"memory, ring {len(self._slots)} x {self.ring_bytes / max(len(self._slots), 1) / 1024 ** 3:.2f} GB)")
+
+    def __repr__(self) -> str:
+        return f"<BlockStreamer {self.summary() if self._active else 'disabled'}>"
+
+
+_OWNERS: dict[int, list] = {}
+
+
+def enable_block_streaming(model_or_blocks, device, *, blocks=None, blocks_resident: int | None = None,
+                           budget_bytes: int | None = None, prefetch: int = 1, pin_memory: bool | None = None,
+                           critical=(), plan=None) -> BlockStreamer:
+    """Stream the blocks of a model that do not stay resident on ``device``; returns the :class:`BlockStreamer`.
+
+    ``model_or_blocks``: a model (its blocks found automatically or named by ``blocks``: ``"model.layers"``,
+    ``["double_blocks", "single_blocks"]`` or a list of modules) or directly the list of blocks. With a model,
+    everything that is not a block is moved to ``device``. Which blocks stay resident: ``plan`` (a
+    :class:`PlacementPlan` for this device), else ``blocks_resident=N`` (the first N blocks, seed 002's
+    ``blocks_in_memory``), else ``budget_bytes`` (as many as fit, via :func:`plan_placement`), else 55 % of
+    the device's VRAM on CUDA / no resident block on CPU. ``critical`` patterns name blocks that never stream.
+    ``pin_memory``: default True on CUDA (streaming from pageable memory is ~8x slower), False on CPU.
+    Remove with ``streamer.disable()`` or :func:`disable_block_streaming`.
+    """
+    device = torch.device(device)
+    model, names, mods = resolve_blocks(model_or_blocks, blocks)
+    if model is not None and getattr(model, _ATTR, None) is not None:
+        raise RuntimeError(f"{type(model).__name__} is already streaming; call disable_block_streaming(model) first")
+    target = model if model is not None else mods
+    if plan is None and blocks_resident is None:
+        if budget_bytes is None and device.type == "cuda":
+            total = torch.cuda.mem_get_info(device)[1]
+            plan = plan_placement(target, None, critical or (), blocks=blocks if model is not None else None,
+                                  devices=[device], device_totals=total, prefetch=prefetch)
+        elif budget_bytes is not None:
+            plan = plan_placement(target, budget_bytes, critical or (), blocks=blocks if model is not None else None,
+                                  devices=[device], prefetch=prefetch)
+        else:
+            blocks_resident = 0
+    if plan is not None:
+        streamed = set(plan.streamed_blocks())
+        resident = [n not in streamed for n in names]
+    else:
+        from ..quant.skip import matching_pattern
+
+        resident, left = [], blocks_resident
+        for name in names:
+            if critical and matching_pattern(name, critical):
+                resident.append(True)
+            elif left > 0:
+                resident.append(True)
+                left -= 1
+            else:
+                resident.append(False)
+    if model is not None:
+        block_ids = {id(m) for m in mods}
+        _move_rest(model, block_ids, device)
+    streamer = BlockStreamer(mods, names, resident, device, prefetch=prefetch, pin_memory=pin_memory)
+    if model is not None:
+        setattr(model, _ATTR, streamer)
+        _OWNERS[id(streamer)] = [weakref.ref(model)]
+    log.info("headroom: %s", streamer.summary())
+    return streamer
+
+
+def _move_rest(module: nn.Module, block_ids: set[int], device) -> None:
+    """Move every tensor of ``module`` that is not inside a block to ``device`` (sub-trees without a block
+    move with ``.to`` so layer-specific moves - Int8Linear, bitsandbytes - apply)."""
+    for key, param in module._parameters.items():
+        if param is not None and param.device != device:
+            param.data = param.data.to(device)
+    for key, buf in module._buffers.items():
+        if buf is not None and buf.device != device:
+            module._buffers[key] = buf.to(device)
+    for child in module.children():
+        if id(child) in block_ids:
+            continue
+        if any(id(m) in block_ids for m in child.modules()):
+            _move_rest(child, block_ids, device)
+        else:
+            child.to(device)
+
+
+def disable_block_streaming(model_or_streamer, device=None) -> None:
+    """Undo :func:`enable_block_streaming` (see :meth:`BlockStreamer.disable`)."""
+    streamer = model_or_streamer if isinstance(model_or_streamer, BlockStreamer) else getattr(model_or_streamer, _ATTR, None)
+    if streamer is None:
+        raise ValueError(f"{type(model_or_streamer).__name__} is not streaming")
+    streamer.disable(device)
