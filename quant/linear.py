@@ -6,6 +6,8 @@
   scale keep their dtypes, so a ``model.to(torch.bfloat16)`` never destroys the quantization.
 * forward goes through :func:`comfyui_headroom.kernels.int8_linear` (the dispatcher), plus optional
   float LoRA side branches ``scale * (x A^T) B^T`` that never touch the int8 weight.
+* ``rotation_group`` > 0: the weight is stored Hadamard-rotated (``Q(W H)``, see :mod:`.rotation`); forward
+  rotates the input first, ``dequantized_weight()`` un-rotates. The state dict then gains ``rotation_group``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Int8Linear(nn.Module):
             self.register_parameter("bias", None)
         # Float LoRA side branches: (down [r, in], up [out, r], scale). Not part of the state dict.
         self.lora: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        self.rotation_group = 0  # > 0: weight holds Q(W H) with H a block Hadamard of this size (quant/rotation.py)
 
     def _empty_scale(self, method: str, device) -> torch.Tensor:
         if method == "tensorwise":
@@ -63,8 +66,9 @@ class Int8Linear(nn.Module):
         method: str = "rowwise",
         block_size: int = DEFAULT_BLOCK_SIZE,
         compute_dtype: torch.dtype | None = None,
+        rotation_group: int = 0,
     ) -> "Int8Linear":
-        """Quantize an existing ``nn.Linear`` (on whatever device it lives)."""
+        """Quantize an existing ``nn.Linear`` (on whatever device it lives); ``rotation_group`` > 0 rotates first."""
         weight = linear.weight.detach()
         compute_dtype = compute_dtype or (weight.dtype if weight.dtype != torch.float32 else torch.bfloat16)
         layer = cls(
@@ -76,7 +80,13 @@ class Int8Linear(nn.Module):
             compute_dtype=compute_dtype,
             device="meta",
         )
-        q, scale = quantize_weight(weight, method, block_size)
+        if rotation_group:
+            from .rotation import quantize_rotated
+
+            q, scale = quantize_rotated(weight, rotation_group, method, block_size)
+            layer.rotation_group = rotation_group
+        else:
+            q, scale = quantize_weight(weight, method, block_size)
         layer.weight = q
         layer.weight_scale = scale
         if linear.bias is not None:
@@ -91,8 +101,12 @@ class Int8Linear(nn.Module):
         bias: torch.Tensor | None = None,
         block_size: int = DEFAULT_BLOCK_SIZE,
         compute_dtype: torch.dtype = torch.bfloat16,
+        rotation_group: int = 0,
     ) -> "Int8Linear":
-        """Wrap already-quantized tensors (read from a file) without copying them."""
+        """Wrap already-quantized tensors (read from a file) without copying them.
+
+        ``rotation_group`` > 0 says the int8 weight is Hadamard-rotated (ComfyUI ``convrot``).
+        """
         if weight.dtype != torch.int8 or weight.ndim != 2:
             raise ValueError(f"expected an int8 [out, in] weight, got {weight.dtype} {tuple(weight.shape)}")
         out_features, in_features = weight.shape
@@ -104,15 +118,35 @@ class Int8Linear(nn.Module):
             layer.block_size = block_size_of(in_features, layer.weight_scale, block_size)
         if bias is not None:
             layer.bias = nn.Parameter(bias.to(compute_dtype), requires_grad=False)
+        if rotation_group:
+            layer._set_rotation(rotation_group)
         return layer
 
+    def _set_rotation(self, group: int) -> None:
+        from .rotation import check_group, rotation_fits
+
+        if group and not rotation_fits(self.in_features, check_group(group)):
+            raise ValueError(f"rotation group {group} does not divide in_features={self.in_features}")
+        self.rotation_group = int(group)
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight in the plain basis (un-rotated when the layer is rotated)."""
+        if self.rotation_group:
+            from .rotation import unrotate_weight
+
+            plain = dequantize_weight(self.weight, self.weight_scale, torch.float32, self.block_size)
+            return unrotate_weight(plain, self.rotation_group).to(dtype)
         return dequantize_weight(self.weight, self.weight_scale, dtype, self.block_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..kernels import int8_linear  # late import: kernels import quant
 
-        y = int8_linear(x, self.weight, self.weight_scale, self.bias, self.block_size)
+        xq = x
+        if self.rotation_group:  # the weight lives in the rotated basis: rotate the input to match
+            from .rotation import rotate_activation
+
+            xq = rotate_activation(x, self.rotation_group)
+        y = int8_linear(xq, self.weight, self.weight_scale, self.bias, self.block_size)
         for down, up, scale in self.lora:
             d = down.to(device=x.device, dtype=x.dtype)
             u = up.to(device=x.device, dtype=x.dtype)
@@ -129,7 +163,15 @@ class Int8Linear(nn.Module):
             self._buffers["weight_scale"] = moved if moved.dtype == torch.float32 else scale.to(moved.device)
         return self
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.rotation_group:  # optional key: only rotated layers carry it
+            destination[prefix + "rotation_group"] = torch.tensor(self.rotation_group, dtype=torch.int32)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        rotation = state_dict.pop(prefix + "rotation_group", None)
+        if prefix + "weight" in state_dict:  # the incoming weight says which basis it is in
+            self._set_rotation(int(rotation) if rotation is not None else 0)
         # Accept any scale layout: resize our buffer to the incoming one before the copy.
         key = prefix + "weight_scale"
         if key in state_dict:
@@ -143,6 +185,7 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         extra = f", block_size={self.block_size}" if self.method == "block" else ""
+        extra += f", rotation_group={self.rotation_group}" if self.rotation_group else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, method={self.method}{extra}")
 

@@ -1,0 +1,106 @@
+"""Triton kernel: block-Hadamard rotation fused into dynamic per-row INT8 activation quantization.
+
+For a layer stored Hadamard-rotated (see :mod:`comfyui_headroom.quant.rotation`) the activation must be
+rotated before it is quantized. Doing that as a separate matmul writes and re-reads the whole
+activation; here each program takes ``BLOCK_M`` rows, multiplies every ``GROUP``-wide slice by the
+Hadamard matrix on the tensor cores (``tl.dot``) and quantizes the result, so the activation is read
+like the plain quantize kernel reads it and the rotated float tensor never exists in memory.
+
+Two passes over a row block: pass 1 finds each row's absolute maximum of the rotated values, pass 2
+recomputes the (cheap) rotation and writes ``int8``. The matrix is passed with entries ``+-1`` (exact in
+any dtype, so bf16 products are exact and sums are float32) and the ``1/sqrt(GROUP)`` normalisation is
+applied afterwards in float32. Result: the numbers of
+:func:`comfyui_headroom.quant.rotation.rotate_quantize_activation_reference` up to float32 summation order.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..quant.rotation import check_group, hadamard
+from .triton_quant import round_half_even
+
+
+@triton.jit
+def _rotated_slice(x_ptr, h_ptr, rows, row_mask, stride_xm, k0, n0, norm,
+                   GROUP: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    """``(x[rows, k0:k0+GROUP] @ H[:, n0:n0+BLOCK_N]) * norm`` in float32."""
+    offs_g = tl.arange(0, GROUP)
+    offs_n = tl.arange(0, BLOCK_N)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + k0 + offs_g[None, :], mask=row_mask[:, None], other=0.0)
+    h = tl.load(h_ptr + offs_g[:, None] * GROUP + n0 + offs_n[None, :])
+    if IEEE:  # fp32 activations (and bf16 under the interpreter, whose bf16 dot is wrong): no tf32
+        y = tl.dot(x.to(tl.float32), h.to(tl.float32), input_precision="ieee")
+    else:
+        y = tl.dot(x, h)
+    return y * norm
+
+
+@triton.jit
+def _rotate_quantize_kernel(
+    x_ptr, h_ptr, q_ptr, scale_ptr, M, K, stride_xm, norm,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    offs_n = tl.arange(0, BLOCK_N)
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, GROUP):
+        for n0 in tl.static_range(0, GROUP, BLOCK_N):
+            y = _rotated_slice(x_ptr, h_ptr, rows, row_mask, stride_xm, k0, n0, norm, GROUP, BLOCK_N, IEEE)
+            amax = tl.maximum(amax, tl.max(tl.abs(y), axis=1))
+    scale = tl.where(amax > 0.0, tl.math.div_rn(amax, 127.0), 1.0)
+    for k0 in range(0, K, GROUP):
+        for n0 in tl.static_range(0, GROUP, BLOCK_N):
+            y = _rotated_slice(x_ptr, h_ptr, rows, row_mask, stride_xm, k0, n0, norm, GROUP, BLOCK_N, IEEE)
+            q = round_half_even(tl.math.div_rn(y, scale[:, None]))
+            q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
+            tl.store(q_ptr + rows[:, None] * K + k0 + n0 + offs_n[None, :], q, mask=row_mask[:, None])
+    tl.store(scale_ptr + rows, scale, mask=row_mask)
+
+
+_sign_cache: dict = {}
+
+
+def _sign_matrix(group: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The unnormalised (+-1) Hadamard matrix in the activation's dtype."""
+    key = (group, str(device), dtype)
+    h = _sign_cache.get(key)
+    if h is None:
+        h = torch.sign(hadamard(group)).to(device=device, dtype=dtype).contiguous()
+        _sign_cache[key] = h
+    return h
+
+
+def _ieee(dtype: torch.dtype) -> bool:
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return dtype == torch.float32 or (interpreted and dtype == torch.bfloat16)
+
+
+def rotate_quantize_rows(x: torch.Tensor, group: int, block_m: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [M, K]`` (rows contiguous, K a multiple of ``group``) -> ``(int8 Q(x H) [M, K], float32 scale [M])``."""
+    check_group(group)
+    if x.ndim != 2 or x.stride(1) != 1:
+        raise ValueError(f"rotate_quantize_rows expects a 2-D tensor with contiguous rows, got {tuple(x.shape)}")
+    m, k = x.shape
+    if k % group:
+        raise ValueError(f"width {k} is not a multiple of the rotation group {group}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"rotate_quantize_rows expects bf16/fp16/fp32 activations, got {x.dtype}")
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    scale = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, scale
+    block_m = block_m or (16 if m <= 16384 else 32)
+    block_n = min(group, 64)
+    grid = (triton.cdiv(m, block_m),)
+    _rotate_quantize_kernel[grid](
+        x, _sign_matrix(group, x.device, x.dtype), q, scale, m, k, x.stride(0), 1.0 / math.sqrt(group),
+        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=_ieee(x.dtype), num_warps=4,
+    )
+    return q, scale

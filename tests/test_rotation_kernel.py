@@ -1,0 +1,59 @@
+"""The fused rotate + quantize Triton kernel vs the reference, under TRITON_INTERPRET=1 (tiny shapes, subprocess)
+and on a real GPU when there is one."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+CHECK = textwrap.dedent("""
+    import torch
+    from comfyui_headroom.kernels.hadamard import rotate_quantize_rows
+    from comfyui_headroom.quant.rotation import rotate_quantize_activation_reference
+
+    def check(device):
+        gen = torch.Generator().manual_seed(7)
+        cases = [(16, 64, 20), (64, 128, 33), (256, 512, 17), (128, 256, 5), (32, 96, 1)]
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for group, k, m in cases:
+                x = torch.randn(m, k, generator=gen) * 3
+                x[:, 5] *= 60.0                      # an outlier channel
+                if m > 3:
+                    x[2] = 0.0                       # an all-zero row: scale 1, q 0
+                x = x.to(dtype).to(device)
+                q, s = rotate_quantize_rows(x, group)
+                qr, sr = rotate_quantize_activation_reference(x.cpu(), group)
+                diff = (q.cpu().int() - qr.int()).abs()
+                assert q.dtype == torch.int8 and s.dtype == torch.float32, (q.dtype, s.dtype)
+                assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, (dtype, group, k, m, diff.max())
+                assert torch.allclose(s.cpu(), sr, rtol=1e-5), (dtype, group, k, m)
+        # a strided view with contiguous rows works; a bad width is refused
+        wide = torch.randn(8, 512, generator=gen).to(device)
+        q, s = rotate_quantize_rows(wide[:, :256], 64)
+        qr, sr = rotate_quantize_activation_reference(wide[:, :256].cpu(), 64)
+        assert (q.cpu().int() - qr.int()).abs().max() <= 1
+        try:
+            rotate_quantize_rows(torch.randn(4, 100).to(device), 64)
+        except ValueError as err:
+            assert "multiple of the rotation group" in str(err)
+        else:
+            raise AssertionError("width 100 accepted")
+        print("OK")
+""")
+
+
+def test_fused_rotate_quantize_kernel_in_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")  # must be set before triton is imported: new process
+    proc = subprocess.run([sys.executable, "-c", CHECK + "\ncheck('cpu')\n"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fused_rotate_quantize_kernel_on_gpu():
+    namespace: dict = {}
+    exec(CHECK, namespace)
+    namespace["check"]("cuda")
