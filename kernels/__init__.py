@@ -2,9 +2,30 @@
 
 Public entry points:
 * :func:`int8_linear` - what :class:`~comfyui_headroom.quant.Int8Linear` calls in its forward;
-* :func:`kernel_summary` / :func:`reset_kernel_stats` - which kernel ran how often, per shape.
+* :func:`force_kernel` / :func:`forced_kernel` - override the automatic choice (setter or ``with``);
+* :func:`kernel_summary` / :func:`reset_kernel_stats` - which kernel ran how often, per shape;
+* :func:`choose_kernel` - which kernel a call would use on this machine.
+
+Importing this package registers the ``torch.ops.headroom.*`` custom ops (see :mod:`.ops`).
 """
 
-from .dispatch import int8_linear, kernel_summary, reset_kernel_stats
+from . import ops  # noqa: F401  (registers torch.ops.headroom.*)
+from .backends import KERNELS
+from .dispatch import (
+    choose_kernel,
+    force_kernel,
+    forced_kernel,
+    int8_linear,
+    kernel_summary,
+    reset_kernel_stats,
+)
 
-__all__ = ["int8_linear", "kernel_summary", "reset_kernel_stats"]
+__all__ = [
+    "KERNELS",
+    "choose_kernel",
+    "force_kernel",
+    "forced_kernel",
+    "int8_linear",
+    "kernel_summary",
+    "reset_kernel_stats",
+]

@@ -1,31 +1,164 @@
-"""Choose the INT8 kernel for one call and count what ran.
+"""Choose the INT8 kernel for one call, run it, and count what ran.
 
-Until the Triton kernels land, every call goes to the dequantize reference.
+Order of authority: :func:`force_kernel` (Python, e.g. a ComfyUI node's ``compute`` input) >
+``HEADROOM_FORCE_KERNEL`` (env) > the automatic choice:
+
+* CPU (no interpreter) -> ``reference``;
+* CUDA with Triton: M <= ``SMALL_M`` -> ``triton_w8a16`` (memory bound: read int8, not bf16);
+  Ampere/Ada (sm80/86/89), row/tensor-wise scales -> ``int_mm`` (cuBLAS INT8 is ~2x fp16 there);
+  everything else from sm75 on (Hopper, Blackwell, block scales) -> ``triton_w8a8``;
+* CUDA without Triton -> ``int_mm`` where its shape limits allow, else ``reference``.
+
+A forced kernel that cannot run this call (no Triton, CPU without ``TRITON_INTERPRET=1``, block scales
+on ``int_mm``) falls back to the automatic choice, logged once; the stats name what really ran.
+
+The choice, the stats, the logging (``HEADROOM_LOG_KERNEL=1``) and the NaN/inf check
+(``HEADROOM_DEBUG=1``) all happen at run time inside the ``headroom::int8_linear`` custom op, so
+``torch.compile`` sees one opaque call and never breaks the graph on them.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
+import os
+import sys
 import threading
+import types
 
 import torch
 
-from .reference import reference_linear
+from .backends import BACKENDS, HAS_TRITON, KERNELS, KernelUnsupported, check_args, int_mm_supports, interpreting
 
-_stats: collections.Counter = collections.Counter()
-_stats_lock = threading.Lock()
+log = logging.getLogger("comfyui_headroom.kernels")
+
+SMALL_M = 256  # at or below: weight-only path (memory bound)
+ALIASES = {"triton": "triton_w8a8", "w8a8": "triton_w8a8", "w8a16": "triton_w8a16", "auto": None, "": None}
+
+
+def _shared_state() -> types.ModuleType:
+    """One state per process, even if this package is imported under two names (ComfyUI + pip)."""
+    state = sys.modules.get("_comfyui_headroom_kernel_state")
+    if state is None:
+        state = types.ModuleType("_comfyui_headroom_kernel_state")
+        state.stats = collections.Counter()
+        state.lock = threading.Lock()
+        state.forced = None
+        state.logged = set()
+        sys.modules[state.__name__] = state
+    return state
+
+
+_state = _shared_state()
+
+
+def normalise_kernel_name(name: str | None) -> str | None:
+    """``"triton"``/``"w8a8"`` -> ``"triton_w8a8"``, ``"w8a16"`` -> ``"triton_w8a16"``, ``"auto"``/None -> None."""
+    if name is None:
+        return None
+    key = name.strip().lower()
+    if key in ALIASES:
+        return ALIASES[key]
+    if key in KERNELS:
+        return key
+    raise ValueError(
+        f"unknown INT8 kernel {name!r}; choose one of auto, triton (w8a8), w8a16, int_mm, reference"
+    )
+
+
+class force_kernel:
+    """Force one kernel for every INT8 linear: ``force_kernel("w8a16")`` as a setter, or
+    ``with force_kernel("reference"): ...`` to restore the previous choice afterwards.
+    ``force_kernel(None)`` / ``force_kernel("auto")`` returns to the automatic choice."""
+
+    def __init__(self, name: str | None) -> None:
+        self.name = normalise_kernel_name(name)
+        self._previous = _state.forced
+        _state.forced = self.name
+
+    def __enter__(self) -> "force_kernel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _state.forced = self._previous
+
+
+def forced_kernel() -> str | None:
+    """The kernel forced through Python, else through ``HEADROOM_FORCE_KERNEL``, else None (auto)."""
+    if _state.forced is not None:
+        return _state.forced
+    return normalise_kernel_name(os.environ.get("HEADROOM_FORCE_KERNEL"))
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    if not HAS_TRITON:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (7, 5)
+    return device.type == "cpu" and interpreting()
+
+
+def _arch(device: torch.device) -> str:
+    from .configs import arch_of
+
+    return arch_of(device)
+
+
+def can_run(name: str, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> bool:
+    if name == "reference":
+        return True
+    if name == "int_mm":
+        return x.device.type in ("cuda", "cpu") and int_mm_supports(x, weight, weight_scale)
+    return _triton_runs_on(x.device)
+
+
+def auto_kernel(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> str:
+    device = x.device
+    if device.type != "cuda":
+        return "reference"
+    if not _triton_runs_on(device):
+        return "int_mm" if int_mm_supports(x, weight, weight_scale) else "reference"
+    m = x.numel() // max(x.shape[-1], 1)
+    if m <= SMALL_M:
+        return "triton_w8a16"
+    if _arch(device) in ("sm80", "sm86", "sm89") and int_mm_supports(x, weight, weight_scale):
+        return "int_mm"
+    return "triton_w8a8"
+
+
+def choose_kernel(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> str:
+    """The kernel this call will use (forced if possible, else automatic)."""
+    forced = forced_kernel()
+    if forced is not None:
+        if can_run(forced, x, weight, weight_scale):
+            return forced
+        chosen = auto_kernel(x, weight, weight_scale)
+        _log_once(("fallback", forced, chosen, x.device.type),
+                  f"INT8 kernel {forced!r} was forced but cannot run here ({x.device}, x {tuple(x.shape)}, "
+                  f"weight {tuple(weight.shape)}, scale {tuple(weight_scale.shape)}); using {chosen!r}",
+                  logging.WARNING)
+        return chosen
+    return auto_kernel(x, weight, weight_scale)
+
+
+def _log_once(key, message: str, level: int = logging.INFO) -> None:
+    with _state.lock:
+        if key in _state.logged:
+            return
+        _state.logged.add(key)
+    log.log(level, message)
 
 
 def _record(kernel: str, m: int, n: int, k: int) -> None:
-    with _stats_lock:
-        _stats[(kernel, m, n, k)] += 1
+    with _state.lock:
+        _state.stats[(kernel, m, n, k)] += 1
 
 
 def kernel_summary() -> dict:
     """``{kernel: {"calls": n, "shapes": {"MxNxK": calls}}}`` since the last reset."""
     summary: dict = {}
-    with _stats_lock:
-        for (kernel, m, n, k), calls in sorted(_stats.items()):
+    with _state.lock:
+        for (kernel, m, n, k), calls in sorted(_state.stats.items()):
             entry = summary.setdefault(kernel, {"calls": 0, "shapes": {}})
             entry["calls"] += calls
             entry["shapes"][f"{m}x{n}x{k}"] = calls
@@ -33,8 +166,35 @@ def kernel_summary() -> dict:
 
 
 def reset_kernel_stats() -> None:
-    with _stats_lock:
-        _stats.clear()
+    with _state.lock:
+        _state.stats.clear()
+
+
+def run_kernel(name: str, x, weight, weight_scale, bias, block_size: int) -> torch.Tensor:
+    """Run one backend with the bookkeeping: stats, optional log line, optional NaN/inf check."""
+    n, k = weight.shape
+    m = x.numel() // max(k, 1)
+    try:
+        y = BACKENDS[name](x, weight, weight_scale, bias, block_size)
+    except KernelUnsupported as why:
+        _log_once(("unsupported", name, str(why)), f"INT8 kernel {name!r} skipped: {why}; using 'reference'")
+        name = "reference"
+        y = BACKENDS[name](x, weight, weight_scale, bias, block_size)
+    _record(name, m, n, k)
+    if os.environ.get("HEADROOM_LOG_KERNEL", "0") == "1":
+        _log_once(("shape", name, m, n, k), f"INT8 kernel {name}: x [{m}, {k}] @ W [{n}, {k}] -> {y.dtype}")
+    if os.environ.get("HEADROOM_DEBUG", "0") == "1" and not bool(torch.isfinite(y).all()):
+        cause = "its input already had NaN/inf" if not bool(torch.isfinite(x).all()) else "the input was finite"
+        raise FloatingPointError(
+            f"INT8 kernel {name} produced NaN/inf for x {tuple(x.shape)} {x.dtype} @ int8 W {tuple(weight.shape)} "
+            f"(scale {tuple(weight_scale.shape)}, bias {'yes' if bias is not None else 'no'}); {cause}"
+        )
+    return y
+
+
+def dispatch_and_run(x, weight, weight_scale, bias, block_size: int) -> torch.Tensor:
+    check_args(x, weight, weight_scale, bias, block_size)
+    return run_kernel(choose_kernel(x, weight, weight_scale), x, weight, weight_scale, bias, block_size)
 
 
 def int8_linear(
@@ -44,8 +204,11 @@ def int8_linear(
     bias: torch.Tensor | None = None,
     block_size: int = 128,
 ) -> torch.Tensor:
-    """``y = x @ W.T + bias`` for an int8 ``W [N, K]`` with its float32 scale; output in ``x.dtype``."""
-    n, k = weight.shape
-    m = x.numel() // max(k, 1)
-    _record("reference", m, n, k)
-    return reference_linear(x, weight, weight_scale, bias, block_size)
+    """``y = x @ W.T + bias`` for an int8 ``W [N, K]`` with its float32 scale; output in ``x.dtype``.
+
+    Eager calls go straight to the chosen backend; under ``torch.compile`` the call is the custom op
+    ``torch.ops.headroom.int8_linear`` (registered by :mod:`.ops`), which does the same at run time.
+    """
+    if torch.compiler.is_compiling():
+        return torch.ops.headroom.int8_linear(x, weight, weight_scale, bias, block_size)
+    return dispatch_and_run(x, weight, weight_scale, bias, block_size)

@@ -1,0 +1,118 @@
+"""The four ways to compute an INT8 linear, as plain functions with one signature.
+
+``fn(x [..., K], weight int8 [N, K], weight_scale fp32, bias | None, block_size) -> [..., N] in x.dtype``
+
+* ``triton_w8a8``  - Triton activation quantization + Triton int8 GEMM with the scales in the epilogue;
+* ``triton_w8a16`` - Triton weight-only kernel (small M: reads half the bytes of a bf16 weight);
+* ``int_mm``       - per-row activation quantization + ``torch._int_mm`` (cuBLAS INT8) + scaling in torch;
+* ``reference``    - dequantize + ``F.linear`` (CPU, unsupported GPUs, anything the others refuse).
+
+:mod:`.ops` wraps each as a ``torch.library`` custom op; :mod:`.dispatch` picks one per call.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from ..quant.int8 import quantize_activation
+from .reference import reference_linear
+
+class KernelUnsupported(Exception):
+    """This call's shape/layout cannot run on the chosen kernel; the dispatcher falls back to reference."""
+
+
+KERNELS = ("triton_w8a8", "triton_w8a16", "int_mm", "reference")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """Triton's CPU interpreter is on (set before triton was imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_args(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias, block_size: int) -> None:
+    """Clear errors for inputs no kernel can use (say what was passed and what to do)."""
+    if weight.dtype != torch.int8 or weight.ndim != 2:
+        raise ValueError(f"int8_linear: weight must be int8 [out, in], got {weight.dtype} {tuple(weight.shape)}")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"int8_linear: input has {x.shape[-1]} features (shape {tuple(x.shape)}) but the int8 weight "
+            f"{tuple(weight.shape)} expects {weight.shape[1]}"
+        )
+    if not x.is_floating_point():
+        raise ValueError(f"int8_linear: input must be floating point, got {x.dtype}")
+    if weight.device != x.device or weight_scale.device != x.device:
+        raise ValueError(
+            f"int8_linear: input on {x.device} but weight on {weight.device} and scale on "
+            f"{weight_scale.device}; move the layer to the input's device"
+        )
+    if block_size < 1:
+        raise ValueError(f"int8_linear: block_size must be >= 1, got {block_size}")
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _unflatten(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row INT8 of a 2-D activation: the Triton kernel where it runs, torch elsewhere (same numbers)."""
+    if HAS_TRITON and (x2.is_cuda or interpreting()):
+        from .triton_quant import quantize_rows as triton_quantize_rows
+
+        return triton_quantize_rows(x2)
+    return quantize_activation(x2)
+
+
+def triton_w8a8(x, weight, weight_scale, bias, block_size):
+    from .triton_w8a8 import w8a8_matmul
+
+    x2 = _rows(x)
+    qa, a_scale = quantize_rows(x2)
+    return _unflatten(w8a8_matmul(qa, a_scale, weight, weight_scale, bias, x.dtype, block_size), x)
+
+
+def triton_w8a16(x, weight, weight_scale, bias, block_size):
+    from .triton_w8a16 import w8a16_matmul
+
+    return _unflatten(w8a16_matmul(_rows(x), weight, weight_scale, bias, block_size), x)
+
+
+def int_mm(x, weight, weight_scale, bias, block_size):
+    if weight_scale.ndim == 2 and weight_scale.shape[1] > 1:
+        raise KernelUnsupported("int_mm cannot apply block weight scales; use triton_w8a8 or reference")
+    x2 = _rows(x)
+    qa, a_scale = quantize_rows(x2)
+    acc = torch._int_mm(qa, weight.t())
+    w_scale = weight_scale.reshape(-1).float()
+    y = acc.float().mul_(a_scale[:, None]).mul_(w_scale if w_scale.numel() > 1 else w_scale.reshape(()))
+    if bias is not None:
+        y.add_(bias.float())
+    return _unflatten(y.to(x.dtype), x)
+
+
+def reference(x, weight, weight_scale, bias, block_size):
+    return reference_linear(x, weight, weight_scale, bias, block_size)
+
+
+def int_mm_supports(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> bool:
+    """cuBLAS/CPU ``_int_mm`` limits: M > 16, K >= 16 and K, N multiples of 8; no block scales."""
+    m = x.numel() // max(x.shape[-1], 1)
+    n, k = weight.shape
+    block = weight_scale.ndim == 2 and weight_scale.shape[1] > 1
+    return not block and m > 16 and k >= 16 and k % 8 == 0 and n % 8 == 0
+
+
+BACKENDS = {
+    "triton_w8a8": triton_w8a8,
+    "triton_w8a16": triton_w8a16,
+    "int_mm": int_mm,
+    "reference": reference,
+}

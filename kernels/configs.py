@@ -1,0 +1,127 @@
+"""Tile configurations for the Triton kernels, chosen per GPU architecture.
+
+Why per architecture: the best INT8 tile on Hopper (wgmma, TMA, 228 KB of shared memory) overflows the
+shared memory of an Ada card, and Ampere prefers smaller K tiles. Each family gets a short candidate
+list, best first; the first entry is used unless ``HEADROOM_AUTOTUNE=1`` asks to time the candidates
+once per shape (see :mod:`.autotune`). Anything we do not know (sm75 and older, future chips) gets the
+``fallback`` list: small tiles that fit every Triton-capable GPU.
+
+Tests under ``TRITON_INTERPRET=1`` need tiny tiles: :func:`override` replaces every choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """One tile shape for a matmul kernel."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+    tma: bool = False  # persistent kernel with tensor descriptors (sm90+ only)
+
+    def with_block_k(self, block_k: int) -> "GemmConfig":
+        return replace(self, block_k=block_k)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Activation quantization: rows up to ``max_single_pass`` long are read exactly once."""
+
+    max_single_pass: int = 16384
+    loop_block: int = 4096
+    num_warps: int = 8
+
+
+G = GemmConfig
+
+# W8A8: int8 x int8 -> int32. Hopper: the persistent TMA kernel measured best on our H100
+# (docs/PERFORMANCE.md): 128x256x128, 3 stages, 8 warps; 128x128 when 128x256 tiles leave SMs idle.
+W8A8_CONFIGS: dict[str, list[GemmConfig]] = {
+    "sm90": [G(128, 256, 128, 8, 8, 3, tma=True), G(128, 128, 128, 8, 8, 4, tma=True)],
+    "sm100": [G(128, 256, 128, 8, 8, 3, tma=True), G(128, 128, 128, 8, 4, 4, tma=True)],
+    "sm120": [G(128, 128, 128, 8, 8, 3), G(128, 64, 128, 8, 4, 4)],
+    "sm80": [G(128, 256, 64, 8, 8, 3), G(128, 128, 64, 8, 4, 4)],
+    "sm86": [G(128, 128, 64, 8, 4, 3), G(64, 128, 64, 8, 4, 4)],
+    "sm89": [G(128, 128, 64, 8, 4, 3), G(64, 128, 64, 8, 4, 4)],
+    "fallback": [G(64, 64, 32, 8, 4, 2)],
+}
+
+# W8A16 (small M, memory bound): narrow N tiles and deep K tiles so that many programs stream the weight.
+W8A16_CONFIGS: dict[str, list[GemmConfig]] = {
+    "sm90": [G(16, 64, 256, 1, 4, 4), G(16, 32, 512, 1, 4, 3)],
+    "sm100": [G(16, 64, 256, 1, 4, 4)],
+    "sm120": [G(16, 64, 128, 1, 4, 3)],
+    "sm80": [G(16, 64, 128, 1, 4, 4)],
+    "sm86": [G(16, 64, 128, 1, 4, 3)],
+    "sm89": [G(16, 64, 128, 1, 4, 3)],
+    "fallback": [G(16, 32, 64, 1, 4, 2)],
+}
+
+_override: dict[str, object] = {}
+
+
+def arch_of(device: torch.device) -> str:
+    """``"sm90"``-style family name of a CUDA device; ``"cpu"`` elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major == 9:
+        return "sm90"
+    if major == 10 or major == 11:
+        return "sm100"
+    if major == 12:
+        return "sm120"
+    if major == 8:
+        return {0: "sm80", 6: "sm86", 7: "sm86", 9: "sm89"}.get(minor, "sm86")
+    return "fallback"
+
+
+def w8a8_candidates(arch: str) -> list[GemmConfig]:
+    if "w8a8" in _override:
+        return [_override["w8a8"]]  # type: ignore[list-item]
+    return W8A8_CONFIGS.get(arch, W8A8_CONFIGS["fallback"])
+
+
+def w8a16_candidates(arch: str) -> list[GemmConfig]:
+    if "w8a16" in _override:
+        return [_override["w8a16"]]  # type: ignore[list-item]
+    return W8A16_CONFIGS.get(arch, W8A16_CONFIGS["fallback"])
+
+
+def quant_config() -> QuantConfig:
+    return _override.get("quant", QuantConfig())  # type: ignore[return-value]
+
+
+def tma_allowed(arch: str) -> bool:
+    if "tma" in _override:
+        return bool(_override["tma"])
+    return arch in ("sm90", "sm100")
+
+
+@contextlib.contextmanager
+def override(
+    w8a8: GemmConfig | None = None,
+    w8a16: GemmConfig | None = None,
+    quant: QuantConfig | None = None,
+    tma: bool | None = None,
+):
+    """Use these configs for every call inside the block (tiny tiles for the interpreter, tuning)."""
+    saved = dict(_override)
+    for key, value in (("w8a8", w8a8), ("w8a16", w8a16), ("quant", quant), ("tma", tma)):
+        if value is not None:
+            _override[key] = value
+    try:
+        yield
+    finally:
+        _override.clear()
+        _override.update(saved)

@@ -1,0 +1,69 @@
+"""``torch.library`` custom ops (namespace ``headroom``) so ``torch.compile`` traces INT8 layers whole.
+
+* ``headroom::int8_linear``   - the dispatcher: picks the kernel at run time (see :mod:`.dispatch`);
+* ``headroom::triton_w8a8``, ``headroom::triton_w8a16``, ``headroom::int_mm``, ``headroom::reference``
+  - one backend each, for callers that want a fixed kernel inside a compiled graph;
+* ``headroom::quantize_activation`` - per-row INT8 of a 2-D activation.
+
+Each has a fake (meta) implementation giving the output's shape/dtype, so dynamo and inductor never
+run a kernel while tracing. Stats and checks run inside the real implementations, at run time.
+(No ``from __future__ import annotations`` here: ``custom_op`` reads the annotations as types.)
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import backends
+from .dispatch import dispatch_and_run, run_kernel
+
+NAMESPACE = "headroom"
+
+
+def _registered(name: str) -> bool:
+    """True when another import of this package (ComfyUI's path-based one, say) already defined it."""
+    return hasattr(getattr(torch.ops, NAMESPACE), name)
+
+
+def _fake_linear(x, weight, weight_scale, bias, block_size):
+    backends.check_args(x, weight, weight_scale, bias, block_size)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _define_linear(name: str, impl) -> None:
+    if _registered(name):
+        return
+
+    def op(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor],
+           block_size: int) -> torch.Tensor:
+        return impl(x, weight, weight_scale, bias, block_size)
+
+    op.__name__ = name
+    custom = torch.library.custom_op(f"{NAMESPACE}::{name}", op, mutates_args=())
+    custom.register_fake(_fake_linear)
+
+
+def _fixed_kernel(name: str):
+    def impl(x, weight, weight_scale, bias, block_size):
+        backends.check_args(x, weight, weight_scale, bias, block_size)
+        return run_kernel(name, x, weight, weight_scale, bias, block_size)
+
+    return impl
+
+
+_define_linear("int8_linear", dispatch_and_run)
+for _name in backends.KERNELS:
+    _define_linear(_name, _fixed_kernel(_name))
+
+if not _registered("quantize_activation"):
+
+    @torch.library.custom_op(f"{NAMESPACE}::quantize_activation", mutates_args=())
+    def quantize_activation(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if x.ndim != 2:
+            raise ValueError(f"quantize_activation expects a 2-D [tokens, features] tensor, got {tuple(x.shape)}")
+        x2 = x if x.stride(-1) == 1 else x.contiguous()
+        return backends.quantize_rows(x2)
+
+    @quantize_activation.register_fake
+    def _(x):
+        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:1], dtype=torch.float32)
