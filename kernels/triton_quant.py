@@ -1,0 +1,80 @@
+"""Triton kernel: dynamic per-row symmetric INT8 quantization of activations, in one pass.
+
+``x [M, K]`` (bf16/fp16/fp32) -> ``q int8 [M, K]`` and ``scale float32 [M]`` with exactly the numbers of
+:func:`comfyui_headroom.quant.int8.quantize_activation`: ``scale = amax / 127`` (1.0 for an all-zero
+row), ``q = round_half_even(x / scale)`` with IEEE division. Rows up to ``max_single_pass`` elements
+are loaded once into registers (read 2 bytes, write 1 byte per element: memory bound); longer rows take
+a second read.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import quant_config
+
+
+@triton.jit
+def round_half_even(v):
+    """``torch.round`` semantics (ties to even) with plain ops that also run in the interpreter."""
+    f = tl.floor(v)
+    d = v - f
+    f_is_odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    up = (d > 0.5) | ((d == 0.5) & f_is_odd)
+    return tl.where(up, f + 1.0, f)
+
+
+@triton.jit
+def _quantize_value(x, scale):
+    q = round_half_even(tl.math.div_rn(x, scale))
+    return tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr, q_ptr, scale_ptr, K, stride_xm,
+    BLOCK_K: tl.constexpr, SINGLE_PASS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    q_row = q_ptr + row * K
+    if SINGLE_PASS:
+        offs = tl.arange(0, BLOCK_K)
+        mask = offs < K
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=0)
+        scale = tl.where(amax > 0.0, tl.math.div_rn(amax, 127.0), 1.0)
+        tl.store(q_row + offs, _quantize_value(x, scale), mask=mask)
+    else:
+        amax_vec = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            amax_vec = tl.maximum(amax_vec, tl.abs(x))
+        amax = tl.max(amax_vec, axis=0)
+        scale = tl.where(amax > 0.0, tl.math.div_rn(amax, 127.0), 1.0)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            mask = offs < K
+            x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(q_row + offs, _quantize_value(x, scale), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [M, K]`` (rows contiguous) -> ``(int8 [M, K], float32 [M])``."""
+    if x.ndim != 2 or x.stride(1) != 1:
+        raise ValueError(f"quantize_rows expects a 2-D tensor with contiguous rows, got {tuple(x.shape)} {x.stride()}")
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    scale = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, scale
+    cfg = quant_config()
+    single = k <= cfg.max_single_pass
+    block = triton.next_power_of_2(k) if single else cfg.loop_block
+    warps = cfg.num_warps if block >= 2048 else 4
+    _quantize_rows_kernel[(m,)](x, q, scale, k, x.stride(0), BLOCK_K=block, SINGLE_PASS=single, num_warps=warps)
+    return q, scale
