@@ -206,9 +206,10 @@ def int8_linear(
 ) -> torch.Tensor:
     """``y = x @ W.T + bias`` for an int8 ``W [N, K]`` with its float32 scale; output in ``x.dtype``.
 
-    Eager calls go straight to the chosen backend; under ``torch.compile`` the call is the custom op
-    ``torch.ops.headroom.int8_linear`` (registered by :mod:`.ops`), which does the same at run time.
+    Eager inference calls go straight to the chosen backend; under ``torch.compile``, or when ``x``
+    needs a gradient, the call is the custom op ``torch.ops.headroom.int8_linear`` (registered by
+    :mod:`.ops`), which does the same at run time and has an autograd formula.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
         return torch.ops.headroom.int8_linear(x, weight, weight_scale, bias, block_size)
     return dispatch_and_run(x, weight, weight_scale, bias, block_size)

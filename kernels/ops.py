@@ -6,7 +6,7 @@
 * ``headroom::quantize_activation`` - per-row INT8 of a 2-D activation.
 
 Each has a fake (meta) implementation giving the output's shape/dtype, so dynamo and inductor never
-run a kernel while tracing. Stats and checks run inside the real implementations, at run time.
+run a kernel while tracing, and an autograd formula (gradient through the dequantized weight). Stats and checks run inside the real implementations, at run time.
 (No ``from __future__ import annotations`` here: ``custom_op`` reads the annotations as types.)
 """
 
@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..quant.int8 import dequantize_weight
 from . import backends
 from .dispatch import dispatch_and_run, run_kernel
 
@@ -41,6 +42,28 @@ def _define_linear(name: str, impl) -> None:
     op.__name__ = name
     custom = torch.library.custom_op(f"{NAMESPACE}::{name}", op, mutates_args=())
     custom.register_fake(_fake_linear)
+    custom.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+def _linear_setup_context(ctx, inputs, output):
+    x, weight, weight_scale, bias, block_size = inputs
+    ctx.save_for_backward(weight, weight_scale)
+    ctx.block_size = block_size
+    ctx.x_dtype = x.dtype
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _linear_backward(ctx, grad):
+    """Gradients for x (and bias) through the dequantized weight: LoRA training on INT8 layers works."""
+    weight, weight_scale = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = dequantize_weight(weight, weight_scale, grad.dtype, ctx.block_size)
+        grad_x = (grad @ w).to(ctx.x_dtype)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, grad_bias, None
 
 
 def _fixed_kernel(name: str):

@@ -63,13 +63,17 @@ def _quantize_rows_kernel(
     tl.store(scale_ptr + row, scale)
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x [M, K]`` (rows contiguous) -> ``(int8 [M, K], float32 [M])``."""
+def quantize_rows(
+    x: torch.Tensor, q_out: torch.Tensor | None = None, scale_out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [M, K]`` (unit column stride) -> ``(int8 [M, K], float32 [M])``; optional preallocated outputs."""
     if x.ndim != 2 or x.stride(1) != 1:
         raise ValueError(f"quantize_rows expects a 2-D tensor with contiguous rows, got {tuple(x.shape)} {x.stride()}")
     m, k = x.shape
-    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
-    scale = torch.empty((m,), dtype=torch.float32, device=x.device)
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device) if q_out is None else q_out
+    scale = torch.empty((m,), dtype=torch.float32, device=x.device) if scale_out is None else scale_out
+    if q.shape != (m, k) or q.dtype != torch.int8 or not q.is_contiguous() or scale.shape != (m,):
+        raise ValueError(f"quantize_rows: outputs must be contiguous int8 {(m, k)} and float32 {(m,)}")
     if m == 0:
         return q, scale
     cfg = quant_config()

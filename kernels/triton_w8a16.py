@@ -77,13 +77,17 @@ def w8a16_matmul(
     bias: torch.Tensor | None,
     block_size: int = 128,
     split_k: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x [M, K] @ (weight [N, K] int8 * weight_scale).T + bias`` -> ``[M, N]`` in ``x.dtype``."""
     m, k = x.shape
     n = weight.shape[0]
     if x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("w8a16_matmul needs rows with unit stride")
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    elif out.shape != (m, n) or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"w8a16_matmul: out must be a contiguous {x.dtype} tensor of shape {(m, n)}")
     if m == 0 or n == 0:
         return out
     mode = scale_mode_of(weight_scale)

@@ -219,11 +219,15 @@ def w8a8_matmul(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
     block_size: int = 128,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(qa [M, K] int8 * a_scale [M]) @ (weight [N, K] int8 * weight_scale).T + bias`` -> ``[M, N] out_dtype``."""
     m, k = qa.shape
     n = weight.shape[0]
-    out = torch.empty((m, n), dtype=out_dtype, device=qa.device)
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=qa.device)
+    elif out.shape != (m, n) or out.dtype != out_dtype or not out.is_contiguous():
+        raise ValueError(f"w8a8_matmul: out must be a contiguous {out_dtype} tensor of shape {(m, n)}")
     if m == 0 or n == 0:
         return out
     if k == 0:

@@ -1,0 +1,115 @@
+"""The Triton kernels themselves, run by Triton's CPU interpreter on tiny shapes.
+
+Not collected by the normal test run (no ``test_`` prefix): tests/test_kernels_interp.py runs this file
+in a subprocess with ``TRITON_INTERPRET=1``, which must be set before triton is imported. Tiles are
+shrunk through ``configs.override`` (the interpreter runs every program in Python); the code paths are
+the real ones: pointer kernel, persistent TMA-descriptor kernel, split-K W8A16, looped quantization.
+"""
+
+import os
+
+import pytest
+import torch
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_kernels_interp.py (TRITON_INTERPRET=1)"
+
+from kernels_check import check_quantize, check_vs_float_layer, check_w8a8, check_w8a16  # noqa: E402
+
+from comfyui_headroom import kernels  # noqa: E402
+from comfyui_headroom.kernels import configs  # noqa: E402
+from comfyui_headroom.kernels.configs import GemmConfig, QuantConfig  # noqa: E402
+from comfyui_headroom.kernels.triton_quant import quantize_rows  # noqa: E402
+from comfyui_headroom.kernels.triton_w8a8 import _pick_config, w8a8_matmul  # noqa: E402
+from comfyui_headroom.kernels.triton_w8a16 import w8a16_matmul  # noqa: E402
+from comfyui_headroom.quant import Int8Linear  # noqa: E402
+
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+POINTER = GemmConfig(32, 32, 32, group_m=2, num_warps=4, num_stages=2)
+TMA = GemmConfig(32, 32, 32, group_m=2, num_warps=4, num_stages=2, tma=True)
+SMALL = GemmConfig(16, 32, 32, group_m=1, num_warps=4, num_stages=2)
+QUANT = QuantConfig(max_single_pass=128, loop_block=32, num_warps=4)
+
+
+@pytest.fixture(autouse=True)
+def tiny_tiles():
+    with configs.override(w8a8=POINTER, w8a16=SMALL, quant=QUANT, tma=False):
+        yield
+
+
+@pytest.mark.parametrize("m,k,dtype", [(1, 7, BF16), (6, 100, BF16), (4, 64, FP16), (3, 96, FP32), (3, 200, BF16)])
+def test_quantize_matches_reference(m, k, dtype, gen):
+    # k=200 > max_single_pass: the two-pass loop
+    check_quantize(quantize_rows, m, k, gen, dtype)
+
+
+@pytest.mark.parametrize(
+    "m,n,k,method,has_bias,dtype,out_dtype",
+    [
+        (1, 64, 64, "rowwise", True, BF16, BF16),      # M = 1
+        (37, 45, 99, "tensorwise", False, BF16, BF16),  # odd K, tile-unaligned M/N
+        (37, 45, 99, "rowwise", True, FP32, FP32),
+        (33, 40, 96, "block", True, FP32, FP32),        # block scales inside the K loop
+        (20, 33, 77, "block", False, BF16, BF16),       # block + odd K (last block short)
+        (9, 48, 64, "rowwise", True, FP16, FP16),
+    ],
+)
+def test_w8a8_pointer_kernel(m, n, k, method, has_bias, dtype, out_dtype, gen):
+    check_w8a8(w8a8_matmul, quantize_rows, m, n, k, method, gen, dtype, has_bias, block_size=32, out_dtype=out_dtype)
+
+
+@pytest.mark.parametrize(
+    "m,n,k,method,has_bias,dtype",
+    [
+        (1, 48, 64, "rowwise", True, BF16),
+        (45, 40, 96, "block", True, FP32),   # persistent loop: 6 tiles on 4 programs
+        (33, 24, 64, "tensorwise", False, FP16),
+    ],
+)
+def test_w8a8_tma_kernel(m, n, k, method, has_bias, dtype, gen):
+    with configs.override(w8a8=TMA, tma=True):
+        qa = torch.zeros(m, k, dtype=torch.int8)
+        assert _pick_config(qa.device, m, n, k, torch.empty(m, n, dtype=dtype), (qa,)).tma
+        check_w8a8(w8a8_matmul, quantize_rows, m, n, k, method, gen, dtype, has_bias, block_size=32)
+
+
+def test_tma_config_falls_back_to_pointer_kernel_for_odd_k():
+    with configs.override(w8a8=TMA, tma=True):
+        qa = torch.zeros(5, 99, dtype=torch.int8)
+        assert not _pick_config(qa.device, 5, 32, 99, torch.empty(5, 32, dtype=BF16), (qa,)).tma
+
+
+@pytest.mark.parametrize(
+    "m,n,k,method,has_bias,dtype,split_k",
+    [
+        (1, 64, 64, "rowwise", True, BF16, None),
+        (5, 45, 99, "tensorwise", False, FP16, None),  # odd K, unaligned N
+        (17, 33, 100, "block", True, FP32, 1),
+        (3, 40, 256, "block", True, BF16, 3),          # split-K partials
+        (40, 32, 96, "rowwise", False, FP32, 2),       # M above one M tile
+    ],
+)
+def test_w8a16_kernel(m, n, k, method, has_bias, dtype, split_k, gen):
+    check_w8a16(w8a16_matmul, m, n, k, method, gen, dtype, has_bias, block_size=32, split_k=split_k)
+
+
+@pytest.mark.parametrize("kernel", ["triton", "w8a16"])
+def test_layer_vs_unquantized_on_normal_data(kernel, gen):
+    with kernels.force_kernel(kernel):
+        check_vs_float_layer(kernels.int8_linear, 16, 64, 128, gen, BF16)
+
+
+def test_int8linear_uses_forced_triton_kernel_on_cpu(gen):
+    layer = Int8Linear.from_linear(torch.nn.Linear(64, 32).to(BF16))
+    x = torch.randn(2, 3, 64, generator=gen).to(BF16)
+    kernels.reset_kernel_stats()
+    with kernels.force_kernel("triton"):
+        y = layer(x)
+    with kernels.force_kernel("w8a16"):
+        y16 = layer(x)
+    summary = kernels.kernel_summary()
+    assert summary["triton_w8a8"]["shapes"] == {"6x32x64": 1}
+    assert summary["triton_w8a16"]["shapes"] == {"6x32x64": 1}
+    assert y.shape == (2, 3, 32) and y16.shape == (2, 3, 32)
+    ref = layer.dequantized_weight(torch.float64)
+    exact = x.double() @ ref.T + layer.bias.double()
+    assert float((y.double() - exact).norm() / exact.norm()) < 0.02
