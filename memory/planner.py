@@ -325,21 +325,29 @@ def _try_place(names, budget_list, head, tail, blocks, streamed, slots):
         used[k] += unit.bytes
 
     head_bytes = sum(u.bytes for u in head)
-    if head_bytes > budget_list[0]:
-        return f"{names[0]} cannot hold the modules before the blocks ({_gb(head_bytes)} > budget {_gb(budget_list[0])})"
-    for u in head:
-        put(0, u)
     k = 0
-    last = 0
+    last = None
     for u in blocks:
         if u.name in streamed:
             continue
-        while k < len(names) and used[k] + u.bytes > budget_list[k]:
+        extra = head_bytes if last is None else 0  # the head goes with the first resident block
+        while k < len(names) and used[k] + u.bytes + extra > budget_list[k]:
             k += 1
         if k == len(names):
-            return f"block {u.name} ({_gb(u.bytes)}) fits on no device after {names[last]}"
+            where = f"after {names[last]}" if last is not None else "(together with the modules before the blocks, " \
+                                                                   f"{_gb(head_bytes)})"
+            return f"block {u.name} ({_gb(u.bytes)}) fits on no device {where}"
+        if last is None:
+            for h in head:
+                put(k, h)
         put(k, u)
         last = k
+    if last is None:  # no resident block: everything runs on the first device
+        last = 0
+        if head_bytes > budget_list[0]:
+            return f"{names[0]} cannot hold the modules before the blocks ({_gb(head_bytes)} > budget {_gb(budget_list[0])})"
+        for h in head:
+            put(0, h)
     stream_list = [(u.name, u.bytes) for u in blocks if u.name in streamed]
     ring = slots * max((b for _, b in stream_list), default=0) if stream_list else 0
     tail_bytes = sum(u.bytes for u in tail)

@@ -262,9 +262,10 @@ def enable_block_streaming(model_or_blocks, device, *, blocks=None, blocks_resid
     ``model_or_blocks``: a model (its blocks found automatically or named by ``blocks``: ``"model.layers"``,
     ``["double_blocks", "single_blocks"]`` or a list of modules) or directly the list of blocks. With a model,
     everything that is not a block is moved to ``device``. Which blocks stay resident: ``plan`` (a
-    :class:`PlacementPlan` for this device), else ``blocks_resident=N`` (the first N blocks, seed 002's
-    ``blocks_in_memory``), else ``budget_bytes`` (as many as fit, via :func:`plan_placement`), else 55 % of
-    the device's VRAM on CUDA / no resident block on CPU. ``critical`` patterns name blocks that never stream.
+    :class:`PlacementPlan` for this device), else ``blocks_resident=N`` (N blocks in VRAM, seed 002's
+    ``blocks_in_memory``: the critical ones, then the first ones; with ``budget_bytes`` too, at most N),
+    else ``budget_bytes`` (as many as fit, via :func:`plan_placement`), else 55 % of the device's VRAM on
+    CUDA / no resident block on CPU. ``critical`` patterns name blocks that never stream.
     ``pin_memory``: default True on CUDA (streaming from pageable memory is ~8x slower), False on CPU.
     Remove with ``streamer.disable()`` or :func:`disable_block_streaming`.
     """
@@ -273,31 +274,20 @@ def enable_block_streaming(model_or_blocks, device, *, blocks=None, blocks_resid
     if model is not None and getattr(model, _ATTR, None) is not None:
         raise RuntimeError(f"{type(model).__name__} is already streaming; call disable_block_streaming(model) first")
     target = model if model is not None else mods
-    if plan is None and blocks_resident is None:
-        if budget_bytes is None and device.type == "cuda":
-            total = torch.cuda.mem_get_info(device)[1]
-            plan = plan_placement(target, None, critical or (), blocks=blocks if model is not None else None,
-                                  devices=[device], device_totals=total, prefetch=prefetch)
-        elif budget_bytes is not None:
-            plan = plan_placement(target, budget_bytes, critical or (), blocks=blocks if model is not None else None,
-                                  devices=[device], prefetch=prefetch)
-        else:
-            blocks_resident = 0
-    if plan is not None:
-        streamed = set(plan.streamed_blocks())
-        resident = [n not in streamed for n in names]
-    else:
-        from ..quant.skip import matching_pattern
-
-        resident, left = [], blocks_resident
-        for name in names:
-            if critical and matching_pattern(name, critical):
-                resident.append(True)
-            elif left > 0:
-                resident.append(True)
-                left -= 1
+    if plan is None:
+        totals = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else None
+        budget = budget_bytes
+        if budget is None and blocks_resident is None:
+            if totals is None:
+                blocks_resident = 0  # CPU without a budget: stream every block
             else:
-                resident.append(False)
+                budget = None  # 55 % of the card (plan_placement's default)
+        count_only = budget is None and blocks_resident is not None
+        plan = plan_placement(target, 1 << 62 if count_only else budget, critical or (), blocks_resident,
+                              blocks=blocks if model is not None else None, devices=[device],
+                              device_totals=None if count_only else totals, prefetch=prefetch)
+    streamed = set(plan.streamed_blocks())
+    resident = [n not in streamed for n in names]
     if model is not None:
         block_ids = {id(m) for m in mods}
         _move_rest(model, block_ids, device)
