@@ -1,0 +1,52 @@
+"""``headroom demo``: see :mod:`comfyui_headroom.demo.run`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .model import SIZES
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="make a small DiT, convert it to INT8, run it under a VRAM budget and compare with bf16",
+        description="Creates a demo diffusion transformer (cached), converts it to INT8, loads it under a VRAM "
+                    "budget, samples an image with flow matching and reports speed and quality against bf16.",
+    )
+    parser.add_argument("--size", choices=tuple(SIZES), default=None,
+                        help="model size (default: small with a GPU, tiny on CPU)")
+    parser.add_argument("--budget-gb", type=float, default=None,
+                        help="VRAM for weights; blocks that do not fit stream from pinned RAM "
+                             "(default on a GPU: half of the blocks stream)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 8 on a GPU, 4 on CPU)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model weights and of the latent noise")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="image tokens, a perfect square (default: tiny 64, small 1024, 1b 4096)")
+    parser.add_argument("--method", choices=("rowwise", "block", "tensorwise"), default="rowwise",
+                        help="INT8 scale granularity (default rowwise)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    parser.add_argument("--cache-dir", default=None,
+                        help="where the demo checkpoints live (default $HEADROOM_CACHE/demo or "
+                             "~/.cache/comfyui-headroom/demo)")
+    parser.add_argument("--out", default=None, help="folder for the PNG images (default: current folder)")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..cli import UserError
+    from .run import DemoOptions, format_report, run_demo
+
+    options = DemoOptions(
+        size=args.size, device=args.device, budget_gb=args.budget_gb,
+        steps=args.steps, seed=args.seed, tokens=args.tokens,
+        method=args.method, cache_dir=args.cache_dir, out_dir=args.out,
+    )
+    try:
+        report = run_demo(options)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    print(json.dumps(report) if args.json else format_report(report), flush=True)
+    return 0

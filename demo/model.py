@@ -1,0 +1,243 @@
+"""The demo's own diffusion transformer: a small DiT of the shape family our users run.
+
+patchify -> ``depth`` transformer blocks (self-attention with q/k RMS-norm + GELU MLP, both gated and
+modulated by adaLN from the timestep) -> final adaLN layer -> unpatchify. Module names follow the
+conventions our skip patterns know: ``patch_embed``, ``time_embed`` and ``final_layer`` stay float, the
+block Linears (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``, ``modulation``) are what INT8 is for.
+
+Weights are random but deterministic: every tensor is drawn from its own generator seeded from
+``(seed, tensor name)``, so the same seed gives the same checkpoint on any machine and in any order.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Shape of a demo model and of the latent it denoises."""
+
+    hidden: int
+    depth: int
+    heads: int
+    mlp_ratio: int = 4
+    latent_channels: int = 16
+    patch: int = 2
+    latent_size: int = 32  # latent height = width; tokens = (latent_size / patch) ** 2
+    time_freq: int = 256
+
+    @property
+    def tokens(self) -> int:
+        return (self.latent_size // self.patch) ** 2
+
+    def with_tokens(self, tokens: int) -> "DemoConfig":
+        """The same model on a square latent with ``tokens`` patches (a perfect square)."""
+        side = math.isqrt(tokens)
+        if side * side != tokens:
+            raise ValueError(f"--tokens must be a perfect square (e.g. 1024, 4096), got {tokens}")
+        fields = asdict(self)
+        fields["latent_size"] = side * self.patch
+        return DemoConfig(**fields)
+
+    def parameter_count(self) -> int:
+        return sum(math.prod(shape) for shape in param_shapes(self).values())
+
+
+# Presets. Head dim 128 everywhere (as Flux, Qwen-Image, Wan). Token counts: tiny 64 (CPU), small 1024
+# (a 512 px image), 1b 4096 (a 1024 px image, Flux's sequence length at 1 MP).
+SIZES: dict[str, DemoConfig] = {
+    "tiny": DemoConfig(hidden=1024, depth=2, heads=8, latent_size=16),
+    "small": DemoConfig(hidden=1536, depth=6, heads=12, latent_size=64),
+    "1b": DemoConfig(hidden=3072, depth=6, heads=24, latent_size=128),
+}
+
+
+def param_shapes(cfg: DemoConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the checkpoint, name -> shape (the model's state_dict, in order)."""
+    h, p, c = cfg.hidden, cfg.patch, cfg.latent_channels
+    shapes: dict[str, tuple[int, ...]] = {
+        "patch_embed.weight": (h, c * p * p),
+        "patch_embed.bias": (h,),
+        "time_embed.0.weight": (h, cfg.time_freq),
+        "time_embed.0.bias": (h,),
+        "time_embed.2.weight": (h, h),
+        "time_embed.2.bias": (h,),
+    }
+    head_dim = h // cfg.heads
+    for i in range(cfg.depth):
+        b = f"blocks.{i}."
+        shapes.update({
+            b + "modulation.weight": (6 * h, h),
+            b + "modulation.bias": (6 * h,),
+            b + "attn.qkv.weight": (3 * h, h),
+            b + "attn.qkv.bias": (3 * h,),
+            b + "attn.q_norm.weight": (head_dim,),
+            b + "attn.k_norm.weight": (head_dim,),
+            b + "attn.proj.weight": (h, h),
+            b + "attn.proj.bias": (h,),
+            b + "mlp.fc1.weight": (cfg.mlp_ratio * h, h),
+            b + "mlp.fc1.bias": (cfg.mlp_ratio * h,),
+            b + "mlp.fc2.weight": (h, cfg.mlp_ratio * h),
+            b + "mlp.fc2.bias": (h,),
+        })
+    shapes.update({
+        "final_layer.modulation.weight": (2 * h, h),
+        "final_layer.modulation.bias": (2 * h,),
+        "final_layer.linear.weight": (p * p * c, h),
+        "final_layer.linear.bias": (p * p * c,),
+    })
+    return shapes
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+def init_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Deterministic float32 init for one tensor: scaled so activations stay O(1) through the blocks."""
+    gen = torch.Generator().manual_seed(_tensor_seed(seed, name))
+    if name.endswith("norm.weight"):
+        return 1.0 + 0.1 * torch.randn(shape, generator=gen)
+    if name.endswith(".bias"):
+        return 0.02 * torch.randn(shape, generator=gen)
+    fan_in = shape[1]
+    gain = 1.0
+    if "modulation" in name:
+        gain = 0.5  # shift/scale/gate of moderate size: every block contributes, none dominates
+    elif name.startswith("final_layer.linear"):
+        gain = 0.5
+    return torch.randn(shape, generator=gen) * (gain / math.sqrt(fan_in))
+
+
+def make_state_dict(cfg: DemoConfig, seed: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, one at a time (peak memory = the result + one float32 tensor)."""
+    return {name: init_tensor(name, shape, seed).to(dtype) for name, shape in param_shapes(cfg).items()}
+
+
+def timestep_features(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features of ``t`` in [0, 1] (scaled to 0..1000 as diffusion models do)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = (t.float() * 1000.0)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def position_features(side: int, dim: int, device) -> torch.Tensor:
+    """Fixed 2-D sin/cos positions ``[side*side, dim]`` (half the channels per axis)."""
+    quarter = dim // 4
+    freqs = 1.0 / (10000.0 ** (torch.arange(quarter, dtype=torch.float32, device=device) / quarter))
+    coords = torch.arange(side, dtype=torch.float32, device=device)
+    ys, xs = torch.meshgrid(coords, coords, indexing="ij")
+    parts = []
+    for axis in (ys.reshape(-1), xs.reshape(-1)):
+        args = axis[:, None] * freqs[None]
+        parts += [torch.sin(args), torch.cos(args)]
+    return torch.cat(parts, dim=-1)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        head_dim = hidden // heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6)
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, h = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, h))
+
+
+class Mlp(nn.Module):
+    def __init__(self, hidden: int, ratio: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, ratio * hidden)
+        self.fc2 = nn.Linear(ratio * hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero style block: the timestep embedding gives shift/scale/gate for attention and MLP."""
+
+    def __init__(self, cfg: DemoConfig) -> None:
+        super().__init__()
+        self.modulation = nn.Linear(cfg.hidden, 6 * cfg.hidden)
+        self.norm1 = nn.LayerNorm(cfg.hidden, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(cfg.hidden, cfg.heads)
+        self.norm2 = nn.LayerNorm(cfg.hidden, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(cfg.hidden, cfg.mlp_ratio)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(F.silu(c)).chunk(6, dim=-1)
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: DemoConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.hidden, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Linear(cfg.hidden, 2 * cfg.hidden)
+        self.linear = nn.Linear(cfg.hidden, cfg.patch * cfg.patch * cfg.latent_channels)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.modulation(F.silu(c)).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DemoDiT(nn.Module):
+    """Predicts the flow-matching velocity for a latent ``[B, C, H, W]`` at time ``t`` ``[B]``."""
+
+    def __init__(self, cfg: DemoConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = nn.Linear(cfg.latent_channels * cfg.patch * cfg.patch, cfg.hidden)
+        self.time_embed = nn.Sequential(nn.Linear(cfg.time_freq, cfg.hidden), nn.SiLU(), nn.Linear(cfg.hidden, cfg.hidden))
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg)
+
+    def patchify(self, latent: torch.Tensor) -> torch.Tensor:
+        b, c, hgt, wid = latent.shape
+        p = self.cfg.patch
+        x = latent.view(b, c, hgt // p, p, wid // p, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(b, (hgt // p) * (wid // p), c * p * p)
+
+    def unpatchify(self, x: torch.Tensor, hgt: int, wid: int) -> torch.Tensor:
+        b, p, c = x.shape[0], self.cfg.patch, self.cfg.latent_channels
+        x = x.view(b, hgt // p, wid // p, c, p, p).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(b, c, hgt, wid)
+
+    def forward(self, latent: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        _, _, hgt, wid = latent.shape
+        if hgt != wid or hgt % self.cfg.patch:
+            raise ValueError(f"latent must be square and divisible by patch {self.cfg.patch}, got {hgt}x{wid}")
+        dtype = self.patch_embed.weight.dtype
+        x = self.patch_embed(self.patchify(latent).to(dtype))
+        x = x + position_features(hgt // self.cfg.patch, self.cfg.hidden, x.device).to(dtype)
+        c = self.time_embed(timestep_features(t, self.cfg.time_freq).to(dtype))
+        for block in self.blocks:
+            x = block(x, c)
+        return self.unpatchify(self.final_layer(x, c), hgt, wid)
+
+
+def build_empty(cfg: DemoConfig) -> DemoDiT:
+    """The module tree without storage (meta device): weights come from a file via ``load_state_dict(assign=True)``."""
+    with torch.device("meta"):
+        return DemoDiT(cfg)
