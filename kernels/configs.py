@@ -48,18 +48,21 @@ G = GemmConfig
 # (docs/PERFORMANCE.md): 128x256x128, 3 stages, 8 warps; 128x128 when 128x256 tiles leave SMs idle.
 W8A8_CONFIGS: dict[str, list[GemmConfig]] = {
     "sm90": [G(128, 256, 128, 8, 8, 3, tma=True), G(128, 128, 128, 8, 8, 4, tma=True)],
-    "sm100": [G(128, 256, 128, 8, 8, 3, tma=True), G(128, 128, 128, 8, 4, 4, tma=True)],
-    "sm120": [G(128, 128, 128, 8, 8, 3), G(128, 64, 128, 8, 4, 4)],
-    "sm80": [G(128, 256, 64, 8, 8, 3), G(128, 128, 64, 8, 4, 4)],
-    "sm86": [G(128, 128, 64, 8, 4, 3), G(64, 128, 64, 8, 4, 4)],
-    "sm89": [G(128, 128, 64, 8, 4, 3), G(64, 128, 64, 8, 4, 4)],
+    "sm100": [G(128, 256, 128, 8, 8, 3, tma=True), G(128, 128, 128, 8, 8, 4, tma=True)],
+    "sm120": [G(128, 128, 64, 8, 8, 3)],
+    "sm80": [G(128, 128, 64, 8, 8, 4)],
+    "sm86": [G(128, 128, 64, 8, 8, 3)],
+    "sm89": [G(128, 128, 64, 8, 8, 3)],
     "fallback": [G(64, 64, 32, 8, 4, 2)],
 }
+# Block scales keep a float32 accumulator AND an int32 partial per K tile: twice the registers, so
+# the 128x256 tile spills (ptxas, sm90); these families use their second (smaller) candidate.
+BLOCK_SCALE_USES_SMALLER_TILE = ("sm90", "sm100")
 
 # W8A16 (small M, memory bound): narrow N tiles and deep K tiles so that many programs stream the weight.
 W8A16_CONFIGS: dict[str, list[GemmConfig]] = {
-    "sm90": [G(16, 64, 256, 1, 4, 4), G(16, 32, 512, 1, 4, 3)],
-    "sm100": [G(16, 64, 256, 1, 4, 4)],
+    "sm90": [G(16, 64, 256, 1, 8, 4), G(16, 32, 512, 1, 8, 3)],
+    "sm100": [G(16, 64, 256, 1, 8, 4)],
     "sm120": [G(16, 64, 128, 1, 4, 3)],
     "sm80": [G(16, 64, 128, 1, 4, 4)],
     "sm86": [G(16, 64, 128, 1, 4, 3)],
@@ -84,6 +87,11 @@ def arch_of(device: torch.device) -> str:
     if major == 8:
         return {0: "sm80", 6: "sm86", 7: "sm86", 9: "sm89"}.get(minor, "sm86")
     return "fallback"
+
+
+def int8_mma_supported(device: torch.device) -> bool:
+    """Triton's int8 ``tl.dot`` needs sm80+ (it crashes the compiler for sm75, checked with triton 3.9)."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def w8a8_candidates(arch: str) -> list[GemmConfig]:

@@ -6,7 +6,8 @@ Order of authority: :func:`force_kernel` (Python, e.g. a ComfyUI node's ``comput
 * CPU (no interpreter) -> ``reference``;
 * CUDA with Triton: M <= ``SMALL_M`` -> ``triton_w8a16`` (memory bound: read int8, not bf16);
   Ampere/Ada (sm80/86/89), row/tensor-wise scales -> ``int_mm`` (cuBLAS INT8 is ~2x fp16 there);
-  everything else from sm75 on (Hopper, Blackwell, block scales) -> ``triton_w8a8``;
+  everything else from sm80 on (Hopper, Blackwell, block scales) -> ``triton_w8a8``;
+  sm75 (Turing): W8A16 at small M, else ``reference`` (Triton has no int8 MMA there);
 * CUDA without Triton -> ``int_mm`` where its shape limits allow, else ``reference``.
 
 A forced kernel that cannot run this call (no Triton, CPU without ``TRITON_INTERPRET=1``, block scales
@@ -121,8 +122,11 @@ def auto_kernel(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     m = x.numel() // max(x.shape[-1], 1)
     if m <= SMALL_M:
         return "triton_w8a16"
-    if _arch(device) in ("sm80", "sm86", "sm89") and int_mm_supports(x, weight, weight_scale):
+    arch = _arch(device)
+    if arch in ("sm80", "sm86", "sm89") and int_mm_supports(x, weight, weight_scale):
         return "int_mm"
+    if arch == "fallback":  # sm75: no Triton int8 MMA; dequantize + fp16 matmul
+        return "reference"
     return "triton_w8a8"
 
 

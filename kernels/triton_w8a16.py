@@ -42,13 +42,13 @@ def _w8a16_kernel(
     for k0 in range(k_start, k_end, BLOCK_K):
         k_mask = offs_k < k_end - k0
         x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
-        w = tl.load(b_ptrs, mask=k_mask[:, None], other=0).to(tl.float32)
+        w = tl.load(b_ptrs, mask=k_mask[:, None], other=0)
         if F32_DOT:
-            # float32 inputs, and bf16 under Triton's CPU interpreter (3.9 computes bf16 dots wrongly):
-            # an exact float32 dot of the same operands.
-            part = tl.dot(x.to(tl.float32), w, input_precision="ieee")
+            # float32 inputs, and bf16 under Triton's CPU interpreter (3.9 computes bf16 dots and
+            # int8 -> bf16 casts wrongly): an exact float32 dot of the same operands.
+            part = tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
         else:
-            part = tl.dot(x, w.to(x.dtype))  # int8 -> f32 -> 16-bit is exact (|q| <= 127)
+            part = tl.dot(x, w.to(x.dtype))  # int8 -> 16-bit float is exact (|q| <= 127)
         if SCALE_MODE == 2:
             w_scale = tl.load(ws_ptr + rows_b * ws_stride_n + k0 // SCALE_BLOCK)
             acc += part * w_scale[None, :]

@@ -21,9 +21,12 @@ import triton
 import triton.language as tl
 
 from .backends import KernelUnsupported
-from .configs import GemmConfig, arch_of, tma_allowed, w8a8_candidates
+from .configs import BLOCK_SCALE_USES_SMALLER_TILE, GemmConfig, arch_of, int8_mma_supported, tma_allowed, w8a8_candidates
 
 SCALE_TENSORWISE, SCALE_ROWWISE, SCALE_BLOCK = 0, 1, 2
+
+# The last compiled kernel of each variant ("tma", "pointer"): lets tests/benchmarks read its PTX/SASS.
+LAST_COMPILED: dict = {}
 
 
 @triton.jit
@@ -190,11 +193,14 @@ def _aligned_16(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0
 
 
-def _pick_config(device: torch.device, m: int, n: int, k: int, out: torch.Tensor, tensors) -> GemmConfig:
+def _pick_config(device: torch.device, m: int, n: int, k: int, out: torch.Tensor, tensors,
+                 block_scales: bool = False) -> GemmConfig:
     arch = arch_of(device)
     candidates = w8a8_candidates(arch)
     cfg = candidates[0]
-    if len(candidates) > 1 and cfg.tma:
+    if block_scales and arch in BLOCK_SCALE_USES_SMALLER_TILE and len(candidates) > 1:
+        cfg = candidates[1]
+    elif len(candidates) > 1 and cfg.tma:
         tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
         if tiles < _sm_count(device):  # big tiles would leave SMs idle: take the smaller tile
             cfg = candidates[1]
@@ -232,11 +238,13 @@ def w8a8_matmul(
         return out
     if k == 0:
         return out.zero_().add_(bias.to(out_dtype)) if bias is not None else out.zero_()
+    if not int8_mma_supported(qa.device):
+        raise KernelUnsupported("Triton int8 matmul needs sm80 or newer")
     mode = scale_mode_of(weight_scale)
     ws = weight_scale.contiguous()
     ws_stride = ws.stride(0) if mode == SCALE_BLOCK else 0
     bias_arg = bias.contiguous() if bias is not None else ws  # dummy pointer when HAS_BIAS is False
-    cfg = _pick_config(qa.device, m, n, k, out, (qa, weight, out))
+    cfg = _pick_config(qa.device, m, n, k, out, (qa, weight, out), block_scales=mode == SCALE_BLOCK)
     block_k = cfg.block_k if mode != SCALE_BLOCK else block_k_for(cfg.block_k, block_size)
     common = dict(SCALE_MODE=mode, SCALE_BLOCK=block_size, HAS_BIAS=bias is not None,
                   BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
@@ -247,11 +255,12 @@ def w8a8_matmul(
         sms = _sm_count(qa.device)
         tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
         grid = (min(sms, tiles),)  # NUM_SMS stays the SM count so the compiled kernel does not vary with M
-        _w8a8_tma_kernel[grid](qa, weight, out, a_scale, ws, bias_arg, m, n, k, ws_stride, NUM_SMS=sms, **common)
+        LAST_COMPILED["tma"] = _w8a8_tma_kernel[grid](
+            qa, weight, out, a_scale, ws, bias_arg, m, n, k, ws_stride, NUM_SMS=sms, **common)
     else:
         if weight.stride(1) != 1 or qa.stride(1) != 1:
             raise KernelUnsupported("W8A8 needs rows with unit stride")
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-        _w8a8_kernel[grid](qa, weight, out, a_scale, ws, bias_arg, m, n, k, qa.stride(0), weight.stride(0),
+        LAST_COMPILED["pointer"] = _w8a8_kernel[grid](qa, weight, out, a_scale, ws, bias_arg, m, n, k, qa.stride(0), weight.stride(0),
                            out.stride(0), ws_stride, EVEN_K=(k % block_k == 0), **common)
     return out

@@ -40,21 +40,21 @@ def bias_for(n: int, gen: torch.Generator, dtype, device="cpu"):
 
 def w8a8_reference(qa, a_scale, qw, w_scale, bias, block_size) -> torch.Tensor:
     """float64 ``(qa * a_scale) @ dequant(qw).T + bias``: the exact function of the quantized operands."""
-    a = qa.double().cpu() * a_scale.double().cpu()[:, None]
-    w = dequantize_weight(qw.cpu(), w_scale.cpu(), torch.float64, block_size)
+    a = qa.double() * a_scale.double()[:, None]
+    w = dequantize_weight(qw, w_scale, torch.float64, block_size)
     y = a @ w.T
-    return y + bias.double().cpu() if bias is not None else y
+    return y + bias.double() if bias is not None else y
 
 
 def w8a16_reference(x, qw, w_scale, bias, block_size) -> torch.Tensor:
-    w = dequantize_weight(qw.cpu(), w_scale.cpu(), torch.float64, block_size)
-    y = x.double().cpu() @ w.T
-    return y + bias.double().cpu() if bias is not None else y
+    w = dequantize_weight(qw, w_scale, torch.float64, block_size)
+    y = x.double() @ w.T
+    return y + bias.double() if bias is not None else y
 
 
 def float_reference(x, w, bias) -> torch.Tensor:
-    y = x.double().cpu() @ w.double().cpu().T
-    return y + bias.double().cpu() if bias is not None else y
+    y = x.double() @ w.double().to(x.device).T
+    return y + bias.double() if bias is not None else y
 
 
 def poisoned(shape, dtype, device) -> torch.Tensor:
@@ -65,7 +65,7 @@ def poisoned(shape, dtype, device) -> torch.Tensor:
 
 def assert_written_and_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> float:
     assert torch.isfinite(out).all(), f"{what}: output has NaN/inf (unwritten or broken elements)"
-    err = relative_error(out.cpu(), ref)
+    err = relative_error(out, ref.to(out.device))
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g}"
     return err
 
@@ -81,7 +81,7 @@ def check_quantize(quantize_rows, m, k, gen, dtype, device="cpu", zero_row=True)
     q_ref, s_ref = quantize_activation(x)
     assert (q != -128).all(), f"quantize {m}x{k} {dtype}: unwritten int8 outputs"
     assert torch.isfinite(s).all(), f"quantize {m}x{k} {dtype}: unwritten scales"
-    assert torch.equal(s.cpu(), s_ref.cpu()), f"quantize {m}x{k} {dtype}: scales differ"
+    assert torch.equal(s, s_ref), f"quantize {m}x{k} {dtype}: scales differ"
     diff = (q.int() - q_ref.int()).abs()
     assert int(diff.max()) == 0, f"quantize {m}x{k} {dtype}: {int((diff > 0).sum())} int8 values differ"
 
