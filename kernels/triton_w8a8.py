@@ -143,7 +143,7 @@ def _w8a8_tma_kernel(
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         out = _epilogue(acc, as_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, SCALE_MODE, HAS_BIAS)
-        c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out.to(c_desc.dtype))
+        c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out.to(c_ptr.dtype.element_ty))
 
 
 @functools.lru_cache(maxsize=None)

@@ -193,3 +193,18 @@ def test_gradient_flows_to_input_and_lora_through_int8_layer(gen):
     y2.square().sum().backward()
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-4)
     assert down.grad is not None and up.grad is not None
+
+
+def test_cli_kernels_reports_choice_per_shape(capsys, monkeypatch):
+    from comfyui_headroom.cli import main
+
+    assert main(["kernels", "--device", "cpu", "--tokens", "1", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "M=4096 block" in out and "-> reference" in out and "arch_family" in out
+    monkeypatch.setenv("HEADROOM_FORCE_KERNEL", "int_mm")
+    assert main(["kernels", "--device", "cpu", "--tokens", "4096", "--json"]) == 0
+    import json
+
+    info = json.loads(capsys.readouterr().out)
+    assert info["forced"] == "int_mm" and info["choices"]["M=4096 rowwise"] == "int_mm"
+    assert info["choices"]["M=4096 block"] == "reference"  # int_mm cannot apply block scales
