@@ -118,9 +118,12 @@ def quantize_rotated(
 
 # --- ComfyUI's per-layer ``comfy_quant`` JSON -------------------------------------------------------
 
-def comfy_quant_config(group: int) -> dict:
-    """The ``comfy_quant`` entry ComfyUI writes for a rotated per-channel INT8 layer."""
-    check_group(group, comfy=True)
+def comfy_quant_config(group: int, comfy: bool = True) -> dict:
+    """The ``comfy_quant`` entry ComfyUI writes for a rotated per-channel INT8 layer.
+
+    ``comfy=False`` also allows our extra group sizes (32, 128) for files only headroom reads.
+    """
+    check_group(group, comfy=comfy)
     return {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": group}
 
 
@@ -128,13 +131,14 @@ def rotation_group_of(comfy_quant: dict) -> int:
     """Rotation group of a parsed ``comfy_quant`` entry: 0 when the layer is not rotated.
 
     ComfyUI reads ``convrot`` / ``convrot_groupsize`` at the top level or under ``params`` (default 256).
+    Our own files may use 32 or 128 too; anything else raises ValueError (never guess a rotation).
     """
     params = comfy_quant.get("params")
     params = params if isinstance(params, dict) else {}
     if not comfy_quant.get("convrot", params.get("convrot", False)):
         return 0
     group = int(comfy_quant.get("convrot_groupsize", params.get("convrot_groupsize", DEFAULT_ROTATION_GROUP)))
-    return check_group(group, comfy=True)
+    return check_group(group)
 
 
 def comfy_rotated_layer(prefix: str, weight: torch.Tensor, group: int) -> dict[str, torch.Tensor]:

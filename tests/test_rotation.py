@@ -77,6 +77,7 @@ def test_comfy_quant_config_roundtrip():
     assert rotation_group_of(nested) == 16
     with pytest.raises(ValueError):
         rotation_group_of({"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 100})
+    assert rotation_group_of(comfy_quant_config(128, comfy=False)) == 128  # our files may use 128
 
 
 def _outlier_linear(gen, in_features=1024, out_features=512):
