@@ -12,7 +12,9 @@ Weights are random but deterministic: every tensor is drawn from its own generat
 from __future__ import annotations
 
 import math
+import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import torch
@@ -117,8 +119,17 @@ def init_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def make_state_dict(cfg: DemoConfig, seed: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors, one at a time (peak memory = the result + one float32 tensor)."""
-    return {name: init_tensor(name, shape, seed).to(dtype) for name, shape in param_shapes(cfg).items()}
+    """The checkpoint's tensors. Drawn in a few threads (torch releases the GIL; each tensor has its own
+    generator, so the result does not depend on the thread count); peak = result + a few float32 tensors."""
+    shapes = param_shapes(cfg)
+
+    def draw(item):
+        name, shape = item
+        return name, init_tensor(name, shape, seed).to(dtype)
+
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return dict(pool.map(draw, shapes.items()))
 
 
 def timestep_features(t: torch.Tensor, dim: int) -> torch.Tensor:

@@ -86,7 +86,7 @@ def ensure_checkpoint(size: str, cfg: DemoConfig, seed: int, folder: Path) -> tu
     return path, True
 
 
-def ensure_int8(src: Path, method: str) -> tuple[Path, bool, dict]:
+def ensure_int8(src: Path, method: str, device: str = "cpu") -> tuple[Path, bool, dict]:
     """Convert ``src`` to INT8 next to it with the converter; reused while it was made from this ``src``.
 
     -> (path, created, info about the conversion).
@@ -104,7 +104,7 @@ def ensure_int8(src: Path, method: str) -> tuple[Path, bool, dict]:
         if meta.get(META_SOURCE_HASH) == raw_header_sha256(src) and meta.get(META_METHOD) == method:
             log.info("demo: reusing converted INT8 file %s", dst)
             return dst, False, {}
-    report = convert_file(src, dst, method=method, progress=False, overwrite=True)
+    report = convert_file(src, dst, method=method, device=device, progress=False, overwrite=True)
     log.info("demo: converted to %s in %.1f s (%d layers INT8, %d kept in float)",
              dst, report.seconds, len(report.quantized), len(report.kept))
     return dst, True, {"convert_time_s": report.seconds, "worst_layer_error": report.worst_error}
@@ -273,7 +273,7 @@ def run_demo(options: DemoOptions) -> dict:
     start = time.perf_counter()
     checkpoint, created = ensure_checkpoint(size, cfg, options.seed, folder)
     create_s = time.perf_counter() - start
-    int8_path, converted, convert_info = ensure_int8(checkpoint, options.method)
+    int8_path, converted, convert_info = ensure_int8(checkpoint, options.method, device=device.type)
     noise = initial_noise(cfg.latent_channels, cfg.latent_size, options.seed + NOISE_SEED_OFFSET)
 
     # INT8 first, then bf16 under the same budget; each under its own tracker (peaks of that run alone).
