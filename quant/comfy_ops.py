@@ -1,0 +1,658 @@
+"""INT8 layers as ComfyUI ``comfy.ops`` citizens, loaded through ComfyUI's own hook.
+
+``comfy.sd.load_diffusion_model(path, model_options={"custom_operations": ops})`` builds ComfyUI's model
+with *our* layer classes (as ComfyUI-GGUF does). :func:`make_int8_ops` returns such an ``ops`` class:
+
+* ``Linear`` decides per layer, while the state dict is loaded, what it becomes:
+  - the file already holds an INT8 weight (ours, ComfyUI ``int8_tensorwise`` incl. per-channel scales and
+    the Hadamard-rotated ``convrot`` variant, lightx2v/OneTrainer): kept as is, read by
+    :func:`.formats.parse_int8_layer`; a rotated weight keeps ``rotation_group`` so the input is rotated
+    to match (never computed as if plain);
+  - a float / fp8 weight that no skip rule protects, with ``quantize_on_load``: quantized right there, one
+    layer at a time, and the source pages of the memory-mapped file are handed back
+    (:mod:`.page_release`) - no second full copy in RAM (seed 003);
+  - otherwise it stays a float layer that behaves exactly like ComfyUI's ``manual_cast.Linear``.
+* ``Embedding`` dequantizes an INT8 table if a file has one: embeddings stay float.
+* every other layer (norms, convs) is ComfyUI's own ``manual_cast`` class.
+
+An INT8 layer takes part in ComfyUI's memory management: when ComfyUI's partial loading leaves its weight
+on the CPU, the forward copies it over with ComfyUI's ``cast_bias_weight`` (offload streams, pinned
+memory) - int8 bytes, never a float copy. LoRA on it runs as float side branches that
+:class:`Int8ModelPatcher` builds from the patcher's patches (see :mod:`.lora`).
+
+Nothing here imports ComfyUI at module level: the classes are built on first use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .int8 import DEFAULT_BLOCK_SIZE, METHODS, dequantize_weight, quantize_weight
+from .linear import Int8Linear
+from .page_release import release_file_pages
+from .skip import DEFAULT_MIN_FEATURES, decide, resolve_patterns
+
+log = logging.getLogger("comfyui_headroom")
+
+# Layers ComfyUI's native models keep in full precision: input/output projections, timestep/text
+# embedders, modulation and final layers (Flux/Flux 2, Wan, Qwen-Image, Z-Image, HunyuanImage, Kandinsky).
+NATIVE_SKIP_PATTERNS: tuple[str, ...] = (
+    "img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer", "norm_out", "proj_out",
+    "img_mod", "txt_mod", "modulation", "adaLN", "distilled_guidance_layer",
+    "patch_embedding", "text_embedding", "time_embedding", "time_projection", "head.head", "img_emb",
+    "time_text_embed", "x_embedder", "t_embedder", "cap_embedder",
+)
+# Text encoders: keep embeddings, projections, vision towers and heads in float.
+TEXT_ENCODER_SKIP_PATTERNS: tuple[str, ...] = (
+    "embed_tokens", "shared", "text_projection", "lm_head", "visual", "vision_model", "position_embedding",
+)
+
+WEIGHT_FORMATS = ("auto", "rowwise", "block", "tensorwise")
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+class Int8LoadError(ValueError):
+    """A layer of the file cannot be loaded into an INT8 model (the message names it and says what to do)."""
+
+
+@dataclass
+class Int8LoadConfig:
+    """How one load turns a checkpoint into INT8 layers."""
+
+    weight_format: str = "auto"  # quantize_on_load granularity; "auto" = rowwise
+    quantize_on_load: bool = True
+    skip_patterns: Sequence[str] = ()  # extra patterns on top of the defaults below
+    default_skips: Sequence[str] = NATIVE_SKIP_PATTERNS
+    min_features: int = DEFAULT_MIN_FEATURES
+    block_size: int = DEFAULT_BLOCK_SIZE
+    file_metadata: dict | None = None
+    quantize_device: str | None = None  # None: CUDA when available (fast), else CPU
+
+    def __post_init__(self) -> None:
+        if self.weight_format not in WEIGHT_FORMATS:
+            raise ValueError(f"weight_format must be one of {', '.join(WEIGHT_FORMATS)}; got {self.weight_format!r}")
+
+    @property
+    def method(self) -> str:
+        return "rowwise" if self.weight_format == "auto" else self.weight_format
+
+    @functools.cached_property
+    def patterns(self) -> list[str]:
+        patterns = resolve_patterns(list(self.default_skips) + list(self.skip_patterns), keep_default_skips=True)
+        return patterns
+
+    def device_for_quantization(self) -> torch.device:
+        if self.quantize_device:
+            return torch.device(self.quantize_device)
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@dataclass
+class LoadLog:
+    """What a load did, layer by layer (filled by the layers themselves)."""
+
+    quantized_on_load: list[str] = field(default_factory=list)
+    from_file: dict[str, str] = field(default_factory=dict)  # layer -> source format (+ "+convrot")
+    kept_float: dict[str, str] = field(default_factory=dict)  # layer -> reason
+    missing: list[str] = field(default_factory=list)
+    released_bytes: int = 0
+    int8_bytes: int = 0
+    float_linear_bytes: int = 0
+    linear_layers: int = 0
+    loaded_layers: int = 0
+    seconds: float = 0.0
+    progress: Callable[[int, int], None] | None = None
+
+    @property
+    def int8_layers(self) -> int:
+        return len(self.quantized_on_load) + len(self.from_file)
+
+    def step(self) -> None:
+        self.loaded_layers += 1
+        if self.progress is not None:
+            self.progress(self.loaded_layers, max(self.linear_layers, self.loaded_layers))
+
+    def summary(self) -> str:
+        parts = [f"{self.int8_layers} INT8 linear layers ({self.int8_bytes / 2**30:.2f} GB)"]
+        if self.from_file:
+            formats = sorted(set(self.from_file.values()))
+            parts.append(f"{len(self.from_file)} read as INT8 ({', '.join(formats)})")
+        if self.quantized_on_load:
+            parts.append(f"{len(self.quantized_on_load)} quantized while loading")
+        parts.append(f"{len(self.kept_float)} kept float ({self.float_linear_bytes / 2**30:.2f} GB)")
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing in file")
+        return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The layer classes (built once, on first use, because they subclass ComfyUI's)
+# ---------------------------------------------------------------------------------------------------
+
+def _module_name(config_prefix: str, prefix: str) -> str:
+    return config_prefix + (prefix[:-1] if prefix.endswith(".") else prefix)
+
+
+def _fp8_to_float(weight: torch.Tensor, state_dict: dict, prefix: str, name: str) -> torch.Tensor:
+    """An fp8 weight (scaled or not) as float32; pops its scale keys."""
+    scale = None
+    for suffix in ("weight_scale", "scale_weight"):
+        value = state_dict.pop(prefix + suffix, None)
+        if value is not None:
+            scale = value.float()
+    for suffix in ("input_scale", "scale_input"):
+        state_dict.pop(prefix + suffix, None)
+    w = weight.float()
+    if scale is not None:
+        if scale.numel() == 1:
+            w = w * scale.reshape(())
+        elif scale.numel() == w.shape[0]:
+            w = w * scale.reshape(-1, 1)
+        else:
+            raise Int8LoadError(f"{name}: fp8 scale of shape {tuple(scale.shape)} does not fit weight "
+                                f"{tuple(w.shape)}; re-export the file or load it with ComfyUI's UNETLoader")
+    return w
+
+
+@functools.lru_cache(maxsize=None)
+def _base_classes():
+    """(Linear, Embedding) base classes subclassing ComfyUI's ``manual_cast`` ones."""
+    import comfy.ops as comfy_ops
+
+    from .formats import COMFY_QUANT_SUFFIX, comfy_legacy_layers, decode_comfy_quant, parse_int8_layer
+    from .lora import apply_side_branches
+    from .rotation import rotation_group_of, unrotate_weight
+
+    class HeadroomLinear(Int8Linear, comfy_ops.CastWeightBiasOp):
+        """INT8 when the load decides so (``weight_scale`` set), else ComfyUI's float ``manual_cast.Linear``."""
+
+        comfy_cast_weights = True
+        _config: Int8LoadConfig = Int8LoadConfig()
+        _log: LoadLog = LoadLog()
+        _name_prefix = ""
+
+        def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+            nn.Module.__init__(self)
+            self.in_features = in_features
+            self.out_features = out_features
+            self.block_size = self._config.block_size
+            self.rotation_group = 0
+            self.lora = []
+            self.float_dtype = dtype if dtype is not None else torch.float32
+            self.expects_bias = bool(bias)
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+            self.register_buffer("weight_scale", None)
+            self.weight_function = []
+            self.bias_function = []
+            self._headroom_patches = None
+            self._log.linear_layers += 1
+
+        @property
+        def is_int8(self) -> bool:
+            return self.weight_scale is not None
+
+        def reset_parameters(self):
+            return None
+
+        # -- loading ---------------------------------------------------------------------------------
+        def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                  unexpected_keys, error_msgs):
+            cfg, record = self._config, self._log
+            name = _module_name(self._name_prefix, prefix)
+            quant_raw = state_dict.get(prefix + COMFY_QUANT_SUFFIX)
+            try:
+                layer = parse_int8_layer(state_dict, prefix, cfg.file_metadata)
+            except ValueError as err:
+                raise Int8LoadError(f"layer '{name}': {err}") from None
+            bias = state_dict.pop(prefix + "bias", None)
+            if layer is not None:
+                config = decode_comfy_quant(quant_raw) if quant_raw is not None else \
+                    comfy_legacy_layers(cfg.file_metadata).get(prefix[:-1], {})
+                group = 0
+                if layer.convrot:
+                    try:
+                        group = rotation_group_of(config if config else {"convrot": True})
+                    except ValueError as err:
+                        raise Int8LoadError(f"layer '{name}' is Hadamard-rotated (convrot) with {err}; "
+                                            f"headroom refuses to compute with a rotated weight it cannot "
+                                            f"un-rotate. Re-export it with convrot_groupsize 16, 64 or 256.") from None
+                for key in layer.consumed_keys:
+                    state_dict.pop(key, None)
+                self._become_int8(layer.weight, layer.scale, layer.block_size, group)
+                record.from_file[name] = layer.source_format + ("+convrot" if group else "")
+            else:
+                weight = state_dict.pop(prefix + "weight", None)
+                if weight is None:
+                    record.missing.append(name)
+                    missing_keys.append(prefix + "weight")
+                    weight = torch.zeros(self.out_features, self.in_features, dtype=self.float_dtype)
+                self._load_float_or_quantize(weight, state_dict, prefix, name, quant_raw)
+            self._load_bias(bias, prefix, missing_keys)
+            record.step()
+
+        def _become_int8(self, weight, scale, block_size, group):
+            self.weight = nn.Parameter(weight.detach().to("cpu").clone(), requires_grad=False)
+            release_file_pages(weight)
+            self.weight_scale = scale.detach().to("cpu", torch.float32).clone()
+            self.block_size = int(block_size)
+            if group:
+                self._set_rotation(group)
+            self.weight_comfy_model_dtype = torch.int8
+            self.weight_scale_comfy_model_dtype = torch.float32
+            self._log.int8_bytes += self.weight.numel() + self.weight_scale.numel() * 4
+
+        def _load_float_or_quantize(self, weight, state_dict, prefix, name, quant_raw):
+            cfg, record = self._config, self._log
+            if quant_raw is not None:
+                fmt = decode_comfy_quant(quant_raw).get("format")
+                state_dict.pop(prefix + COMFY_QUANT_SUFFIX, None)
+                if fmt not in (None, "float8_e4m3fn", "float8_e5m2"):
+                    raise Int8LoadError(f"layer '{name}' is stored as ComfyUI '{fmt}', which headroom cannot "
+                                        f"convert to INT8; load this file with ComfyUI's UNETLoader instead")
+            source = weight
+            if weight.dtype in FP8_DTYPES:
+                weight = _fp8_to_float(weight, state_dict, prefix, name)
+            elif not weight.is_floating_point():
+                raise Int8LoadError(f"layer '{name}': weight has dtype {weight.dtype}; expected float, fp8 or int8")
+            if tuple(weight.shape) != (self.out_features, self.in_features):
+                raise Int8LoadError(f"layer '{name}': weight {tuple(weight.shape)} does not fit "
+                                    f"[{self.out_features}, {self.in_features}]")
+            if cfg.quantize_on_load:
+                decision = decide(name, self.in_features, self.out_features, cfg.patterns, cfg.method,
+                                  cfg.block_size, cfg.min_features)
+            else:
+                decision = None
+            if decision is not None and not decision.skip:
+                device = cfg.device_for_quantization()
+                q, scale = quantize_weight(weight.to(device), cfg.method, cfg.block_size)
+                self._become_int8(q, scale, cfg.block_size, 0)
+                record.quantized_on_load.append(name)
+            else:
+                reason = decision.reason if decision is not None else "quantize_on_load off"
+                self.weight = nn.Parameter(weight.to(self.float_dtype).clone(), requires_grad=False)
+                record.kept_float[name] = reason
+                record.float_linear_bytes += self.weight.numel() * self.weight.element_size()
+            record.released_bytes += release_file_pages(source)
+
+        def _load_bias(self, bias, prefix, missing_keys):
+            if bias is None:
+                if self.expects_bias:
+                    missing_keys.append(prefix + "bias")
+                    bias = torch.zeros(self.out_features)
+                else:
+                    return
+            dtype = self.float_dtype if self.float_dtype.is_floating_point and \
+                self.float_dtype not in FP8_DTYPES else torch.bfloat16
+            self.bias = nn.Parameter(bias.to(dtype).clone(), requires_grad=False)
+            release_file_pages(bias)
+
+        # -- ComfyUI's patch hooks: INT8 weights are never merged ------------------------------------
+        def convert_weight(self, weight, inplace=False, **kwargs):
+            """ComfyUI hands us ``weight`` cast to float: for an INT8 layer that is the raw int8 values."""
+            if not self.is_int8:
+                return weight
+            plain = dequantize_weight(weight.round().to(torch.int8), self.weight_scale.to(weight.device),
+                                      torch.float32, self.block_size)
+            if self.rotation_group:
+                plain = unrotate_weight(plain, self.rotation_group)
+            return plain.to(weight.dtype)
+
+        def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
+            if return_weight or not self.is_int8:
+                if return_weight:
+                    return weight
+                self.weight = nn.Parameter(weight.to(self.weight.dtype), requires_grad=False)
+                return None
+            raise RuntimeError(
+                f"An INT8 layer loaded by 'Load Diffusion Model (INT8)' / 'Load CLIP (INT8)' was asked to merge a "
+                f"weight patch ({self.in_features}->{self.out_features}). INT8 layers take LoRAs as float side "
+                f"branches through headroom's model patcher; the model seems to be driven by a different "
+                f"ModelPatcher here. Apply LoRAs with 'LoRA Loader (INT8)' or ComfyUI's LoraLoader directly on "
+                f"the loader's output.")
+
+        # -- forward ---------------------------------------------------------------------------------
+        def forward(self, x, *args, **kwargs):
+            comfy_ops.run_every_op()
+            if not self.is_int8:
+                if self.comfy_cast_weights or self.weight_function or self.bias_function:
+                    return comfy_ops.manual_cast.Linear.forward_comfy_cast_weights(self, x)
+                return torch.nn.functional.linear(x, self.weight, self.bias)
+            if self.weight_function:
+                raise RuntimeError(
+                    f"INT8 layer got weight functions {[type(f).__name__ for f in self.weight_function]} from a "
+                    f"model patcher; headroom's INT8 layers apply LoRAs as side branches only. Load the model "
+                    f"with 'Load Diffusion Model (INT8)' and apply LoRAs to its output.")
+            stream = None
+            if self.weight.device == x.device and not self.bias_function:
+                weight, bias = self.weight, self.bias
+            else:  # partially loaded: ComfyUI's caster brings the int8 bytes (and a patched bias)
+                weight, bias, stream = comfy_ops.cast_bias_weight(self, x, dtype=torch.int8, bias_dtype=x.dtype,
+                                                                  offloadable=True)
+            scale = self.weight_scale
+            if scale.device != x.device:
+                scale = scale.to(x.device, non_blocking=True)
+            y = self._int8_matmul(x, weight, scale, bias)
+            if stream is not None:
+                comfy_ops.uncast_bias_weight(self, weight, bias, stream)
+            return y
+
+        def _int8_matmul(self, x, weight, scale, bias):
+            from ..kernels import int8_linear
+
+            xq = x
+            if self.rotation_group:
+                from .rotation import rotate_activation
+
+                xq = rotate_activation(x, self.rotation_group)
+            y = int8_linear(xq, weight, scale, bias, self.block_size)
+            if self.lora:
+                y = apply_side_branches(x, y, self.lora)
+            return y
+
+        def _apply(self, fn, recurse=True):
+            if self.weight_scale is None:
+                return nn.Module._apply(self, fn, recurse)
+            return Int8Linear._apply(self, fn, recurse)
+
+        def _save_to_state_dict(self, destination, prefix, keep_vars):
+            nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
+            if self.rotation_group:
+                destination[prefix + "rotation_group"] = torch.tensor(self.rotation_group, dtype=torch.int32)
+
+        def extra_repr(self):
+            if not self.is_int8:
+                return f"in_features={self.in_features}, out_features={self.out_features}, float"
+            return Int8Linear.extra_repr(self)
+
+    class HeadroomEmbedding(comfy_ops.manual_cast.Embedding):
+        """ComfyUI's embedding; an INT8 table in the file is dequantized: embeddings stay float."""
+
+        _config: Int8LoadConfig = Int8LoadConfig()
+
+        def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                  unexpected_keys, error_msgs):
+            quant_raw = state_dict.get(prefix + COMFY_QUANT_SUFFIX)
+            layer = parse_int8_layer(state_dict, prefix, self._config.file_metadata)
+            if layer is not None:
+                table = dequantize_weight(layer.weight, layer.scale, torch.float32, layer.block_size)
+                if layer.convrot:
+                    config = decode_comfy_quant(quant_raw) if quant_raw is not None else {"convrot": True}
+                    table = unrotate_weight(table, rotation_group_of(config))
+                for key in layer.consumed_keys:
+                    state_dict.pop(key, None)
+                state_dict[prefix + "weight"] = table
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+
+    return HeadroomLinear, HeadroomEmbedding
+
+
+def make_int8_ops(config: Int8LoadConfig | None = None, record: LoadLog | None = None, name_prefix: str = ""):
+    """The ``custom_operations`` class for one load (its layers share ``config`` and report to ``record``)."""
+    import comfy.ops as comfy_ops
+
+    config = config or Int8LoadConfig()
+    record = record if record is not None else LoadLog()
+    base_linear, base_embedding = _base_classes()
+    linear = type("Linear", (base_linear,), {"_config": config, "_log": record, "_name_prefix": name_prefix})
+    embedding = type("Embedding", (base_embedding,), {"_config": config})
+    ops = type("HeadroomInt8Ops", (comfy_ops.manual_cast,), {"Linear": linear, "Embedding": embedding,
+                                                             "headroom_config": config, "headroom_log": record})
+    return ops
+
+
+def is_headroom_int8_layer(module: nn.Module) -> bool:
+    return isinstance(module, _base_classes()[0]) and module.weight_scale is not None
+
+
+def int8_layers(model: nn.Module):
+    """``(name, layer)`` for every INT8 layer of ours in ``model``."""
+    base = _base_classes()[0]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, base) and m.weight_scale is not None]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model patcher: LoRA patches on INT8 layers become side branches; a VRAM budget caps the load
+# ---------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def patcher_class():
+    """``Int8ModelPatcher``: ComfyUI's (non-dynamic) ModelPatcher, INT8-aware (built on first use)."""
+    import comfy.model_patcher as mp
+
+    from .lora import LoraShapeError, UnsupportedPatchError, fits, low_rank_of, side_branches
+
+    class Int8ModelPatcher(mp.ModelPatcher):
+        """Keeps ComfyUI's patch bookkeeping; INT8 weights get their LoRA patches as side branches.
+
+        * ``add_patches`` refuses, before anything is attached, patches an INT8 layer cannot honour;
+        * ``load`` builds the branches (and caps the VRAM used for weights at ``headroom_budget_bytes``,
+          leaving the rest to ComfyUI's partial loading);
+        * ``patch_weight_to_device`` never merges into an INT8 weight; ``unpatch_model`` drops branches.
+        """
+
+        headroom_budget_bytes = 0
+        headroom_lora_offload = False
+
+        def clone(self, *args, **kwargs):
+            n = super().clone(*args, **kwargs)
+            if isinstance(n, Int8ModelPatcher):
+                n.headroom_budget_bytes = self.headroom_budget_bytes
+                n.headroom_lora_offload = self.headroom_lora_offload
+            return n
+
+        def _int8_modules(self) -> dict:
+            return {f"{n}.weight": m for n, m in int8_layers(self.model)}
+
+        def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+            modules = self._int8_modules()
+            problems = []
+            for k, value in patches.items():
+                key, offset, function = (k, None, None) if isinstance(k, str) else \
+                    (k[0], k[1], k[2] if len(k) > 2 else None)
+                module = modules.get(key)
+                if module is None:
+                    continue
+                try:
+                    low = low_rank_of((strength_patch, value, strength_model, offset, function), key)
+                    problem = fits(low, module.out_features, module.in_features)
+                    if problem:
+                        problems.append(f"{key}: {problem}")
+                except UnsupportedPatchError as err:
+                    problems.append(str(err))
+            if problems:
+                raise UnsupportedPatchError(
+                    "Load Diffusion Model (INT8) / Load CLIP (INT8): this patch cannot be applied to INT8 layers "
+                    f"({len(problems)} layers): " + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else "")
+                    + ". INT8 layers accept LoRA/LoCon (no DoRA, LoHa, LoKr or full-weight diffs); to merge "
+                    "other patch types load the model in float (UNETLoader / CLIPLoader).")
+            return super().add_patches(patches, strength_patch, strength_model)
+
+        def patch_weight_to_device(self, key, device_to=None, inplace_update=False, return_weight=False,
+                                   force_cast=False):
+            module = self._int8_modules().get(key)
+            if module is None:
+                return super().patch_weight_to_device(key, device_to, inplace_update, return_weight, force_cast)
+            if not return_weight:
+                return None  # side branches carry the patches (attached in load)
+            weight = module.dequantized_weight(torch.float32)
+            if device_to is not None:
+                weight = weight.to(device_to)
+            if key in self.patches:
+                import comfy.lora
+
+                weight = comfy.lora.calculate_weight(self.patches[key], weight, key)
+            return weight
+
+        def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+            budget = self.headroom_budget_bytes
+            if budget and device_to is not None and torch.device(device_to).type != "cpu":
+                if full_load or lowvram_model_memory <= 0 or lowvram_model_memory > budget:
+                    lowvram_model_memory, full_load = budget, False
+            super().load(device_to, lowvram_model_memory=lowvram_model_memory,
+                         force_patch_weights=force_patch_weights, full_load=full_load)
+            self._attach_side_branches(device_to)
+
+        def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+            freed = super().partially_unload(device_to, memory_to_free, force_patch_weights)
+            self._drop_own_lowvram_patches()
+            return freed
+
+        def unpatch_model(self, device_to=None, unpatch_weights=True):
+            if unpatch_weights:
+                for module in self._int8_modules().values():
+                    module.lora = []
+                    module._headroom_patches = None
+            return super().unpatch_model(device_to, unpatch_weights)
+
+        def _lora_dtype(self) -> torch.dtype:
+            getter = getattr(self.model, "get_dtype_inference", None)
+            dtype = getter() if getter is not None else None
+            return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point and \
+                dtype not in FP8_DTYPES else torch.float32
+
+        def _attach_side_branches(self, device_to) -> None:
+            self._drop_own_lowvram_patches()
+            device = None if self.headroom_lora_offload else device_to
+            dtype = self._lora_dtype()
+            problems = []
+            for key, module in self._int8_modules().items():
+                patches = self.patches.get(key)
+                if not patches:
+                    module.lora = []
+                    continue
+                try:
+                    module.lora = side_branches(patches, key, module.out_features, module.in_features, device, dtype)
+                except (UnsupportedPatchError, LoraShapeError) as err:
+                    module.lora = []
+                    problems.append(str(err))
+                module._headroom_patches = self.patches
+            if problems:
+                raise UnsupportedPatchError(
+                    "Load Diffusion Model (INT8): patches on INT8 layers that cannot be applied as side branches: "
+                    + "; ".join(problems[:8]))
+
+        def _drop_own_lowvram_patches(self) -> None:
+            # ComfyUI attaches a LowVramPatch (merge on the fly) to patched weights it leaves on the CPU; for
+            # INT8 weights the side branches already carry those patches.
+            for key, module in self._int8_modules().items():
+                if module.weight_function:
+                    module.weight_function = [f for f in module.weight_function
+                                              if not (getattr(f, "is_lowvram_patch", False) and f.key == key)]
+
+    return Int8ModelPatcher
+
+
+def adopt_patcher(patcher, budget_bytes: int = 0, reinit: tuple | None = None):
+    """A clone of ``patcher`` (same model) as an ``Int8ModelPatcher``."""
+    cls = patcher_class()
+    n = patcher.clone()
+    if not isinstance(n, cls):
+        n.__class__ = cls
+    n.headroom_budget_bytes = int(budget_bytes)
+    if reinit is not None:
+        n.cached_patcher_init = reinit
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading entry points used by the nodes
+# ---------------------------------------------------------------------------------------------------
+
+def _file_dtype_summary(path: str) -> tuple[dict, torch.dtype | None, int]:
+    """(metadata, dominant float dtype of 2-D weights, total bytes) from the header only."""
+    from .safetensors_stream import read_header
+
+    header = read_header(path)
+    counts: dict = {}
+    for name, info in header.tensors.items():
+        if name.endswith(".weight") and len(info.shape) == 2:
+            counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
+    dominant = max(counts, key=counts.get) if counts else None
+    return header.metadata, dominant, header.data_bytes
+
+
+def load_int8_diffusion_model(path: str, config: Int8LoadConfig, budget_bytes: int = 0,
+                              progress: Callable[[int, int], None] | None = None):
+    """``(Int8ModelPatcher, LoadLog)`` for the diffusion model at ``path``, through ComfyUI's loader."""
+    import comfy.sd
+
+    metadata, dominant, _ = _file_dtype_summary(path)
+    config.file_metadata = metadata
+    record = LoadLog(progress=progress)
+    ops = make_int8_ops(config, record)
+    options: dict = {"custom_operations": ops}
+    if dominant in FP8_DTYPES or dominant == torch.int8:
+        # ComfyUI would pick the file's storage dtype for the layers it keeps; theirs must stay float.
+        from comfy import model_management
+
+        options["dtype"] = model_management.unet_dtype(supported_dtypes=[torch.bfloat16, torch.float16, torch.float32])
+    start = time.perf_counter()
+    base = comfy.sd.load_diffusion_model(path, model_options=options, disable_dynamic=True)
+    record.seconds = time.perf_counter() - start
+    reinit = (reload_int8_diffusion_model, (path, config, budget_bytes))
+    return adopt_patcher(base, budget_bytes, reinit), record
+
+
+def reload_int8_diffusion_model(path, config, budget_bytes=0, disable_dynamic=True):
+    """``cached_patcher_init`` target: ComfyUI calls it to build a fresh copy (multi-GPU, deep clones)."""
+    return load_int8_diffusion_model(path, config, budget_bytes)[0]
+
+
+def load_int8_text_encoder(paths: Sequence[str], clip_type, config: Int8LoadConfig, model_options: dict | None = None,
+                           embedding_directory=None, progress: Callable[[int, int], None] | None = None):
+    """``(CLIP, LoadLog)``: ComfyUI's text encoder(s) with INT8 linear layers (``te_model_options`` hook)."""
+    import comfy.sd
+
+    metadata, _, _ = _file_dtype_summary(paths[0])
+    if tuple(config.default_skips) == NATIVE_SKIP_PATTERNS:
+        config = dataclasses.replace(config, default_skips=TEXT_ENCODER_SKIP_PATTERNS)
+    config.file_metadata = metadata
+    record = LoadLog(progress=progress)
+    options = dict(model_options or {})
+    options["custom_operations"] = make_int8_ops(config, record)
+    start = time.perf_counter()
+    clip = comfy.sd.load_clip(ckpt_paths=list(paths), embedding_directory=embedding_directory,
+                              clip_type=clip_type, model_options=options, disable_dynamic=True)
+    record.seconds = time.perf_counter() - start
+    clip.patcher = adopt_patcher(clip.patcher, 0, (reload_int8_text_encoder_patcher,
+                                                   (tuple(paths), clip_type, config, model_options, embedding_directory)))
+    return clip, record
+
+
+def reload_int8_text_encoder_patcher(paths, clip_type, config, model_options=None, embedding_directory=None,
+                                     disable_dynamic=True):
+    return load_int8_text_encoder(paths, clip_type, config, model_options, embedding_directory)[0].patcher
+
+
+def budget_from_gb(gb: float) -> int:
+    return 0 if not gb or gb <= 0 else int(gb * 2**30)
+
+
+__all__ = [
+    "FP8_DTYPES",
+    "Int8LoadConfig",
+    "Int8LoadError",
+    "LoadLog",
+    "METHODS",
+    "NATIVE_SKIP_PATTERNS",
+    "TEXT_ENCODER_SKIP_PATTERNS",
+    "WEIGHT_FORMATS",
+    "adopt_patcher",
+    "budget_from_gb",
+    "int8_layers",
+    "is_headroom_int8_layer",
+    "load_int8_diffusion_model",
+    "load_int8_text_encoder",
+    "make_int8_ops",
+    "patcher_class",
+]

@@ -1,0 +1,274 @@
+"""The INT8 loader inside a real ComfyUI (in process, CPU): model, LoRA patches, partial loading, file formats.
+
+Every comparison runs ComfyUI's own code on both sides: its stock loader (float, or comfy-kitchen INT8)
+against ours, on a tiny Flux whose block linears are 1024+ wide so they really become INT8.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import comfy.lora
+import comfy.model_management as mm
+import comfy.sd
+from comfyui_models import clip_l_state_dict, flux_lora_state_dict, flux_state_dict
+
+from comfyui_headroom.quant.comfy_ops import Int8LoadConfig, int8_layers, load_int8_diffusion_model, \
+    load_int8_text_encoder
+from comfyui_headroom.quant.lora import LoraShapeError, UnsupportedPatchError
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.fixture(scope="module")
+def flux_sd():
+    return flux_state_dict()
+
+
+@pytest.fixture(scope="module")
+def flux_file(workdir, flux_sd):
+    path = workdir / "flux_tiny.safetensors"
+    save_file(flux_sd, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    return dict(x=torch.randn(1, 16, 8, 8, generator=g), t=torch.tensor([0.7]),
+                context=torch.randn(1, 12, 768, generator=g), y=torch.randn(1, 768, generator=g))
+
+
+def run(patcher, inputs):
+    mm.load_models_gpu([patcher])
+    with torch.no_grad():
+        return patcher.model.diffusion_model(inputs["x"], inputs["t"], context=inputs["context"], y=inputs["y"]).float()
+
+
+@pytest.fixture(scope="module")
+def stock(flux_file):
+    return comfy.sd.load_diffusion_model(flux_file)
+
+
+@pytest.fixture(scope="module")
+def int8(flux_file):
+    return load_int8_diffusion_model(flux_file, Int8LoadConfig())
+
+
+def test_layers_really_int8_and_float_where_comfy_keeps_float(int8):
+    patcher, record = int8
+    names = {n.removeprefix("diffusion_model.") for n, _ in int8_layers(patcher.model)}
+    assert len(names) == 10 and record.int8_layers == 10
+    assert "double_blocks.0.img_attn.qkv" in names and "single_blocks.0.linear1" in names
+    dm = patcher.model.diffusion_model
+    for kept in ("img_in", "txt_in", "final_layer.linear", "double_blocks.0.img_mod.lin", "single_blocks.0.modulation.lin"):
+        layer = dm.get_submodule(kept)
+        assert layer.weight.dtype.is_floating_point, kept
+    assert dm.double_blocks[0].img_attn.qkv.weight.dtype == torch.int8
+    assert dm.double_blocks[0].img_attn.norm.key_norm.weight.dtype.is_floating_point
+    assert type(patcher).__name__ == "Int8ModelPatcher"
+
+
+def test_forward_matches_stock_float_within_int8_error(stock, int8, inputs):
+    a, b = run(stock, inputs), run(int8[0], inputs)
+    err = rel(b, a)
+    assert 1e-5 < err < 0.02, err  # really quantized, and close
+
+
+def test_stock_lora_loader_path_gives_side_branches(stock, int8, flux_file, inputs):
+    lora = flux_lora_state_dict(load_file(flux_file), std=0.1)
+    base_float, base_int8 = run(stock, inputs), run(int8[0], inputs)
+    float_l, _ = comfy.sd.load_lora_for_models(stock, None, lora, 1.0, 0)  # what LoraLoader does
+    int8_l, _ = comfy.sd.load_lora_for_models(int8[0], None, lora, 1.0, 0)
+    weight_before = int8[0].model.diffusion_model.single_blocks[0].linear1.weight.clone()
+    a, b = run(float_l, inputs), run(int8_l, inputs)
+    layers = int8_layers(int8_l.model)
+    assert sum(len(m.lora) for _, m in layers) == 8
+    assert rel(a, base_float) > 5 * rel(b, a)  # the LoRA matters far more than the INT8 error
+    assert rel(b, a) < 0.02
+    assert torch.equal(int8_l.model.diffusion_model.single_blocks[0].linear1.weight, weight_before)  # never merged
+    # strength change: a new clone, same modules, no re-quantization
+    half, _ = comfy.sd.load_lora_for_models(int8[0], None, lora, 0.5, 0)
+    c = run(half, inputs)
+    float_half, _ = comfy.sd.load_lora_for_models(stock, None, lora, 0.5, 0)
+    assert rel(c, run(float_half, inputs)) < 0.02 and rel(c, b) > 1e-3
+    assert torch.equal(half.model.diffusion_model.single_blocks[0].linear1.weight, weight_before)
+    # back to the plain model: branches dropped
+    again = run(int8[0], inputs)
+    assert all(not m.lora for _, m in layers) and torch.allclose(again, base_int8)
+
+
+def test_diffusers_lora_with_offsets(stock, int8, inputs):
+    # diffusers-style Flux LoRA on to_q of a single block: ComfyUI maps it to a row slice of linear1
+    g = torch.Generator().manual_seed(5)
+    lora = {"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, 1024, generator=g) * 0.2,
+            "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(1024, 4, generator=g) * 0.2}
+    float_l, _ = comfy.sd.load_lora_for_models(stock, None, lora, 1.0, 0)
+    int8_l, _ = comfy.sd.load_lora_for_models(int8[0], None, lora, 1.0, 0)
+    a, b = run(float_l, inputs), run(int8_l, inputs)
+    assert rel(a, run(stock, inputs)) > 5 * rel(b, a)
+    assert rel(b, a) < 0.02
+
+
+def test_unsupported_patch_fails_naming_loader_and_model_untouched(int8):
+    patcher = int8[0]
+    key = "diffusion_model.single_blocks.0.linear1.weight"
+    clone = patcher.clone()
+    with pytest.raises(UnsupportedPatchError, match="Load Diffusion Model \\(INT8\\)"):
+        clone.add_patches({key: ("diff", (torch.zeros(7168, 1024),))}, 1.0)
+    assert key not in clone.patches and not patcher.patches
+    g = torch.Generator().manual_seed(1)
+    bad = {"lora_unet_single_blocks_0_linear1.lora_down.weight": torch.randn(4, 512, generator=g),
+           "lora_unet_single_blocks_0_linear1.lora_up.weight": torch.randn(7168, 4, generator=g)}
+    key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
+    with pytest.raises(UnsupportedPatchError, match="512"):
+        patcher.clone().add_patches(comfy.lora.load_lora(bad, key_map, log_missing=False), 1.0)
+
+
+def test_partial_loading_and_lowvram_bias_patch(int8, stock, inputs):
+    patcher = int8[0]
+    full = run(patcher, inputs)
+    mm.unload_all_models()
+    clone = patcher.clone()
+    # a bias patch makes ComfyUI use its low-VRAM path (cast_bias_weight) on our INT8 layers
+    bias_key = "diffusion_model.single_blocks.0.linear2.bias"
+    delta = torch.full((1024,), 0.05)
+    clone.add_patches({bias_key: ("diff", (delta,))}, 1.0)
+    clone.load(torch.device("cpu"), lowvram_model_memory=8 * 2**20)  # far less than the model: partial
+    assert clone.model.model_lowvram
+    layer = clone.model.diffusion_model.single_blocks[0].linear2
+    assert layer.bias_function, "ComfyUI should patch the bias on the fly"
+    with torch.no_grad():
+        out = clone.model.diffusion_model(inputs["x"], inputs["t"], context=inputs["context"], y=inputs["y"]).float()
+    stock_clone = stock.clone()
+    stock_clone.add_patches({bias_key: ("diff", (delta,))}, 1.0)
+    ref = run(stock_clone, inputs)
+    assert rel(out, ref) < 0.02 and rel(out, full) > 1e-4
+    clone.unpatch_model(torch.device("cpu"))
+    assert not layer.bias_function
+
+
+def test_gpu_budget_caps_weights_on_device(flux_file, monkeypatch):
+    import comfy.model_patcher
+
+    patcher, _ = load_int8_diffusion_model(flux_file, Int8LoadConfig(), budget_bytes=16 * 2**20)
+    calls = []
+    monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "load",
+                        lambda self, device_to=None, lowvram_model_memory=0, force_patch_weights=False,
+                        full_load=False: calls.append((device_to, lowvram_model_memory, full_load)))
+    cuda = torch.device("cuda", 0)  # only recorded by the stub: no GPU needed
+    patcher.load(cuda, lowvram_model_memory=0, full_load=True)  # ComfyUI: "it all fits"
+    patcher.load(cuda, lowvram_model_memory=2**40)
+    patcher.load(cuda, lowvram_model_memory=4 * 2**20)  # ComfyUI's own limit is lower: kept
+    patcher.load(torch.device("cpu"), lowvram_model_memory=0, full_load=True)  # CPU: no budget
+    assert calls == [(cuda, 16 * 2**20, False), (cuda, 16 * 2**20, False), (cuda, 4 * 2**20, False),
+                     (torch.device("cpu"), 0, True)]
+
+
+def _kitchen_file(src: dict, path, per_channel: bool, convrot: bool):
+    """A ComfyUI int8_tensorwise checkpoint written with comfy-kitchen's own quantizer and state-dict layout."""
+    from comfy_kitchen.tensor import QuantizedTensor
+
+    out = {}
+    for key, value in src.items():
+        layer = key[: -len(".weight")]
+        if key.endswith(".weight") and value.ndim == 2 and any(t in key for t in ("attn.qkv", "mlp.0", "linear1")):
+            kwargs = {"per_channel": per_channel}
+            if convrot:
+                kwargs.update(convrot=True, convrot_groupsize=256)
+            qt = QuantizedTensor.from_float(value, "TensorWiseINT8Layout", **kwargs)
+            out.update(qt.state_dict(key))
+            conf = {"format": "int8_tensorwise"}
+            if convrot:
+                conf.update(convrot=True, convrot_groupsize=256)
+            out[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps(conf).encode()), dtype=torch.uint8)
+        else:
+            out[key] = value
+    save_file(out, str(path))
+
+
+@pytest.mark.parametrize("per_channel,convrot", [(False, False), (True, False), (True, True)])
+def test_reads_comfy_kitchen_int8_files(workdir, flux_sd, stock, inputs, per_channel, convrot):
+    path = workdir / f"kitchen_{int(per_channel)}{int(convrot)}.safetensors"
+    _kitchen_file(flux_sd, path, per_channel, convrot)
+    ours, record = load_int8_diffusion_model(str(path), Int8LoadConfig(quantize_on_load=False))
+    assert len(record.from_file) == 5  # qkv x2, mlp.0 x2, linear1
+    if convrot:
+        assert all(v.endswith("+convrot") for v in record.from_file.values())
+        assert ours.model.diffusion_model.single_blocks[0].linear1.rotation_group == 256
+    reference = run(stock, inputs)
+    theirs = run(comfy.sd.load_diffusion_model(str(path)), inputs)  # ComfyUI + comfy-kitchen on the same file
+    mine = run(ours, inputs)
+    assert rel(mine, reference) < 0.03
+    assert rel(mine, theirs) < 0.02
+
+
+def test_convrot_weight_is_not_used_as_plain(workdir, flux_sd, inputs, stock):
+    """Dropping the rotation must be visible: the same file read as if plain is far off."""
+    path = workdir / "kitchen_11.safetensors"
+    if not path.exists():
+        _kitchen_file(flux_sd, path, True, True)
+    ours, _ = load_int8_diffusion_model(str(path), Int8LoadConfig(quantize_on_load=False))
+    good = run(ours, inputs)
+    for _, layer in int8_layers(ours.model):
+        layer.rotation_group = 0
+    try:
+        wrong = run(ours, inputs)
+    finally:
+        for _, layer in int8_layers(ours.model):
+            layer.rotation_group = 256
+    reference = run(stock, inputs)
+    assert rel(wrong, reference) > 10 * rel(good, reference)
+
+
+def test_refuses_rotation_group_it_cannot_unrotate(workdir, flux_sd):
+    src = dict(flux_sd)
+    q = torch.zeros(7168, 1024, dtype=torch.int8)
+    src["single_blocks.0.linear1.weight"] = q
+    src["single_blocks.0.linear1.weight_scale"] = torch.ones(7168, 1)
+    conf = {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 48}
+    src["single_blocks.0.linear1.comfy_quant"] = torch.tensor(list(json.dumps(conf).encode()), dtype=torch.uint8)
+    path = workdir / "bad_convrot.safetensors"
+    save_file(src, str(path))
+    with pytest.raises(ValueError, match="single_blocks.0.linear1.*convrot"):
+        load_int8_diffusion_model(str(path), Int8LoadConfig())
+
+
+def test_stock_comfyui_loads_our_comfy_layout_conversion(workdir, flux_file, stock, inputs):
+    from comfyui_headroom.quant.convert import convert_file
+
+    out = workdir / "flux_int8_comfy.safetensors"
+    convert_file(flux_file, out, method="rowwise", layout="comfy", progress=False, overwrite=True)
+    theirs = comfy.sd.load_diffusion_model(str(out))
+    qkv = theirs.model.diffusion_model.single_blocks[0].linear1.weight
+    assert type(qkv).__name__ == "QuantizedTensor"
+    assert rel(run(theirs, inputs), run(stock, inputs)) < 0.03
+    ours, record = load_int8_diffusion_model(str(out), Int8LoadConfig(quantize_on_load=False))
+    assert record.from_file and set(record.from_file.values()) == {"comfy"}
+
+
+@pytest.mark.parametrize("fmt", ["block", "tensorwise"])
+def test_weight_format_on_load(flux_file, stock, inputs, fmt):
+    patcher, _ = load_int8_diffusion_model(flux_file, Int8LoadConfig(weight_format=fmt))
+    layer = patcher.model.diffusion_model.single_blocks[0].linear1
+    assert layer.method == fmt
+    assert rel(run(patcher, inputs), run(stock, inputs)) < 0.03
+
+
+def test_text_encoder_int8_matches_clip_loader(workdir):
+    path = workdir / "clip_l.safetensors"
+    save_file(clip_l_state_dict(), str(path))
+    config = Int8LoadConfig(min_features=512)
+    clip, record = load_int8_text_encoder([str(path)], comfy.sd.CLIPType.STABLE_DIFFUSION, config)
+    assert record.int8_layers == 12 * 6
+    te = clip.cond_stage_model
+    assert te.clip_l.transformer.text_model.embeddings.token_embedding.weight.dtype.is_floating_point
+    stock_clip = comfy.sd.load_clip([str(path)], clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+    tokens = stock_clip.tokenize("a red fox in the snow")
+    a = stock_clip.encode_from_tokens(tokens)
+    b = clip.encode_from_tokens(clip.tokenize("a red fox in the snow"))
+    assert 1e-5 < rel(b, a) < 0.03
