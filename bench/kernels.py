@@ -1,6 +1,6 @@
 """INT8 linear kernels vs bf16 and the peers, on one CUDA GPU, in one run.
 
-    python bench/kernels.py run [--json OUT.json] [--md OUT.md] [--quick]
+    python bench/kernels.py run [--json OUT.json] [--md OUT.md] [--quick] [--tune]
     python bench/kernels.py asm [--out DIR]       # wgmma / TMA / spill counts of the compiled kernels
     python bench/kernels.py write RESULT.json      # rewrite "## Kernels" in docs/PERFORMANCE.md
 
@@ -82,6 +82,17 @@ def _ck_fn(x, qw_t, sw_t, bias):
     return run
 
 
+def _graph_bench(fn, rep_ms: int) -> float:
+    """GPU time without Python/launch overhead: capture ``fn`` once in a CUDA graph, time its replays
+    (do_bench still flushes L2 before each replay, so weights come from HBM as in a real model)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return _bench(graph.replay, rep_ms)
+
+
 def measure_shape(m: int, k: int, n: int, gen: torch.Generator, peers: dict, quick: bool) -> dict:
     from comfyui_headroom.kernels import backends, choose_kernel, int8_linear
     from comfyui_headroom.kernels.triton_quant import quantize_rows
@@ -95,22 +106,31 @@ def measure_shape(m: int, k: int, n: int, gen: torch.Generator, peers: dict, qui
     qw, sw = quantize_weight(w, "rowwise")
     qw_t, sw_t = quantize_weight(w, "tensorwise")
     ops = 2.0 * m * n * k
-    rep = 40 if quick else 80
+    rep = 25 if quick else 60
     row: dict = {"m": m, "k": k, "n": n}
 
-    row["bf16_ms"] = _bench(lambda: F.linear(x, w, bias), rep)
+    def bf16():
+        return F.linear(x, w, bias)
+
+    def ours():
+        return int8_linear(x, qw, sw, bias)
+
     row["ours_kernel"] = choose_kernel(x, qw, sw)
-    int8_linear(x, qw, sw, bias)  # compile outside the timing
-    row["ours_ms"] = _bench(lambda: int8_linear(x, qw, sw, bias), rep)
+    ours()  # compile outside the timing
+    row["bf16_ms"] = _bench(bf16, rep)
+    row["ours_ms"] = _bench(ours, rep)
+    row["bf16_g"] = _graph_bench(bf16, rep)
+    row["ours_g"] = _graph_bench(ours, rep)
     if m > 256:
         qa, sa = quantize_rows(x)
-        row["gemm_ms"] = _bench(lambda: w8a8_matmul(qa, sa, qw, sw, bias, torch.bfloat16), rep)
-        row["quant_ms"] = _bench(lambda: quantize_rows(x), rep)
-        row["quant_gbs"] = 3.0 * m * k / (row["quant_ms"] * 1e-3) / 1e9
+        row["gemm_g"] = _graph_bench(lambda: w8a8_matmul(qa, sa, qw, sw, bias, torch.bfloat16), rep)
+        row["quant_g"] = _graph_bench(lambda: quantize_rows(x), rep)
+        row["quant_gbs"] = 3.0 * m * k / (row["quant_g"] * 1e-3) / 1e9
     else:
-        row["w8a8_ms"], _ = _try(lambda: _bench(lambda: backends.triton_w8a8(x, qw, sw, bias, 128), rep))
+        row["w8a8_g"], _ = _try(lambda: _graph_bench(lambda: backends.triton_w8a8(x, qw, sw, bias, 128), rep))
     if m > 16:
-        row["int_mm_ms"], row["int_mm_err"] = _try(lambda: _bench(lambda: backends.int_mm(x, qw, sw, bias, 128), rep))
+        row["int_mm_g"], row["int_mm_err"] = _try(
+            lambda: _graph_bench(lambda: backends.int_mm(x, qw, sw, bias, 128), rep))
     if peers.get("bnb"):
         def bnb_time():
             layer = _bnb_layer(w, bias)
@@ -120,15 +140,11 @@ def measure_shape(m: int, k: int, n: int, gen: torch.Generator, peers: dict, qui
 
         row["bnb_ms"], row["bnb_err"] = _try(bnb_time)
     if peers.get("ck"):
-        def ck_time():
-            fn = _ck_fn(x, qw_t, sw_t, bias)
-            return _bench(fn, rep)
-
-        row["ck_ms"], row["ck_err"] = _try(ck_time)
-    row["ours_tops"] = ops / (row["ours_ms"] * 1e-3) / 1e12
-    row["bf16_tflops"] = ops / (row["bf16_ms"] * 1e-3) / 1e12
-    if "gemm_ms" in row:
-        row["gemm_tops"] = ops / (row["gemm_ms"] * 1e-3) / 1e12
+        row["ck_ms"], row["ck_err"] = _try(lambda: _bench(_ck_fn(x, qw_t, sw_t, bias), rep))
+    row["ours_tops"] = ops / (row["ours_g"] * 1e-3) / 1e12
+    row["bf16_tflops"] = ops / (row["bf16_g"] * 1e-3) / 1e12
+    if "gemm_g" in row:
+        row["gemm_tops"] = ops / (row["gemm_g"] * 1e-3) / 1e12
     del x, w, qw, qw_t
     torch.cuda.empty_cache()
     return row
@@ -263,11 +279,11 @@ def run(args) -> dict:
             start = time.time()
             row = measure_shape(m, k, n, gen, peers, args.quick)
             rows.append(row)
-            print(f"M={m:6d} K={k:6d} N={n:6d} bf16 {row['bf16_ms']:.4f} ms ours[{row['ours_kernel']}] "
-                  f"{row['ours_ms']:.4f} ms = {row['bf16_ms'] / row['ours_ms']:.2f}x  ({time.time() - start:.1f}s)",
-                  flush=True)
+            print(f"M={m:6d} K={k:6d} N={n:6d} GPU: bf16 {row['bf16_g']:.4f} ms ours[{row['ours_kernel']}] "
+                  f"{row['ours_g']:.4f} ms = {row['bf16_g'] / row['ours_g']:.2f}x; eager "
+                  f"{row['bf16_ms'] / row['ours_ms']:.2f}x  ({time.time() - start:.1f}s)", flush=True)
     result = {"env": env, "rows": rows, "command": "python bench/kernels.py run"}
-    if not args.quick:
+    if args.tune:
         result["tune"] = tune_rows(gen)
         print(json.dumps(result["tune"], indent=1), flush=True)
     if args.json:
@@ -291,53 +307,69 @@ def render(result: dict) -> str:
     env, rows = result["env"], result["rows"]
     lines = [
         f"GPU: {env['gpu']} ({env['sms']} SMs, sm{env['capability'].replace('.', '')}); torch {env['torch']}, "
-        f"triton {env['triton']}; {env['date']}; command: `{result['command']}` (one run; "
-        "`triton.testing.do_bench` medians, L2 flushed per repetition; random bf16 data, row-wise INT8 weights).",
+        f"triton {env['triton']}, bitsandbytes {env.get('bnb_version', '-')}, comfy-kitchen "
+        f"{env.get('ck_version', '-')}; {env['date']}; command: `{result['command']}` (one run; "
+        "`triton.testing.do_bench` medians, L2 flushed before every repetition; random bf16 data, "
+        "row-wise INT8 weights).",
         "",
-        "Large M (W8A8; *ours* includes the activation quantization; ratios are bf16 time / INT8 time, >1 = faster):",
+        "Two timings: **GPU** = the call captured once in a CUDA graph and replayed (kernel time, no Python or "
+        "launch overhead: what a model sees when the CPU runs ahead of the GPU); **eager** = the plain Python "
+        "call, where CPU overhead shows whenever it exceeds the GPU time. Ratios are bf16 time / INT8 time "
+        "(>1 = INT8 faster).",
         "",
-        "| M | K | N | bf16 ms | ours ms | ours vs bf16 | ours TOPS (% of 1980) | GEMM only ms (vs bf16) | quant ms (GB/s) "
-        "| _int_mm+scale ms (ours vs it) | bnb ms (vs bf16) | ComfyUI ck ms (vs bf16) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Large M (W8A8; *ours* includes the activation quantization):",
+        "",
+        "| M | K | N | bf16 GPU ms | ours GPU ms | **ours vs bf16 (GPU)** | ours TOPS (% of 1980) | GEMM alone GPU ms "
+        "(vs bf16) | quant GPU ms (GB/s) | _int_mm+scale GPU ms (ours vs it) | ours vs bf16 (eager) "
+        "| bnb eager (vs bf16) | ComfyUI ck eager (vs bf16) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     big = [r for r in rows if r["m"] > 256]
     for r in big:
         lines.append(
-            f"| {r['m']} | {r['k']} | {r['n']} | {_ms(r['bf16_ms'])} | {_ms(r['ours_ms'])} | "
-            f"**{_x(r['bf16_ms'], r['ours_ms'])}** | {r['ours_tops']:.0f} ({100 * r['ours_tops'] / INT8_PEAK_TOPS:.0f}%) | "
-            f"{_ms(r.get('gemm_ms'))} ({_x(r['bf16_ms'], r.get('gemm_ms'))}) | "
-            f"{_ms(r.get('quant_ms'))} ({r.get('quant_gbs', 0):.0f}) | "
-            f"{_ms(r.get('int_mm_ms'))} ({_x(r.get('int_mm_ms'), r['ours_ms'])}) | "
+            f"| {r['m']} | {r['k']} | {r['n']} | {_ms(r['bf16_g'])} | {_ms(r['ours_g'])} | "
+            f"**{_x(r['bf16_g'], r['ours_g'])}** | {r['ours_tops']:.0f} ({100 * r['ours_tops'] / INT8_PEAK_TOPS:.0f}%) | "
+            f"{_ms(r.get('gemm_g'))} ({_x(r['bf16_g'], r.get('gemm_g'))}) | "
+            f"{_ms(r.get('quant_g'))} ({r.get('quant_gbs', 0):.0f}) | "
+            f"{_ms(r.get('int_mm_g'))} ({_x(r.get('int_mm_g'), r['ours_g'])}) | "
+            f"{_x(r['bf16_ms'], r['ours_ms'])} | "
             f"{_ms(r.get('bnb_ms'))} ({_x(r['bf16_ms'], r.get('bnb_ms'))}) | "
             f"{_ms(r.get('ck_ms'))} ({_x(r['bf16_ms'], r.get('ck_ms'))}) |"
         )
+    lines.append("")
     for m in BIG_M:
-        ratios = [r["bf16_ms"] / r["ours_ms"] for r in big if r["m"] == m]
-        gemm = [r["bf16_ms"] / r["gemm_ms"] for r in big if r["m"] == m and r.get("gemm_ms")]
-        vs_int_mm = [r["int_mm_ms"] / r["ours_ms"] for r in big if r["m"] == m and r.get("int_mm_ms")]
-        if ratios:
-            lines.append("")
-            lines.append(
-                f"M = {m}: ours vs bf16 median {statistics.median(ratios):.2f}x (min {min(ratios):.2f}x, "
-                f"max {max(ratios):.2f}x); GEMM alone median {statistics.median(gemm):.2f}x; "
-                f"ours vs _int_mm+scale median {statistics.median(vs_int_mm):.2f}x."
-                if gemm and vs_int_mm else f"M = {m}: ours vs bf16 median {statistics.median(ratios):.2f}x."
-            )
+        sel = [r for r in big if r["m"] == m]
+        if not sel:
+            continue
+        med = lambda key_a, key_b: statistics.median(  # noqa: E731
+            [r[key_a] / r[key_b] for r in sel if r.get(key_a) and r.get(key_b)] or [float("nan")])
+        gpu = [r["bf16_g"] / r["ours_g"] for r in sel]
+        lines.append(
+            f"- M = {m}: ours vs bf16 (GPU) median **{statistics.median(gpu):.2f}x** (min {min(gpu):.2f}x, max "
+            f"{max(gpu):.2f}x); GEMM alone {med('bf16_g', 'gemm_g'):.2f}x; ours vs _int_mm+scale "
+            f"{med('int_mm_g', 'ours_g'):.2f}x; eager ours vs bf16 {med('bf16_ms', 'ours_ms'):.2f}x."
+        )
     lines += [
         "",
         "Small M (the dispatcher picks W8A16 at M <= 256: int8 weight read, bf16 MMA):",
         "",
-        "| M | K | N | bf16 ms | ours ms (kernel) | ours vs bf16 | W8A8 incl. quant ms | _int_mm+scale ms | bnb ms | ComfyUI ck ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| M | K | N | bf16 GPU ms | ours GPU ms (kernel) | **ours vs bf16 (GPU)** | ours vs bf16 (eager) "
+        "| W8A8 incl. quant GPU ms | _int_mm+scale GPU ms | bnb eager ms | ComfyUI ck eager ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["m"] > 256:
             continue
         lines.append(
-            f"| {r['m']} | {r['k']} | {r['n']} | {_ms(r['bf16_ms'])} | {_ms(r['ours_ms'])} ({r['ours_kernel']}) | "
-            f"**{_x(r['bf16_ms'], r['ours_ms'])}** | {_ms(r.get('w8a8_ms'))} | {_ms(r.get('int_mm_ms'))} | "
-            f"{_ms(r.get('bnb_ms'))} | {_ms(r.get('ck_ms'))} |"
+            f"| {r['m']} | {r['k']} | {r['n']} | {_ms(r['bf16_g'])} | {_ms(r['ours_g'])} ({r['ours_kernel']}) | "
+            f"**{_x(r['bf16_g'], r['ours_g'])}** | {_x(r['bf16_ms'], r['ours_ms'])} | {_ms(r.get('w8a8_g'))} | "
+            f"{_ms(r.get('int_mm_g'))} | {_ms(r.get('bnb_ms'))} | {_ms(r.get('ck_ms'))} |"
         )
+    for m in SMALL_M:
+        gpu = [r["bf16_g"] / r["ours_g"] for r in rows if r["m"] == m]
+        if gpu:
+            lines.append(f"{'' if m != SMALL_M[0] else chr(10)}- M = {m}: ours vs bf16 (GPU) median "
+                         f"**{statistics.median(gpu):.2f}x** (min {min(gpu):.2f}x, max {max(gpu):.2f}x).")
     errs = sorted({f"{key[:-4]}: {r[key]}" for r in rows for key in r if key.endswith("_err") and r[key]})
     missing = [f"{k[:-8]}: {v}" for k, v in env.items() if k.endswith("_missing")]
     if errs or missing:
@@ -371,7 +403,8 @@ def main(argv=None) -> int:
     p_run = sub.add_parser("run")
     p_run.add_argument("--json")
     p_run.add_argument("--md")
-    p_run.add_argument("--quick", action="store_true", help="shorter repetitions, no tile sweep")
+    p_run.add_argument("--quick", action="store_true", help="shorter repetitions")
+    p_run.add_argument("--tune", action="store_true", help="also time a few tile configs per kernel")
     p_asm = sub.add_parser("asm", help="count wgmma/TMA instructions of the compiled W8A8 kernels")
     p_asm.add_argument("--out", default=".")
     p_write = sub.add_parser("write")

@@ -95,7 +95,9 @@ def _triton_runs_on(device: torch.device) -> bool:
     if not HAS_TRITON:
         return False
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (7, 5)
+        from .configs import capability
+
+        return capability(device) >= (7, 5)
     return device.type == "cpu" and interpreting()
 
 

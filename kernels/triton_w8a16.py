@@ -93,7 +93,8 @@ def w8a16_matmul(
     mode = scale_mode_of(weight_scale)
     ws = weight_scale.contiguous()
     ws_stride = ws.stride(0) if mode == SCALE_BLOCK else 0
-    cfg = w8a16_candidates(arch_of(x.device))[0]
+    candidates = w8a16_candidates(arch_of(x.device))
+    cfg = candidates[0] if m <= 16 or len(candidates) == 1 else candidates[1]
     block_m = max(16, min(cfg.block_m, triton.next_power_of_2(m)))
     if m > cfg.block_m:
         block_m = min(64, triton.next_power_of_2(m))
@@ -101,8 +102,10 @@ def w8a16_matmul(
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, cfg.block_n)
     k_tiles = max(1, triton.cdiv(k, block_k))
     if split_k is None:
-        # Two programs per SM keep the weight streaming; each split keeps >= 4 K tiles to pipeline.
-        split_k = max(1, min(triton.cdiv(2 * _sm_count(x.device), tiles), k_tiles // 4))
+        # Split K only when the output tiles would leave over half the SMs idle (the partial sums cost
+        # extra launches); each split keeps >= 4 K tiles to pipeline.
+        sms = _sm_count(x.device)
+        split_k = 1 if 2 * tiles >= sms else max(1, min(triton.cdiv(sms, tiles), k_tiles // 4))
     split_k = max(1, min(split_k, k_tiles))
     k_per_split = triton.cdiv(k_tiles, split_k) * block_k
     split_k = triton.cdiv(max(k, 1), k_per_split)

@@ -71,7 +71,9 @@ def assert_written_and_close(out: torch.Tensor, ref: torch.Tensor, tol: float, w
 
 
 def check_quantize(quantize_rows, m, k, gen, dtype, device="cpu", zero_row=True) -> None:
-    """Triton activation quantization must give exactly quantize_activation's int8 values and scales."""
+    """Triton activation quantization vs quantize_activation: the same scales (to 1 ulp: torch divides on
+    the CPU and multiplies by fl(1/127) on CUDA) and the same int8 values, except one step where
+    ``x / scale`` is within rounding of a tie (the kernel multiplies by the reciprocal)."""
     x = activations(m, k, gen, dtype, device)
     if zero_row and m > 1:
         x[m // 2] = 0
@@ -79,11 +81,15 @@ def check_quantize(quantize_rows, m, k, gen, dtype, device="cpu", zero_row=True)
     s = poisoned((m,), torch.float32, device)
     quantize_rows(x, q_out=q, scale_out=s)
     q_ref, s_ref = quantize_activation(x)
-    assert (q != -128).all(), f"quantize {m}x{k} {dtype}: unwritten int8 outputs"
-    assert torch.isfinite(s).all(), f"quantize {m}x{k} {dtype}: unwritten scales"
-    assert torch.equal(s, s_ref), f"quantize {m}x{k} {dtype}: scales differ"
+    what = f"quantize {m}x{k} {dtype}"
+    assert (q != -128).all(), f"{what}: unwritten int8 outputs"
+    assert torch.isfinite(s).all(), f"{what}: unwritten scales"
+    torch.testing.assert_close(s, s_ref, rtol=2.5e-7, atol=0, msg=lambda msg: f"{what}: scales differ: {msg}")
+    if zero_row and m > 1:
+        assert s[m // 2] == 1.0 and (q[m // 2] == 0).all(), f"{what}: an all-zero row must give scale 1, q 0"
     diff = (q.int() - q_ref.int()).abs()
-    assert int(diff.max()) == 0, f"quantize {m}x{k} {dtype}: {int((diff > 0).sum())} int8 values differ"
+    off = int((diff > 0).sum())
+    assert int(diff.max()) <= 1 and off <= max(2, 1e-4 * q.numel()), f"{what}: {off} int8 values differ (max {int(diff.max())})"
 
 
 def check_w8a8(w8a8_matmul, quantize_rows, m, n, k, method, gen, dtype, has_bias=True, block_size=128,
