@@ -1,0 +1,107 @@
+"""HunyuanImage-3 road on a CUDA GPU (device tool): bitsandbytes CUDA loads of the fake, soft unload ->
+restore, the OOM path and VRAM afterwards, BF16 streaming. Skipped without CUDA."""
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+
+FIXTURE = Path(__file__).parent / "fixtures" / "hunyuan3_fake"
+GB = 1024 ** 3
+
+
+def _import_transformers_outside_repo_root():
+    root = str(Path(__file__).resolve().parents[1])
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != root]
+    try:
+        import transformers.modeling_utils  # noqa: F401
+    finally:
+        sys.path[:] = saved
+
+
+_import_transformers_outside_repo_root()
+
+from comfyui_headroom.memory.hf_generate import (  # noqa: E402
+    GenerateRequest,
+    GenerationOOM,
+    decide_offload,
+    generate,
+    model_device,
+)
+from comfyui_headroom.quant.bnb import is_bnb_quantized  # noqa: E402
+from comfyui_headroom.quant.hf_loader import load_hf_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fake_folder(tmp_path_factory):
+    spec = importlib.util.spec_from_file_location("hunyuan3_build_fake", FIXTURE / "build_fake.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_fake_model_folder(tmp_path_factory.mktemp("hy3gpu") / "fake")
+
+
+def _request(**kw):
+    base = dict(prompt="a red fox", seed=3, steps=3, guidance=2.0, width=64, height=64, offload_mode="disabled")
+    base.update(kw)
+    return GenerateRequest(**base)
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_cuda_load_generate_soft_unload_restore(fake_folder, mode):
+    loaded = load_hf_model(fake_folder, mode, budget_gb=2.0, trust_remote_code=True)
+    assert model_device(loaded.model).type == "cuda"
+    assert any(dev.startswith("cuda") for dev in loaded.placement.devices)
+    assert is_bnb_quantized(loaded.model.model.layers[0].mlp.experts[0].down_proj)
+    first = generate(loaded, _request(post_action="soft_unload"))
+    assert "Peak VRAM" in first.status and "n/a" not in first.status
+    assert loaded.parked is not None
+    assert all(p.device.type == "cpu" for p in loaded.model.parameters())
+    assert any(p.is_pinned() for p in loaded.model.parameters())
+    second = generate(loaded, _request())
+    assert "restored" in second.status
+    assert np.array_equal(np.asarray(first.image), np.asarray(second.image))
+
+
+def test_oom_is_caught_and_vram_returns(fake_folder):
+    loaded = load_hf_model(fake_folder, "int8", budget_gb=2.0, trust_remote_code=True)
+    generate(loaded, _request())  # warm: kernels, workspaces
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    total = torch.cuda.get_device_properties(0).total_memory
+    # No room for a single new block: the run's first activation fails with a real CUDA OOM.
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + 1024) / total)
+    try:
+        with pytest.raises(GenerationOOM) as info:
+            generate(loaded, _request(width=128, height=128))
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    after = torch.cuda.memory_allocated()
+    assert abs(after - before) <= 0.02 * before, (before, after)
+    assert "budget" in str(info.value) and "resolution" in str(info.value)
+    ok = generate(loaded, _request())  # the model still works
+    assert ok.image.size == (64, 64)
+
+
+def test_int8_disabled_offload_above_1_2_mp_switches_to_smart(fake_folder):
+    loaded = load_hf_model(fake_folder, "int8", budget_gb=2.0, trust_remote_code=True)
+    decision = decide_offload(loaded, 1536, 1024, "disabled")
+    assert decision.mode == "smart" and decision.rule.startswith("int8_switch_to_smart")
+
+
+def test_bf16_streams_what_does_not_fit_and_matches_resident(fake_folder):
+    resident = load_hf_model(fake_folder, "bf16", budget_gb=2.0, trust_remote_code=True)
+    want = generate(resident, _request()).image
+    del resident
+    torch.cuda.empty_cache()
+    streamed = load_hf_model(fake_folder, "bf16", trust_remote_code=True, device_map="manual", gpu_layers=1)
+    assert streamed.streamer is not None and streamed.placement.offloaded_by == "headroom-streaming"
+    got = generate(streamed, _request()).image
+    assert np.array_equal(np.asarray(want), np.asarray(got))

@@ -1,0 +1,272 @@
+"""HunyuanImage-3 road on the CPU: the tiny fake model through from_pretrained(trust_remote_code) + bitsandbytes.
+
+One fake folder per module; INT8 / NF4 loads are shared. GPU checks are in test_hunyuan3_gpu.py.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+FIXTURE = Path(__file__).parent / "fixtures" / "hunyuan3_fake"
+
+
+def _import_transformers_outside_repo_root():
+    """The repo's ``kernels/`` folder shadows Hugging Face's ``kernels`` package when the repo root is on
+    sys.path (``python -m pytest`` from the root): import transformers' model code once without it."""
+    root = str(Path(__file__).resolve().parents[1])
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != root]
+    try:
+        import transformers.modeling_utils  # noqa: F401
+    finally:
+        sys.path[:] = saved
+
+
+_import_transformers_outside_repo_root()
+
+from comfyui_headroom.memory.hf_generate import GenerateRequest, GenerationOOM, generate  # noqa: E402
+from comfyui_headroom.memory.hf_placement import (  # noqa: E402
+    DeviceMapError,
+    manual_device_map,
+    max_memory_for_budget,
+    plan_quantized_map,
+    validate_device_map,
+)
+from comfyui_headroom.quant import hf_loader  # noqa: E402
+from comfyui_headroom.quant.bnb import HUNYUAN3_SKIP_PATTERNS, is_bnb_quantized  # noqa: E402
+from comfyui_headroom.quant.hf_loader import LoaderError, load_hf_model, save_quantized  # noqa: E402
+
+STATUS_TAIL = re.compile(r"Peak VRAM (n/a|[\d.]+GB) \| Peak RAM [\d.]+GB$")
+GB = 1024 ** 3
+
+
+def _build_module():
+    spec = importlib.util.spec_from_file_location("hunyuan3_build_fake", FIXTURE / "build_fake.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def fake_folder(tmp_path_factory):
+    return _build_module().build_fake_model_folder(tmp_path_factory.mktemp("hy3") / "HunyuanImage-3-fake")
+
+
+@pytest.fixture(scope="module")
+def int8(fake_folder):
+    return load_hf_model(fake_folder, "int8", trust_remote_code=True)
+
+
+@pytest.fixture(scope="module")
+def nf4(fake_folder):
+    return load_hf_model(fake_folder, "nf4", trust_remote_code=True)
+
+
+def _request(**kw):
+    base = dict(prompt="a red fox", seed=3, steps=2, guidance=2.0, width=64, height=64, offload_mode="smart")
+    base.update(kw)
+    return GenerateRequest(**base)
+
+
+def _linears(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+@pytest.mark.parametrize("which", ["int8", "nf4"])
+def test_every_skip_pattern_kept_its_layer_and_every_other_linear_is_quantized(which, request):
+    loaded = request.getfixturevalue(which)
+    expected_cls = {"int8": "Linear8bitLt", "nf4": "Linear4bit"}[which]
+    linears = _linears(loaded.model)
+    kept = {n for n in linears if any(p in n for p in HUNYUAN3_SKIP_PATTERNS)}
+    assert kept and len(kept) < len(linears)
+    for name, module in linears.items():
+        if name in kept:
+            assert type(module) is nn.Linear and module.weight.is_floating_point(), name
+        else:
+            assert type(module).__name__ == expected_cls, name
+    for layer in range(2):
+        assert linears[f"model.layers.{layer}.mlp.gate.wg"].weight.dtype == torch.float32  # the router
+        for e in range(4):
+            assert is_bnb_quantized(linears[f"model.layers.{layer}.mlp.experts.{e}.gate_and_up_proj"])
+    report = loaded.dtype_report
+    assert report.leaks == [] and set(report.quantized) == set(linears) - kept
+    assert {"int8": "int8", "nf4": "nf4/fp4"}[which] in report.dtypes
+    assert loaded.placement.units["vae"] == "cpu" and "cpu" in str(loaded.placement)
+    assert loaded.telemetry["peak_rss_bytes"] > 0
+
+
+def test_generate_image_and_status(int8):
+    steps = []
+    result = generate(int8, _request(width=60, height=68), on_step=lambda i, n: steps.append((i, n)))
+    from comfyui_headroom.memory.hf_generate import resolution_buckets
+
+    assert result.image.size == (result.width, result.height)
+    assert (result.width, result.height) in resolution_buckets(int8.model) and (result.width, result.height) != (60, 68)
+    assert "60x68 -> bucket" in result.status
+    assert steps == [(1, 2), (2, 2)]
+    assert STATUS_TAIL.search(result.status), result.status
+    assert "no_cuda" in result.status
+    arr = np.asarray(result.image)
+    assert arr.std() > 1  # a picture, not a constant
+
+
+def test_cancel_from_the_step_callback_stops_the_run(int8):
+    class Interrupted(Exception):
+        pass
+
+    def cancel(i, n):
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        generate(int8, _request(steps=3), on_step=cancel)
+
+
+def test_oom_is_caught_with_advice_and_parked_modules_come_back(int8, monkeypatch):
+    def boom(**kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(int8.model, "generate_image", boom)
+    with pytest.raises(GenerationOOM) as info:
+        generate(int8, _request())
+    text = str(info.value)
+    assert "budget" in text and "smart" in text and "resolution" in text and "64x64" in text
+
+
+def test_input_image_is_refused_for_a_text_to_image_model(int8):
+    from PIL import Image
+
+    with pytest.raises(ValueError, match="Instruct"):
+        generate(int8, _request(image=Image.new("RGB", (64, 64))))
+
+
+def test_save_quantized_selective_then_reload_gives_the_same_image(int8, tmp_path):
+    out = save_quantized(int8, tmp_path / "int8")
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_method"] == "bitsandbytes_int8"
+    again = load_hf_model(out, "int8", trust_remote_code=True)
+    assert again.quantization_method == "bitsandbytes_int8" and "Selective" in again.critical_layers
+    a = generate(int8, _request()).image
+    b = generate(again, _request()).image
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_int8_full_folder_dequantizes_critical_layers(fake_folder, tmp_path):
+    everything = load_hf_model(fake_folder, "int8", trust_remote_code=True, skip_patterns=[])
+    assert is_bnb_quantized(everything.model.timestep_emb.mlp[0])
+    out = save_quantized(everything, tmp_path / "full")
+    assert json.loads((out / "config.json").read_text())["quantization_method"] == "bitsandbytes_int8_full"
+    loaded = load_hf_model(out, "nf4", trust_remote_code=True)  # the folder decides the mode
+    assert loaded.mode == "int8" and "Full" in loaded.critical_layers and "dequantized" in loaded.critical_layers
+    reference = load_hf_model(fake_folder, "bf16", trust_remote_code=True)
+    for name in ("timestep_emb.mlp.0", "lm_head", "model.layers.1.self_attn.qkv_proj", "model.layers.0.mlp.gate.wg"):
+        got = loaded.model.get_submodule(name).weight
+        want = reference.model.get_submodule(name).weight
+        assert type(loaded.model.get_submodule(name)) is nn.Linear and got.dtype == want.dtype, name
+        err = (got.float() - want.float()).abs().max() / want.float().abs().max()
+        assert err < 0.02, (name, err)  # INT8 round trip, not the raw int8 values
+
+
+def test_generation_config_fields_are_restored(int8, fake_folder):
+    gen = int8.model.generation_config
+    saved = {k: getattr(gen, k) for k in ("bot_task", "diff_infer_steps", "use_system_prompt")}
+    for k in saved:
+        delattr(gen, k) if k in gen.__dict__ else None
+    with pytest.raises(AttributeError):
+        int8.model.generate_image("x", seed=0, image_size=(64, 64))
+    restored = hf_loader.restore_generation_config(int8.model, fake_folder)
+    assert set(saved) <= set(restored)
+    assert {k: getattr(gen, k) for k in saved} == saved
+
+
+def test_tencent_code_under_transformers_5_is_refused_with_the_pip_command(monkeypatch):
+    import types
+
+    module = types.ModuleType("fake_tencent_hunyuan")
+    module.HunyuanStaticCache = type("HunyuanStaticCache", (), {})
+    cls = type("HunyuanImage3ForCausalMM", (nn.Module,), {"__module__": "fake_tencent_hunyuan"})
+    monkeypatch.setitem(sys.modules, "fake_tencent_hunyuan", module)
+    skeleton = cls()
+    assert hf_loader.is_tencent_code(skeleton)
+    monkeypatch.setattr(hf_loader, "transformers_major", lambda: 5)
+    with pytest.raises(LoaderError, match=re.escape(hf_loader.TENCENT_PIP_COMMAND)):
+        hf_loader.check_transformers_version(skeleton, "/models/HunyuanImage-3")
+    monkeypatch.setattr(hf_loader, "transformers_major", lambda: 4)
+    hf_loader.check_transformers_version(skeleton, "/models/HunyuanImage-3")  # fine under 4.x
+
+
+def test_the_fake_is_not_taken_for_tencent_code(int8):
+    assert not int8.tencent_code
+
+
+def test_remote_code_needs_consent_and_a_local_folder(fake_folder, tmp_path):
+    with pytest.raises(LoaderError, match="trust_remote_code"):
+        load_hf_model(fake_folder, "int8", trust_remote_code=False)
+    with pytest.raises(LoaderError, match="local folder"):
+        load_hf_model("tencent/HunyuanImage-3.0", "int8", trust_remote_code=True)
+
+
+def test_budget_to_max_memory():
+    total = 96 * GB
+    mm = max_memory_for_budget(0, 0, total_bytes=total, cpu_bytes=100 * GB)
+    assert mm == {0: int(total * 0.55), "cpu": 100 * GB}
+    assert max_memory_for_budget(20, 0, total_bytes=total, external_vram_gb=4, cpu_bytes=1)[0] == 16 * GB
+    with pytest.raises(ValueError, match="external"):
+        max_memory_for_budget(4, 0, total_bytes=total, external_vram_gb=4, cpu_bytes=1)
+
+
+def test_manual_map_from_n_and_validation_names_what_is_missing(int8):
+    skeleton = int8.model
+    device_map = manual_device_map(skeleton, gpu_layers=1, device=0)
+    assert device_map["model.layers.0"] == 0 and device_map["model.layers.1"] == "cpu"
+    assert device_map["vae"] == 0 and device_map["model.wte"] == 0 and device_map["lm_head"] == 0
+    broken = dict(device_map)
+    del broken["model.layers.1"]  # seed 000's example forgot model.layers.24
+    with pytest.raises(DeviceMapError, match=r"not placed: model\.layers\.1\b"):
+        validate_device_map(broken, skeleton)
+    with pytest.raises(DeviceMapError, match="name no module"):
+        validate_device_map({**device_map, "model.layers.7": 0}, skeleton)
+
+
+def test_quantized_plan_evicts_idle_float_modules_before_layers(int8):
+    model = int8.model
+    quantized = set(int8.skip_plan.quantize)
+    full = plan_quantized_map(model, 10 * GB, lambda n: n in quantized, 1.0)
+    assert not full.needs_fp32_cpu_offload and set(full.device_map.values()) == {0}
+    tight = plan_quantized_map(model, full.gpu_bytes - 1, lambda n: n in quantized, 1.0)
+    cpu = [u for u, d in tight.device_map.items() if d == "cpu"]
+    assert cpu and all(u.split(".")[0] in ("vision_model", "vision_aligner", "lm_head", "vae") for u in cpu)
+    assert tight.needs_fp32_cpu_offload and not tight.float_layers_on_cpu
+    tiny = plan_quantized_map(model, 1, lambda n: n in quantized, 1.0)
+    assert tiny.float_layers_on_cpu == ["model.layers.1", "model.layers.0"]
+
+
+def test_node_cache_reuses_and_reloads_when_the_folder_changes(fake_folder, tmp_path):
+    from comfyui_headroom.nodes import hunyuan3_nodes as nodes
+
+    folder = tmp_path / "copy"
+    shutil.copytree(fake_folder, folder)
+    first, reused = nodes.load_cached(str(folder), "nf4", 0.0, 0.0, True, "sdpa")
+    second, reused2 = nodes.load_cached(str(folder), "nf4", 0.0, 0.0, True, "sdpa")
+    assert second is first and reused2 and not reused
+    later = time.time() + 5
+    os.utime(folder / "generation_config.json", (later, later))
+    third, reused3 = nodes.load_cached(str(folder), "nf4", 0.0, 0.0, True, "sdpa")
+    assert third is not first and not reused3
+    out = nodes.Hunyuan3GenerateLowVramBudget().generate(third, "a fox", 1, 2, 2.0, 64, 64, "smart", "unload")
+    image, status = out["result"]
+    assert out["ui"]["text"] == [status]
+    assert image.shape == (1, 64, 64, 3) and image.dtype == torch.float32 and 0 <= image.min() <= image.max() <= 1
+    assert STATUS_TAIL.search(status) and "unloaded" in status
+    assert nodes.CACHE.loaded is None and third.model is None  # post_action unload dropped it
+    image, status = nodes.Hunyuan3GenerateLargeBudget().generate(third, "a fox", 1, 2, 2.0, 64, 64, "smart", "keep")["result"]
+    assert "reloaded" in status and nodes.CACHE.loaded is third and third.model is not None
