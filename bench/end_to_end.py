@@ -113,7 +113,7 @@ def run(args) -> dict:
     half = cfg.depth // 2
     dev = torch.device(args.device)
     ckpt, created = ensure_checkpoint(args.size, cfg, args.seed, folder)
-    int8_path, converted, convert_info = ensure_int8(ckpt, "rowwise", device=dev.type)
+    int8_path, converted, convert_info = ensure_int8(ckpt, "rowwise")
     noise = initial_noise(cfg.latent_channels, cfg.latent_size, args.seed + 1000)
     rows = []
 
@@ -245,7 +245,7 @@ def render(r: dict) -> str:
     for name, err in r.get("errors", {}).items():
         lines.append(f"- {name}: failed ({err}).")
     if r.get("convert_time_s"):
-        lines.append(f"- Conversion of the bf16 file to INT8 (`convert_file`, device cuda): {r['convert_time_s']:.1f} s.")
+        lines.append(f"- Conversion of the bf16 file to INT8 (`convert_file` on the CPU): {r['convert_time_s']:.1f} s.")
     return "\n".join(lines) + "\n"
 
 

@@ -273,7 +273,7 @@ def run_demo(options: DemoOptions) -> dict:
     start = time.perf_counter()
     checkpoint, created = ensure_checkpoint(size, cfg, options.seed, folder)
     create_s = time.perf_counter() - start
-    int8_path, converted, convert_info = ensure_int8(checkpoint, options.method, device=device.type)
+    int8_path, converted, convert_info = ensure_int8(checkpoint, options.method)  # CPU: same file everywhere
     noise = initial_noise(cfg.latent_channels, cfg.latent_size, options.seed + NOISE_SEED_OFFSET)
 
     # INT8 first, then bf16 under the same budget; each under its own tracker (peaks of that run alone).
