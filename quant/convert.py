@@ -274,8 +274,12 @@ def _float_rows(weight: torch.Tensor, start: int, stop: int, fp8_scale: torch.Te
 
 
 def _check_finite(rows: torch.Tensor, name: str) -> None:
-    if not bool(torch.isfinite(rows).all()):
-        bad = "NaN" if bool(torch.isnan(rows).any()) else "inf"
+    """ConvertError naming ``name`` when ``rows`` holds NaN or inf (aminmax propagates both; one cheap pass)."""
+    if rows.dtype in FP8_DTYPES:
+        rows = rows.float()
+    low, high = torch.aminmax(rows)
+    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
+        bad = "NaN" if bool(torch.isnan(low) or torch.isnan(high)) else "inf"
         raise ConvertError(f"tensor '{name}' contains {bad} values; the source checkpoint is damaged "
                            f"(re-download or re-export it)")
 
@@ -317,8 +321,8 @@ def quantize_streamed(
             scales.append(scale.cpu())
         else:
             q, scale = torch.round(rows / global_scale).clamp_(-QMAX, QMAX).to(torch.int8), global_scale
-        err2 += float((dequantize_weight(q, scale, torch.float32, block_size) - rows).pow(2).sum(dtype=torch.float64))
-        ref2 += float(rows.pow(2).sum(dtype=torch.float64))
+        ref2 += float(torch.linalg.vector_norm(rows)) ** 2
+        err2 += float(torch.linalg.vector_norm(dequantize_weight(q, scale, torch.float32, block_size).sub_(rows))) ** 2
         qweight[start:start + step] = q.cpu()
     scale = global_scale.cpu().float() if global_scale is not None else torch.cat(scales, dim=0)
     error = math.sqrt(err2 / ref2) if ref2 > 0 else math.sqrt(err2)
@@ -507,7 +511,7 @@ def convert_file(
     return report
 
 
-def _decision_prefix(relative: Path) -> str:
+def decision_prefix(relative: Path) -> str:
     """``vae/diffusion_pytorch_model.safetensors`` -> ``vae.`` (folder names join the skip decision)."""
     parts = relative.parent.parts
     return "".join(f"{p}." for p in parts)
@@ -570,7 +574,7 @@ def convert_folder(
             target = tmp / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             shard_report, plan = _write_file(header, target, method, block_size, patterns, layout, device, bar,
-                                             name_prefix=_decision_prefix(relative), fail_after=_fail_after)
+                                             name_prefix=decision_prefix(relative), fail_after=_fail_after)
             report.merge(shard_report)
             data_bytes = sum(i.nbytes for i in plan.tensors.values())
             outputs.setdefault(shard.parent, {})[shard.name] = (plan.tensors, data_bytes)

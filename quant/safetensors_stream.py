@@ -230,8 +230,8 @@ class StreamingWriter:
             self._file.write(memoryview(data.numpy()))
         self._next += 1
 
-    def close(self) -> None:
-        """Flush to disk; raises if some planned tensor was never written."""
+    def close(self, sync: bool = True) -> None:
+        """Flush (and with ``sync`` fsync) to disk; raises if some planned tensor was never written."""
         if self._file.closed:
             return
         try:
@@ -240,7 +240,8 @@ class StreamingWriter:
                 raise ValueError(f"{len(missing)} planned tensors were not written to {self.path} "
                                  f"(first: '{missing[0]}')")
             self._file.flush()
-            os.fsync(self._file.fileno())
+            if sync:  # the converter renames the file into place next: its bytes must be on disk first
+                os.fsync(self._file.fileno())
         finally:
             self._file.close()
 

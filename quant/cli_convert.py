@@ -1,0 +1,78 @@
+"""``headroom convert`` and ``headroom inspect`` (registered by cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .int8 import DEFAULT_BLOCK_SIZE, METHODS
+from .safetensors_stream import FormatError
+
+
+def register(subparsers) -> None:
+    convert = subparsers.add_parser(
+        "convert", help="convert a bf16/fp16/fp32/fp8 safetensors checkpoint (file or folder) to INT8",
+        description="Quantize the Linear weights of a safetensors checkpoint to INT8, one tensor at a time "
+                    "(RAM use does not grow with the model). Norms, biases, embeddings and the layers named by "
+                    "skip patterns stay as they are.")
+    convert.add_argument("src", metavar="IN", help="a .safetensors file or a model folder of shards")
+    convert.add_argument("dst", metavar="OUT", nargs="?",
+                         help="output file/folder (default: IN with -int8-<method> added)")
+    convert.add_argument("--method", choices=METHODS, default="rowwise",
+                         help="scale granularity (default rowwise: fastest, ComfyUI-compatible)")
+    convert.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="inputs per scale for --method block")
+    convert.add_argument("--skip", action="append", default=[], metavar="PATTERN",
+                         help="keep layers whose name contains PATTERN in float (repeatable; end with $ to anchor)")
+    convert.add_argument("--no-default-skips", action="store_true",
+                         help="do not apply the built-in skip patterns (vae, final_layer, embeddings...)")
+    convert.add_argument("--device", default="cpu", help="where to quantize: cpu or cuda (default cpu)")
+    convert.add_argument("--layout", choices=("headroom", "comfy"), default="headroom",
+                         help="headroom (ours) or comfy (ComfyUI's int8_tensorwise, loads in stock ComfyUI)")
+    convert.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never IN)")
+    convert.add_argument("--quiet", action="store_true", help="no progress bar")
+    convert.add_argument("--json", action="store_true", help="print the report as JSON")
+    convert.set_defaults(func=run_convert)
+
+    inspect = subparsers.add_parser(
+        "inspect", help="describe a safetensors checkpoint: format, method, layers, size, VRAM estimates",
+        description="Read only the safetensors headers and say what the checkpoint is and how much VRAM its "
+                    "weights take at bf16 / INT8 / NF4.")
+    inspect.add_argument("path", metavar="PATH", help="a .safetensors file or a model folder")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.set_defaults(func=run_inspect)
+
+
+def _user_error(err: Exception):
+    from ..cli import UserError
+
+    return UserError(str(err))
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from .convert import ConvertError, convert_path, default_output
+
+    dst = args.dst or default_output(args.src, args.method, args.layout)
+    try:
+        report = convert_path(
+            args.src, dst, method=args.method, block_size=args.block_size, skip=args.skip,
+            keep_default_skips=not args.no_default_skips, device=args.device, layout=args.layout,
+            progress=not args.quiet and not args.json, overwrite=args.overwrite)
+    except (ConvertError, FormatError) as err:
+        raise _user_error(err) from None
+    except KeyboardInterrupt:
+        print("headroom convert: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report)
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from .inspection import inspect_path
+
+    try:
+        report = inspect_path(args.path)
+    except FormatError as err:
+        raise _user_error(err) from None
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report)
+    return 0

@@ -1,0 +1,166 @@
+"""``headroom inspect``: what a checkpoint is and how much VRAM its weights would take, from headers only.
+
+VRAM estimates count parameters, not bytes on disk:
+
+* quantizable weights = the INT8 weights of a quantized file, or for a float/fp8 file the 2-D weights the
+  converter would quantize with the default rules (rowwise, default skip patterns);
+* bf16  = every parameter at 2 bytes;
+* INT8  = quantizable weights at 1 byte + their float32 scales (the file's own, or one per output row);
+* NF4   = quantizable weights at 0.5 byte + one float32 absmax per 64 weights (bitsandbytes' block size);
+* everything else (norms, biases, embeddings, skipped layers) at 2 bytes in every column.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .convert import decision_prefix, plan_conversion
+from .formats import (
+    COMFY_QUANT_SUFFIX,
+    INPUT_SCALE_SUFFIXES,
+    SCALE_SUFFIXES,
+    FileInfo,
+    describe_header,
+    merge_infos,
+    safetensors_files,
+)
+from .int8 import DEFAULT_BLOCK_SIZE
+from .safetensors_stream import FormatError, Header, read_header
+from .skip import resolve_patterns
+
+NF4_BLOCK = 64
+BF16_BYTES = 2
+
+
+@dataclass
+class VramEstimate:
+    quantizable_parameters: int = 0
+    other_parameters: int = 0
+    int8_scale_bytes: int = 0
+
+    @property
+    def bf16_bytes(self) -> int:
+        return BF16_BYTES * (self.quantizable_parameters + self.other_parameters)
+
+    @property
+    def int8_bytes(self) -> int:
+        return self.quantizable_parameters + self.int8_scale_bytes + BF16_BYTES * self.other_parameters
+
+    @property
+    def nf4_bytes(self) -> int:
+        absmax = 4 * -(-self.quantizable_parameters // NF4_BLOCK)
+        return self.quantizable_parameters // 2 + absmax + BF16_BYTES * self.other_parameters
+
+    def add(self, other: "VramEstimate") -> None:
+        self.quantizable_parameters += other.quantizable_parameters
+        self.other_parameters += other.other_parameters
+        self.int8_scale_bytes += other.int8_scale_bytes
+
+    def as_dict(self) -> dict:
+        return {"quantizable_parameters": self.quantizable_parameters, "other_parameters": self.other_parameters,
+                "bf16_bytes": self.bf16_bytes, "int8_bytes": self.int8_bytes, "nf4_bytes": self.nf4_bytes}
+
+
+@dataclass
+class InspectReport:
+    info: FileInfo
+    vram: VramEstimate
+    would_quantize: int = 0  # float files: layers the default conversion would quantize
+    would_keep: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        data = self.info.as_dict()
+        data["layers_quantized"] = len(self.info.quantized_layers)
+        data["layers_skipped"] = len(self.info.skipped_layers)
+        data["would_quantize"] = self.would_quantize
+        data["would_keep"] = self.would_keep
+        data["vram_estimate"] = self.vram.as_dict()
+        return data
+
+    def __str__(self) -> str:
+        info = self.info
+        lines = [str(info.path)]
+        if info.format == "float":
+            kind = "float (not quantized)" + (f", {len(info.fp8_layers)} fp8 layers" if info.fp8_layers else "")
+            lines.append(f"  format      {kind}")
+            lines.append(f"  layers      a default conversion would quantize {self.would_quantize}, "
+                         f"keep {self.would_keep} in float")
+        else:
+            lines.append(f"  format      {info.format} INT8, method {info.method}"
+                         + (f", block size {info.block_size}" if info.block_size else ""))
+            lines.append(f"  layers      {len(info.quantized_layers)} quantized, {len(info.skipped_layers)} kept in float")
+        dtypes = ", ".join(f"{name} {d['tensors']} tensors / {d['parameters']:,} params"
+                           for name, d in sorted(info.dtypes.items(), key=lambda kv: -kv[1]["bytes"]))
+        lines.append(f"  dtypes      {dtypes}")
+        lines.append(f"  parameters  {info.parameters:,}" + (f" in {len(info.files)} files" if len(info.files) > 1 else ""))
+        lines.append(f"  on disk     {_gib(info.total_bytes)}")
+        lines.append(f"  VRAM for weights (estimate): bf16 {_gib(self.vram.bf16_bytes)} | INT8 {_gib(self.vram.int8_bytes)}"
+                     f" | NF4 {_gib(self.vram.nf4_bytes)}")
+        for key in ("headroom.source_file", "headroom.tool_version"):
+            if key in info.metadata:
+                lines.append(f"  {key.split('.', 1)[1].replace('_', ' '):<11} {info.metadata[key]}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _scale_keys(layer: str) -> list[str]:
+    return [f"{layer}.{s}" for s in SCALE_SUFFIXES + INPUT_SCALE_SUFFIXES + (COMFY_QUANT_SUFFIX,)]
+
+
+def _estimate(header: Header, info: FileInfo, name_prefix: str) -> tuple[VramEstimate, int, int]:
+    estimate = VramEstimate()
+    overhead: set[str] = {"scaled_fp8"}
+    if info.is_quantized:
+        quantized = {f"{layer}.weight" for layer in info.quantized_layers}
+        would_q = would_k = 0
+    else:
+        plan = plan_conversion(header, "rowwise", DEFAULT_BLOCK_SIZE, resolve_patterns(None), "headroom", name_prefix)
+        quantized = {job.key for job in plan.jobs if job.action == "quantize"}
+        would_q, would_k = len(quantized), len(plan.kept)
+    for key in quantized:
+        layer = key[: -len(".weight")]
+        overhead.update(_scale_keys(layer))
+        rows = header.tensors[key].shape[0]
+        scale = header.tensors.get(f"{layer}.weight_scale") or header.tensors.get(f"{layer}.scale_weight")
+        if info.is_quantized and scale is not None:
+            estimate.int8_scale_bytes += scale.numel * 4
+        else:
+            estimate.int8_scale_bytes += rows * 4
+    for key, tensor in header.tensors.items():
+        if key in quantized:
+            estimate.quantizable_parameters += tensor.numel
+        elif key not in overhead:
+            estimate.other_parameters += tensor.numel
+    return estimate, would_q, would_k
+
+
+def inspect_path(path: str | os.PathLike) -> InspectReport:
+    """Describe a safetensors file or a folder of them (headers only)."""
+    path = Path(path)
+    if path.is_dir():
+        files = safetensors_files(path)
+        if not files:
+            raise FormatError(f"{path} is a folder without any .safetensors file")
+        pairs = [(f, read_header(f)) for f in files]
+    else:
+        pairs = [(path, read_header(path))]
+    infos, total, would_q, would_k = [], VramEstimate(), 0, 0
+    for file, header in pairs:
+        info = describe_header(header)
+        prefix = decision_prefix(file.relative_to(path)) if path.is_dir() else ""
+        estimate, q, k = _estimate(header, info, prefix)
+        total.add(estimate)
+        would_q, would_k = would_q + q, would_k + k
+        infos.append(info)
+    info = merge_infos(path, infos) if path.is_dir() else infos[0]
+    report = InspectReport(info, total, would_q, would_k)
+    if info.fp8_layers and info.is_quantized:
+        report.notes.append(f"{len(info.fp8_layers)} fp8 layers next to INT8 ones: a mixed file")
+    return report
