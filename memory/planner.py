@@ -12,6 +12,10 @@ Rules:
   onto the device that runs the end of the chain, which also holds the ring of ``prefetch + 1`` GPU slots
   (each as large as the largest streamed block).
 * ``blocks_resident=N`` caps the resident blocks (seed 002's ``blocks_in_memory``); None = as many as fit.
+* ``order="spread"`` (default, one device): the streamed blocks are spread evenly between the resident ones
+  (resident 0, 2, 4 ... at 50 %), so every copy overlaps the compute of the blocks before it and a step costs
+  about max(compute, streamed bytes / PCIe bandwidth). ``order="first"`` keeps the first blocks resident and
+  streams the tail (seed 000's device map); several devices always fill in order.
 * Default budget per device: 55 % of its total VRAM (seed 000). A budget above the card is clamped to the
   card; a single-device budget below what the critical parts need is raised to that minimum; both with a
   warning that says what was done. Several budgets whose sum is below the critical need are an error.
@@ -33,6 +37,8 @@ log = logging.getLogger("comfyui_headroom")
 
 GB = 1024 ** 3
 DEFAULT_BUDGET_FRACTION = 0.55
+DEFAULT_PREFETCH = 2  # blocks copied ahead: a ring of 3 slots absorbs jitter when copy ~ compute
+ORDERS = ("spread", "first")
 STREAMED = "pinned"  # the location name of streamed blocks
 
 
@@ -235,16 +241,18 @@ def _totals_list(totals, names: list[str]) -> list[int] | None:
 
 def plan_placement(model_or_blocks, budgets=None, critical: Sequence[str] = DEFAULT_SKIP_PATTERNS,
                    blocks_resident: int | None = None, *, blocks=None, devices: Sequence | None = None,
-                   device_totals=None, prefetch: int = 1) -> PlacementPlan:
+                   device_totals=None, prefetch: int = DEFAULT_PREFETCH, order: str = "spread") -> PlacementPlan:
     """Plan where every module lives under per-device budgets (bytes). See the module docstring.
 
     ``budgets``: ``{device: bytes}``, a list aligned with ``devices``, one number (each device), or None
     (55 % of ``device_totals``). ``device_totals``: total VRAM per device (dict, list or one number) -
     used for the default budget and for clamping budgets above the card. ``prefetch``: blocks copied
-    ahead (ring of ``prefetch + 1`` slots).
+    ahead (ring of ``prefetch + 1`` slots). ``order``: "spread" or "first" (module docstring).
     """
     if prefetch < 1:
         raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     if blocks_resident is not None and blocks_resident < 0:
         raise ValueError(f"blocks_resident must be >= 0, got {blocks_resident}")
     model, block_names, block_mods = resolve_blocks(model_or_blocks, blocks)
@@ -301,6 +309,8 @@ def plan_placement(model_or_blocks, budgets=None, critical: Sequence[str] = DEFA
 
     while True:
         result = _try_place(names, budget_list, head, tail, blocks, streamed, slots)
+        if isinstance(result, PlacementPlan) and order == "spread" and len(names) == 1 and streamed:
+            result = _spread(names, budget_list, head, tail, blocks, optional, streamed, slots, result)
         if isinstance(result, PlacementPlan):
             result.block_names = block_names
             result.units = units
@@ -313,6 +323,24 @@ def plan_placement(model_or_blocks, budgets=None, critical: Sequence[str] = DEFA
             raise PlanError(f"cannot place the model: {result}; budgets {dict(zip(names, map(_gb, budget_list)))}, "
                             f"resident need {_gb(need)}, streaming ring {_gb(ring_min)}")
         streamed.add(resident_optional[-1].name)
+
+
+def spread_positions(n: int, keep: int) -> list[int]:
+    """``keep`` of ``n`` positions, evenly spaced, starting with 0 (0, 2, 4 ... for half)."""
+    return sorted({(i * n) // keep for i in range(keep)}) if keep > 0 else []
+
+
+def _spread(names, budget_list, head, tail, blocks, optional, streamed, slots, contiguous):
+    """Same number of resident optional blocks, spread evenly; fewer if uneven block sizes overflow."""
+    keep = len(optional) - len([u for u in optional if u.name in streamed])
+    while keep >= 0:
+        chosen = {optional[i].name for i in spread_positions(len(optional), keep)}
+        trial = {u.name for u in optional if u.name not in chosen}
+        result = _try_place(names, budget_list, head, tail, blocks, trial, slots)
+        if isinstance(result, PlacementPlan):
+            return result
+        keep -= 1
+    return contiguous
 
 
 def _try_place(names, budget_list, head, tail, blocks, streamed, slots):

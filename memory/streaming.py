@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .blocks import resolve_blocks
-from .planner import plan_placement
+from .planner import DEFAULT_PREFETCH, plan_placement
 from .tensors import FlatLayout, collect_tensor_refs, empty_host
 
 log = logging.getLogger("comfyui_headroom")
@@ -72,7 +72,7 @@ class BlockStreamer:
     :func:`enable_block_streaming`."""
 
     def __init__(self, blocks: list[nn.Module], names: list[str], resident: list[bool], device,
-                 prefetch: int = 1, pin_memory: bool | None = None):
+                 prefetch: int = DEFAULT_PREFETCH, pin_memory: bool | None = None):
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
         if len(blocks) != len(resident):
@@ -255,15 +255,16 @@ _OWNERS: dict[int, list] = {}
 
 
 def enable_block_streaming(model_or_blocks, device, *, blocks=None, blocks_resident: int | None = None,
-                           budget_bytes: int | None = None, prefetch: int = 1, pin_memory: bool | None = None,
-                           critical=(), plan=None) -> BlockStreamer:
+                           budget_bytes: int | None = None, prefetch: int = DEFAULT_PREFETCH,
+                           pin_memory: bool | None = None, critical=(), plan=None, order: str = "spread") -> BlockStreamer:
     """Stream the blocks of a model that do not stay resident on ``device``; returns the :class:`BlockStreamer`.
 
     ``model_or_blocks``: a model (its blocks found automatically or named by ``blocks``: ``"model.layers"``,
     ``["double_blocks", "single_blocks"]`` or a list of modules) or directly the list of blocks. With a model,
     everything that is not a block is moved to ``device``. Which blocks stay resident: ``plan`` (a
     :class:`PlacementPlan` for this device), else ``blocks_resident=N`` (N blocks in VRAM, seed 002's
-    ``blocks_in_memory``: the critical ones, then the first ones; with ``budget_bytes`` too, at most N),
+    ``blocks_in_memory``: the critical ones, then others spread evenly - ``order="first"``: the first ones;
+    with ``budget_bytes`` too, at most N),
     else ``budget_bytes`` (as many as fit, via :func:`plan_placement`), else 55 % of the device's VRAM on
     CUDA / no resident block on CPU. ``critical`` patterns name blocks that never stream.
     ``pin_memory``: default True on CUDA (streaming from pageable memory is ~8x slower), False on CPU.
@@ -285,7 +286,7 @@ def enable_block_streaming(model_or_blocks, device, *, blocks=None, blocks_resid
         count_only = budget is None and blocks_resident is not None
         plan = plan_placement(target, 1 << 62 if count_only else budget, critical or (), blocks_resident,
                               blocks=blocks if model is not None else None, devices=[device],
-                              device_totals=None if count_only else totals, prefetch=prefetch)
+                              device_totals=None if count_only else totals, prefetch=prefetch, order=order)
     streamed = set(plan.streamed_blocks())
     resident = [n not in streamed for n in names]
     if model is not None:

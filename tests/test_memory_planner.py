@@ -35,12 +35,12 @@ def test_budget_keeps_exactly_the_blocks_that_fit(dit, k):
     block, head, tail = _sizes(dit)
     ring = 2 * block  # prefetch 1 -> 2 slots
     budget = head + tail + ring + k * block
-    plan = plan_placement(dit, budget)
+    plan = plan_placement(dit, budget, prefetch=1, order="first")
     assert plan.resident_blocks() == [f"blocks.{i}" for i in range(k)]
     assert plan.streamed_blocks() == [f"blocks.{i}" for i in range(k, 8)]
     assert plan.devices[0].ring_bytes == ring and plan.devices[0].bytes <= budget
     if k:
-        one_less = plan_placement(dit, budget - 1)
+        one_less = plan_placement(dit, budget - 1, prefetch=1)
         assert len(one_less.resident_blocks()) == k - 1
 
 
@@ -53,9 +53,28 @@ def test_prefetch_enlarges_the_ring(dit):
 
 
 def test_blocks_resident_caps_even_with_room(dit):
-    plan = plan_placement(dit, 10 ** 9, blocks_resident=3)
+    plan = plan_placement(dit, 10 ** 9, blocks_resident=3, order="first")
     assert plan.resident_blocks() == ["blocks.0", "blocks.1", "blocks.2"]
     assert len(plan.streamed) == 5
+
+
+@pytest.mark.parametrize("keep,expected", [(4, [0, 2, 4, 6]), (2, [0, 4]), (1, [0]), (7, [0, 1, 2, 3, 4, 5, 6])])
+def test_spread_interleaves_streamed_blocks_between_resident_ones(dit, keep, expected):
+    plan = plan_placement(dit, 10 ** 9, blocks_resident=keep)  # order="spread" is the default
+    assert plan.resident_blocks() == [f"blocks.{i}" for i in expected]
+    block, head, tail = _sizes(dit)
+    budget = head + tail + 3 * block + keep * block  # default prefetch 2 -> 3 slots
+    by_budget = plan_placement(dit, budget)
+    if keep + 3 >= 8:  # the ring would cost as much as the blocks: everything fits, nothing streams
+        assert by_budget.streamed == []
+    else:
+        assert by_budget.resident_blocks() == [f"blocks.{i}" for i in expected]
+    assert by_budget.devices[0].bytes <= budget
+
+
+def test_bad_order_is_an_error(dit):
+    with pytest.raises(ValueError, match="order"):
+        plan_placement(dit, 10 ** 9, order="random")
 
 
 def test_critical_blocks_are_never_streamed(dit):
@@ -84,7 +103,7 @@ def test_budget_above_the_card_is_clamped_with_a_warning(dit):
 def test_budget_below_the_critical_minimum_is_raised_with_a_warning(dit):
     block, head, tail = _sizes(dit)
     plan = plan_placement(dit, 100, device_totals=10 ** 9)
-    assert plan.devices[0].budget_bytes == head + tail + 2 * block
+    assert plan.devices[0].budget_bytes == head + tail + 3 * block  # ring of 3 slots (prefetch 2)
     assert plan.resident_blocks() == [] and len(plan.streamed) == 8
     assert any("raised to" in w for w in plan.warnings)
     with pytest.raises(PlanError, match="the card has"):
@@ -155,7 +174,7 @@ def test_transformers_layout_and_auto_detection():
 
 
 def test_flux_double_then_single_blocks_in_order():
-    plan = plan_placement(TinyFlux(3, 4), 10 ** 9, blocks_resident=4)
+    plan = plan_placement(TinyFlux(3, 4), 10 ** 9, blocks_resident=4, order="first")
     assert plan.block_names[:3] == ["double_blocks.0", "double_blocks.1", "double_blocks.2"]
     assert plan.resident_blocks()[-1] == "single_blocks.0"
     assert plan.streamed_blocks() == ["single_blocks.1", "single_blocks.2", "single_blocks.3"]
@@ -164,7 +183,7 @@ def test_flux_double_then_single_blocks_in_order():
 def test_a_plain_list_of_blocks():
     dit = make_dit(depth=4)
     plan = plan_placement(list(dit.blocks), 10 ** 9, blocks_resident=2)
-    assert plan.resident_blocks() == ["0", "1"] and plan.streamed_blocks() == ["2", "3"]
+    assert plan.resident_blocks() == ["0", "2"] and plan.streamed_blocks() == ["1", "3"]
 
 
 def test_no_block_list_is_a_clear_error():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from comfyui_headroom.memory import disable_block_streaming, enable_block_streaming, module_bytes
+from comfyui_headroom.memory.planner import spread_positions
 from comfyui_headroom.memory.tensors import UnsupportedModuleError, collect_tensor_refs
 from test_memory_models import TinyCausalLM, TinyFlux, make_dit
 
@@ -32,7 +33,8 @@ def test_streamed_outputs_equal_plain_outputs(int8, resident, prefetch, gen):
     for out in outs:
         assert torch.equal(out, expected)
     n_streamed = 6 - resident
-    assert streamer.streamed_indices == list(range(resident, 6))
+    kept = spread_positions(6, resident)  # resident blocks spread evenly (order="spread")
+    assert streamer.streamed_indices == [i for i in range(6) if i not in kept]
     if n_streamed:
         assert streamer.stats.copies >= n_streamed
         # Prefetch covers every streamed block, except the very first one when no resident block ran before it.
@@ -154,16 +156,19 @@ def test_flux_two_lists_auto_detected(gen):
     expected = _run(model, x, 1)[0]
     streamer = enable_block_streaming(model, "cpu", blocks_resident=2)
     assert streamer.names[:2] == ["double_blocks.0", "double_blocks.1"]
-    assert streamer.streamed_indices == [2, 3, 4]
+    assert streamer.streamed_indices == [1, 3, 4]  # resident: positions 0 and 2 (spread)
     assert torch.equal(_run(model, x, 1)[0], expected)
 
 
 def test_budget_decides_the_resident_blocks(gen):
-    model = make_dit(depth=6)
+    model = make_dit(depth=8)
     block = module_bytes(model.blocks[0])
-    rest = module_bytes(model) - 6 * block
-    streamer = enable_block_streaming(model, "cpu", budget_bytes=rest + 2 * block + 3 * block)
-    assert streamer.streamed_indices == [3, 4, 5]
+    rest = module_bytes(model) - 8 * block
+    streamer = enable_block_streaming(model, "cpu", budget_bytes=rest + 3 * block + 3 * block)  # ring 3 + 3 blocks
+    assert streamer.streamed_indices == [1, 3, 4, 6, 7]  # resident 0, 2, 5: spread
+    streamer.disable()
+    first = enable_block_streaming(model, "cpu", budget_bytes=rest + 2 * block + 3 * block, prefetch=1, order="first")
+    assert first.streamed_indices == [3, 4, 5, 6, 7]
 
 
 def test_pinning_needs_cuda_and_bnb_int8_is_refused():
