@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,15 +197,15 @@ def _comfy_config() -> dict:
     return {"format": COMFY_INT8_FORMAT}
 
 
-def _fp8_scale_key(header: Header, layer: str) -> str | None:
+def _fp8_scale_key(tensors: Mapping[str, TensorInfo], layer: str) -> str | None:
     for suffix in SCALE_SUFFIXES:
-        if f"{layer}.{suffix}" in header.tensors:
+        if f"{layer}.{suffix}" in tensors:
             return f"{layer}.{suffix}"
     return None
 
 
 def plan_conversion(
-    header: Header,
+    infos: Header | Mapping[str, TensorInfo],
     method: str,
     block_size: int,
     patterns: Sequence[str],
@@ -213,20 +213,23 @@ def plan_conversion(
     name_prefix: str = "",
     min_features: int = DEFAULT_MIN_FEATURES,
 ) -> _Plan:
-    """Decide per tensor (from the header only) whether it is quantized, copied, dequantized or dropped.
+    """Decide per tensor (from dtypes and shapes only) whether it is quantized, copied, dequantized or dropped.
+
+    ``infos`` is a parsed :class:`Header` or any ``{name: TensorInfo}`` mapping, in write order.
 
     ``name_prefix`` is prepended to layer names for the skip decision only (a shard in ``vae/`` is judged
     as ``vae.<layer>``, so the ``vae`` pattern keeps a diffusers VAE folder in float).
     """
-    fp8_layers = {k[: -len(".weight")] for k, i in header.tensors.items() if k.endswith(".weight") and i.dtype in FP8_DTYPES}
-    dropped = [FP8_MARKER_KEY] if FP8_MARKER_KEY in header.tensors else []
+    tensors_in: Mapping[str, TensorInfo] = infos.tensors if isinstance(infos, Header) else infos
+    fp8_layers = {k[: -len(".weight")] for k, i in tensors_in.items() if k.endswith(".weight") and i.dtype in FP8_DTYPES}
+    dropped = [FP8_MARKER_KEY] if FP8_MARKER_KEY in tensors_in else []
     for layer in fp8_layers:
         for suffix in SCALE_SUFFIXES + INPUT_SCALE_SUFFIXES + (COMFY_QUANT_SUFFIX,):
-            if f"{layer}.{suffix}" in header.tensors:
+            if f"{layer}.{suffix}" in tensors_in:
                 dropped.append(f"{layer}.{suffix}")
     dropped_set = set(dropped)
     jobs, tensors, kept = [], {}, {}
-    for key, info in header.tensors.items():
+    for key, info in tensors_in.items():
         if key in dropped_set:
             continue
         layer = key[: -len(".weight")] if key.endswith(".weight") else None
@@ -247,12 +250,12 @@ def plan_conversion(
                     quant_key = f"{layer}.{COMFY_QUANT_SUFFIX}"
                     outputs.append(quant_key)
                     tensors[quant_key] = TensorInfo(torch.uint8, tuple(encode_comfy_quant(_comfy_config()).shape))
-                jobs.append(_Job(key, "quantize", outputs, _fp8_scale_key(header, layer) if is_fp8 else None))
+                jobs.append(_Job(key, "quantize", outputs, _fp8_scale_key(tensors_in, layer) if is_fp8 else None))
                 continue
             kept[layer] = reason
         if is_fp8 and layer in fp8_layers:
             tensors[key] = TensorInfo(KEPT_FP8_DTYPE, info.shape)
-            jobs.append(_Job(key, "dequantize", [key], _fp8_scale_key(header, layer)))
+            jobs.append(_Job(key, "dequantize", [key], _fp8_scale_key(tensors_in, layer)))
         else:
             tensors[key] = info
             jobs.append(_Job(key, "copy", [key]))
@@ -359,9 +362,9 @@ def _tool_version() -> str:
         return "unknown"
 
 
-def _output_metadata(header: Header, plan: _Plan, report_quantized: list[str], method: str, block_size: int,
+def _output_metadata(source: "_SourceInfo", plan: _Plan, report_quantized: list[str], method: str, block_size: int,
                      layout: str) -> dict[str, str]:
-    metadata = {k: v for k, v in header.metadata.items() if k != COMFY_LEGACY_KEY and not k.startswith("headroom.")}
+    metadata = {k: v for k, v in source.metadata.items() if k != COMFY_LEGACY_KEY and not k.startswith("headroom.")}
     metadata.setdefault("format", "pt")
     metadata.update({
         META_FORMAT_VERSION: FORMAT_VERSION,
@@ -371,59 +374,85 @@ def _output_metadata(header: Header, plan: _Plan, report_quantized: list[str], m
         META_QUANTIZED: json.dumps(report_quantized),
         META_SKIPPED: json.dumps(sorted(plan.kept)),
         META_SKIP_REASONS: json.dumps(plan.kept, sort_keys=True),
-        META_SOURCE_FILE: header.path.name,
-        META_SOURCE_HASH: raw_header_sha256(header.path),
+        META_SOURCE_FILE: source.name,
         META_TOOL_VERSION: _tool_version(),
     })
+    if source.sha256:
+        metadata[META_SOURCE_HASH] = source.sha256
     return metadata
 
 
 def refuse_quantized_input(header: Header) -> None:
+    """ConvertError when the file already holds INT8 weights (converting twice would only lose precision)."""
     info = describe_header(header)
     if info.is_quantized:
         raise ConvertError(f"{header.path} is already quantized ({info.format} INT8, {info.method}, "
                            f"{len(info.quantized_layers)} layers); nothing to convert - see `headroom inspect {header.path}`")
 
 
-def _write_file(header: Header, dst: Path, method: str, block_size: int, patterns: Sequence[str], layout: str,
-                device: str, progress_bar, name_prefix: str = "", fail_after: int | None = None) -> tuple[ConvertReport, _Plan]:
-    """Convert one parsed file into ``dst`` (written in place: the caller provides a temporary path)."""
-    plan = plan_conversion(header, method, block_size, patterns, layout, name_prefix)
+@dataclass
+class _SourceInfo:
+    """What the converter needs to know about its input besides the tensors."""
+
+    name: str  # recorded in the output's metadata (file name, or a model's name)
+    label: str  # shown in the report (the path)
+    infos: Mapping[str, TensorInfo]
+    metadata: Mapping[str, str]
+    sha256: str | None  # of the source file's header + size; None for an in-memory model
+
+
+def _file_source(header: Header) -> _SourceInfo:
+    return _SourceInfo(header.path.name, str(header.path), header.tensors, header.metadata,
+                       raw_header_sha256(header.path))
+
+
+def _write(source: _SourceInfo, reader: Mapping[str, torch.Tensor], dst: Path, method: str, block_size: int,
+           patterns: Sequence[str], layout: str, device: str, progress_bar, name_prefix: str = "",
+           fail_after: int | None = None) -> tuple[ConvertReport, _Plan]:
+    """Convert ``reader``'s tensors into ``dst`` (written in place: the caller provides a temporary path)."""
+    plan = plan_conversion(source.infos, method, block_size, patterns, layout, name_prefix)
     quantized_layers = [j.key[: -len(".weight")] for j in plan.jobs if j.action == "quantize"]
-    metadata = _output_metadata(header, plan, quantized_layers, method, block_size, layout)
-    report = ConvertReport(str(header.path), str(dst), layout, method, block_size, kept=dict(plan.kept),
+    metadata = _output_metadata(source, plan, quantized_layers, method, block_size, layout)
+    report = ConvertReport(source.label, str(dst), layout, method, block_size, kept=dict(plan.kept),
                            dropped_keys=list(plan.dropped), files=1)
     writer = StreamingWriter(dst, plan.tensors, metadata)
     try:
-        with TensorReader(header.path, header) as reader:
-            for index, job in enumerate(plan.jobs):
-                if fail_after is not None and index >= fail_after:
-                    raise RuntimeError(f"injected failure after {fail_after} tensors (test hook)")
-                source = reader[job.key]
-                fp8_scale = reader[job.fp8_scale_key] if job.fp8_scale_key else None
-                if job.action == "quantize":
-                    q, scale, error = quantize_streamed(source, method, block_size, job.key, fp8_scale, device)
-                    report.quantized[job.key[: -len(".weight")]] = error
-                    writer.write(job.outputs[0], q)
-                    writer.write(job.outputs[1], scale.reshape(plan.tensors[job.outputs[1]].shape))
-                    if layout == "comfy":
-                        writer.write(job.outputs[2], encode_comfy_quant(_comfy_config()))
-                    del q
-                elif job.action == "dequantize":
-                    writer.write(job.key, _dequantized(source, fp8_scale, job.key))
-                else:
-                    _check_finite_copy(source, job.key)
-                    writer.write(job.key, source)
-                    report.copied_tensors += 1
-                del source, fp8_scale
-                if progress_bar is not None:
-                    progress_bar.update(header.tensors[job.key].nbytes)
+        for index, job in enumerate(plan.jobs):
+            if fail_after is not None and index >= fail_after:
+                raise RuntimeError(f"injected failure after {fail_after} tensors (test hook)")
+            tensor = reader[job.key]
+            fp8_scale = reader[job.fp8_scale_key] if job.fp8_scale_key else None
+            if job.action == "quantize":
+                q, scale, error = quantize_streamed(tensor, method, block_size, job.key, fp8_scale, device)
+                report.quantized[job.key[: -len(".weight")]] = error
+                writer.write(job.outputs[0], q)
+                writer.write(job.outputs[1], scale.reshape(plan.tensors[job.outputs[1]].shape))
+                if layout == "comfy":
+                    writer.write(job.outputs[2], encode_comfy_quant(_comfy_config()))
+                del q
+            elif job.action == "dequantize":
+                writer.write(job.key, _dequantized(tensor, fp8_scale, job.key))
+            else:
+                _check_finite_copy(tensor, job.key)
+                writer.write(job.key, tensor)
+                report.copied_tensors += 1
+            del tensor, fp8_scale
+            if progress_bar is not None:
+                progress_bar.update(source.infos[job.key].nbytes)
         writer.close()
     except BaseException:
         writer.abort()
         raise
     verify_file(dst, plan.tensors, metadata)
     return report, plan
+
+
+def _write_file(header: Header, dst: Path, method: str, block_size: int, patterns: Sequence[str], layout: str,
+                device: str, progress_bar, name_prefix: str = "", fail_after: int | None = None) -> tuple[ConvertReport, _Plan]:
+    """Convert one parsed safetensors file into ``dst``, reading it tensor by tensor."""
+    with TensorReader(header.path, header) as reader:
+        return _write(_file_source(header), reader, dst, method, block_size, patterns, layout, device, progress_bar,
+                      name_prefix, fail_after)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -471,6 +500,28 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False)
 
 
+def _write_atomically(dst: Path, total_bytes: int, progress: bool, desc: str, write) -> ConvertReport:
+    """Run ``write(tmp_path, progress_bar)`` into a temporary file next to ``dst``, then rename it into place.
+
+    Any failure - an exception, Ctrl-C - removes the temporary file: there is never a half-written OUT.
+    """
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(dst)
+    bar = _progress(total_bytes, progress, desc)
+    try:
+        report = write(tmp, bar)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    report.dst = str(dst)
+    report.bytes_after = dst.stat().st_size
+    return report
+
+
 def convert_file(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -491,22 +542,53 @@ def convert_file(
     header = read_header(src)
     refuse_quantized_input(header)
     start = time.perf_counter()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(dst)
-    bar = _progress(header.data_bytes, progress, src.name)
-    try:
-        report, _ = _write_file(header, tmp, method, block_size, resolve_patterns(skip, keep_default_skips),
-                                layout, device, bar, fail_after=_fail_after)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    report.dst = str(dst)
+    patterns = resolve_patterns(skip, keep_default_skips)
+
+    def write(tmp: Path, bar) -> ConvertReport:
+        return _write_file(header, tmp, method, block_size, patterns, layout, device, bar, fail_after=_fail_after)[0]
+
+    report = _write_atomically(dst, header.data_bytes, progress, src.name, write)
     report.bytes_before = src.stat().st_size
-    report.bytes_after = dst.stat().st_size
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def convert_source(
+    source: Mapping[str, torch.Tensor],
+    dst: str | os.PathLike,
+    method: str = "rowwise",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    skip: Sequence[str] | str | None = None,
+    keep_default_skips: bool = True,
+    device: str = "cpu",
+    layout: str = "headroom",
+    progress: bool = False,
+    overwrite: bool = True,
+) -> ConvertReport:
+    """Convert tensors that are not a file - e.g. a loaded model, one weight computed at a time - to INT8.
+
+    ``source`` maps names to tensors and has ``.infos`` (``{name: TensorInfo}`` for every tensor, in write
+    order: the header is laid out from it before any tensor is asked for); optional ``.name`` and
+    ``.metadata`` are recorded in the output. Each tensor is requested once, in ``infos`` order.
+    """
+    dst = Path(dst)
+    _check_options(method, block_size, layout, device)
+    if dst.exists() and not overwrite:
+        raise ConvertError(f"{dst} already exists; pass --overwrite to replace it")
+    infos = dict(source.infos)
+    int8 = [k for k, i in infos.items() if k.endswith(".weight") and i.dtype == torch.int8]
+    if int8:
+        raise ConvertError(f"'{int8[0]}' is already int8: dequantize quantized layers before converting them again")
+    name = str(getattr(source, "name", "model"))
+    info = _SourceInfo(name, name, infos, dict(getattr(source, "metadata", None) or {}), None)
+    start = time.perf_counter()
+    patterns = resolve_patterns(skip, keep_default_skips)
+
+    def write(tmp: Path, bar) -> ConvertReport:
+        return _write(info, source, tmp, method, block_size, patterns, layout, device, bar)[0]
+
+    report = _write_atomically(dst, sum(i.nbytes for i in infos.values()), progress, name, write)
+    report.bytes_before = sum(i.nbytes for i in infos.values())
     report.seconds = time.perf_counter() - start
     return report
 

@@ -366,3 +366,32 @@ def test_streaming_rss_stays_bounded_on_a_3gb_file(tmp_path):
     finally:
         src.unlink(missing_ok=True)
         dst.unlink(missing_ok=True)
+
+
+class _ModelSource(dict):
+    """A model's state dict as a converter source: ``infos`` up front, each tensor asked for once."""
+
+    def __init__(self, module):
+        super().__init__(module.state_dict())
+        self.infos = {k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in self.items()}
+        self.name, self.requests = "TinyBlock", []
+
+    def __getitem__(self, key):
+        self.requests.append(key)
+        return super().__getitem__(key)
+
+
+def test_convert_source_from_a_module(tmp_path, gen):
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(1024, 2048), torch.nn.LayerNorm(2048), torch.nn.Linear(2048, 1024))
+    source = _ModelSource(module)
+    report = convert_mod.convert_source(source, tmp_path / "m.safetensors", method="block")
+    assert sorted(source.requests) == sorted(source.infos)  # each tensor computed exactly once
+    assert sorted(report.quantized) == ["0", "2"]
+    with TensorReader(tmp_path / "m.safetensors") as f:
+        assert f.header.metadata["headroom.source_file"] == "TinyBlock"
+        assert "headroom.source_sha256_of_header_and_size" not in f.header.metadata
+        parsed = parse_int8_layer(f, "2.", f.header.metadata)
+        q, s = quantize_weight(module[2].weight.detach(), "block")
+        assert torch.equal(parsed.weight, q) and torch.equal(parsed.scale, s)
+        assert torch.equal(f["1.weight"], module[1].weight.detach())
