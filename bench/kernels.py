@@ -243,6 +243,15 @@ def asm_report(out_dir: str) -> str:
     return text
 
 
+def _dist_version(module: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(module.replace("_", "-"))
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
 def environment() -> dict:
     import triton
 
@@ -264,9 +273,9 @@ def run(args) -> dict:
     peers = {}
     for name, mod in (("bnb", "bitsandbytes"), ("ck", "comfy_kitchen")):
         try:
-            module = __import__(mod)
+            __import__(mod)
             peers[name] = True
-            env[f"{name}_version"] = getattr(module, "__version__", "?")
+            env[f"{name}_version"] = _dist_version(mod)
         except Exception as err:
             peers[name] = False
             env[f"{name}_missing"] = f"{type(err).__name__}: {err}"
@@ -282,7 +291,8 @@ def run(args) -> dict:
             print(f"M={m:6d} K={k:6d} N={n:6d} GPU: bf16 {row['bf16_g']:.4f} ms ours[{row['ours_kernel']}] "
                   f"{row['ours_g']:.4f} ms = {row['bf16_g'] / row['ours_g']:.2f}x; eager "
                   f"{row['bf16_ms'] / row['ours_ms']:.2f}x  ({time.time() - start:.1f}s)", flush=True)
-    result = {"env": env, "rows": rows, "command": "python bench/kernels.py run"}
+    command = "python bench/kernels.py run" + (" --quick" if args.quick else "") + (" --tune" if args.tune else "")
+    result = {"env": env, "rows": rows, "command": command}
     if args.tune:
         result["tune"] = tune_rows(gen)
         print(json.dumps(result["tune"], indent=1), flush=True)

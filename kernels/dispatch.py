@@ -33,7 +33,9 @@ from .backends import BACKENDS, HAS_TRITON, KERNELS, KernelUnsupported, check_ar
 
 log = logging.getLogger("comfyui_headroom.kernels")
 
-SMALL_M = 256  # at or below: weight-only path (memory bound)
+# At or below: the weight-only path. Measured on H100 (docs/PERFORMANCE.md, "## Kernels"): W8A16 beats
+# W8A8 (quantization included) at M = 1 and 16 on every shape, and loses to it by 1.5-3x at M = 256.
+SMALL_M = 16
 ALIASES = {"triton": "triton_w8a8", "w8a8": "triton_w8a8", "w8a16": "triton_w8a16", "auto": None, "": None}
 
 
