@@ -62,6 +62,10 @@ class LoaderError(ValueError):
     """A load that cannot work as asked; the message says what to change."""
 
 
+class MapRejected(RuntimeError):
+    """bitsandbytes refused a device map that puts quantized layers on the CPU."""
+
+
 @dataclass
 class LoadedModel:
     """A loaded model plus everything the generators and the status line need."""
@@ -358,10 +362,17 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
             # Our streaming, not accelerate's hooks: the weights load into CPU RAM, then everything that is not
             # a decoder layer and as many layers as the budget holds move to the GPU; the rest is streamed
             # from pinned RAM (memory/streaming.py). A manual map decides the resident layers itself.
-            stream_plan = {"budget_bytes": budget_bytes, "device": device}
-            if isinstance(device_map, dict) or device_map == "manual":
-                stream_plan["blocks_resident"] = sum(1 for u, d in chosen.items() if u.startswith("model.layers.") and d != "cpu")
-            kwargs["device_map"] = {"": "cpu"}
+            model_bytes = sum(t.numel() * t.element_size() for t in skeleton.parameters())
+            if device_map == "auto" and model_bytes <= budget_bytes:
+                kwargs["device_map"] = {"": device}  # fits: straight to the GPU, no streaming
+            else:
+                stream_plan = {"budget_bytes": budget_bytes, "device": device}
+                if isinstance(device_map, dict) or device_map == "manual":
+                    stream_plan["blocks_resident"] = sum(1 for u, d in chosen.items()
+                                                         if u.startswith("model.layers.") and d != "cpu")
+                kwargs["device_map"] = {"": "cpu"}
+                notes.append(f"BF16 model {model_bytes / GB:.2f} GB > budget {budget_bytes / GB:.2f} GB: loaded into "
+                             "RAM, the decoder layers that do not fit are streamed")
         elif chosen == "auto":
             kwargs["device_map"] = "auto"
             kwargs["max_memory"] = max_memory_for_budget(budget_bytes / GB, device, total)
@@ -380,7 +391,18 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
     else:
         kwargs["config"] = config
 
-    model, telemetry = _from_pretrained_tracked(folder, kwargs, mode, plan)
+    try:
+        model, telemetry = _from_pretrained_tracked(folder, kwargs, mode, plan)
+    except MapRejected:
+        if kwargs.get("device_map") != "auto":
+            raise LoaderError(f"{folder}: bitsandbytes rejected the device map (quantized layers on the CPU). "
+                              "Raise the budget, use NF4, or set device_map='manual' with fewer gpu_layers") from None
+        # transformers sized the model differently from our plan (it keeps 10 % aside): our plan said it
+        # fits, so place everything on the GPU explicitly.
+        notes.append("transformers' auto map spilled to the CPU; loaded with the planned all-GPU map instead")
+        kwargs.pop("max_memory", None)
+        kwargs["device_map"] = {"": device}
+        model, telemetry = _from_pretrained_tracked(folder, kwargs, mode, plan)
     if full_critical:
         dtypes = {n: skeleton.get_submodule(n).weight.dtype for n in full_critical}
         dequantized = dequantize_critical_layers(model, folder, full_critical, dtypes)
@@ -404,7 +426,8 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
         placement.offloaded_by = "headroom-streaming"
     log.info("%s", placement)
     if reserve_gb is None:
-        reserve_gb = 0.0 if info is None or budget_bytes is None else max(0.0, (info[1] - budget_bytes) / GB)
+        # seed 000's loader reserve: VRAM promised to others, added to the inference estimate in smart mode
+        reserve_gb = float(external_vram_gb)
     load_args = dict(path=str(folder), mode=mode, budget_gb=budget_gb, external_vram_gb=external_vram_gb,
                      trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
                      device_map=device_map, gpu_layers=gpu_layers, skip=skip, keep_attention=keep_attention,
@@ -531,9 +554,7 @@ def _from_pretrained_tracked(folder: Path, kwargs: dict, mode: str, plan: SkipPl
                 model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     except ValueError as err:
         if "dispatched on the CPU" in str(err):
-            raise LoaderError(f"{folder}: the quantized model does not fit the GPU budget and bitsandbytes cannot "
-                              "offload quantized layers to the CPU. Raise the budget, use NF4, or set "
-                              "device_map='manual' with fewer gpu_layers") from err
+            raise MapRejected(str(err)) from None
         raise
     report = getattr(tracker, "report", None)
     telemetry = report.as_dict() if report is not None else {}

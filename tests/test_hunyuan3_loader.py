@@ -270,3 +270,20 @@ def test_node_cache_reuses_and_reloads_when_the_folder_changes(fake_folder, tmp_
     assert nodes.CACHE.loaded is None and third.model is None  # post_action unload dropped it
     image, status = nodes.Hunyuan3GenerateLargeBudget().generate(third, "a fox", 1, 2, 2.0, 64, 64, "smart", "keep")["result"]
     assert "reloaded" in status and nodes.CACHE.loaded is third and third.model is not None
+
+
+def test_int8_park_in_one_host_buffer_keeps_the_function(int8):
+    """The INT8 soft-unload routine (CUDA->pinned in production) on the CPU: every tensor, the int8
+    weight's CB and the LLM.int8 scales land in one flat buffer, and the model computes the same."""
+    from comfyui_headroom.memory.hf_generate import move_bnb_int8_model
+
+    want = np.asarray(generate(int8, _request()).image)
+    layer = int8.model.model.layers[0].mlp.experts[0].down_proj
+    nbytes, buffer = move_bnb_int8_model(int8.model, "cpu")
+    assert nbytes > 0 and buffer.numel() >= nbytes
+    base = buffer.data_ptr()
+    assert base <= layer.weight.data_ptr() < base + buffer.numel()
+    assert layer.state.CB is None or layer.state.CB.data_ptr() == layer.weight.data_ptr()
+    assert np.array_equal(want, np.asarray(generate(int8, _request()).image))
+    nbytes2, buffer2 = move_bnb_int8_model(int8.model, "cpu", buffer)
+    assert buffer2 is buffer and nbytes2 == nbytes  # reused
