@@ -75,6 +75,7 @@ class Int8LoadConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     file_metadata: dict | None = None
     quantize_device: str | None = None  # None: CUDA when available (fast), else CPU
+    float_dtype: torch.dtype | None = None  # dtype of the layers kept in float; None: ComfyUI decides
 
     def __post_init__(self) -> None:
         if self.weight_format not in WEIGHT_FORMATS:
@@ -162,6 +163,26 @@ def _fp8_to_float(weight: torch.Tensor, state_dict: dict, prefix: str, name: str
     return w
 
 
+CHUNK_BYTES = 64 * 2**20  # float32 working set per quantization step
+
+
+def quantize_in_row_chunks(weight: torch.Tensor, method: str, block_size: int, device: torch.device):
+    """:func:`.int8.quantize_weight` a few rows at a time (row and block scales are per row, so the result is
+    identical) - the float32 temporaries of a 100M-parameter layer would otherwise cost GBs of RAM."""
+    out_features, in_features = weight.shape
+    rows = max(1, CHUNK_BYTES // (4 * in_features))
+    if method == "tensorwise" or rows >= out_features:
+        q, scale = quantize_weight(weight.to(device), method, block_size)
+        return q.to("cpu"), scale.to("cpu")
+    q = torch.empty(out_features, in_features, dtype=torch.int8)
+    scales = []
+    for start in range(0, out_features, rows):
+        part_q, part_scale = quantize_weight(weight[start:start + rows].to(device), method, block_size)
+        q[start:start + rows] = part_q.to("cpu")
+        scales.append(part_scale.to("cpu"))
+    return q, torch.cat(scales)
+
+
 @functools.lru_cache(maxsize=None)
 def _base_classes():
     """(Linear, Embedding) base classes subclassing ComfyUI's ``manual_cast`` ones."""
@@ -239,8 +260,9 @@ def _base_classes():
             self._load_bias(bias, prefix, missing_keys)
             record.step()
 
-        def _become_int8(self, weight, scale, block_size, group):
-            self.weight = nn.Parameter(weight.detach().to("cpu").clone(), requires_grad=False)
+        def _become_int8(self, weight, scale, block_size, group, copy=True):
+            data = weight.detach().to("cpu")
+            self.weight = nn.Parameter(data.clone() if copy else data, requires_grad=False)
             release_file_pages(weight)
             self.weight_scale = scale.detach().to("cpu", torch.float32).clone()
             self.block_size = int(block_size)
@@ -272,13 +294,12 @@ def _base_classes():
             else:
                 decision = None
             if decision is not None and not decision.skip:
-                device = cfg.device_for_quantization()
-                q, scale = quantize_weight(weight.to(device), cfg.method, cfg.block_size)
-                self._become_int8(q, scale, cfg.block_size, 0)
+                q, scale = quantize_in_row_chunks(weight, cfg.method, cfg.block_size, cfg.device_for_quantization())
+                self._become_int8(q, scale, cfg.block_size, 0, copy=False)
                 record.quantized_on_load.append(name)
             else:
                 reason = decision.reason if decision is not None else "quantize_on_load off"
-                self.weight = nn.Parameter(weight.to(self.float_dtype).clone(), requires_grad=False)
+                self.weight = nn.Parameter(weight.to(self.float_dtype, copy=True), requires_grad=False)
                 record.kept_float[name] = reason
                 record.float_linear_bytes += self.weight.numel() * self.weight.element_size()
             record.released_bytes += release_file_pages(source)
@@ -292,7 +313,7 @@ def _base_classes():
                     return
             dtype = self.float_dtype if self.float_dtype.is_floating_point and \
                 self.float_dtype not in FP8_DTYPES else torch.bfloat16
-            self.bias = nn.Parameter(bias.to(dtype).clone(), requires_grad=False)
+            self.bias = nn.Parameter(bias.to(dtype, copy=True), requires_grad=False)
             release_file_pages(bias)
 
         # -- ComfyUI's patch hooks: INT8 weights are never merged ------------------------------------
@@ -442,12 +463,14 @@ def patcher_class():
 
         headroom_budget_bytes = 0
         headroom_lora_offload = False
+        headroom_blocks_resident = 0  # > 0: headroom block streaming instead of ComfyUI's partial loading
 
         def clone(self, *args, **kwargs):
             n = super().clone(*args, **kwargs)
             if isinstance(n, Int8ModelPatcher):
                 n.headroom_budget_bytes = self.headroom_budget_bytes
                 n.headroom_lora_offload = self.headroom_lora_offload
+                n.headroom_blocks_resident = self.headroom_blocks_resident
             return n
 
         def _int8_modules(self) -> dict:
@@ -494,6 +517,8 @@ def patcher_class():
             return weight
 
         def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+            if self.headroom_blocks_resident and device_to is not None and torch.device(device_to).type != "cpu":
+                return self.load_streaming(torch.device(device_to))
             budget = self.headroom_budget_bytes
             if budget and device_to is not None and torch.device(device_to).type != "cpu":
                 if full_load or lowvram_model_memory <= 0 or lowvram_model_memory > budget:
@@ -502,16 +527,46 @@ def patcher_class():
                          force_patch_weights=force_patch_weights, full_load=full_load)
             self._attach_side_branches(device_to)
 
+        def load_streaming(self, device_to: torch.device) -> None:
+            """Keep ``headroom_blocks_resident`` blocks on ``device_to``, stream the rest from pinned RAM
+            (memory/streaming.py); everything outside the blocks goes to ``device_to``."""
+            from ..memory import enable_block_streaming
+
+            with self.use_ejected():
+                dm = self.model.diffusion_model
+                for key in self.patches:  # float weights: ComfyUI's merge (INT8 ones: side branches)
+                    self.patch_weight_to_device(key)
+                streamer = getattr(dm, "_headroom_streamer", None)
+                if streamer is None:
+                    streamer = enable_block_streaming(dm, device_to, blocks_resident=self.headroom_blocks_resident)
+                self.model.device = device_to
+                self.model.model_lowvram = False
+                self.model.model_loaded_weight_memory = max(
+                    0, self.model_size() - streamer.streamed_bytes + streamer.ring_bytes)
+                self.model.current_weight_patches_uuid = self.patches_uuid
+                self._attach_side_branches(device_to)
+                log.info("headroom: %s", streamer.summary())
+
         def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+            if self._streaming():
+                return 0  # all or nothing: ComfyUI then unloads the model (unpatch_model)
             freed = super().partially_unload(device_to, memory_to_free, force_patch_weights)
             self._drop_own_lowvram_patches()
             return freed
+
+        def _streaming(self) -> bool:
+            dm = getattr(self.model, "diffusion_model", None)
+            return getattr(dm, "_headroom_streamer", None) is not None
 
         def unpatch_model(self, device_to=None, unpatch_weights=True):
             if unpatch_weights:
                 for module in self._int8_modules().values():
                     module.lora = []
                     module._headroom_patches = None
+                if self._streaming():
+                    from ..memory import disable_block_streaming
+
+                    disable_block_streaming(self.model.diffusion_model, device=device_to or self.offload_device)
             return super().unpatch_model(device_to, unpatch_weights)
 
         def _lora_dtype(self) -> torch.dtype:
@@ -552,13 +607,14 @@ def patcher_class():
     return Int8ModelPatcher
 
 
-def adopt_patcher(patcher, budget_bytes: int = 0, reinit: tuple | None = None):
+def adopt_patcher(patcher, budget_bytes: int = 0, reinit: tuple | None = None, blocks_resident: int = 0):
     """A clone of ``patcher`` (same model) as an ``Int8ModelPatcher``."""
     cls = patcher_class()
     n = patcher.clone()
     if not isinstance(n, cls):
         n.__class__ = cls
     n.headroom_budget_bytes = int(budget_bytes)
+    n.headroom_blocks_resident = int(blocks_resident)
     if reinit is not None:
         n.cached_patcher_init = reinit
     return n
@@ -582,7 +638,7 @@ def _file_dtype_summary(path: str) -> tuple[dict, torch.dtype | None, int]:
 
 
 def load_int8_diffusion_model(path: str, config: Int8LoadConfig, budget_bytes: int = 0,
-                              progress: Callable[[int, int], None] | None = None):
+                              progress: Callable[[int, int], None] | None = None, blocks_resident: int = 0):
     """``(Int8ModelPatcher, LoadLog)`` for the diffusion model at ``path``, through ComfyUI's loader."""
     import comfy.sd
 
@@ -591,7 +647,9 @@ def load_int8_diffusion_model(path: str, config: Int8LoadConfig, budget_bytes: i
     record = LoadLog(progress=progress)
     ops = make_int8_ops(config, record)
     options: dict = {"custom_operations": ops}
-    if dominant in FP8_DTYPES or dominant == torch.int8:
+    if config.float_dtype is not None:
+        options["dtype"] = config.float_dtype
+    elif dominant in FP8_DTYPES or dominant == torch.int8:
         # ComfyUI would pick the file's storage dtype for the layers it keeps; theirs must stay float.
         from comfy import model_management
 
@@ -599,13 +657,13 @@ def load_int8_diffusion_model(path: str, config: Int8LoadConfig, budget_bytes: i
     start = time.perf_counter()
     base = comfy.sd.load_diffusion_model(path, model_options=options, disable_dynamic=True)
     record.seconds = time.perf_counter() - start
-    reinit = (reload_int8_diffusion_model, (path, config, budget_bytes))
-    return adopt_patcher(base, budget_bytes, reinit), record
+    reinit = (reload_int8_diffusion_model, (path, config, budget_bytes, blocks_resident))
+    return adopt_patcher(base, budget_bytes, reinit, blocks_resident), record
 
 
-def reload_int8_diffusion_model(path, config, budget_bytes=0, disable_dynamic=True):
+def reload_int8_diffusion_model(path, config, budget_bytes=0, blocks_resident=0, disable_dynamic=True):
     """``cached_patcher_init`` target: ComfyUI calls it to build a fresh copy (multi-GPU, deep clones)."""
-    return load_int8_diffusion_model(path, config, budget_bytes)[0]
+    return load_int8_diffusion_model(path, config, budget_bytes, blocks_resident=blocks_resident)[0]
 
 
 def load_int8_text_encoder(paths: Sequence[str], clip_type, config: Int8LoadConfig, model_options: dict | None = None,

@@ -51,6 +51,7 @@ class LowRank:
     up: torch.Tensor  # [out_slice, r]
     scale: float
     offset: tuple | None  # ComfyUI's (dim, start, length) or None
+    sources: tuple = ()  # the adapter's own (down, up) tensor objects: the cache's identity key
 
 
 def _patch_kind(value) -> str:
@@ -75,6 +76,7 @@ def low_rank_of(patch: Sequence, key: str) -> LowRank:
     if strength_model not in (None, 1, 1.0):
         raise UnsupportedPatchError(f"{key}: strength_model={strength_model} would rescale the INT8 base weight")
     up, down, alpha, mid, dora_scale, reshape = (tuple(value.weights) + (None,) * 6)[:6]
+    sources = (down, up)
     if dora_scale is not None:
         raise UnsupportedPatchError(f"{key}: DoRA (dora_scale) needs the merged weight's norm; not possible on INT8")
     if mid is not None or reshape is not None:
@@ -85,7 +87,7 @@ def low_rank_of(patch: Sequence, key: str) -> LowRank:
         raise UnsupportedPatchError(f"{key}: LoRA up {tuple(up.shape)} and down {tuple(down.shape)} ranks differ")
     rank = down.shape[0]
     alpha_scale = float(alpha) / rank if alpha is not None else 1.0
-    return LowRank(down, up, float(strength) * alpha_scale, tuple(offset) if offset is not None else None)
+    return LowRank(down, up, float(strength) * alpha_scale, tuple(offset) if offset is not None else None, sources)
 
 
 def target_shape(low: LowRank) -> tuple[int, int]:
@@ -146,10 +148,11 @@ class PreparedCache:
             self._bytes = 0
 
     def get_or_prepare(self, low: LowRank, out_features: int, in_features: int, dtype: torch.dtype):
-        key = (id(low.down), id(low.up), low.offset, out_features, in_features, dtype)
+        src_down, src_up = low.sources or (low.down, low.up)
+        key = (id(src_down), id(src_up), low.offset, out_features, in_features, dtype)
         with self._lock:
             entry = self._entries.get(key)
-            if entry is not None and entry[0]() is low.down and entry[1]() is low.up:
+            if entry is not None and entry[0]() is src_down and entry[1]() is src_up:
                 self._entries.move_to_end(key)
                 self.hits += 1
                 return entry[2], entry[3]
@@ -161,7 +164,7 @@ class PreparedCache:
             if old is not None:
                 self._bytes -= old[4]
             if size <= self.limit:
-                self._entries[key] = (weakref.ref(low.down), weakref.ref(low.up), down, up, size)
+                self._entries[key] = (weakref.ref(src_down), weakref.ref(src_up), down, up, size)
                 self._bytes += size
                 while self._bytes > self.limit and self._entries:
                     *_, evicted = self._entries.popitem(last=False)[1]
@@ -198,7 +201,7 @@ def side_branches(
     cache: PreparedCache | None = None,
 ) -> list[Branch]:
     """Every patch on ``key`` as a ``(down, up, scale)`` branch on ``device`` (CPU copies when None)."""
-    cache = cache or PREPARED
+    cache = cache if cache is not None else PREPARED
     branches = []
     for patch in patches:
         low = low_rank_of(patch, key)

@@ -19,17 +19,19 @@ def _w(gen, *shape, std=0.02, dtype=torch.bfloat16):
     return (torch.randn(*shape, generator=gen) * std).to(dtype)
 
 
-def flux_state_dict(hidden=1024, depth=1, single=1, context=768, vec=768, in_channels=16, seed=0,
-                    dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
+def flux_layout(hidden=1024, depth=1, single=1, context=768, vec=768, in_channels=16):
+    """``[(key, shape, std)]`` of a Flux.1 diffusion model in ComfyUI's key names (no data)."""
     if hidden % 128:
         raise ValueError("Flux hidden size must be a multiple of 128 (ComfyUI uses 128-wide heads)")
-    gen = torch.Generator().manual_seed(seed)
-    sd: dict[str, torch.Tensor] = {}
+    out = []
     mlp = hidden * 4
 
     def linear(name, out_f, in_f, std=0.02):
-        sd[f"{name}.weight"] = _w(gen, out_f, in_f, std=std, dtype=dtype)
-        sd[f"{name}.bias"] = _w(gen, out_f, std=0.01, dtype=dtype)
+        out.append((f"{name}.weight", (out_f, in_f), std))
+        out.append((f"{name}.bias", (out_f,), 0.01))
+
+    def norm(name):
+        out.append((name, (128,), None))  # ones
 
     patch_in = in_channels * 4
     linear("img_in", hidden, patch_in, std=0.1)
@@ -43,8 +45,8 @@ def flux_state_dict(hidden=1024, depth=1, single=1, context=768, vec=768, in_cha
         for side in ("img", "txt"):
             linear(f"{p}.{side}_mod.lin", 6 * hidden, hidden)
             linear(f"{p}.{side}_attn.qkv", 3 * hidden, hidden, std=0.03)
-            sd[f"{p}.{side}_attn.norm.query_norm.weight"] = torch.ones(128, dtype=dtype)
-            sd[f"{p}.{side}_attn.norm.key_norm.weight"] = torch.ones(128, dtype=dtype)
+            norm(f"{p}.{side}_attn.norm.query_norm.weight")
+            norm(f"{p}.{side}_attn.norm.key_norm.weight")
             linear(f"{p}.{side}_attn.proj", hidden, hidden, std=0.03)
             linear(f"{p}.{side}_mlp.0", mlp, hidden, std=0.03)
             linear(f"{p}.{side}_mlp.2", hidden, mlp, std=0.03)
@@ -52,12 +54,25 @@ def flux_state_dict(hidden=1024, depth=1, single=1, context=768, vec=768, in_cha
         p = f"single_blocks.{i}"
         linear(f"{p}.linear1", 3 * hidden + mlp, hidden, std=0.03)
         linear(f"{p}.linear2", hidden, hidden + mlp, std=0.03)
-        sd[f"{p}.norm.query_norm.weight"] = torch.ones(128, dtype=dtype)
-        sd[f"{p}.norm.key_norm.weight"] = torch.ones(128, dtype=dtype)
+        norm(f"{p}.norm.query_norm.weight")
+        norm(f"{p}.norm.key_norm.weight")
         linear(f"{p}.modulation.lin", 3 * hidden, hidden)
     linear("final_layer.linear", patch_in, hidden)
     linear("final_layer.adaLN_modulation.1", 2 * hidden, hidden)
-    return sd
+    return out
+
+
+def flux_tensor(shape, std, gen, dtype=torch.bfloat16):
+    if std is None:
+        return torch.ones(*shape, dtype=dtype)
+    return _w(gen, *shape, std=std, dtype=dtype)
+
+
+def flux_state_dict(hidden=1024, depth=1, single=1, context=768, vec=768, in_channels=16, seed=0,
+                    dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {key: flux_tensor(shape, std, gen, dtype)
+            for key, shape, std in flux_layout(hidden, depth, single, context, vec, in_channels)}
 
 
 def clip_l_state_dict(seed=1, dtype=torch.float16, layers=12, width=768, vocab=49408) -> dict[str, torch.Tensor]:

@@ -163,3 +163,15 @@ def test_force_unload_reports_what_it_freed(files):
     after = files.text_of(entry, "12")
     assert "ComfyUI loaded models: none" in after, after
     assert "RAM:" in files.text_of(entry, "10")
+
+
+def test_lora_that_does_not_fit_is_refused_listing_layers(files):
+    wrong = flux_lora_state_dict(flux_state_dict(hidden=512), targets=("attn.proj",))
+    save_file(wrong, str(files.models("loras") / "wrong_size_lora.safetensors"))
+    lora = {"class_type": "HeadroomLoraLoaderInt8", "inputs": {"model": ["4", 0], "lora_name": "wrong_size_lora.safetensors",
+                                                              "strength": 1.0, "offload_to_cpu": False}}
+    with pytest.raises(RuntimeError) as err:
+        files.run(graph(int8_loader(), "never", lora=lora))
+    message = str(err.value)
+    assert "does not fit this model" in message and "double_blocks.0.img_attn.proj" in message, message
+    assert "model was not changed" in message

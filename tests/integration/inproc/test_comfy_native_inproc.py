@@ -272,3 +272,21 @@ def test_text_encoder_int8_matches_clip_loader(workdir):
     a = stock_clip.encode_from_tokens(tokens)
     b = clip.encode_from_tokens(clip.tokenize("a red fox in the snow"))
     assert 1e-5 < rel(b, a) < 0.03
+
+
+def test_block_streaming_mode_runs_like_resident(workdir, inputs):
+    """blocks_resident > 0: headroom's streamer (exercised on the CPU here: synchronous copies)."""
+    path = workdir / "flux_2x2.safetensors"
+    save_file(flux_state_dict(depth=2, single=2, seed=3), str(path))
+    resident, _ = load_int8_diffusion_model(str(path), Int8LoadConfig())
+    patcher, _ = load_int8_diffusion_model(str(path), Int8LoadConfig(), blocks_resident=1)
+    assert patcher.headroom_blocks_resident == 1 and patcher.clone().headroom_blocks_resident == 1
+    patcher.load_streaming(torch.device("cpu"))
+    dm = patcher.model.diffusion_model
+    assert dm._headroom_streamer is not None and dm._headroom_streamer.streamed_bytes > 0
+    with torch.no_grad():
+        streamed = dm(inputs["x"], inputs["t"], context=inputs["context"], y=inputs["y"]).float()
+    assert patcher.partially_unload(torch.device("cpu"), 1) == 0
+    patcher.unpatch_model(torch.device("cpu"))
+    assert getattr(dm, "_headroom_streamer", None) is None
+    assert torch.allclose(streamed, run(resident, inputs), atol=1e-5, rtol=1e-4)
