@@ -107,6 +107,9 @@ class ConvertReport:
     bytes_after: int = 0
     seconds: float = 0.0
     files: int = 0
+    rotation_group: int = 0  # --rotate: Hadamard group size (0 = none)
+    rotated: list[str] = field(default_factory=list)  # layers stored rotated
+    loras: list[dict] = field(default_factory=list)  # --lora: per LoRA, layers touched (lora_bake summary)
 
     @property
     def reduction_pct(self) -> float:
@@ -126,6 +129,7 @@ class ConvertReport:
         self.copied_tensors += other.copied_tensors
         self.dropped_keys += other.dropped_keys
         self.files += other.files
+        self.rotated += other.rotated
 
     def as_dict(self) -> dict:
         return {
@@ -137,6 +141,7 @@ class ConvertReport:
             "reduction_pct": round(self.reduction_pct, 2), "worst_relative_error": self.worst_error,
             "worst_layer": self.worst_layer, "seconds": round(self.seconds, 2),
             "quantized": dict(self.quantized), "kept": dict(self.kept),
+            "rotation_group": self.rotation_group, "layers_rotated": len(self.rotated), "loras": list(self.loras),
         }
 
     def __str__(self) -> str:
@@ -150,6 +155,13 @@ class ConvertReport:
         ]
         if self.quantized:
             lines.append(f"  worst relative error: {self.worst_error:.4%} in {self.worst_layer}")
+        if self.rotation_group:
+            plain = len(self.quantized) - len(self.rotated)
+            lines.append(f"  rotation: {len(self.rotated)} layers Hadamard-rotated (group {self.rotation_group})"
+                         + (f", {plain} plain (input width not a multiple of {self.rotation_group})" if plain else ""))
+        for lora in self.loras:
+            lines.append(f"  LoRA {Path(lora['lora']).name} x{lora['strength']:g}: {lora['layers_touched']} layers merged"
+                         + (f", {lora['unmatched_modules']} modules matched nothing" if lora["unmatched_modules"] else ""))
         reasons: dict[str, int] = {}
         for reason in self.kept.values():
             reasons[reason] = reasons.get(reason, 0) + 1
@@ -174,6 +186,7 @@ class _Job:
     action: str  # "copy" | "quantize" | "dequantize" (fp8 kept in float)
     outputs: list[str]
     fp8_scale_key: str | None = None
+    rotation: int = 0  # > 0: quantize W H (block Hadamard of this size, see rotation.py)
 
 
 @dataclass
@@ -193,7 +206,11 @@ def _scale_shape(method: str, layout: str, out_features: int, in_features: int, 
     return (out_features, math.ceil(in_features / block_size))
 
 
-def _comfy_config() -> dict:
+def _comfy_config(rotation: int = 0) -> dict:
+    if rotation:  # rotated layers carry ComfyUI's convrot entry in both layouts: one marker every reader knows
+        from .rotation import comfy_quant_config
+
+        return comfy_quant_config(rotation, comfy=False)
     return {"format": COMFY_INT8_FORMAT}
 
 
@@ -212,6 +229,7 @@ def plan_conversion(
     layout: str,
     name_prefix: str = "",
     min_features: int = DEFAULT_MIN_FEATURES,
+    rotate: int = 0,
 ) -> _Plan:
     """Decide per tensor (from dtypes and shapes only) whether it is quantized, copied, dequantized or dropped.
 
@@ -242,15 +260,17 @@ def plan_conversion(
                 decision = decide(name_prefix + layer, in_features, out_features, patterns, method, block_size, min_features)
                 reason = decision.reason if decision.skip else None
             if reason is None:
+                rotation = rotate if rotate and in_features % rotate == 0 else 0
                 outputs = [key, f"{layer}.weight_scale"]
                 tensors[key] = TensorInfo(torch.int8, info.shape)
                 tensors[f"{layer}.weight_scale"] = TensorInfo(
                     torch.float32, _scale_shape(method, layout, out_features, in_features, block_size))
-                if layout == "comfy":
+                if layout == "comfy" or rotation:
                     quant_key = f"{layer}.{COMFY_QUANT_SUFFIX}"
                     outputs.append(quant_key)
-                    tensors[quant_key] = TensorInfo(torch.uint8, tuple(encode_comfy_quant(_comfy_config()).shape))
-                jobs.append(_Job(key, "quantize", outputs, _fp8_scale_key(tensors_in, layer) if is_fp8 else None))
+                    tensors[quant_key] = TensorInfo(torch.uint8, tuple(encode_comfy_quant(_comfy_config(rotation)).shape))
+                jobs.append(_Job(key, "quantize", outputs, _fp8_scale_key(tensors_in, layer) if is_fp8 else None,
+                                 rotation))
                 continue
             kept[layer] = reason
         if is_fp8 and layer in fp8_layers:
@@ -298,6 +318,8 @@ def quantize_streamed(
     name: str,
     fp8_scale: torch.Tensor | None = None,
     device: str = "cpu",
+    rotation: int = 0,
+    rows_hook=None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Quantize a (possibly memory-mapped, possibly fp8) ``[out, in]`` weight chunk by chunk.
 
@@ -306,18 +328,30 @@ def quantize_streamed(
     """
     out_features, in_features = weight.shape
     step = _rows_per_chunk(in_features)
+
+    def rows_at(start: int) -> torch.Tensor:
+        """Float32 rows ``start:start+step``; ``rows_hook`` (LoRA merge) then rotation, when asked."""
+        rows = _float_rows(weight, start, min(start + step, out_features), fp8_scale, device)
+        if rows_hook is not None:
+            rows = rows_hook(rows, start)
+        if rotation:
+            from .rotation import rotate_weight
+
+            rows = rotate_weight(rows, rotation)
+        return rows
+
     global_scale = None
     if method == "tensorwise":  # one scale for all rows: find the global absmax first
         amax = torch.zeros((), dtype=torch.float32, device=device)
         for start in range(0, out_features, step):
-            rows = _float_rows(weight, start, start + step, fp8_scale, device)
+            rows = rows_at(start)
             _check_finite(rows, name)
             amax = torch.maximum(amax, rows.abs().amax())
         global_scale = amax / QMAX if amax > 0 else torch.ones((), device=device)
     qweight = torch.empty(out_features, in_features, dtype=torch.int8)
     scales, err2, ref2 = [], 0.0, 0.0
     for start in range(0, out_features, step):
-        rows = _float_rows(weight, start, start + step, fp8_scale, device)
+        rows = rows_at(start)
         if global_scale is None:
             _check_finite(rows, name)
             q, scale = quantize_weight(rows, method, block_size)
@@ -408,11 +442,19 @@ def _file_source(header: Header) -> _SourceInfo:
 
 def _write(source: _SourceInfo, reader: Mapping[str, torch.Tensor], dst: Path, method: str, block_size: int,
            patterns: Sequence[str], layout: str, device: str, progress_bar, name_prefix: str = "",
-           fail_after: int | None = None) -> tuple[ConvertReport, _Plan]:
-    """Convert ``reader``'s tensors into ``dst`` (written in place: the caller provides a temporary path)."""
-    plan = plan_conversion(source.infos, method, block_size, patterns, layout, name_prefix)
+           fail_after: int | None = None, rotate: int = 0, lora=None) -> tuple[ConvertReport, _Plan]:
+    """Convert ``reader``'s tensors into ``dst`` (written in place: the caller provides a temporary path).
+
+    ``rotate``: Hadamard group for rotated INT8 (rotation.py); ``lora``: a bound :class:`.lora_bake.LoraMerger`,
+    merged into each weight chunk by chunk before it is quantized.
+    """
+    plan = plan_conversion(source.infos, method, block_size, patterns, layout, name_prefix, rotate=rotate)
     quantized_layers = [j.key[: -len(".weight")] for j in plan.jobs if j.action == "quantize"]
     metadata = _output_metadata(source, plan, quantized_layers, method, block_size, layout)
+    if rotate:
+        metadata["headroom.rotation_group"] = str(rotate)
+    if lora:
+        metadata["headroom.loras"] = json.dumps([f.spec.label for f in lora.files])
     report = ConvertReport(source.label, str(dst), layout, method, block_size, kept=dict(plan.kept),
                            dropped_keys=list(plan.dropped), files=1)
     writer = StreamingWriter(dst, plan.tensors, metadata)
@@ -422,17 +464,25 @@ def _write(source: _SourceInfo, reader: Mapping[str, torch.Tensor], dst: Path, m
                 raise RuntimeError(f"injected failure after {fail_after} tensors (test hook)")
             tensor = reader[job.key]
             fp8_scale = reader[job.fp8_scale_key] if job.fp8_scale_key else None
+            merging = lora is not None and lora.targets(job.key)
             if job.action == "quantize":
-                q, scale, error = quantize_streamed(tensor, method, block_size, job.key, fp8_scale, device)
+                hook = (lambda rows, start, key=job.key: lora.merge_rows(key, rows, start)) if merging else None
+                q, scale, error = quantize_streamed(tensor, method, block_size, job.key, fp8_scale, device,
+                                                    rotation=job.rotation, rows_hook=hook)
                 report.quantized[job.key[: -len(".weight")]] = error
+                if job.rotation:
+                    report.rotated.append(job.key[: -len(".weight")])
                 writer.write(job.outputs[0], q)
                 writer.write(job.outputs[1], scale.reshape(plan.tensors[job.outputs[1]].shape))
-                if layout == "comfy":
-                    writer.write(job.outputs[2], encode_comfy_quant(_comfy_config()))
+                if len(job.outputs) > 2:
+                    writer.write(job.outputs[2], encode_comfy_quant(_comfy_config(job.rotation)))
                 del q
             elif job.action == "dequantize":
-                writer.write(job.key, _dequantized(tensor, fp8_scale, job.key))
+                kept = _dequantized(tensor, fp8_scale, job.key)
+                writer.write(job.key, lora.merge_full(job.key, kept) if merging else kept)
             else:
+                if merging:
+                    tensor = lora.merge_full(job.key, tensor)
                 _check_finite_copy(tensor, job.key)
                 writer.write(job.key, tensor)
                 report.copied_tensors += 1
@@ -448,18 +498,19 @@ def _write(source: _SourceInfo, reader: Mapping[str, torch.Tensor], dst: Path, m
 
 
 def _write_file(header: Header, dst: Path, method: str, block_size: int, patterns: Sequence[str], layout: str,
-                device: str, progress_bar, name_prefix: str = "", fail_after: int | None = None) -> tuple[ConvertReport, _Plan]:
+                device: str, progress_bar, name_prefix: str = "", fail_after: int | None = None,
+                rotate: int = 0, lora=None) -> tuple[ConvertReport, _Plan]:
     """Convert one parsed safetensors file into ``dst``, reading it tensor by tensor."""
     with TensorReader(header.path, header) as reader:
         return _write(_file_source(header), reader, dst, method, block_size, patterns, layout, device, progress_bar,
-                      name_prefix, fail_after)
+                      name_prefix, fail_after, rotate=rotate, lora=lora)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Entry points
 # ---------------------------------------------------------------------------------------------------------
 
-def _check_options(method: str, block_size: int, layout: str, device: str) -> None:
+def _check_options(method: str, block_size: int, layout: str, device: str, rotate: int = 0) -> None:
     if method not in METHODS:
         raise ConvertError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
     if block_size < 1:
@@ -470,8 +521,35 @@ def _check_options(method: str, block_size: int, layout: str, device: str) -> No
         raise ConvertError("ComfyUI's int8_tensorwise layout has one scale per tensor or per output row: it cannot "
                            "express block scales. Use --method rowwise (or tensorwise) with --layout comfy, or "
                            "--layout headroom for block")
+    if rotate:
+        from .rotation import check_group
+
+        try:
+            check_group(rotate, comfy=layout == "comfy")
+        except ValueError as err:
+            raise ConvertError(f"--rotate {rotate}: {err}") from None
+        if layout == "comfy" and method != "rowwise":
+            raise ConvertError("ComfyUI's rotated (convrot) INT8 is per output channel only: use --method rowwise "
+                               "with --layout comfy --rotate, or --layout headroom")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConvertError(f"--device {device} requested but CUDA is not available; use --device cpu")
+
+
+def _bound_lora_merger(loras, headers):
+    """A :class:`.lora_bake.LoraMerger` matched against every tensor of ``headers`` (None without LoRAs).
+
+    Raises ConvertError (before anything is written) when a LoRA matches no layer or its shapes do not fit.
+    """
+    if not loras:
+        return None
+    from .lora_bake import LoraError, LoraMerger
+
+    try:
+        merger = LoraMerger(loras)
+        merger.bind({k: i.shape for h in headers for k, i in h.tensors.items()})
+    except LoraError as err:
+        raise ConvertError(str(err)) from None
+    return merger
 
 
 def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
@@ -534,20 +612,30 @@ def convert_file(
     progress: bool = True,
     overwrite: bool = False,
     _fail_after: int | None = None,
+    rotate: int = 0,
+    loras: Sequence = (),
 ) -> ConvertReport:
-    """Convert one safetensors file to INT8 (see module docstring). ``_fail_after`` is a test hook."""
+    """Convert one safetensors file to INT8 (see module docstring). ``_fail_after`` is a test hook.
+
+    ``rotate``: Hadamard group size for rotated INT8 (rotation.py); ``loras``: LoRA files (``FILE[:STRENGTH]``
+    or :class:`.lora_bake.LoraSpec`) merged into the float weights before quantizing (lora_bake.py).
+    """
     src, dst = Path(src), Path(dst)
-    _check_options(method, block_size, layout, device)
+    _check_options(method, block_size, layout, device, rotate)
     _check_paths(src, dst, overwrite)
     header = read_header(src)
     refuse_quantized_input(header)
+    merger = _bound_lora_merger(loras, [header])
     start = time.perf_counter()
     patterns = resolve_patterns(skip, keep_default_skips)
 
     def write(tmp: Path, bar) -> ConvertReport:
-        return _write_file(header, tmp, method, block_size, patterns, layout, device, bar, fail_after=_fail_after)[0]
+        return _write_file(header, tmp, method, block_size, patterns, layout, device, bar, fail_after=_fail_after,
+                           rotate=rotate, lora=merger)[0]
 
     report = _write_atomically(dst, header.data_bytes, progress, src.name, write)
+    report.rotation_group = rotate
+    report.loras = merger.summary() if merger else []
     report.bytes_before = src.stat().st_size
     report.seconds = time.perf_counter() - start
     return report
@@ -564,6 +652,7 @@ def convert_source(
     layout: str = "headroom",
     progress: bool = False,
     overwrite: bool = True,
+    rotate: int = 0,
 ) -> ConvertReport:
     """Convert tensors that are not a file - e.g. a loaded model, one weight computed at a time - to INT8.
 
@@ -572,7 +661,7 @@ def convert_source(
     ``.metadata`` are recorded in the output. Each tensor is requested once, in ``infos`` order.
     """
     dst = Path(dst)
-    _check_options(method, block_size, layout, device)
+    _check_options(method, block_size, layout, device, rotate)
     if dst.exists() and not overwrite:
         raise ConvertError(f"{dst} already exists; pass --overwrite to replace it")
     infos = dict(source.infos)
@@ -585,9 +674,10 @@ def convert_source(
     patterns = resolve_patterns(skip, keep_default_skips)
 
     def write(tmp: Path, bar) -> ConvertReport:
-        return _write(info, source, tmp, method, block_size, patterns, layout, device, bar)[0]
+        return _write(info, source, tmp, method, block_size, patterns, layout, device, bar, rotate=rotate)[0]
 
     report = _write_atomically(dst, sum(i.nbytes for i in infos.values()), progress, name, write)
+    report.rotation_group = rotate
     report.bytes_before = sum(i.nbytes for i in infos.values())
     report.seconds = time.perf_counter() - start
     return report
@@ -628,6 +718,8 @@ def convert_folder(
     progress: bool = True,
     overwrite: bool = False,
     _fail_after: int | None = None,
+    rotate: int = 0,
+    loras: Sequence = (),
 ) -> ConvertReport:
     """Convert every ``*.safetensors`` of a model folder (shards, diffusers sub-folders) into a new folder.
 
@@ -635,7 +727,7 @@ def convert_folder(
     (config.json, tokenizer files...) is copied. The folder is built under a temporary name and renamed.
     """
     src, dst = Path(src), Path(dst)
-    _check_options(method, block_size, layout, device)
+    _check_options(method, block_size, layout, device, rotate)
     _check_paths(src, dst, overwrite)
     shards = safetensors_files(src)
     if not shards:
@@ -643,11 +735,12 @@ def convert_folder(
     headers = {shard: read_header(shard) for shard in shards}
     for header in headers.values():
         refuse_quantized_input(header)
+    merger = _bound_lora_merger(loras, list(headers.values()))
     patterns = resolve_patterns(skip, keep_default_skips)
     start = time.perf_counter()
     tmp = _temp_path(dst)
     bar = _progress(sum(h.data_bytes for h in headers.values()), progress, src.name)
-    report = ConvertReport(str(src), str(dst), layout, method, block_size)
+    report = ConvertReport(str(src), str(dst), layout, method, block_size, rotation_group=rotate)
     try:
         tmp.mkdir(parents=True)
         outputs: dict[Path, dict[str, tuple[dict[str, TensorInfo], int]]] = {}
@@ -656,7 +749,8 @@ def convert_folder(
             target = tmp / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             shard_report, plan = _write_file(header, target, method, block_size, patterns, layout, device, bar,
-                                             name_prefix=decision_prefix(relative), fail_after=_fail_after)
+                                             name_prefix=decision_prefix(relative), fail_after=_fail_after,
+                                             rotate=rotate, lora=merger)
             report.merge(shard_report)
             data_bytes = sum(i.nbytes for i in plan.tensors.values())
             outputs.setdefault(shard.parent, {})[shard.name] = (plan.tensors, data_bytes)
@@ -670,6 +764,7 @@ def convert_folder(
             else:
                 shutil.copy2(path, tmp / relative)
         _replace_folder(tmp, dst)
+        report.loras = merger.summary() if merger else []
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

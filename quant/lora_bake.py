@@ -291,9 +291,90 @@ def merge_lora_into_state_dict(state_dict: dict[str, torch.Tensor], specs: Itera
     return merger
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Baking from a model in memory ("Save INT8 Model"): one patched weight at a time
+# ---------------------------------------------------------------------------------------------------------
+
+class ModelTensorSource(Mapping):
+    """A model's tensors as the converter's input, each computed only when the writer asks for it.
+
+    ``infos`` gives every output tensor's dtype and shape up front (the writer lays out the file header
+    from it); ``__getitem__`` computes one tensor (e.g. dequantize + ComfyUI's LoRA patch calculation) and
+    returns it in that dtype. Nothing is kept: peak memory is one weight plus the writer's chunks.
+    """
+
+    def __init__(self, name: str, infos: dict, compute) -> None:
+        self.name = name
+        self.infos = infos
+        self._compute = compute
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        info = self.infos[key]
+        tensor = self._compute(key)
+        if tuple(tensor.shape) != tuple(info.shape):
+            raise LoraError(f"{self.name}: '{key}' came out as {tuple(tensor.shape)}, expected {tuple(info.shape)} "
+                            f"(a patch changed the weight's shape); headroom cannot save this model")
+        return tensor.detach().to("cpu", info.dtype)
+
+    def __iter__(self):
+        return iter(self.infos)
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def __enter__(self) -> "ModelTensorSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def model_tensor_source(module: torch.nn.Module, patch=None, name: str = "model",
+                        float_dtype: torch.dtype = torch.bfloat16) -> ModelTensorSource:
+    """The tensors of ``module`` with LoRA/patches applied, for :func:`.convert.convert_source`.
+
+    ``patch(key, weight_float32) -> weight`` applies the patches of one state-dict key (``None``: none).
+    INT8 layers (:class:`~.linear.Int8Linear`) are dequantized - un-rotated if rotated - to ``float_dtype``
+    (their bias dtype when they have one) and their scale / rotation keys dropped: the converter
+    quantizes them again, with the LoRA inside.
+    """
+    from .linear import Int8Linear
+    from .safetensors_stream import TensorInfo
+
+    int8 = {n: m for n, m in module.named_modules()
+            if isinstance(m, Int8Linear) and getattr(m, "weight_scale", None) is not None}
+    state = module.state_dict()
+    infos: dict = {}
+    for key, tensor in state.items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in int8:
+            if leaf in ("weight_scale", "rotation_group"):
+                continue
+            if leaf == "weight":
+                bias = int8[owner].bias
+                dtype = bias.dtype if bias is not None and bias.is_floating_point() else float_dtype
+                infos[key] = TensorInfo(dtype, tuple(tensor.shape))
+                continue
+        infos[key] = TensorInfo(tensor.dtype, tuple(tensor.shape))
+
+    def compute(key: str) -> torch.Tensor:
+        owner, _, leaf = key.rpartition(".")
+        if owner in int8 and leaf == "weight":
+            weight = int8[owner].dequantized_weight(torch.float32).cpu()
+        else:
+            weight = state[key]
+            if patch is None or not weight.is_floating_point():
+                return weight
+            weight = weight.to("cpu", torch.float32, copy=True)
+        return patch(key, weight) if patch is not None else weight
+
+    return ModelTensorSource(name, infos, compute)
+
+
 def parse_lora_args(values: Iterable[str] | None) -> list[LoraSpec]:
     """CLI ``--lora FILE[:STRENGTH]`` values -> specs (a missing file is reported by :class:`LoraMerger`)."""
     return [LoraSpec.parse(v) for v in (values or [])]
 
 
-__all__ = ["LoraError", "LoraMerger", "LoraSpec", "merge_lora_into_state_dict", "parse_lora_args"]
+__all__ = ["LoraError", "LoraMerger", "LoraSpec", "ModelTensorSource", "merge_lora_into_state_dict", "model_tensor_source",
+           "parse_lora_args"]
