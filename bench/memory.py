@@ -163,6 +163,19 @@ def step_time(model, x, steps: int, warmup: int = 2) -> tuple[float, float]:
 VARIANTS = [(0.5, "spread", 2), (0.9, "spread", 2), (0.5, "first", 1), (0.9, "first", 1), (0.9, "spread", 4)]
 
 
+def _profile(model, x, path: Path) -> None:
+    """Two profiled steps: kernel vs copy time, for the record (bench diagnostics, not a measurement)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            model(x)
+        _sync()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), encoding="utf-8")
+    prof.export_chrome_trace(str(path.with_suffix(".json")))
+
+
 def streaming_rows(args, int8: bool, bw: dict) -> list[dict]:
     from comfyui_headroom.memory import enable_block_streaming, module_bytes
 
@@ -187,6 +200,8 @@ def streaming_rows(args, int8: bool, bw: dict) -> list[dict]:
             equal = bool(torch.equal(model(x), reference))
         stats = streamer.stats.as_dict()
         pinned = all(h.is_pinned() for h in streamer.host_buffers())
+        if args.profile and (frac, order, prefetch) == VARIANTS[1]:
+            _profile(model, x, args.profile / f"profile_{label}_{int(frac * 100)}.txt")
         streamer.disable(DEVICE)
         assert pinned or DEVICE == "cpu", "streamed from pageable memory"
         streamed_bytes = n_stream * block_bytes
@@ -376,6 +391,7 @@ def main(argv=None) -> int:
     p_run.add_argument("--json", type=Path)
     p_run.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     p_run.add_argument("--markdown", type=Path)
+    p_run.add_argument("--profile", type=Path, help="folder: profile the 90 %% spread runs (diagnostics)")
     p_write = sub.add_parser("write")
     p_write.add_argument("result", type=Path)
     args = parser.parse_args(argv)

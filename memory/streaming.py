@@ -110,6 +110,10 @@ class BlockStreamer:
             n_slots = min(prefetch + 1, len(order))
             for _ in range(n_slots):
                 self._slots.append(_Slot(torch.empty(slot_bytes, dtype=torch.uint8, device=self.device)))
+            # Views of every block in every slot, made once: creating them costs far more than re-pointing.
+            for i in order:
+                for slot_id in range(n_slots):
+                    self._slot_views(i, slot_id)
             self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         else:
             self.copy_stream = None
@@ -164,7 +168,7 @@ class BlockStreamer:
         slot = self._slots[slot_id]
         if slot.holder is not None:  # evict: the old holder points back at its host copy
             old = self._streamed[slot.holder]
-            old.layout.point_to(old.host_views)
+            old.layout.fast_point_to(old.host_views)
             old.slot = None
         n = entry.layout.nbytes
         if self.cuda:
@@ -179,7 +183,7 @@ class BlockStreamer:
             slot.buffer[:n].copy_(entry.host)
         slot.holder = index
         entry.slot = slot_id
-        entry.layout.point_to(self._slot_views(index, slot_id))
+        entry.layout.fast_point_to(self._slot_views(index, slot_id))
         self.stats.copies += 1
         self.stats.bytes_copied += n
         if on_demand:

@@ -160,6 +160,28 @@ class FlatLayout:
         for ref, view in zip(self.refs, views):
             ref.set(view)
 
+    def fast_point_to(self, views: list[torch.Tensor]) -> None:
+        """``point_to`` for hot paths (block streaming): the Parameter objects and buffer dicts are looked up
+        once and cached, so replacing a module's Parameter object afterwards is not seen."""
+        targets = self.__dict__.get("_targets")
+        if targets is None:
+            targets = []
+            for ref in self.refs:
+                if ref.kind == "param":
+                    targets.append((0, ref.owner._parameters[ref.attr], None))
+                elif ref.kind == "buffer":
+                    targets.append((1, ref.owner._buffers, ref.attr))
+                else:
+                    targets.append((2, ref.owner, ref.attr))
+            self._targets = targets
+        for (kind, obj, key), view in zip(targets, views):
+            if kind == 0:
+                obj.data = view
+            elif kind == 1:
+                obj[key] = view
+            else:
+                setattr(obj, key, view)
+
 
 def cuda_available() -> bool:
     return torch.cuda.is_available()
