@@ -2,6 +2,7 @@
 
     python bench/memory.py run [--hidden 2048] [--depth 24] [--tokens 4096] [--steps 5] [--json OUT.json]
     python bench/memory.py write RESULT.json     # rewrite "## Memory" in docs/PERFORMANCE.md
+                                                 # (a "notes" list in RESULT.json is printed under the tables)
 
 * Pinned / pageable host<->device bandwidth, measured first (1 GiB copies, median of 5).
 * A 24-block transformer (~1.2 B parameters at hidden 2048: attention + 4x MLP) at 4096 tokens, bf16 and
@@ -364,6 +365,8 @@ def render(r: dict) -> str:
         lines.append(f"| {s['model']} | {s['gb']:.2f} | {s['first_unload_gbps']:.1f} | {s['unload_gbps']:.1f} | "
                      f"{s['restore_gbps']:.1f} | {s['restore_share_of_pinned']:.0%} | {ok} | "
                      f"{'yes' if s['equal'] else '**no**'} |")
+    if r.get("notes"):
+        lines += ["", "### Notes", ""] + [f"* {note}" for note in r["notes"]]
     return "\n".join(lines) + "\n"
 
 
