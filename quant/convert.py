@@ -422,6 +422,13 @@ def refuse_quantized_input(header: Header) -> None:
     if info.is_quantized:
         raise ConvertError(f"{header.path} is already quantized ({info.format} INT8, {info.method}, "
                            f"{len(info.quantized_layers)} layers); nothing to convert - see `headroom inspect {header.path}`")
+    for key, tensor in header.tensors.items():  # packed 4-bit / other ComfyUI formats: weight stored as uint8
+        layer = key[: -len(".weight")]
+        packed = key.endswith(".weight") and not tensor.dtype.is_floating_point and tensor.dtype not in FP8_DTYPES
+        if packed and any(f"{layer}.{s}" in header.tensors for s in SCALE_SUFFIXES + (COMFY_QUANT_SUFFIX,)):
+            raise ConvertError(f"{header.path} is already quantized ('{key}' is {str(tensor.dtype).replace('torch.', '')} "
+                               f"with a scale: a packed 4-bit or other format headroom cannot re-quantize); convert "
+                               f"from the bf16/fp16 original - see `headroom inspect {header.path}`")
 
 
 @dataclass
@@ -788,8 +795,16 @@ def _replace_folder(tmp: Path, dst: Path) -> None:
 
 
 def convert_path(src: str | os.PathLike, dst: str | os.PathLike, **options) -> ConvertReport:
-    """:func:`convert_file` for a file, :func:`convert_folder` for a folder."""
-    return (convert_folder if Path(src).is_dir() else convert_file)(src, dst, **options)
+    """:func:`convert_file` for a file, :func:`convert_folder` for a folder.
+
+    A file converted into an existing folder lands there under its default output name.
+    """
+    src, dst = Path(src), Path(dst)
+    if src.is_dir():
+        return convert_folder(src, dst, **options)
+    if dst.is_dir() and src.is_file():
+        dst = dst / default_output(src, options.get("method", "rowwise"), options.get("layout", "headroom")).name
+    return convert_file(src, dst, **options)
 
 
 def default_output(src: str | os.PathLike, method: str, layout: str) -> Path:

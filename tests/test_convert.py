@@ -243,6 +243,8 @@ def test_cli_bad_inputs(tmp_path, capsys, dit_file):
     src, sd = dit_file
     out = str(tmp_path / "o.safetensors")
     assert "does not exist" in _cli_error(capsys, "convert", str(tmp_path / "nope.safetensors"), out)
+    if os.path.exists("/dev/null"):
+        assert "is not a file" in _cli_error(capsys, "convert", "/dev/null", out)
     folder = tmp_path / "empty"
     folder.mkdir()
     assert "without any .safetensors" in _cli_error(capsys, "convert", str(folder), str(tmp_path / "o"))
@@ -277,6 +279,11 @@ def test_cli_bad_inputs(tmp_path, capsys, dit_file):
     capsys.readouterr()
     err = _cli_error(capsys, "convert", out, str(tmp_path / "again.safetensors"))
     assert "already quantized" in err and "headroom inspect" in err
+    packed = {"blocks.0.ffn.0.weight": torch.zeros(2048, 512, dtype=torch.uint8), "blocks.0.ffn.0.weight_scale":
+              torch.ones(2048, 64, dtype=torch.uint8), "blocks.0.ffn.0.comfy_quant": torch.tensor([123, 125], dtype=torch.uint8)}
+    save_file(packed, str(tmp_path / "nvfp4.safetensors"))
+    err = _cli_error(capsys, "convert", str(tmp_path / "nvfp4.safetensors"), str(tmp_path / "x.safetensors"))
+    assert "already quantized ('blocks.0.ffn.0.weight' is uint8" in err
     assert "is the input itself" in _cli_error(capsys, "convert", str(src), str(src))
     assert "--overwrite" in _cli_error(capsys, "convert", str(src), out)
     assert "block" in _cli_error(capsys, "convert", str(src), str(tmp_path / "c.safetensors"), "--method", "block",
@@ -293,6 +300,9 @@ def test_cli_convert_json_report_and_default_output(tmp_path, capsys, dit_file):
     assert report["dst"] == str(tmp_path / "dit-int8-rowwise.safetensors")
     assert report["layers_quantized"] == 5 and report["worst_layer"] in report["quantized"]
     assert report["bytes_after"] == os.path.getsize(report["dst"])
+    (tmp_path / "converted").mkdir()
+    assert cli.main(["convert", str(src), str(tmp_path / "converted"), "--quiet", "--layout", "comfy"]) == 0
+    assert detect_format(tmp_path / "converted" / "dit-int8-comfy.safetensors").format == "comfy"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -395,3 +405,14 @@ def test_convert_source_from_a_module(tmp_path, gen):
         q, s = quantize_weight(module[2].weight.detach(), "block")
         assert torch.equal(parsed.weight, q) and torch.equal(parsed.scale, s)
         assert torch.equal(f["1.weight"], module[1].weight.detach())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (--device cuda)")
+@pytest.mark.parametrize("method", ["rowwise", "block", "tensorwise"])
+def test_cuda_device_gives_the_same_file(tmp_path, dit_file, method):
+    src, _ = dit_file
+    cpu = convert_file(src, tmp_path / "cpu.safetensors", method=method, progress=False)
+    gpu = convert_file(src, tmp_path / "gpu.safetensors", method=method, device="cuda", progress=False)
+    a, b = load_file(str(tmp_path / "cpu.safetensors")), load_file(str(tmp_path / "gpu.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert gpu.quantized.keys() == cpu.quantized.keys()
