@@ -335,6 +335,7 @@ def generate(loaded, request: GenerateRequest, on_step: Callable[[int, int], Non
     if request.offload_mode == "disabled" and decision.mode == "smart":
         log.warning("%s", decision.reason)
     device = model_device(model)
+    before = vram_allocated(device)  # "where VRAM was before the run", checked again after an OOM
     override = _apply_budget_override(loaded, request.budget_override_gb, device)
     if override:
         notes.append(override)
@@ -343,7 +344,6 @@ def generate(loaded, request: GenerateRequest, on_step: Callable[[int, int], Non
         parked = park_idle_modules(model, [n for n in IDLE_MODULES if n != "vae"], device)
         if parked:
             notes.append(f"offload: {', '.join(parked)} wait in RAM during the run")
-    before = vram_allocated(device)
     hook = StepHook(model, int(request.steps), on_step)
     tracker = MemoryTracker()
     image = None
@@ -354,6 +354,12 @@ def generate(loaded, request: GenerateRequest, on_step: Callable[[int, int], Non
     except torch.OutOfMemoryError as err:
         hook.remove()
         oom_message = _recover_from_oom(loaded, parked, device, before, width, height, request, decision, err)
+        parked = []
+    except BaseException:  # cancelled from the UI, or a bug: leave the model as it was before the run
+        if parked:
+            unpark_modules(model, parked, device)
+        _undo_budget_override(loaded)
+        raise
     finally:
         hook.remove()
     if oom_message is not None:  # raised outside the except block: no reference to the failed frames

@@ -312,3 +312,63 @@ def _get(model: nn.Module, path: str):
 
 def _has_tensors(module: nn.Module) -> bool:
     return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
+# ------------------------------------------------------------------------------ BF16 streaming, low RAM
+
+
+def bf16_stream_map(model: nn.Module, budget_bytes: int, device: int | str = 0, prefetch: int = 1,
+                    layers_prefix: str = LAYERS_PREFIX, gpu_layers: int | None = None) -> tuple[dict, int]:
+    """A map for loading a BF16 model that will be block-streamed: every non-layer unit and the first N
+    decoder layers on ``device``, the other layers on the CPU. N fits the budget with room for the streaming
+    ring (``prefetch + 1`` slots of one layer), unless ``gpu_layers`` fixes it. Returns (map, N)."""
+    units = top_level_units(model, layers_prefix)
+    sizes = unit_bytes(model, units, lambda n: False, 0.0)
+    layers = [u for u in units if _layer_index(u, layers_prefix) is not None]
+    rest = sum(b for u, b in sizes.items() if u not in layers)
+    if gpu_layers is None:
+        ring = (prefetch + 1) * max((sizes[u] for u in layers), default=0)
+        room = budget_bytes - rest - ring
+        gpu_layers = 0
+        for unit in layers:
+            if room < sizes[unit]:
+                break
+            room -= sizes[unit]
+            gpu_layers += 1
+    device_map = {u: (device if u not in layers or _layer_index(u, layers_prefix) < gpu_layers else "cpu") for u in units}
+    validate_device_map(device_map, model)
+    return device_map, gpu_layers
+
+
+def undo_accelerate_offload(model: nn.Module) -> int:
+    """Turn accelerate's CPU offload back into plain CPU tensors and remove its hooks.
+
+    ``from_pretrained`` with CPU entries in the map loads those weights into RAM, then accelerate's dispatch
+    swaps the modules' parameters for "meta" placeholders and keeps the real tensors in its hooks'
+    ``weights_map`` (moved to the GPU synchronously at every forward). We take the tensors back - no copy -
+    so our block streaming can own them. Returns how many tensors were put back; raises if any stays meta.
+    """
+    from accelerate.hooks import remove_hook_from_module
+    from accelerate.utils import set_module_tensor_to_device
+
+    restored = 0
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])
+        for h in hooks:
+            weights_map = getattr(h, "weights_map", None)
+            if not getattr(h, "offload", False) or weights_map is None:
+                continue
+            recurse = bool(getattr(h, "place_submodules", False))
+            names = [n for n, t in list(module.named_parameters(recurse=recurse)) + list(module.named_buffers(recurse=recurse))
+                     if t.device.type == "meta"]
+            for name in names:
+                set_module_tensor_to_device(module, name, "cpu", value=weights_map[name])
+                restored += 1
+    remove_hook_from_module(model, recurse=True)
+    for name in ("to", "cuda", "xpu", "npu", "mlu", "musa", "half", "float"):  # dispatch's warning wrappers
+        model.__dict__.pop(name, None)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if left:
+        raise RuntimeError(f"accelerate offload could not be undone for {len(left)} tensors, e.g. {left[:3]}")
+    return restored

@@ -234,8 +234,14 @@ def transformers_major() -> int:
 
 def check_transformers_version(skeleton: nn.Module, folder) -> None:
     """Tencent's code breaks inside ``generate_image`` under transformers 5.x (its ``HunyuanStaticCache``
-    predates the v5 cache API): refuse now, with the command that gives a working environment."""
-    if is_tencent_code(skeleton) and transformers_major() >= 5:
+    predates the v5 cache API) and without CUDA: refuse now, with the command that gives a working
+    environment, instead of a traceback in the middle of a generation."""
+    if not is_tencent_code(skeleton):
+        return
+    if not torch.cuda.is_available():
+        raise LoaderError(f"{folder}: Tencent's HunyuanImage-3 code runs on CUDA only (CUDA autocast, "
+                          "torch.cuda.set_device in its MoE); this machine has no CUDA device")
+    if transformers_major() >= 5:
         import transformers
 
         raise LoaderError(
@@ -366,13 +372,17 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
             if device_map == "auto" and model_bytes <= budget_bytes:
                 kwargs["device_map"] = {"": device}  # fits: straight to the GPU, no streaming
             else:
-                stream_plan = {"budget_bytes": budget_bytes, "device": device}
-                if isinstance(device_map, dict) or device_map == "manual":
-                    stream_plan["blocks_resident"] = sum(1 for u, d in chosen.items()
-                                                         if u.startswith("model.layers.") and d != "cpu")
-                kwargs["device_map"] = {"": "cpu"}
-                notes.append(f"BF16 model {model_bytes / GB:.2f} GB > budget {budget_bytes / GB:.2f} GB: loaded into "
-                             "RAM, the decoder layers that do not fit are streamed")
+                from ..memory.hf_placement import bf16_stream_map
+
+                fixed = None
+                if isinstance(chosen, dict):
+                    fixed = sum(1 for u, d in chosen.items() if u.startswith("model.layers.") and d != "cpu")
+                load_map, resident = bf16_stream_map(skeleton, budget_bytes, device, gpu_layers=fixed)
+                kwargs["device_map"] = load_map
+                if any(d == "cpu" for d in load_map.values()):
+                    stream_plan = {"budget_bytes": budget_bytes, "device": device, "blocks_resident": resident}
+                    notes.append(f"BF16 model {model_bytes / GB:.2f} GB, budget {budget_bytes / GB:.2f} GB: "
+                                 f"{resident} decoder layers on the GPU, the others stream from pinned RAM")
         elif chosen == "auto":
             kwargs["device_map"] = "auto"
             kwargs["max_memory"] = max_memory_for_budget(budget_bytes / GB, device, total)
@@ -393,6 +403,8 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
 
     try:
         model, telemetry = _from_pretrained_tracked(folder, kwargs, mode, plan)
+        if stream_plan is not None:
+            model = _take_back_offloaded(model, folder, kwargs, mode, plan, telemetry, notes)
     except MapRejected:
         if kwargs.get("device_map") != "auto":
             raise LoaderError(f"{folder}: bitsandbytes rejected the device map (quantized layers on the CPU). "
@@ -581,6 +593,29 @@ def _check_report(model: nn.Module, plan: SkipPlan, report: DtypeReport) -> None
 
 
 # ------------------------------------------------------------------------------ BF16 streaming
+
+
+def _take_back_offloaded(model, folder, kwargs, mode, plan, telemetry, notes):
+    """BF16 streaming: the CPU-mapped layers were loaded straight into RAM (the GPU part straight to the GPU:
+    peak RAM = the streamed part), then accelerate attached its offload hooks; take the tensors back for
+    our streaming. Should that fail, load everything into RAM instead (correct, more peak RAM)."""
+    from ..memory.hf_placement import undo_accelerate_offload
+
+    try:
+        undo_accelerate_offload(model)
+        return model
+    except Exception as err:  # noqa: BLE001 - logged, and the slower safe path follows
+        log.warning("could not take the offloaded layers back from accelerate (%s); loading into RAM instead", err)
+        notes.append("fallback: loaded into RAM first (accelerate offload could not be undone)")
+        del model
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+        kwargs = dict(kwargs, device_map={"": "cpu"})
+        model, again = _from_pretrained_tracked(folder, kwargs, mode, plan)
+        telemetry.update(again)
+        return model
 
 
 def _start_streaming(model: nn.Module, budget_bytes: int, device: int, blocks_resident: int | None = None):

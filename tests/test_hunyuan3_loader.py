@@ -197,6 +197,10 @@ def test_tencent_code_under_transformers_5_is_refused_with_the_pip_command(monke
     monkeypatch.setitem(sys.modules, "fake_tencent_hunyuan", module)
     skeleton = cls()
     assert hf_loader.is_tencent_code(skeleton)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(LoaderError, match="CUDA only"):
+        hf_loader.check_transformers_version(skeleton, "/models/HunyuanImage-3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(hf_loader, "transformers_major", lambda: 5)
     with pytest.raises(LoaderError, match=re.escape(hf_loader.TENCENT_PIP_COMMAND)):
         hf_loader.check_transformers_version(skeleton, "/models/HunyuanImage-3")
@@ -287,3 +291,39 @@ def test_int8_park_in_one_host_buffer_keeps_the_function(int8):
     assert np.array_equal(want, np.asarray(generate(int8, _request()).image))
     nbytes2, buffer2 = move_bnb_int8_model(int8.model, "cpu", buffer)
     assert buffer2 is buffer and nbytes2 == nbytes  # reused
+
+
+def test_bf16_stream_map_fits_layers_and_leaves_room_for_the_ring(int8):
+    from comfyui_headroom.memory.hf_placement import bf16_stream_map, unit_bytes, top_level_units
+
+    model = int8.model
+    units = top_level_units(model)
+    sizes = unit_bytes(model, units, lambda n: False, 0.0)
+    layer = sizes["model.layers.0"]
+    rest = sum(b for u, b in sizes.items() if not u.startswith("model.layers."))
+    device_map, n = bf16_stream_map(model, rest + 3 * layer, device=0)  # one resident + a 2-slot ring
+    assert n == 1 and device_map["model.layers.0"] == 0 and device_map["model.layers.1"] == "cpu"
+    assert device_map["vae"] == 0 and device_map["model.wte"] == 0
+    assert bf16_stream_map(model, 10 * GB, device=0)[1] == 2
+    assert bf16_stream_map(model, 10 * GB, device=0, gpu_layers=0)[0]["model.layers.0"] == "cpu"
+
+
+def test_accelerate_offload_is_taken_back_without_changing_the_model(fake_folder):
+    """What the BF16 loader does after from_pretrained put layers in RAM behind accelerate's hooks (simulated on
+    the CPU: every unit offloaded, execution device cuda:0, as accelerate does for "cpu" map entries)."""
+    from accelerate import dispatch_model
+
+    from comfyui_headroom.memory.hf_placement import top_level_units, undo_accelerate_offload
+
+    loaded = load_hf_model(fake_folder, "bf16", trust_remote_code=True)
+    model = loaded.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dispatch_model(model, device_map={u: "cpu" for u in top_level_units(model)}, main_device="cuda:0",
+                   force_hooks=True, offload_buffers=True)
+    assert any(p.device.type == "meta" for p in model.parameters())
+    assert undo_accelerate_offload(model) > 0
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert not any(hasattr(m, "_hf_hook") for m in model.modules()) and "to" not in model.__dict__
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert generate(loaded, _request()).image.size == (64, 64)
