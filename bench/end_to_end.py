@@ -10,8 +10,8 @@ after one untimed warm-up call, CUDA-synchronised per step) and is compared with
 * ``INT8 resident``            - the converter's file loaded into Int8Linear layers, all on the GPU;
 * ``bf16 accelerate offload``  - the first half of the blocks on the GPU, the rest offloaded to CPU RAM by
                                   accelerate's ``dispatch_model`` with a device map (seed 001's slow baseline);
-* ``INT8 streamed``            - the same half resident, the other half streamed from pinned RAM by
-                                  :func:`comfyui_headroom.memory.enable_block_streaming`;
+* ``INT8 streamed``            - half the blocks resident, the other half streamed from pinned RAM by
+                                  :func:`comfyui_headroom.memory.enable_block_streaming` (its defaults);
 * ``bf16 streamed``            - bf16 through our streamer (tells how much of the streamed gain is INT8).
 
 Goals (issue #5): INT8 resident >= 1.4x bf16 resident with cosine >= 0.99; INT8 streamed >= 3x accelerate.
@@ -84,6 +84,11 @@ def _measure(name: str, model, noise, steps: int, placement: str, device, refere
     return row
 
 
+def _streamed_text(placement) -> str:
+    return (f"{placement.blocks_resident} blocks resident, {placement.blocks_streamed} streamed from pinned RAM "
+            f"(our streamer, spread order, ring of {placement.ring_slots} slots)")
+
+
 def _accelerate_offloaded(model, half: int):
     """accelerate's own offload: blocks >= ``half`` stay in CPU RAM, moved in on every forward."""
     from accelerate import dispatch_model
@@ -134,8 +139,7 @@ def run(args) -> dict:
         placement = place(model.cpu(), dev, blocks_resident=half)
         try:
             row = _measure("INT8 streamed", model, noise, args.steps,
-                           f"{placement.blocks_resident} blocks resident, {placement.blocks_streamed} streamed from "
-                           "pinned RAM (our streamer, prefetch 1)", dev, reference)
+                           _streamed_text(placement), dev, reference)
         finally:
             placement.release()
         row["max_abs_diff_vs_int8_resident"] = float((row["latent"] - resident_int8).abs().max())
@@ -152,8 +156,7 @@ def run(args) -> dict:
         placement = place(bf16, dev, blocks_resident=half)
         try:
             return _measure("bf16 streamed", bf16, noise, args.steps,
-                            f"{placement.blocks_resident} blocks resident, {placement.blocks_streamed} streamed "
-                            "from pinned RAM (our streamer, prefetch 1)", dev, reference)
+                            _streamed_text(placement), dev, reference)
         finally:
             placement.release()
 

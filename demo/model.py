@@ -56,7 +56,7 @@ class DemoConfig:
 # (a 512 px image), 1b 4096 (a 1024 px image, Flux's sequence length at 1 MP).
 SIZES: dict[str, DemoConfig] = {
     "tiny": DemoConfig(hidden=1024, depth=2, heads=8, latent_size=16),
-    "small": DemoConfig(hidden=1536, depth=6, heads=12, latent_size=64),
+    "small": DemoConfig(hidden=1024, depth=12, heads=8, latent_size=64),
     "1b": DemoConfig(hidden=3072, depth=6, heads=24, latent_size=128),
 }
 

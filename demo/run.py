@@ -36,7 +36,7 @@ NOISE_SEED_OFFSET = 1000  # the latent noise is drawn from seed + this, the weig
 class DemoOptions:
     size: str | None = None  # tiny | small | 1b; default: small with a GPU, tiny without
     device: str | None = None  # cuda | cpu; default: cuda when available
-    budget_gb: float | None = None  # VRAM for weights; default on GPU: half the blocks stream
+    budget_gb: float | None = None  # VRAM for weights on a GPU; default: default_budget_bytes()
     steps: int | None = None  # default: 8 on a GPU, 4 on CPU
     seed: int = 0
     tokens: int | None = None  # default: the size's own (tiny 64, small 1024, 1b 4096)
@@ -162,14 +162,12 @@ def load_int8_model(path: Path, cfg: DemoConfig) -> tuple[DemoDiT, int, int]:
 
 # ------------------------------------------------------------------------------------------- placement
 
-PREFETCH = 1  # blocks copied ahead while one computes (a ring of 2 GPU slots)
-
-
 @dataclass
 class Placement:
     blocks_resident: int
     blocks_streamed: int
     weights_vram_bytes: int  # resident weights + the streaming ring: what the weights take on the device
+    ring_slots: int = 0
     streamer: object = None  # the BlockStreamer keeping the hooks alive, when blocks stream
 
     def release(self) -> None:
@@ -178,11 +176,22 @@ class Placement:
             self.streamer = None
 
 
+def default_budget_bytes(model: DemoDiT) -> int:
+    """The demo's default VRAM budget for weights on a GPU: everything outside the blocks + half the bytes of
+    the blocks (in the model's own precision). The product's promise in one number: a model whose blocks need
+    twice the budget still runs - the planner keeps what fits (the streaming ring included) and streams the rest."""
+    from ..memory import module_bytes
+
+    block_bytes = sum(module_bytes(b) for b in model.blocks)
+    return module_bytes(model) - block_bytes + block_bytes // 2
+
+
 def place(model: DemoDiT, device: torch.device, budget_bytes: int | None = None,
           blocks_resident: int | None = None) -> Placement:
     """Move the model to ``device``. With a budget (bytes of VRAM for weights: the planner decides) or a
-    number of resident blocks (the first N), the other blocks stream from pinned RAM through the memory
-    package's streamer. On a CPU device the same hooks run with plain copies (that is how tests run them)."""
+    number of resident blocks, the other blocks stream from pinned RAM through the memory package's streamer
+    (its defaults: streamed blocks spread between resident ones, a ring of prefetch + 1 GPU slots). On a
+    CPU device the same hooks run with plain copies (that is how the tests run them)."""
     from ..memory import enable_block_streaming, module_bytes
 
     total = module_bytes(model)
@@ -190,13 +199,13 @@ def place(model: DemoDiT, device: torch.device, budget_bytes: int | None = None,
         model.to(device)
         return Placement(len(model.blocks), 0, total)
     streamer = enable_block_streaming(model, device, blocks="blocks", budget_bytes=budget_bytes,
-                                      blocks_resident=blocks_resident, prefetch=PREFETCH)
+                                      blocks_resident=blocks_resident)
     streamed = len(streamer.streamed_indices)
     if not streamed:  # everything fits: no hooks needed
         streamer.disable(device)
         return Placement(len(model.blocks), 0, total)
     vram = total - streamer.streamed_bytes + streamer.ring_bytes
-    return Placement(len(model.blocks) - streamed, streamed, vram, streamer)
+    return Placement(len(model.blocks) - streamed, streamed, vram, min(streamer.prefetch + 1, streamed), streamer)
 
 
 # --------------------------------------------------------------------------------------------- the run
@@ -235,20 +244,22 @@ def _free(device: torch.device) -> None:
 class _Run:
     result: SampleResult
     placement: Placement
+    budget_bytes: int | None
     load_s: float
     memory: object  # MemoryReport
 
 
 def _run_one(load, device: torch.device, budget: int | None, noise, steps: int, warmup: bool) -> _Run:
-    """Load (to CPU), place under the budget, sample, clean up. Without a budget on a GPU, the first half
-    of the blocks stays resident and the second half streams (the demo's default: streaming at work)."""
+    """Load (to CPU), place under the budget (on a GPU; default :func:`default_budget_bytes`), sample,
+    clean up. On a CPU everything stays resident."""
     from ..memory import MemoryTracker
 
     with MemoryTracker() as tracker:
         start = time.perf_counter()
         model = load()
-        half = math.ceil(len(model.blocks) / 2) if budget is None and device.type == "cuda" else None
-        placement = place(model, device, budget if device.type == "cuda" else None, blocks_resident=half)
+        if device.type == "cuda" and budget is None:
+            budget = default_budget_bytes(model)
+        placement = place(model, device, budget if device.type == "cuda" else None)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         load_s = time.perf_counter() - start
@@ -256,7 +267,7 @@ def _run_one(load, device: torch.device, budget: int | None, noise, steps: int, 
     placement.release()
     del model
     _free(device)
-    return _Run(result, placement, load_s, tracker.report)
+    return _Run(result, placement, budget if device.type == "cuda" else None, load_s, tracker.report)
 
 
 def run_demo(options: DemoOptions) -> dict:
@@ -288,9 +299,9 @@ def run_demo(options: DemoOptions) -> dict:
     budget = int(options.budget_gb * 2**30) if options.budget_gb is not None else None
     int8 = _run_one(load_int8, device, budget, noise, steps, warmup)
     kernel, kernel_calls = _most_used_kernel()
-    # bf16 runs under the same budget: --budget-gb, or the VRAM the INT8 weights took (so more blocks stream).
-    bf16_budget = budget if budget is not None else int8.placement.weights_vram_bytes
-    bf16_budget = bf16_budget if device.type == "cuda" else None
+    # bf16 runs under the same budget: --budget-gb, or the one the INT8 run got (its blocks are twice as
+    # large, so more of them stream; the planner raises a budget below its streaming ring, with a warning).
+    bf16_budget = budget if budget is not None else int8.budget_bytes
     bf16 = _run_one(lambda: load_bf16_model(checkpoint, cfg, "cpu"), device, bf16_budget, noise, steps, warmup)
     int8_run, bf16_run = int8.result, bf16.result
 
@@ -322,7 +333,8 @@ def run_demo(options: DemoOptions) -> dict:
         "float_linear_layers": float_layers,
         "kernel": kernel,
         "kernel_calls": {k: v["calls"] for k, v in kernel_calls.items()},
-        "budget_gb": options.budget_gb,
+        "budget_gb": None if int8.budget_bytes is None else int8.budget_bytes / 2**30,
+        "budget_default": options.budget_gb is None,
         "weights_vram_gb": int8.placement.weights_vram_bytes / 2**30,
         "weights_vram_bf16_gb": bf16.placement.weights_vram_bytes / 2**30,
         "blocks_resident": int8.placement.blocks_resident,
@@ -353,10 +365,11 @@ def format_report(r: dict) -> str:
     if r["device"] == "cpu":
         blocks = f"{r['blocks_resident']} resident, {r['blocks_streamed']} streamed (CPU: no VRAM budget)"
     else:
-        asked = "half the blocks (default)" if r["budget_gb"] is None else f"--budget-gb {r['budget_gb']:g}"
-        blocks = (f"INT8 {r['blocks_resident']} resident + {r['blocks_streamed']} streamed = "
-                  f"{r['weights_vram_gb']:.2f} GB of VRAM for weights ({asked}) | bf16 in the same VRAM: "
-                  f"{r['blocks_resident_bf16']} resident + {r['blocks_streamed_bf16']} streamed")
+        asked = "default: half of the INT8 blocks" if r["budget_default"] else "--budget-gb"
+        blocks = (f"INT8 {r['blocks_resident']} resident + {r['blocks_streamed']} streamed, "
+                  f"{r['weights_vram_gb']:.2f} GB of VRAM for weights (budget {r['budget_gb']:.2f} GB, {asked}) | "
+                  f"bf16 under the same budget: {r['blocks_resident_bf16']} resident + "
+                  f"{r['blocks_streamed_bf16']} streamed, {r['weights_vram_bf16_gb']:.2f} GB")
     made = f"created in {r['create_time_s']:.1f} s" if r["checkpoint_created"] else "cached"
     conv = f"converted in {r['convert_time_s']:.1f} s" if r["int8_converted"] else "cached"
     psnr = "identical" if r["psnr_db"] is None else f"{r['psnr_db']:.1f} dB"

@@ -14,6 +14,7 @@ from PIL import Image
 from comfyui_headroom import cli
 from comfyui_headroom.demo.model import SIZES, DemoConfig, build_empty, make_state_dict, param_shapes
 from comfyui_headroom.demo.run import (
+    default_budget_bytes,
     ensure_checkpoint,
     ensure_int8,
     load_bf16_model,
@@ -166,21 +167,23 @@ def test_converted_file_loads_into_int8_layers(tmp_path):
     assert 0.99 < cosine_similarity(out, expected) < 1.0
 
 
-def test_int8_model_with_streamed_blocks_computes_the_same(gen):
-    """The demo's placement with half the blocks streamed (CPU copies through the same hooks)."""
-    cfg = replace(MICRO, depth=6)
+def test_int8_model_under_the_default_budget_streams_and_computes_the_same(gen):
+    """The demo's GPU default (half the blocks' bytes), run on the CPU through the same streaming hooks."""
+    cfg = replace(MICRO, depth=12)
     model = build_empty(cfg)
     model.load_state_dict(make_state_dict(cfg, seed=0), assign=True)
     quantize_model(model, min_features=32)
-    assert isinstance(model.blocks[5].attn.qkv, Int8Linear)
+    assert isinstance(model.blocks[11].attn.qkv, Int8Linear)
     x = torch.randn(1, cfg.latent_channels, cfg.latent_size, cfg.latent_size, generator=gen)
     t = torch.tensor([0.3])
+    budget = default_budget_bytes(model)
     with torch.no_grad():
         resident = model(x, t)
-        placement = place(model, torch.device("cpu"), blocks_resident=3)
+        placement = place(model, torch.device("cpu"), budget)
         try:
-            assert (placement.blocks_resident, placement.blocks_streamed) == (3, 3)
-            assert placement.weights_vram_bytes < sum(t.nbytes for t in model.state_dict().values())
+            assert placement.blocks_resident + placement.blocks_streamed == 12
+            assert 0 < placement.blocks_resident < placement.blocks_streamed
+            assert placement.weights_vram_bytes <= budget
             assert torch.equal(model(x, t), resident)
             assert torch.equal(model(x, t), resident)  # second pass: the ring wrapped around
         finally:
