@@ -291,6 +291,9 @@ def enable_block_streaming(model_or_blocks, device, *, blocks=None, blocks_resid
         plan = plan_placement(target, 1 << 62 if count_only else budget, critical or (), blocks_resident,
                               blocks=blocks if model is not None else None, devices=[device],
                               device_totals=None if count_only else totals, prefetch=prefetch, order=order)
+    if list(plan.block_names) != names:
+        raise ValueError(f"the plan was made for blocks {plan.block_names[:3]}... but this model's blocks are "
+                         f"{names[:3]}...: plan and stream the same model with the same `blocks`")
     streamed = set(plan.streamed_blocks())
     resident = [n not in streamed for n in names]
     if model is not None:

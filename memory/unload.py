@@ -108,6 +108,9 @@ def soft_unload(model: nn.Module, pin_memory: bool | None = None, chunk_bytes: i
     handle = _HANDLES.get(model)
     if handle is not None and handle.state == "parked":
         return handle
+    if getattr(model, "_headroom_streamer", None) is not None:
+        raise ValueError(f"{type(model).__name__} is streaming its blocks; call disable_block_streaming(model) "
+                         "before soft_unload")
     refs = collect_tensor_refs(model)
     if not refs:
         raise ValueError(f"{type(model).__name__} has no parameters or buffers to unload")

@@ -180,3 +180,18 @@ def test_pinning_needs_cuda_and_bnb_int8_is_refused():
     layer = bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False)
     with pytest.raises(UnsupportedModuleError, match="Linear8bitLt"):
         collect_tensor_refs(torch.nn.Sequential(layer))
+
+
+def test_a_plan_for_other_blocks_and_soft_unload_while_streaming_are_refused():
+    from comfyui_headroom.memory import plan_placement, soft_unload
+
+    model = make_dit(depth=4)
+    other = plan_placement(list(model.blocks), 10 ** 9, blocks_resident=1)  # names "0".."3", not "blocks.N"
+    with pytest.raises(ValueError, match="plan was made for blocks"):
+        enable_block_streaming(model, "cpu", plan=other)
+    plan = plan_placement(model, 10 ** 9, blocks_resident=1, devices=["cpu"])
+    streamer = enable_block_streaming(model, "cpu", plan=plan)
+    assert streamer.streamed_indices == [1, 2, 3]
+    with pytest.raises(ValueError, match="disable_block_streaming"):
+        soft_unload(model, pin_memory=False)
+    streamer.disable()
