@@ -365,9 +365,9 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
             raise LoaderError(f"device_map must be 'auto', 'manual' or a dict, got {device_map!r}")
 
         if mode == "bf16":
-            # Our streaming, not accelerate's hooks: the weights load into CPU RAM, then everything that is not
-            # a decoder layer and as many layers as the budget holds move to the GPU; the rest is streamed
-            # from pinned RAM (memory/streaming.py). A manual map decides the resident layers itself.
+            # Our streaming, not accelerate's hooks: everything that is not a decoder layer and as many layers
+            # as the budget holds load straight to the GPU, the rest straight into RAM, streamed from pinned
+            # memory afterwards (memory/streaming.py). A manual map decides the resident layers itself.
             model_bytes = sum(t.numel() * t.element_size() for t in skeleton.parameters())
             if device_map == "auto" and model_bytes <= budget_bytes:
                 kwargs["device_map"] = {"": device}  # fits: straight to the GPU, no streaming
@@ -444,8 +444,8 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
                      trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
                      device_map=device_map, gpu_layers=gpu_layers, skip=skip, keep_attention=keep_attention,
                      device=device, skip_patterns=skip_patterns)
-    loaded = LoadedModel(model=model, path=str(folder), mode=mode, load_args=load_args, budget_bytes=budget_bytes, reserve_gb=reserve_gb,
-                         external_vram_gb=external_vram_gb, dtype_report=report, placement=placement, skip_plan=plan,
+    loaded = LoadedModel(model=model, path=str(folder), mode=mode, load_args=load_args, budget_bytes=budget_bytes,
+                         reserve_gb=reserve_gb, external_vram_gb=external_vram_gb, dtype_report=report, placement=placement, skip_plan=plan,
                          quantization_method=method, critical_layers=critical_note, tencent_code=tencent,
                          restored_generation_fields=restored, telemetry=telemetry, notes=notes, streamer=streamer,
                          fingerprint=folder_fingerprint(folder))
