@@ -249,6 +249,8 @@ def soft_unload_model(loaded) -> str:
     device = model_device(model)
     if device.type != "cuda":
         return "soft unload: model already in RAM"
+    if getattr(loaded, "streamer", None) is not None:
+        return "soft unload skipped: a streamed model keeps its resident part (use unload to free it)"
     t0 = time.perf_counter()
     if getattr(model, "is_loaded_in_8bit", False):
         nbytes, loaded._host_buffer = move_bnb_int8_model(model, "cpu", getattr(loaded, "_host_buffer", None))
