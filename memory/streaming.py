@@ -84,6 +84,9 @@ class BlockStreamer:
         self.pin_memory = self.cuda if pin_memory is None else pin_memory
         if self.pin_memory and not self.cuda:
             raise ValueError("pin_memory=True needs a CUDA device; pass pin_memory=False to stream on CPU")
+        if self.cuda and not self.pin_memory:
+            log.warning("headroom: streaming from pageable host memory - copies run ~8x slower than from pinned "
+                        "memory and block the CPU; use pin_memory=True (the default)")
         self.blocks = blocks
         self.names = names
         self.resident = resident
