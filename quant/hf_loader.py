@@ -622,7 +622,9 @@ def _start_streaming(model: nn.Module, budget_bytes: int, device: int, blocks_re
     """Hand the decoder layers to memory/'s block streaming (pinned, prefetched on a side stream)."""
     from ..memory.streaming import enable_block_streaming
 
-    kwargs = {"blocks_resident": blocks_resident} if blocks_resident is not None else {"budget_bytes": budget_bytes}
+    # The first N layers were loaded onto the GPU: keep exactly those resident ("first", not spread out).
+    kwargs = ({"blocks_resident": blocks_resident, "order": "first"} if blocks_resident is not None
+              else {"budget_bytes": budget_bytes})
     return enable_block_streaming(model, torch.device("cuda", device), blocks="model.layers", **kwargs)
 
 

@@ -327,3 +327,15 @@ def test_accelerate_offload_is_taken_back_without_changing_the_model(fake_folder
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert generate(loaded, _request()).image.size == (64, 64)
+
+
+def test_block_streaming_of_the_decoder_layers_keeps_the_image(fake_folder):
+    """The BF16 road's streaming call (first N layers resident, the rest streamed) on the CPU device."""
+    from comfyui_headroom.memory.streaming import enable_block_streaming
+
+    loaded = load_hf_model(fake_folder, "bf16", trust_remote_code=True)
+    want = np.asarray(generate(loaded, _request()).image)
+    streamer = enable_block_streaming(loaded.model, "cpu", blocks="model.layers", blocks_resident=1, order="first")
+    assert streamer.streamed_indices == [1]
+    assert np.array_equal(want, np.asarray(generate(loaded, _request()).image))
+    streamer.disable()
