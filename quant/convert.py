@@ -54,6 +54,7 @@ from .formats import (
 )
 from .int8 import DEFAULT_BLOCK_SIZE, METHODS, QMAX, dequantize_weight, quantize_weight
 from .safetensors_stream import (
+    PICKLE_SUFFIXES,
     FormatError,
     Header,
     StreamingWriter,
@@ -110,6 +111,7 @@ class ConvertReport:
     rotation_group: int = 0  # --rotate: Hadamard group size (0 = none)
     rotated: list[str] = field(default_factory=list)  # layers stored rotated
     loras: list[dict] = field(default_factory=list)  # --lora: per LoRA, layers touched (lora_bake summary)
+    skipped_files: list[str] = field(default_factory=list)  # pickle weights in a folder: not copied
 
     @property
     def reduction_pct(self) -> float:
@@ -142,6 +144,7 @@ class ConvertReport:
             "worst_layer": self.worst_layer, "seconds": round(self.seconds, 2),
             "quantized": dict(self.quantized), "kept": dict(self.kept),
             "rotation_group": self.rotation_group, "layers_rotated": len(self.rotated), "loras": list(self.loras),
+            "skipped_files": list(self.skipped_files),
         }
 
     def __str__(self) -> str:
@@ -167,6 +170,8 @@ class ConvertReport:
             reasons[reason] = reasons.get(reason, 0) + 1
         for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1])[:6]:
             lines.append(f"  kept {count} x {reason}")
+        if self.skipped_files:
+            lines.append(f"  not copied (pickle weights, refused for safety): {', '.join(self.skipped_files[:4])}")
         return "\n".join(lines)
 
 
@@ -765,6 +770,9 @@ def convert_folder(
             relative = path.relative_to(src)
             if path.is_dir() or path.suffix == ".safetensors":
                 continue
+            if _is_pickle_weights(path):  # the .bin twins of safetensors shards: never needed, never loaded
+                report.skipped_files.append(str(relative))
+                continue
             (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
             if path.name.endswith(".safetensors.index.json"):
                 _rewrite_index(path, tmp / relative, outputs.get(path.parent, {}))
@@ -782,6 +790,11 @@ def convert_folder(
     report.bytes_after = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _is_pickle_weights(path: Path) -> bool:
+    name = path.name.lower()
+    return path.suffix.lower() in PICKLE_SUFFIXES or any(name.endswith(f"{suffix}.index.json") for suffix in PICKLE_SUFFIXES)
 
 
 def _replace_folder(tmp: Path, dst: Path) -> None:

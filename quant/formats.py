@@ -15,12 +15,14 @@ Layouts of one quantized Linear ``<p>`` (``<p>`` is a prefix ending with a dot, 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
@@ -75,16 +77,20 @@ def encode_comfy_quant(config: Mapping) -> torch.Tensor:
     return torch.tensor(list(json.dumps(dict(config)).encode("utf-8")), dtype=torch.uint8)
 
 
-def comfy_legacy_layers(file_metadata: Mapping[str, str] | None) -> dict[str, dict]:
-    """``{layer: config}`` from an old ComfyUI header's ``_quantization_metadata`` (empty when absent)."""
+def comfy_legacy_layers(file_metadata: Mapping[str, str] | None) -> Mapping[str, dict]:
+    """``{layer: config}`` (read-only) from an old ComfyUI header's ``_quantization_metadata`` (empty when absent)."""
     raw = (file_metadata or {}).get(COMFY_LEGACY_KEY)
-    if not raw:
-        return {}
+    return _parse_legacy(raw) if raw else MappingProxyType({})
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_legacy(raw: str) -> Mapping[str, dict]:
+    # Cached (hence read-only): a loader asks once per layer, and the JSON names every layer of the model.
     try:
         layers = json.loads(raw).get("layers", {})
     except (ValueError, AttributeError):
         raise FormatError(f"header metadata '{COMFY_LEGACY_KEY}' is not valid JSON") from None
-    return layers if isinstance(layers, dict) else {}
+    return MappingProxyType(layers if isinstance(layers, dict) else {})
 
 
 def is_headroom_metadata(file_metadata: Mapping[str, str] | None) -> bool:
@@ -135,8 +141,8 @@ def parse_int8_layer(
     if quant_key in tensors:
         config = decode_comfy_quant(tensors[quant_key])
         source = "comfy"
-    elif layer_name in comfy_legacy_layers(file_metadata):
-        config = comfy_legacy_layers(file_metadata)[layer_name]
+    elif layer_name in (legacy := comfy_legacy_layers(file_metadata)):
+        config = legacy[layer_name]
         source = "comfy_legacy"
     elif is_headroom_metadata(file_metadata):
         source = "headroom"

@@ -151,6 +151,7 @@ def _write_sharded(folder, gen):
     vae.mkdir()
     save_file({"decoder.mid.attn.to_q.weight": torch.randn(1024, 1024, generator=gen)}, str(vae / "model.safetensors"))
     (folder / "model_index.json").write_text("{}")
+    (transformer / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04 pickle twin")  # never copied
     return sd
 
 
@@ -163,6 +164,8 @@ def test_sharded_folder(tmp_path, gen):
     assert report.kept["decoder.mid.attn.to_q"] == "pattern 'vae'"  # the folder name joins the decision
     assert (dst / "transformer" / "config.json").read_text() == '{"_class_name": "TinyDiT"}'
     assert (dst / "model_index.json").exists()
+    assert report.skipped_files == ["transformer/diffusion_pytorch_model.bin"]
+    assert not (dst / "transformer" / "diffusion_pytorch_model.bin").exists()
     index = json.loads((dst / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
     total = 0
     for shard in set(index["weight_map"].values()):
