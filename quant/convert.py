@@ -571,6 +571,8 @@ def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
         raise ConvertError(f"OUT {dst} is the input itself; headroom never overwrites its input - choose another OUT")
     if src.is_dir() and dst.resolve().is_relative_to(src.resolve()):
         raise ConvertError(f"OUT {dst} lies inside the input folder {src}; choose a folder outside it")
+    if src.resolve().is_relative_to(dst.resolve()):  # replacing OUT would delete the input with it
+        raise ConvertError(f"OUT {dst} contains the input {src}; choose an OUT that does not")
     if dst.exists() and not overwrite:
         raise ConvertError(f"{dst} already exists; pass --overwrite to replace it")
     if dst.exists() and dst.is_dir() != src.is_dir():

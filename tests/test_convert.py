@@ -204,6 +204,16 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, dit_file, monkeypatch, 
     assert _leftovers(tmp_path, src.name) == []
 
 
+def test_folder_output_never_swallows_the_input(tmp_path, gen):
+    src = tmp_path / "models" / "pipeline"
+    _write_sharded(src, gen)
+    with pytest.raises(ConvertError, match="contains the input"):
+        convert_folder(src, tmp_path / "models", progress=False, overwrite=True)
+    with pytest.raises(ConvertError, match="inside the input folder"):
+        convert_folder(src, src / "int8", progress=False)
+    assert (src / "transformer" / "config.json").exists()
+
+
 def test_failure_hook_in_folder_leaves_nothing(tmp_path, gen):
     src = tmp_path / "pipeline"
     _write_sharded(src, gen)
