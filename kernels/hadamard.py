@@ -7,7 +7,8 @@ Hadamard matrix on the tensor cores (``tl.dot``) and quantizes the result, so th
 like the plain quantize kernel reads it and the rotated float tensor never exists in memory.
 
 Two passes over a row block: pass 1 finds each row's absolute maximum of the rotated values, pass 2
-recomputes the (cheap) rotation and writes ``int8``. The matrix is passed with entries ``+-1`` (exact in
+recomputes the (cheap) rotation and writes ``int8`` (``x * (1/scale)``: like the plain quantize kernel, a
+value within an ulp of a rounding tie may land one step away from the reference's division). The matrix is passed with entries ``+-1`` (exact in
 any dtype, so bf16 products are exact and sums are float32) and the ``1/sqrt(GROUP)`` normalisation is
 applied afterwards in float32. Result: the numbers of
 :func:`comfyui_headroom.quant.rotation.rotate_quantize_activation_reference` up to float32 summation order.
@@ -55,10 +56,11 @@ def _rotate_quantize_kernel(
             y = _rotated_slice(x_ptr, h_ptr, rows, row_mask, stride_xm, k0, n0, norm, GROUP, BLOCK_N, IEEE)
             amax = tl.maximum(amax, tl.max(tl.abs(y), axis=1))
     scale = tl.where(amax > 0.0, tl.math.div_rn(amax, 127.0), 1.0)
+    inv_scale = 1.0 / scale  # one reciprocal per row, a multiply per element (as triton_quant does)
     for k0 in range(0, K, GROUP):
         for n0 in tl.static_range(0, GROUP, BLOCK_N):
             y = _rotated_slice(x_ptr, h_ptr, rows, row_mask, stride_xm, k0, n0, norm, GROUP, BLOCK_N, IEEE)
-            q = round_half_even(tl.math.div_rn(y, scale[:, None]))
+            q = round_half_even(y * inv_scale[:, None])
             q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
             tl.store(q_ptr + rows[:, None] * K + k0 + n0 + offs_n[None, :], q, mask=row_mask[:, None])
     tl.store(scale_ptr + rows, scale, mask=row_mask)
