@@ -146,7 +146,13 @@ def run_speed(m: int = 4096, ks=(3072, 5120), groups=(256, 64)) -> dict:
         gemm = _bench(lambda: w8a8_matmul(qa, sa, wq, ws, None, torch.bfloat16))
         bf16_w = torch.randn(k, k, device=device, dtype=torch.bfloat16)
         bf16 = _bench(lambda: torch.nn.functional.linear(x, bf16_w))
+        from comfyui_headroom.quant import Int8Linear
+
+        plain_layer = Int8Linear.from_quantized(wq, ws, compute_dtype=torch.bfloat16)
+        forward_plain = _bench(lambda: plain_layer(x))
         for g in groups:
+            rot_layer = Int8Linear.from_quantized(wq, ws, compute_dtype=torch.bfloat16, rotation_group=g)
+            forward_rot = _bench(lambda: rot_layer(x))
             fused = {bm: _bench(lambda bm=bm: rotate_quantize_rows(x, g, block_m=bm)) for bm in (16, 32, 64)}
             best_bm = min(fused, key=fused.get)
             h = hadamard(g, device, torch.bfloat16)  # entries +-1/sqrt(g): exact in bf16 for 64 and 256
@@ -157,6 +163,7 @@ def run_speed(m: int = 4096, ks=(3072, 5120), groups=(256, 64)) -> dict:
             rows.append({"M": m, "K": k, "N": k, "group": g, "quantize_us": plain, "fused_rot_quant_us": fused[best_bm],
                          "fused_block_m": best_bm, "fused_all_us": fused, "torch_rot_then_quant_us": unfused,
                          "w8a8_gemm_us": gemm, "bf16_linear_us": bf16,
+                         "int8linear_forward_us": forward_plain, "int8linear_rotated_forward_us": forward_rot,
                          "linear_overhead_pct": 100.0 * (fused[best_bm] - plain) / (plain + gemm),
                          "q_mismatch_gt1": mismatch})
             print(json.dumps(rows[-1]), flush=True)
@@ -189,11 +196,13 @@ def section(quality: dict | None, speed: dict | None) -> str:
                   "`python bench/rotation.py speed`): bf16 activations, median of 200 CUDA-event timings, "
                   "microseconds.", "",
                   "| M x K (N = K) | group | quantize | fused rotate+quantize | torch bf16 rotate, then quantize | "
-                  "W8A8 GEMM | bf16 linear | fused rotation cost on quantize+GEMM |", "|---|---|---|---|---|---|---|---|"]
+                  "W8A8 GEMM | bf16 linear | fused rotation cost on quantize+GEMM | Int8Linear forward plain / "
+                  "rotated (today: torch rotation, then the dispatcher) |", "|---|---|---|---|---|---|---|---|---|"]
         for r in speed["rows"]:
             lines.append(f"| {r['M']} x {r['K']} | {r['group']} | {r['quantize_us']:.1f} | {r['fused_rot_quant_us']:.1f} "
                          f"(BLOCK_M {r['fused_block_m']}) | {r['torch_rot_then_quant_us']:.1f} | {r['w8a8_gemm_us']:.1f} "
-                         f"| {r['bf16_linear_us']:.1f} | {r['linear_overhead_pct']:+.1f} % |")
+                         f"| {r['bf16_linear_us']:.1f} | {r['linear_overhead_pct']:+.1f} % "
+                         f"| {r['int8linear_forward_us']:.1f} / {r['int8linear_rotated_forward_us']:.1f} |")
         lines.append("")
     else:
         lines += ["Speed: not measured yet (GPU run pending: `python bench/rotation.py speed`).", ""]

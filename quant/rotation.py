@@ -96,7 +96,18 @@ def unrotate_weight(weight: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def rotate_activation(x: torch.Tensor, group: int) -> torch.Tensor:
-    """``[..., K]`` -> ``x H`` per group, in ``x``'s dtype (computed in float32). Reference path."""
+    """``[..., K]`` -> ``x H`` per group, in ``x``'s dtype.
+
+    CPU: computed in float32. CUDA half/bf16 with a power-of-4 group: one batched tensor-core GEMM in
+    ``x``'s dtype (``H``'s entries ``+-2**-a`` are exact there; float32 accumulation, one rounding of the
+    result), no float32 copy of the activation. The fused kernel (kernels/hadamard.py) also skips this pass.
+    """
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and group in COMFY_ROTATION_GROUPS:
+        k = x.shape[-1]
+        if not rotation_fits(k, group):
+            raise ValueError(f"width {k} is not a multiple of the rotation group {group}")
+        h = hadamard(group, x.device, x.dtype)
+        return torch.matmul(x.reshape(*x.shape[:-1], k // group, group), h).reshape(x.shape)
     return _rotate_last_dim(x, group).to(x.dtype)
 
 

@@ -57,3 +57,22 @@ def test_fused_rotate_quantize_kernel_on_gpu():
     namespace: dict = {}
     exec(CHECK, namespace)
     namespace["check"]("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_rotated_int8linear_forward_on_gpu():
+    from testutil import outlier_weight
+
+    from comfyui_headroom.quant import Int8Linear, relative_error
+
+    gen = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(1024, 768)
+    with torch.no_grad():
+        lin.weight.copy_(outlier_weight(768, 1024, gen) * 0.02)
+    x = torch.randn(300, 1024, generator=gen)
+    with torch.no_grad():
+        exact = lin(x)
+        for group in (64, 256):
+            layer = Int8Linear.from_linear(lin, rotation_group=group, compute_dtype=torch.bfloat16).cuda()
+            y = layer(x.cuda().to(torch.bfloat16)).float().cpu()
+            assert relative_error(y, exact) < 0.03, group
