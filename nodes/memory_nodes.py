@@ -131,15 +131,11 @@ class HeadroomSoftUnload:
         from ..memory import soft_unload
 
         before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-        unloaded = 0
-        for loaded in list(mm.current_loaded_models):
-            if loaded.model is not None and loaded.model.model is model.model:
-                loaded.model_unload()
-                unloaded += 1
-        mm.cleanup_models()
+        held = sum(1 for m in mm.current_loaded_models if m.model is not None and m.model.model is model.model)
+        mm.unload_model_and_clones(model, all_devices=True)  # ComfyUI's own bookkeeping, clones included
         handle = soft_unload(model.model)
         after = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-        status = (f"{type(model.model).__name__}: unloaded from {unloaded} device(s); parked {handle}; "
+        status = (f"{type(model.model).__name__}: unloaded ({held} loaded copies); parked {handle}; "
                   f"VRAM allocated {before / GB:.2f} -> {after / GB:.2f} GB")
         log.info("headroom: %s", status)
         return _ui(status, anything)

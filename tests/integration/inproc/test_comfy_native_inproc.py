@@ -290,3 +290,31 @@ def test_block_streaming_mode_runs_like_resident(workdir, inputs):
     patcher.unpatch_model(torch.device("cpu"))
     assert getattr(dm, "_headroom_streamer", None) is None
     assert torch.allclose(streamed, run(resident, inputs), atol=1e-5, rtol=1e-4)
+
+
+def test_soft_unload_and_gpu_info_nodes(int8, inputs):
+    from comfyui_headroom.nodes.memory_nodes import HeadroomGpuInfo, HeadroomSoftUnload
+
+    patcher = int8[0]
+    before = run(patcher, inputs)
+    assert "Flux" in HeadroomGpuInfo().info()["result"][0]
+    result = HeadroomSoftUnload().park("passthrough", patcher)
+    anything, status = result["result"]
+    assert anything == "passthrough" and "parked" in status and status == result["ui"]["text"][0]
+    assert not any(m.model is patcher for m in mm.current_loaded_models if m.model is not None)
+    assert "ComfyUI loaded models: none" in HeadroomGpuInfo().info()["result"][0]
+    assert torch.allclose(run(patcher, inputs), before)  # brought back from the parked copy
+
+
+def test_stacked_loras_each_get_a_branch(stock, int8, flux_file, inputs):
+    sd = load_file(flux_file)
+    first = flux_lora_state_dict(sd, std=0.08, seed=10)
+    second = flux_lora_state_dict(sd, std=0.08, seed=11, targets=("linear1",))
+    float_l, _ = comfy.sd.load_lora_for_models(stock, None, first, 1.0, 0)
+    float_l, _ = comfy.sd.load_lora_for_models(float_l, None, second, -0.5, 0)
+    int8_l, _ = comfy.sd.load_lora_for_models(int8[0], None, first, 1.0, 0)
+    int8_l, _ = comfy.sd.load_lora_for_models(int8_l, None, second, -0.5, 0)
+    b = run(int8_l, inputs)
+    layer = int8_l.model.diffusion_model.single_blocks[0].linear1
+    assert len(layer.lora) == 2 and layer.lora[1][2] == pytest.approx(-0.5)
+    assert rel(b, run(float_l, inputs)) < 0.02
