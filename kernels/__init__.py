@@ -4,7 +4,8 @@ Public entry points:
 * :func:`int8_linear` - what :class:`~comfyui_headroom.quant.Int8Linear` calls in its forward;
 * :func:`force_kernel` / :func:`forced_kernel` - override the automatic choice (setter or ``with``);
 * :func:`kernel_summary` / :func:`reset_kernel_stats` - which kernel ran how often, per shape;
-* :func:`choose_kernel` - which kernel a call would use on this machine.
+* :func:`choose_kernel` - which kernel a call would use on this machine;
+* :func:`reload_env` - re-read the ``HEADROOM_*`` / ``TRITON_INTERPRET`` variables (read once at import).
 
 Importing this package registers the ``torch.ops.headroom.*`` custom ops (see :mod:`.ops`).
 """
@@ -17,6 +18,7 @@ from .dispatch import (
     forced_kernel,
     int8_linear,
     kernel_summary,
+    reload_env,
     reset_kernel_stats,
 )
 
@@ -27,5 +29,6 @@ __all__ = [
     "forced_kernel",
     "int8_linear",
     "kernel_summary",
+    "reload_env",
     "reset_kernel_stats",
 ]

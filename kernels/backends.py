@@ -28,9 +28,22 @@ KERNELS = ("triton_w8a8", "triton_w8a16", "int_mm", "reference")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def interpreting() -> bool:
-    """Triton's CPU interpreter is on (set before triton was imported)."""
+def _read_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_INTERPRETING = _read_interpret()
+
+
+def interpreting() -> bool:
+    """Triton's CPU interpreter is on (``TRITON_INTERPRET=1`` set before triton was imported; read once)."""
+    return _INTERPRETING
+
+
+def reload_env() -> None:
+    """Re-read ``TRITON_INTERPRET`` (see :func:`comfyui_headroom.kernels.reload_env`)."""
+    global _INTERPRETING
+    _INTERPRETING = _read_interpret()
 
 
 def check_args(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias, block_size: int) -> None:
@@ -54,35 +67,49 @@ def check_args(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
 def _unflatten(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+class _Lazy:
+    """Triton modules imported on first use (not at package import: CPU-only installs, import time),
+    then kept as plain attributes: an ``import`` statement inside the hot path costs ~1 us per call."""
+
+    quantize_rows = w8a8_matmul = w8a16_matmul = None
+
+    @classmethod
+    def load(cls) -> type:
+        from .triton_quant import quantize_rows
+        from .triton_w8a8 import w8a8_matmul
+        from .triton_w8a16 import w8a16_matmul
+
+        cls.quantize_rows, cls.w8a8_matmul, cls.w8a16_matmul = quantize_rows, w8a8_matmul, w8a16_matmul
+        return cls
+
+
+def _triton() -> type:
+    return _Lazy if _Lazy.w8a8_matmul is not None else _Lazy.load()
 
 
 def quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row INT8 of a 2-D activation: the Triton kernel where it runs, torch elsewhere (same numbers)."""
-    if HAS_TRITON and (x2.is_cuda or interpreting()):
-        from .triton_quant import quantize_rows as triton_quantize_rows
-
-        return triton_quantize_rows(x2)
+    if HAS_TRITON and (x2.is_cuda or _INTERPRETING):
+        return _triton().quantize_rows(x2)
     return quantize_activation(x2)
 
 
 def triton_w8a8(x, weight, weight_scale, bias, block_size):
-    from .triton_w8a8 import w8a8_matmul
-
     x2 = _rows(x)
     qa, a_scale = quantize_rows(x2)
-    return _unflatten(w8a8_matmul(qa, a_scale, weight, weight_scale, bias, x.dtype, block_size), x)
+    return _unflatten(_triton().w8a8_matmul(qa, a_scale, weight, weight_scale, bias, x.dtype, block_size), x)
 
 
 def triton_w8a16(x, weight, weight_scale, bias, block_size):
-    from .triton_w8a16 import w8a16_matmul
-
-    return _unflatten(w8a16_matmul(_rows(x), weight, weight_scale, bias, block_size), x)
+    return _unflatten(_triton().w8a16_matmul(_rows(x), weight, weight_scale, bias, block_size), x)
 
 
 def int_mm(x, weight, weight_scale, bias, block_size):

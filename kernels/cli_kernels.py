@@ -21,7 +21,9 @@ def describe(device_name: str | None = None, tokens=(1, 256, 4096)) -> dict:
 
     from .backends import HAS_TRITON, interpreting
     from .configs import arch_of, w8a8_candidates, w8a16_candidates
-    from .dispatch import choose_kernel, forced_kernel
+    from .dispatch import choose_kernel, forced_kernel, reload_env
+
+    reload_env()  # a CLI reports the environment as it is now
 
     device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
     info: dict = {"device": str(device), "torch": torch.__version__, "triton": None, "forced": forced_kernel(),

@@ -120,8 +120,21 @@ def w8a16_candidates(arch: str) -> list[GemmConfig]:
     return W8A16_CONFIGS.get(arch, W8A16_CONFIGS["fallback"])
 
 
+_DEFAULT_QUANT = QuantConfig()
+
+
 def quant_config() -> QuantConfig:
-    return _override.get("quant", QuantConfig())  # type: ignore[return-value]
+    return _override.get("quant", _DEFAULT_QUANT)  # type: ignore[return-value]
+
+
+def cdiv(a: int, b: int) -> int:
+    """``triton.cdiv`` as a plain function: triton's is a constexpr function (~5 us per host call)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """``triton.next_power_of_2`` as a plain function (same reason as :func:`cdiv`)."""
+    return max(n, 0) if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def tma_allowed(arch: str) -> bool:

@@ -16,6 +16,11 @@ on ``int_mm``) falls back to the automatic choice, logged once; the stats name w
 The choice, the stats, the logging (``HEADROOM_LOG_KERNEL=1``) and the NaN/inf check
 (``HEADROOM_DEBUG=1``) all happen at run time inside the ``headroom::int8_linear`` custom op, so
 ``torch.compile`` sees one opaque call and never breaks the graph on them.
+
+Per-call cost: this runs once per INT8 layer per step, so the host side is kept small (a 24-block
+model issues ~200 of these per step and was CPU bound). The ``HEADROOM_*`` variables are read once, at
+import; call :func:`reload_env` after changing them in a running process. Per-device facts (Triton
+usable, architecture family) are cached per ``torch.device``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import types
 import torch
 
 from .backends import BACKENDS, HAS_TRITON, KERNELS, KernelUnsupported, check_args, int_mm_supports, interpreting
+from .configs import arch_of, capability
 
 log = logging.getLogger("comfyui_headroom.kernels")
 
@@ -49,10 +55,18 @@ def _shared_state() -> types.ModuleType:
         state.forced = None
         state.logged = set()
         sys.modules[state.__name__] = state
+    if not hasattr(state, "env"):
+        state.env = _read_env()
     return state
 
 
-_state = _shared_state()
+def _read_env() -> types.SimpleNamespace:
+    """The ``HEADROOM_*`` switches, read once (``os.environ`` lookups cost ~1 us each, per layer per step)."""
+    return types.SimpleNamespace(
+        forced=normalise_kernel_name(os.environ.get("HEADROOM_FORCE_KERNEL")),
+        log=os.environ.get("HEADROOM_LOG_KERNEL", "0") == "1",
+        debug=os.environ.get("HEADROOM_DEBUG", "0") == "1",
+    )
 
 
 def normalise_kernel_name(name: str | None) -> str | None:
@@ -67,6 +81,21 @@ def normalise_kernel_name(name: str | None) -> str | None:
     raise ValueError(
         f"unknown INT8 kernel {name!r}; choose one of auto, triton (w8a8), w8a16, int_mm, reference"
     )
+
+
+_state = _shared_state()
+# Per torch.device: (Triton can run there, architecture family). Devices do not change capability.
+_device_facts: dict = {}
+
+
+def reload_env() -> None:
+    """Re-read ``HEADROOM_FORCE_KERNEL``, ``HEADROOM_LOG_KERNEL``, ``HEADROOM_DEBUG`` and
+    ``TRITON_INTERPRET`` (they are read once at import; call this after changing them at run time)."""
+    from . import backends
+
+    backends.reload_env()
+    _device_facts.clear()
+    _state.env = _read_env()
 
 
 class force_kernel:
@@ -88,25 +117,30 @@ class force_kernel:
 
 def forced_kernel() -> str | None:
     """The kernel forced through Python, else through ``HEADROOM_FORCE_KERNEL``, else None (auto)."""
-    if _state.forced is not None:
-        return _state.forced
-    return normalise_kernel_name(os.environ.get("HEADROOM_FORCE_KERNEL"))
+    forced = _state.forced
+    return forced if forced is not None else _state.env.forced
+
+
+def _facts(device: torch.device) -> tuple[bool, str]:
+    """(Triton runs on this device, its architecture family), computed once per device."""
+    facts = _device_facts.get(device)
+    if facts is None:
+        if not HAS_TRITON:
+            runs = False
+        elif device.type == "cuda":
+            runs = capability(device) >= (7, 5)
+        else:
+            runs = device.type == "cpu" and interpreting()
+        facts = _device_facts[device] = (runs, arch_of(device) if device.type == "cuda" else device.type)
+    return facts
 
 
 def _triton_runs_on(device: torch.device) -> bool:
-    if not HAS_TRITON:
-        return False
-    if device.type == "cuda":
-        from .configs import capability
-
-        return capability(device) >= (7, 5)
-    return device.type == "cpu" and interpreting()
+    return _facts(device)[0]
 
 
 def _arch(device: torch.device) -> str:
-    from .configs import arch_of
-
-    return arch_of(device)
+    return _facts(device)[1]
 
 
 def can_run(name: str, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> bool:
@@ -121,12 +155,12 @@ def auto_kernel(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     device = x.device
     if device.type != "cuda":
         return "reference"
-    if not _triton_runs_on(device):
+    triton_runs, arch = _facts(device)
+    if not triton_runs:
         return "int_mm" if int_mm_supports(x, weight, weight_scale) else "reference"
     m = x.numel() // max(x.shape[-1], 1)
     if m <= SMALL_M:
         return "triton_w8a16"
-    arch = _arch(device)
     if arch in ("sm80", "sm86", "sm89") and int_mm_supports(x, weight, weight_scale):
         return "int_mm"
     if arch == "fallback":  # sm75: no Triton int8 MMA; dequantize + fp16 matmul
@@ -136,7 +170,9 @@ def auto_kernel(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
 
 def choose_kernel(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> str:
     """The kernel this call will use (forced if possible, else automatic)."""
-    forced = forced_kernel()
+    forced = _state.forced
+    if forced is None:
+        forced = _state.env.forced
     if forced is not None:
         if can_run(forced, x, weight, weight_scale):
             return forced
@@ -188,10 +224,13 @@ def run_kernel(name: str, x, weight, weight_scale, bias, block_size: int) -> tor
         _log_once(("unsupported", name, str(why)), f"INT8 kernel {name!r} skipped: {why}; using 'reference'")
         name = "reference"
         y = BACKENDS[name](x, weight, weight_scale, bias, block_size)
-    _record(name, m, n, k)
-    if os.environ.get("HEADROOM_LOG_KERNEL", "0") == "1":
+    key = (name, m, n, k)
+    with _state.lock:
+        _state.stats[key] += 1
+    env = _state.env
+    if env.log:
         _log_once(("shape", name, m, n, k), f"INT8 kernel {name}: x [{m}, {k}] @ W [{n}, {k}] -> {y.dtype}")
-    if os.environ.get("HEADROOM_DEBUG", "0") == "1" and not bool(torch.isfinite(y).all()):
+    if env.debug and not bool(torch.isfinite(y).all()):
         cause = "its input already had NaN/inf" if not bool(torch.isfinite(x).all()) else "the input was finite"
         raise FloatingPointError(
             f"INT8 kernel {name} produced NaN/inf for x {tuple(x.shape)} {x.dtype} @ int8 W {tuple(weight.shape)} "

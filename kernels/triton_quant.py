@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import quant_config
+from .configs import next_power_of_2, quant_config
 
 
 @triton.jit
@@ -78,13 +78,14 @@ def quantize_rows(
     m, k = x.shape
     q = torch.empty((m, k), dtype=torch.int8, device=x.device) if q_out is None else q_out
     scale = torch.empty((m,), dtype=torch.float32, device=x.device) if scale_out is None else scale_out
-    if q.shape != (m, k) or q.dtype != torch.int8 or not q.is_contiguous() or scale.shape != (m,):
+    if (q_out is not None or scale_out is not None) and (
+            q.shape != (m, k) or q.dtype != torch.int8 or not q.is_contiguous() or scale.shape != (m,)):
         raise ValueError(f"quantize_rows: outputs must be contiguous int8 {(m, k)} and float32 {(m,)}")
     if m == 0:
         return q, scale
     cfg = quant_config()
     single = k <= cfg.max_single_pass
-    block = triton.next_power_of_2(k) if single else cfg.loop_block
+    block = next_power_of_2(k) if single else cfg.loop_block
     warps = cfg.num_warps if block >= 2048 else 4
     _quantize_rows_kernel[(m,)](x, q, scale, k, x.stride(0), BLOCK_K=block, SINGLE_PASS=single, num_warps=warps)
     return q, scale

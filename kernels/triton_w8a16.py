@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .backends import interpreting
-from .configs import arch_of, w8a16_candidates
+from .configs import arch_of, cdiv, next_power_of_2, w8a16_candidates
 from .triton_w8a8 import SCALE_BLOCK, _sm_count, block_k_for, scale_mode_of
 
 
@@ -95,24 +95,24 @@ def w8a16_matmul(
     ws_stride = ws.stride(0) if mode == SCALE_BLOCK else 0
     candidates = w8a16_candidates(arch_of(x.device))
     cfg = candidates[0] if m <= 16 or len(candidates) == 1 else candidates[1]
-    block_m = max(16, min(cfg.block_m, triton.next_power_of_2(m)))
+    block_m = max(16, min(cfg.block_m, next_power_of_2(m)))
     if m > cfg.block_m:
-        block_m = min(64, triton.next_power_of_2(m))
+        block_m = min(64, next_power_of_2(m))
     block_k = cfg.block_k if mode != SCALE_BLOCK else block_k_for(cfg.block_k, block_size)
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, cfg.block_n)
-    k_tiles = max(1, triton.cdiv(k, block_k))
+    tiles = cdiv(m, block_m) * cdiv(n, cfg.block_n)
+    k_tiles = max(1, cdiv(k, block_k))
     if split_k is None:
         # Split K only when the output tiles would leave over half the SMs idle (the partial sums cost
         # extra launches); each split keeps >= 4 K tiles to pipeline.
         sms = _sm_count(x.device)
-        split_k = 1 if 2 * tiles >= sms else max(1, min(triton.cdiv(sms, tiles), k_tiles // 4))
+        split_k = 1 if 2 * tiles >= sms else max(1, min(cdiv(sms, tiles), k_tiles // 4))
     split_k = max(1, min(split_k, k_tiles))
-    k_per_split = triton.cdiv(k_tiles, split_k) * block_k
-    split_k = triton.cdiv(max(k, 1), k_per_split)
+    k_per_split = cdiv(k_tiles, split_k) * block_k
+    split_k = cdiv(max(k, 1), k_per_split)
     target = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
     stride_cs = 0 if split_k == 1 else target.stride(0)
     bias_arg = bias.contiguous() if bias is not None else ws
-    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, block_m), split_k)
+    grid = (cdiv(n, cfg.block_n), cdiv(m, block_m), split_k)
     _w8a16_kernel[grid](
         x, weight, target, ws, bias_arg, m, n, k, x.stride(0), weight.stride(0), stride_cs, n, ws_stride,
         k_per_split, SCALE_MODE=mode, SCALE_BLOCK=block_size, HAS_BIAS=bias is not None, PARTIALS=split_k > 1,

@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from .backends import KernelUnsupported
-from .configs import BLOCK_SCALE_USES_SMALLER_TILE, GemmConfig, arch_of, int8_mma_supported, tma_allowed, w8a8_candidates
+from .configs import (BLOCK_SCALE_USES_SMALLER_TILE, GemmConfig, arch_of, cdiv, int8_mma_supported, tma_allowed,
+                      w8a8_candidates)
 
 SCALE_TENSORWISE, SCALE_ROWWISE, SCALE_BLOCK = 0, 1, 2
 
@@ -201,7 +202,7 @@ def _pick_config(device: torch.device, m: int, n: int, k: int, out: torch.Tensor
     if block_scales and arch in BLOCK_SCALE_USES_SMALLER_TILE and len(candidates) > 1:
         cfg = candidates[1]
     elif len(candidates) > 1 and cfg.tma:
-        tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+        tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
         if tiles < _sm_count(device):  # big tiles would leave SMs idle: take the smaller tile
             cfg = candidates[1]
     if cfg.tma:
@@ -253,14 +254,14 @@ def w8a8_matmul(
         if qa.is_cuda:
             _ensure_allocator()
         sms = _sm_count(qa.device)
-        tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+        tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
         grid = (min(sms, tiles),)  # NUM_SMS stays the SM count so the compiled kernel does not vary with M
         LAST_COMPILED["tma"] = _w8a8_tma_kernel[grid](
             qa, weight, out, a_scale, ws, bias_arg, m, n, k, ws_stride, NUM_SMS=sms, **common)
     else:
         if weight.stride(1) != 1 or qa.stride(1) != 1:
             raise KernelUnsupported("W8A8 needs rows with unit stride")
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+        grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),)
         LAST_COMPILED["pointer"] = _w8a8_kernel[grid](qa, weight, out, a_scale, ws, bias_arg, m, n, k, qa.stride(0), weight.stride(0),
                            out.stride(0), ws_stride, EVEN_K=(k % block_k == 0), **common)
     return out

@@ -139,8 +139,7 @@ class Int8Linear(nn.Module):
         return dequantize_weight(self.weight, self.weight_scale, dtype, self.block_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..kernels import int8_linear  # late import: kernels import quant
-
+        int8_linear = _kernel_entry or _load_kernel_entry()  # not an import per call: it costs ~1 us
         xq = x
         if self.rotation_group:  # the weight lives in the rotated basis: rotate the input to match
             from .rotation import rotate_activation
@@ -188,6 +187,18 @@ class Int8Linear(nn.Module):
         extra += f", rotation_group={self.rotation_group}" if self.rotation_group else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, method={self.method}{extra}")
+
+
+_kernel_entry = None
+
+
+def _load_kernel_entry():
+    """``kernels.int8_linear``, imported on first forward (kernels import quant: no top-level import)."""
+    global _kernel_entry
+    from ..kernels import int8_linear
+
+    _kernel_entry = int8_linear
+    return int8_linear
 
 
 def _normalise_scale(scale: torch.Tensor, out_features: int) -> torch.Tensor:

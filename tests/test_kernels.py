@@ -20,10 +20,13 @@ from comfyui_headroom.quant.int8 import quantize_activation, relative_error
 def clean_state(monkeypatch):
     for var in ("HEADROOM_FORCE_KERNEL", "HEADROOM_DEBUG", "HEADROOM_LOG_KERNEL", "TRITON_INTERPRET"):
         monkeypatch.delenv(var, raising=False)
+    kernels.reload_env()
     kernels.reset_kernel_stats()
     with kernels.force_kernel(None):
         yield
     kernels.reset_kernel_stats()
+    monkeypatch.undo()
+    kernels.reload_env()
 
 
 def _layer(gen, in_f=64, out_f=48, method="rowwise", dtype=torch.float32):
@@ -61,6 +64,7 @@ def test_force_kernel_setter_and_context_manager():
 
 def test_env_forces_int_mm_which_matches_float64_on_quantized_operands(gen, monkeypatch):
     monkeypatch.setenv("HEADROOM_FORCE_KERNEL", "int_mm")
+    kernels.reload_env()  # read once at import
     x = activations(40, 96, gen, torch.float32)
     _, qw, sw = weights(72, 96, gen, "rowwise", 128)
     bias = torch.randn(72, generator=gen)
@@ -73,6 +77,7 @@ def test_env_forces_int_mm_which_matches_float64_on_quantized_operands(gen, monk
 
 def test_python_override_beats_env(gen, monkeypatch):
     monkeypatch.setenv("HEADROOM_FORCE_KERNEL", "int_mm")
+    kernels.reload_env()  # read once at import
     layer = _layer(gen)
     with kernels.force_kernel("reference"):
         layer(torch.randn(32, 64, generator=gen))
@@ -96,6 +101,7 @@ def test_debug_mode_names_kernel_and_shape_on_nan(gen, monkeypatch):
     x = torch.randn(4, 64, generator=gen)
     layer(x)  # no check without HEADROOM_DEBUG
     monkeypatch.setenv("HEADROOM_DEBUG", "1")
+    kernels.reload_env()  # read once at import
     with pytest.raises(FloatingPointError, match=r"reference produced NaN/inf for x \(4, 64\).*\(48, 64\).*input was finite"):
         layer(x)
     x[0, 0] = float("nan")
@@ -105,6 +111,7 @@ def test_debug_mode_names_kernel_and_shape_on_nan(gen, monkeypatch):
 
 def test_log_kernel_env_logs_each_shape_once(gen, monkeypatch, caplog):
     monkeypatch.setenv("HEADROOM_LOG_KERNEL", "1")
+    kernels.reload_env()  # read once at import
     layer = _layer(gen, in_f=64, out_f=40)
     with caplog.at_level(logging.INFO, logger="comfyui_headroom.kernels"):
         layer(torch.randn(7, 64, generator=gen))
@@ -202,6 +209,7 @@ def test_cli_kernels_reports_choice_per_shape(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "M=4096 block" in out and "-> reference" in out and "arch_family" in out
     monkeypatch.setenv("HEADROOM_FORCE_KERNEL", "int_mm")
+    kernels.reload_env()  # read once at import
     assert main(["kernels", "--device", "cpu", "--tokens", "4096", "--json"]) == 0
     import json
 
