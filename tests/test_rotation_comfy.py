@@ -2,7 +2,7 @@
 
 comfy-kitchen (ComfyUI's quantization library) lives in the ComfyUI environment, so it runs in a subprocess
 (HEADROOM_COMFY_PYTHON, else /work/cvenv/bin/python): it writes rotated layers the way ComfyUI saves them and
-reads back the layers we write. Skipped with the reason when that interpreter or comfy-kitchen is missing.
+reads back the files `headroom convert --layout comfy --rotate G` writes. Skipped with the reason when that interpreter or comfy-kitchen is missing.
 """
 
 import json
@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from testutil import outlier_weight
 
 from comfyui_headroom.quant import Int8Linear, relative_error
+from comfyui_headroom.quant.convert import convert_file
 from comfyui_headroom.quant.rotation import comfy_rotated_layer, rotation_group_of
 
 COMFY_SIDE = textwrap.dedent("""
@@ -41,8 +42,10 @@ COMFY_SIDE = textwrap.dedent("""
         out["expect." + prefix + "linear"] = torch.nn.functional.linear(x, qt).float()
         out["expect." + prefix + "dequant"] = qt.dequantize().float()
     save_file(out, work + "/ck.safetensors")
-    # 2. comfy-kitchen reads the layers we wrote
-    ours = load_file(work + "/ours.safetensors")
+    # 2. comfy-kitchen reads the layers our converter wrote (headroom convert --layout comfy --rotate G)
+    ours = {}
+    for group in (16, 64, 256):
+        ours.update(load_file(work + f"/ours_{group}.safetensors"))
     back = {}
     for key in ours:
         if key.endswith(".comfy_quant"):
@@ -73,13 +76,13 @@ def comfy_roundtrip(tmp_path_factory):
         pytest.skip("no ComfyUI Python (set HEADROOM_COMFY_PYTHON) to run comfy-kitchen")
     work = tmp_path_factory.mktemp("convrot")
     gen = torch.Generator().manual_seed(99)
-    w = outlier_weight(96, 512, gen) * 0.02
-    x = torch.randn(7, 512, generator=gen)
+    w = outlier_weight(1024, 1024, gen) * 0.02
+    x = torch.randn(7, 1024, generator=gen)
     save_file({"w": w.contiguous(), "x": x}, str(work / "float.safetensors"))
-    ours = {}
     for group in (16, 64, 256):
-        ours.update(comfy_rotated_layer(f"blocks.{group}.attn.", w, group))
-    save_file(ours, str(work / "ours.safetensors"))
+        save_file({f"blocks.{group}.attn.weight": w.contiguous()}, str(work / f"src_{group}.safetensors"))
+        convert_file(work / f"src_{group}.safetensors", work / f"ours_{group}.safetensors", layout="comfy",
+                     rotate=group, progress=False)
     proc = subprocess.run([python, "-c", COMFY_SIDE, str(work)], capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 and "No module named 'comfy_kitchen'" in proc.stderr:
         pytest.skip(f"comfy-kitchen is not installed in {python}")
@@ -126,7 +129,7 @@ def test_comfy_kitchen_reads_our_rotated_layers(comfy_roundtrip, group):
     work, w, x = comfy_roundtrip
     back = _read(work / "ours_read_by_ck.safetensors")
     ck = _read(work / "ck.safetensors")
-    ours = _read(work / "ours.safetensors")
+    ours = _read(work / f"ours_{group}.safetensors")
     prefix = f"blocks.{group}.attn."
     assert relative_error(back[prefix + "dequant"], w) < 0.02
     assert relative_error(back[prefix + "linear"], x @ w.T) < 0.02
@@ -134,3 +137,11 @@ def test_comfy_kitchen_reads_our_rotated_layers(comfy_roundtrip, group):
     diff = (ours[prefix + "weight"].int() - ck[f"blocks.{group}.mlp.weight"].int()).abs()
     assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
     assert torch.allclose(ours[prefix + "weight_scale"], ck[f"blocks.{group}.mlp.weight_scale"], rtol=1e-5)
+
+
+def test_comfy_rotated_layer_helper_matches_the_converter(comfy_roundtrip):
+    work, w, _ = comfy_roundtrip
+    ours = _read(work / "ours_64.safetensors")
+    mine = comfy_rotated_layer("blocks.64.attn.", w, 64)
+    for key, tensor in mine.items():
+        assert torch.equal(tensor, ours[key]), key
