@@ -2,7 +2,8 @@
 
 comfy-kitchen (ComfyUI's quantization library) lives in the ComfyUI environment, so it runs in a subprocess
 (HEADROOM_COMFY_PYTHON, else /work/cvenv/bin/python): it writes rotated layers the way ComfyUI saves them and
-reads back the files `headroom convert --layout comfy --rotate G` writes. Skipped with the reason when that interpreter or comfy-kitchen is missing.
+reads back the files `headroom convert --layout comfy --rotate G` writes; with COMFYUI_DIR, ComfyUI's own
+Linear loads those files too. Skipped with the reason when that interpreter or comfy-kitchen is missing.
 """
 
 import json
@@ -145,3 +146,22 @@ def test_comfy_rotated_layer_helper_matches_the_converter(comfy_roundtrip):
     mine = comfy_rotated_layer("blocks.64.attn.", w, 64)
     for key, tensor in mine.items():
         assert torch.equal(tensor, ours[key]), key
+
+
+def test_stock_comfyui_layers_load_our_rotated_files(comfy_roundtrip, tmp_path):
+    """ComfyUI's own ``mixed_precision_ops`` Linear (comfy_quant JSON -> convrot params) reads our files."""
+    comfy_dir = os.environ.get("COMFYUI_DIR")
+    if not comfy_dir or not os.path.isfile(os.path.join(comfy_dir, "main.py")):
+        pytest.skip("COMFYUI_DIR is not set to an extracted ComfyUI v0.29")
+    work, w, _ = comfy_roundtrip
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "comfy_int8_interop.py")
+    ours = [str(work / f"ours_{g}.safetensors") for g in (16, 256)]
+    cmd = [_comfy_python(), script, comfy_dir, str(tmp_path)] + [a for f in ours for a in ("--ours", f)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for group in (16, 256):
+        read = _read(tmp_path / f"comfy_read_ours_{group}.safetensors")
+        prefix = f"blocks.{group}.attn."
+        assert relative_error(read[prefix + "dequantized"], w) < 0.02
+        x = read[prefix + "input"].float()
+        assert relative_error(read[prefix + "forward"], x @ w.T) < 0.03
