@@ -197,7 +197,7 @@ def section(quality: dict | None, speed: dict | None) -> str:
                   "microseconds.", "",
                   "| M x K (N = K) | group | quantize | fused rotate+quantize | torch bf16 rotate, then quantize | "
                   "W8A8 GEMM | bf16 linear | fused rotation cost on quantize+GEMM | Int8Linear forward plain / "
-                  "rotated (today: torch rotation, then the dispatcher) |", "|---|---|---|---|---|---|---|---|---|"]
+                  "rotated (fused path) |", "|---|---|---|---|---|---|---|---|---|"]
         for r in speed["rows"]:
             lines.append(f"| {r['M']} x {r['K']} | {r['group']} | {r['quantize_us']:.1f} | {r['fused_rot_quant_us']:.1f} "
                          f"(BLOCK_M {r['fused_block_m']}) | {r['torch_rot_then_quant_us']:.1f} | {r['w8a8_gemm_us']:.1f} "

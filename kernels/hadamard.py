@@ -20,50 +20,53 @@ import math
 import os
 
 import torch
-import triton
-import triton.language as tl
 
 from ..quant.rotation import check_group, hadamard
-from .triton_quant import round_half_even
+from .backends import HAS_TRITON
+
+if HAS_TRITON:  # the kernels exist only where Triton does; rotated_int8_linear works everywhere
+    import triton
+    import triton.language as tl
+
+    from .triton_quant import round_half_even
+
+    @triton.jit
+    def _rotated_slice(x_ptr, h_ptr, rows, row_mask, stride_xm, k0, n0, norm,
+                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+        """``(x[rows, k0:k0+GROUP] @ H[:, n0:n0+BLOCK_N]) * norm`` in float32."""
+        offs_g = tl.arange(0, GROUP)
+        offs_n = tl.arange(0, BLOCK_N)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + k0 + offs_g[None, :], mask=row_mask[:, None], other=0.0)
+        h = tl.load(h_ptr + offs_g[:, None] * GROUP + n0 + offs_n[None, :])
+        if IEEE:  # fp32 activations (and bf16 under the interpreter, whose bf16 dot is wrong): no tf32
+            y = tl.dot(x.to(tl.float32), h.to(tl.float32), input_precision="ieee")
+        else:
+            y = tl.dot(x, h)
+        return y * norm
 
 
-@triton.jit
-def _rotated_slice(x_ptr, h_ptr, rows, row_mask, stride_xm, k0, n0, norm,
-                   GROUP: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
-    """``(x[rows, k0:k0+GROUP] @ H[:, n0:n0+BLOCK_N]) * norm`` in float32."""
-    offs_g = tl.arange(0, GROUP)
-    offs_n = tl.arange(0, BLOCK_N)
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + k0 + offs_g[None, :], mask=row_mask[:, None], other=0.0)
-    h = tl.load(h_ptr + offs_g[:, None] * GROUP + n0 + offs_n[None, :])
-    if IEEE:  # fp32 activations (and bf16 under the interpreter, whose bf16 dot is wrong): no tf32
-        y = tl.dot(x.to(tl.float32), h.to(tl.float32), input_precision="ieee")
-    else:
-        y = tl.dot(x, h)
-    return y * norm
-
-
-@triton.jit
-def _rotate_quantize_kernel(
-    x_ptr, h_ptr, q_ptr, scale_ptr, M, K, stride_xm, norm,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < M
-    offs_n = tl.arange(0, BLOCK_N)
-    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, GROUP):
-        for n0 in tl.static_range(0, GROUP, BLOCK_N):
-            y = _rotated_slice(x_ptr, h_ptr, rows, row_mask, stride_xm, k0, n0, norm, GROUP, BLOCK_N, IEEE)
-            amax = tl.maximum(amax, tl.max(tl.abs(y), axis=1))
-    scale = tl.where(amax > 0.0, tl.math.div_rn(amax, 127.0), 1.0)
-    inv_scale = 1.0 / scale  # one reciprocal per row, a multiply per element (as triton_quant does)
-    for k0 in range(0, K, GROUP):
-        for n0 in tl.static_range(0, GROUP, BLOCK_N):
-            y = _rotated_slice(x_ptr, h_ptr, rows, row_mask, stride_xm, k0, n0, norm, GROUP, BLOCK_N, IEEE)
-            q = round_half_even(y * inv_scale[:, None])
-            q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
-            tl.store(q_ptr + rows[:, None] * K + k0 + n0 + offs_n[None, :], q, mask=row_mask[:, None])
-    tl.store(scale_ptr + rows, scale, mask=row_mask)
+    @triton.jit
+    def _rotate_quantize_kernel(
+        x_ptr, h_ptr, q_ptr, scale_ptr, M, K, stride_xm, norm,
+        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        offs_n = tl.arange(0, BLOCK_N)
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, GROUP):
+            for n0 in tl.static_range(0, GROUP, BLOCK_N):
+                y = _rotated_slice(x_ptr, h_ptr, rows, row_mask, stride_xm, k0, n0, norm, GROUP, BLOCK_N, IEEE)
+                amax = tl.maximum(amax, tl.max(tl.abs(y), axis=1))
+        scale = tl.where(amax > 0.0, tl.math.div_rn(amax, 127.0), 1.0)
+        inv_scale = 1.0 / scale  # one reciprocal per row, a multiply per element (as triton_quant does)
+        for k0 in range(0, K, GROUP):
+            for n0 in tl.static_range(0, GROUP, BLOCK_N):
+                y = _rotated_slice(x_ptr, h_ptr, rows, row_mask, stride_xm, k0, n0, norm, GROUP, BLOCK_N, IEEE)
+                q = round_half_even(y * inv_scale[:, None])
+                q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
+                tl.store(q_ptr + rows[:, None] * K + k0 + n0 + offs_n[None, :], q, mask=row_mask[:, None])
+        tl.store(scale_ptr + rows, scale, mask=row_mask)
 
 
 _sign_cache: dict = {}
@@ -87,6 +90,8 @@ def _ieee(dtype: torch.dtype) -> bool:
 def rotate_quantize_rows(x: torch.Tensor, group: int, block_m: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [M, K]`` (rows contiguous, K a multiple of ``group``) -> ``(int8 Q(x H) [M, K], float32 scale [M])``."""
     check_group(group)
+    if not HAS_TRITON:
+        raise RuntimeError("rotate_quantize_rows needs Triton; use quant.rotation.rotate_quantize_activation_reference")
     if x.ndim != 2 or x.stride(1) != 1:
         raise ValueError(f"rotate_quantize_rows expects a 2-D tensor with contiguous rows, got {tuple(x.shape)}")
     m, k = x.shape
@@ -106,3 +111,45 @@ def rotate_quantize_rows(x: torch.Tensor, group: int, block_m: int | None = None
         GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=_ieee(x.dtype), num_warps=4,
     )
     return q, scale
+
+
+def rotated_int8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    block_size: int,
+    group: int,
+) -> torch.Tensor:
+    """``y = x @ W.T + bias`` for an int8 weight stored Hadamard-rotated (``Q(W H)``, group ``group``).
+
+    Where the dispatcher would run the Triton W8A8 kernel for this call (forced or automatic, see
+    :mod:`.dispatch`), the activation is rotated and quantized by the fused kernel above and goes straight
+    into the W8A8 GEMM (counted as ``triton_w8a8`` in the kernel stats). Everywhere else - CPU, W8A16 at
+    small M, ``int_mm``, the reference, and inside ``torch.compile`` graphs - the input is rotated first
+    (:func:`..quant.rotation.rotate_activation`) and the dispatcher runs as for a plain layer.
+    """
+    from ..quant.rotation import rotate_activation
+    from . import dispatch
+    from .backends import KernelUnsupported, check_args, interpreting
+
+    if not torch.compiler.is_compiling() and (x.is_cuda or interpreting()) and x.shape[-1] % group == 0:
+        check_args(x, weight, weight_scale, bias, block_size)
+        if dispatch.choose_kernel(x, weight, weight_scale) == "triton_w8a8" and x.dtype in _ACTIVATION_DTYPES:
+            from .triton_w8a8 import w8a8_matmul
+
+            n, k = weight.shape
+            x2 = x.reshape(-1, k)
+            x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+            try:
+                qa, a_scale = rotate_quantize_rows(x2, group)
+                y = w8a8_matmul(qa, a_scale, weight, weight_scale, bias, x.dtype, block_size)
+            except KernelUnsupported:
+                pass
+            else:
+                dispatch._record("triton_w8a8", x2.shape[0], n, k)
+                return y.reshape(*x.shape[:-1], n)
+    return dispatch.int8_linear(rotate_activation(x, group), weight, weight_scale, bias, block_size)
+
+
+_ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)

@@ -140,12 +140,12 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         int8_linear = _kernel_entry or _load_kernel_entry()  # not an import per call: it costs ~1 us
-        xq = x
-        if self.rotation_group:  # the weight lives in the rotated basis: rotate the input to match
-            from .rotation import rotate_activation
+        if self.rotation_group:  # the weight lives in the rotated basis: the input is rotated to match
+            from ..kernels.hadamard import rotated_int8_linear
 
-            xq = rotate_activation(x, self.rotation_group)
-        y = int8_linear(xq, self.weight, self.weight_scale, self.bias, self.block_size)
+            y = rotated_int8_linear(x, self.weight, self.weight_scale, self.bias, self.block_size, self.rotation_group)
+        else:
+            y = int8_linear(x, self.weight, self.weight_scale, self.bias, self.block_size)
         for down, up, scale in self.lora:
             d = down.to(device=x.device, dtype=x.dtype)
             u = up.to(device=x.device, dtype=x.dtype)

@@ -45,6 +45,47 @@ CHECK = textwrap.dedent("""
 """)
 
 
+ROTATED_LINEAR = textwrap.dedent("""
+    import torch
+    from comfyui_headroom.kernels import dispatch, hadamard, kernel_summary, reset_kernel_stats
+    from comfyui_headroom.quant import Int8Linear, relative_error
+
+    calls = []
+    fused = hadamard.rotate_quantize_rows
+    def counting(x, group, **kw):
+        calls.append(tuple(x.shape))
+        return fused(x, group, **kw)
+    hadamard.rotate_quantize_rows = counting
+
+    gen = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(256, 64)
+    with torch.no_grad():
+        lin.weight[:, 3] *= 30.0                      # an outlier input channel
+    layer = Int8Linear.from_linear(lin, rotation_group=64, compute_dtype=torch.float32)
+    x = torch.randn(2, 10, 256, generator=gen)
+    with torch.no_grad():
+        exact = lin(x)
+        reset_kernel_stats()
+        with dispatch.force_kernel("triton_w8a8"):
+            y = layer(x)                              # fused rotate+quantize, then the W8A8 GEMM
+        assert calls == [(20, 256)], calls
+        assert kernel_summary()["triton_w8a8"]["calls"] == 1
+        with dispatch.force_kernel("reference"):
+            y_ref = layer(x)                          # rotate, then the dequantize reference
+        assert calls == [(20, 256)], calls            # the reference path does not use the fused kernel
+    assert y.shape == exact.shape
+    assert relative_error(y, exact) < 0.03, relative_error(y, exact)
+    assert relative_error(y, y_ref) < 0.03
+    print("OK")
+""")
+
+
+def test_rotated_int8linear_uses_the_fused_kernel_where_w8a8_runs():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", ROTATED_LINEAR], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
+
+
 def test_fused_rotate_quantize_kernel_in_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")  # must be set before triton is imported: new process
     proc = subprocess.run([sys.executable, "-c", CHECK + "\ncheck('cpu')\n"], env=env, capture_output=True,
