@@ -31,19 +31,22 @@ if HAS_TRITON:  # the kernels exist only where Triton does; rotated_int8_linear 
     from .triton_quant import round_half_even
 
     @triton.jit
-    def _rotated_slice(x_ptr, h_ptr, rows, row_mask, stride_xm, k0, n0, norm,
-                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
-        """``(x[rows, k0:k0+GROUP] @ H[:, n0:n0+BLOCK_N]) * norm`` in float32."""
+    def _load_group(x_ptr, rows, row_mask, stride_xm, k0, GROUP: tl.constexpr):
+        """``x[rows, k0:k0+GROUP]`` (read once per group and pass; every column chunk reuses it)."""
+        offs_g = tl.arange(0, GROUP)
+        return tl.load(x_ptr + rows[:, None] * stride_xm + k0 + offs_g[None, :], mask=row_mask[:, None], other=0.0)
+
+    @triton.jit
+    def _rotate_chunk(x, h_ptr, n0, norm, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+        """``(x @ H[:, n0:n0+BLOCK_N]) * norm`` in float32 (H = the +-1 matrix)."""
         offs_g = tl.arange(0, GROUP)
         offs_n = tl.arange(0, BLOCK_N)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + k0 + offs_g[None, :], mask=row_mask[:, None], other=0.0)
         h = tl.load(h_ptr + offs_g[:, None] * GROUP + n0 + offs_n[None, :])
         if IEEE:  # fp32 activations (and bf16 under the interpreter, whose bf16 dot is wrong): no tf32
             y = tl.dot(x.to(tl.float32), h.to(tl.float32), input_precision="ieee")
         else:
             y = tl.dot(x, h)
         return y * norm
-
 
     @triton.jit
     def _rotate_quantize_kernel(
@@ -55,14 +58,16 @@ if HAS_TRITON:  # the kernels exist only where Triton does; rotated_int8_linear 
         offs_n = tl.arange(0, BLOCK_N)
         amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, GROUP):
+            x = _load_group(x_ptr, rows, row_mask, stride_xm, k0, GROUP)
             for n0 in tl.static_range(0, GROUP, BLOCK_N):
-                y = _rotated_slice(x_ptr, h_ptr, rows, row_mask, stride_xm, k0, n0, norm, GROUP, BLOCK_N, IEEE)
+                y = _rotate_chunk(x, h_ptr, n0, norm, GROUP, BLOCK_N, IEEE)
                 amax = tl.maximum(amax, tl.max(tl.abs(y), axis=1))
         scale = tl.where(amax > 0.0, tl.math.div_rn(amax, 127.0), 1.0)
         inv_scale = 1.0 / scale  # one reciprocal per row, a multiply per element (as triton_quant does)
         for k0 in range(0, K, GROUP):
+            x = _load_group(x_ptr, rows, row_mask, stride_xm, k0, GROUP)
             for n0 in tl.static_range(0, GROUP, BLOCK_N):
-                y = _rotated_slice(x_ptr, h_ptr, rows, row_mask, stride_xm, k0, n0, norm, GROUP, BLOCK_N, IEEE)
+                y = _rotate_chunk(x, h_ptr, n0, norm, GROUP, BLOCK_N, IEEE)
                 q = round_half_even(y * inv_scale[:, None])
                 q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
                 tl.store(q_ptr + rows[:, None] * K + k0 + n0 + offs_n[None, :], q, mask=row_mask[:, None])
