@@ -146,13 +146,29 @@ def gpu(argv) -> int:
         result["issue_us"] = issue
         print("issue us/call:", json.dumps(issue), flush=True)
     mem = _bench_module("memory")
-    ns = types.SimpleNamespace(hidden=2048, depth=24, heads=16, tokens=4096, steps=5, profile=args.profile)
+    ns = types.SimpleNamespace(hidden=2048, depth=24, heads=16, tokens=4096, steps=5, profile=None)
     if "resident" in parts:
         model = mem.build(ns, True)
         x = torch.randn(1, ns.tokens, ns.hidden, device="cuda", dtype=torch.bfloat16)
         step, issue_s = mem.step_time(model, x, ns.steps)
         result["int8_resident"] = {"step_s": step, "issue_s": issue_s}
         print(f"INT8 resident: {step * 1e3:.2f} ms/step, CPU issue {issue_s * 1e3:.2f} ms", flush=True)
+        if args.profile:  # where the host time of a step goes (cProfile, 3 steps)
+            import cProfile
+            import io
+            import pstats
+
+            prof = cProfile.Profile()
+            with torch.no_grad():
+                prof.enable()
+                for _ in range(3):
+                    model(x)
+                prof.disable()
+                torch.cuda.synchronize()
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+            args.profile.mkdir(parents=True, exist_ok=True)
+            (args.profile / "cprofile_int8_resident.txt").write_text(text.getvalue())
         del model, x
         mem._free()
     if "memory" in parts:

@@ -161,14 +161,27 @@ def _sm_count(device: torch.device) -> int:
 _allocator_set = False
 
 
+_scratch: dict = {}
+
+
+def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Scratch for device-side tensor descriptors (a few hundred bytes per program), reused per
+    (device, stream): kernels on one stream run in order, so the next launch may overwrite it. Saves an
+    allocation per W8A8 call. Fresh memory while a CUDA graph is being captured (the graph owns it)."""
+    if torch.cuda.is_current_stream_capturing():
+        return torch.empty(size, device="cuda", dtype=torch.int8)
+    key = (torch.cuda.current_device(), stream)
+    buf = _scratch.get(key)
+    if buf is None or buf.numel() < size:
+        buf = _scratch[key] = torch.empty(max(size, 64 * 1024), device="cuda", dtype=torch.int8)
+    return buf
+
+
 def _ensure_allocator() -> None:
     """Device-side tensor descriptors need scratch memory from the caller (``triton.set_allocator``)."""
     global _allocator_set
     if not _allocator_set:
-        def alloc(size: int, alignment: int, stream):
-            return torch.empty(size, device="cuda", dtype=torch.int8)
-
-        triton.set_allocator(alloc)
+        triton.set_allocator(_descriptor_scratch)
         _allocator_set = True
 
 
