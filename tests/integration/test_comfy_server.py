@@ -175,3 +175,15 @@ def test_lora_that_does_not_fit_is_refused_listing_layers(files):
     message = str(err.value)
     assert "does not fit this model" in message and "double_blocks.0.img_attn.proj" in message, message
     assert "model was not changed" in message
+
+
+def test_stock_unetloader_reads_our_comfy_layout_conversion(files, baseline):
+    from comfyui_headroom.quant.convert import convert_file
+
+    src = files.models("diffusion_models") / "flux_tiny.safetensors"
+    dst = files.models("diffusion_models") / "flux_tiny_int8_comfy.safetensors"
+    convert_file(src, dst, method="rowwise", layout="comfy", progress=False, overwrite=True)
+    unet = {"class_type": "UNETLoader", "inputs": {"unet_name": dst.name, "weight_dtype": "default"}}
+    files.run(graph(unet, "stock_reads_ours"))
+    err = rel(latent(files, "stock_reads_ours"), baseline)
+    assert 1e-6 < err < 0.05, err
