@@ -1,0 +1,194 @@
+"""``Int8ModelPatcher``: ComfyUI's model patcher, aware of headroom's INT8 layers.
+
+A subclass of ComfyUI's classic (non-dynamic) ``ModelPatcher`` - as ComfyUI-GGUF does - that keeps all of
+ComfyUI's patch bookkeeping (LoRA patches, clones, partial loading) and changes only what INT8 weights need:
+LoRA patches become float side branches instead of merges, a VRAM budget caps the weights ComfyUI puts on the
+GPU, and ``blocks_resident`` hands placement to headroom's block streaming. Built on first use (it subclasses
+a ComfyUI class; this package imports without ComfyUI).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from .comfy_ops import FP8_DTYPES, int8_layers
+
+log = logging.getLogger("comfyui_headroom")
+
+
+@functools.lru_cache(maxsize=None)
+def patcher_class():
+    """``Int8ModelPatcher``: ComfyUI's (non-dynamic) ModelPatcher, INT8-aware (built on first use)."""
+    import comfy.model_patcher as mp
+
+    from .lora import LoraShapeError, UnsupportedPatchError, fits, low_rank_of, side_branches
+
+    class Int8ModelPatcher(mp.ModelPatcher):
+        """Keeps ComfyUI's patch bookkeeping; INT8 weights get their LoRA patches as side branches.
+
+        * ``add_patches`` refuses, before anything is attached, patches an INT8 layer cannot honour;
+        * ``load`` builds the branches (and caps the VRAM used for weights at ``headroom_budget_bytes``,
+          leaving the rest to ComfyUI's partial loading);
+        * ``patch_weight_to_device`` never merges into an INT8 weight; ``unpatch_model`` drops branches.
+        """
+
+        headroom_budget_bytes = 0
+        headroom_lora_offload = False
+        headroom_blocks_resident = 0  # > 0: headroom block streaming instead of ComfyUI's partial loading
+
+        def clone(self, *args, **kwargs):
+            n = super().clone(*args, **kwargs)
+            if isinstance(n, Int8ModelPatcher):
+                n.headroom_budget_bytes = self.headroom_budget_bytes
+                n.headroom_lora_offload = self.headroom_lora_offload
+                n.headroom_blocks_resident = self.headroom_blocks_resident
+            return n
+
+        def _int8_modules(self) -> dict:
+            return {f"{n}.weight": m for n, m in int8_layers(self.model)}
+
+        def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+            modules = self._int8_modules()
+            problems = []
+            for k, value in patches.items():
+                key, offset, function = (k, None, None) if isinstance(k, str) else \
+                    (k[0], k[1], k[2] if len(k) > 2 else None)
+                module = modules.get(key)
+                if module is None:
+                    continue
+                try:
+                    low = low_rank_of((strength_patch, value, strength_model, offset, function), key)
+                    problem = fits(low, module.out_features, module.in_features)
+                    if problem:
+                        problems.append(f"{key}: {problem}")
+                except UnsupportedPatchError as err:
+                    problems.append(str(err))
+            if problems:
+                raise UnsupportedPatchError(
+                    "Load Diffusion Model (INT8) / Load CLIP (INT8): this patch cannot be applied to INT8 layers "
+                    f"({len(problems)} layers): " + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else "")
+                    + ". INT8 layers accept LoRA/LoCon (no DoRA, LoHa, LoKr or full-weight diffs); to merge "
+                    "other patch types load the model in float (UNETLoader / CLIPLoader).")
+            return super().add_patches(patches, strength_patch, strength_model)
+
+        def patch_weight_to_device(self, key, device_to=None, inplace_update=False, return_weight=False,
+                                   force_cast=False):
+            module = self._int8_modules().get(key)
+            if module is None:
+                return super().patch_weight_to_device(key, device_to, inplace_update, return_weight, force_cast)
+            if not return_weight:
+                return None  # side branches carry the patches (attached in load)
+            weight = module.dequantized_weight(torch.float32)
+            if device_to is not None:
+                weight = weight.to(device_to)
+            if key in self.patches:
+                import comfy.lora
+
+                weight = comfy.lora.calculate_weight(self.patches[key], weight, key)
+            return weight
+
+        def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+            if self.headroom_blocks_resident and device_to is not None and torch.device(device_to).type != "cpu":
+                return self.load_streaming(torch.device(device_to))
+            budget = self.headroom_budget_bytes
+            if budget and device_to is not None and torch.device(device_to).type != "cpu":
+                if full_load or lowvram_model_memory <= 0 or lowvram_model_memory > budget:
+                    lowvram_model_memory, full_load = budget, False
+            super().load(device_to, lowvram_model_memory=lowvram_model_memory,
+                         force_patch_weights=force_patch_weights, full_load=full_load)
+            self._attach_side_branches(device_to)
+
+        def load_streaming(self, device_to: torch.device) -> None:
+            """Keep ``headroom_blocks_resident`` blocks on ``device_to``, stream the rest from pinned RAM
+            (memory/streaming.py); everything outside the blocks goes to ``device_to``."""
+            from ..memory import enable_block_streaming
+
+            with self.use_ejected():
+                dm = self.model.diffusion_model
+                for key in self.patches:  # float weights: ComfyUI's merge (INT8 ones: side branches)
+                    self.patch_weight_to_device(key)
+                streamer = getattr(dm, "_headroom_streamer", None)
+                if streamer is None:
+                    streamer = enable_block_streaming(dm, device_to, blocks_resident=self.headroom_blocks_resident)
+                self.model.device = device_to
+                self.model.model_lowvram = False
+                self.model.model_loaded_weight_memory = max(
+                    0, self.model_size() - streamer.streamed_bytes + streamer.ring_bytes)
+                self.model.current_weight_patches_uuid = self.patches_uuid
+                self._attach_side_branches(device_to)
+                log.info("headroom: %s", streamer.summary())
+
+        def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+            if self._streaming():
+                return 0  # all or nothing: ComfyUI then unloads the model (unpatch_model)
+            freed = super().partially_unload(device_to, memory_to_free, force_patch_weights)
+            self._drop_own_lowvram_patches()
+            return freed
+
+        def _streaming(self) -> bool:
+            dm = getattr(self.model, "diffusion_model", None)
+            return getattr(dm, "_headroom_streamer", None) is not None
+
+        def unpatch_model(self, device_to=None, unpatch_weights=True):
+            if unpatch_weights:
+                for module in self._int8_modules().values():
+                    module.lora = []
+                    module._headroom_patches = None
+                if self._streaming():
+                    from ..memory import disable_block_streaming
+
+                    disable_block_streaming(self.model.diffusion_model, device=device_to or self.offload_device)
+            return super().unpatch_model(device_to, unpatch_weights)
+
+        def _lora_dtype(self) -> torch.dtype:
+            getter = getattr(self.model, "get_dtype_inference", None)
+            dtype = getter() if getter is not None else None
+            return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point and \
+                dtype not in FP8_DTYPES else torch.float32
+
+        def _attach_side_branches(self, device_to) -> None:
+            self._drop_own_lowvram_patches()
+            device = None if self.headroom_lora_offload else device_to
+            dtype = self._lora_dtype()
+            problems = []
+            for key, module in self._int8_modules().items():
+                patches = self.patches.get(key)
+                if not patches:
+                    module.lora = []
+                    continue
+                try:
+                    module.lora = side_branches(patches, key, module.out_features, module.in_features, device, dtype)
+                except (UnsupportedPatchError, LoraShapeError) as err:
+                    module.lora = []
+                    problems.append(str(err))
+                module._headroom_patches = self.patches
+            if problems:
+                raise UnsupportedPatchError(
+                    "Load Diffusion Model (INT8): patches on INT8 layers that cannot be applied as side branches: "
+                    + "; ".join(problems[:8]))
+
+        def _drop_own_lowvram_patches(self) -> None:
+            # ComfyUI attaches a LowVramPatch (merge on the fly) to patched weights it leaves on the CPU; for
+            # INT8 weights the side branches already carry those patches.
+            for key, module in self._int8_modules().items():
+                if module.weight_function:
+                    module.weight_function = [f for f in module.weight_function
+                                              if not (getattr(f, "is_lowvram_patch", False) and f.key == key)]
+
+    return Int8ModelPatcher
+
+
+def adopt_patcher(patcher, budget_bytes: int = 0, reinit: tuple | None = None, blocks_resident: int = 0):
+    """A clone of ``patcher`` (same model) as an ``Int8ModelPatcher``."""
+    cls = patcher_class()
+    n = patcher.clone()
+    if not isinstance(n, cls):
+        n.__class__ = cls
+    n.headroom_budget_bytes = int(budget_bytes)
+    n.headroom_blocks_resident = int(blocks_resident)
+    if reinit is not None:
+        n.cached_patcher_init = reinit
+    return n
