@@ -142,13 +142,13 @@ class HeadroomLoadDiffusionModelInt8:
                                 skip_patterns=_skip_list(skip_patterns), min_features=int(min_features))
         with _tracker() as tracker:
             patcher, record = load_int8_diffusion_model(path, config, budget_from_gb(gpu_budget_gb),
-                                                        progress=_progress(unique_id))
+                                                        progress=_progress(unique_id),
+                                                        blocks_resident=int(blocks_resident))
         _install_sampling_wrapper(patcher, compute)
         placement = "ComfyUI memory manager"
         if gpu_budget_gb > 0:
             placement = f"GPU weight budget {gpu_budget_gb:g} GB (rest streamed by ComfyUI partial loading)"
         if blocks_resident > 0:
-            patcher.headroom_blocks_resident = int(blocks_resident)
             placement = f"block streaming, {blocks_resident} blocks resident"
         status = (f"{unet_name}: {record.summary()}; compute {compute}; {placement}; "
                   f"load {tracker.report}")
