@@ -43,6 +43,8 @@ def _loaded_models() -> list[str]:
 
 
 def gpu_info_text() -> str:
+    from ..memory import default_budget_bytes
+
     lines = []
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -50,7 +52,8 @@ def gpu_info_text() -> str:
             props = torch.cuda.get_device_properties(i)
             lines.append(f"cuda:{i} {props.name} (sm{props.major}{props.minor}): {free / GB:.2f} GB free of "
                          f"{total / GB:.2f} GB; torch allocated {torch.cuda.memory_allocated(i) / GB:.2f} GB, "
-                         f"reserved {torch.cuda.memory_reserved(i) / GB:.2f} GB")
+                         f"reserved {torch.cuda.memory_reserved(i) / GB:.2f} GB; default weight budget "
+                         f"{default_budget_bytes(total) / GB:.1f} GB")
     else:
         lines.append("no CUDA device (CPU only)")
     try:
