@@ -170,6 +170,10 @@ class Placement:
     ring_slots: int = 0
     streamer: object = None  # the BlockStreamer keeping the hooks alive, when blocks stream
 
+    def copies(self) -> int:
+        """Block copies host -> device so far (0 when nothing streams)."""
+        return self.streamer.stats.copies if self.streamer is not None else 0
+
     def release(self) -> None:
         if self.streamer is not None:
             self.streamer.disable()
@@ -187,7 +191,7 @@ def default_budget_bytes(model: DemoDiT) -> int:
 
 
 def place(model: DemoDiT, device: torch.device, budget_bytes: int | None = None,
-          blocks_resident: int | None = None) -> Placement:
+          blocks_resident: int | None = None, prefetch: int | None = None) -> Placement:
     """Move the model to ``device``. With a budget (bytes of VRAM for weights: the planner decides) or a
     number of resident blocks, the other blocks stream from pinned RAM through the memory package's streamer
     (its defaults: streamed blocks spread between resident ones, a ring of prefetch + 1 GPU slots). On a
@@ -198,8 +202,9 @@ def place(model: DemoDiT, device: torch.device, budget_bytes: int | None = None,
     if budget_bytes is None and blocks_resident is None:
         model.to(device)
         return Placement(len(model.blocks), 0, total)
+    options = {} if prefetch is None else {"prefetch": prefetch}
     streamer = enable_block_streaming(model, device, blocks="blocks", budget_bytes=budget_bytes,
-                                      blocks_resident=blocks_resident)
+                                      blocks_resident=blocks_resident, **options)
     streamed = len(streamer.streamed_indices)
     if not streamed:  # everything fits: no hooks needed
         streamer.disable(device)
