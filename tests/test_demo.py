@@ -17,6 +17,7 @@ from comfyui_headroom.demo.run import (
     default_budget_bytes,
     ensure_checkpoint,
     ensure_int8,
+    format_report,
     load_bf16_model,
     load_int8_model,
     place,
@@ -63,6 +64,15 @@ def test_demo_runs_end_to_end_on_cpu(tmp_path):
         assert image.format == "PNG" and image.mode == "RGB" and image.size == (side, side)
         pixels = np.asarray(image)
     assert pixels.std() > 10  # not a flat image
+    text = format_report(report)
+    assert "kernel     : " + report["kernel"] in text and report["image"] in text
+    assert f"cosine {report['cosine']:.6f}" in text and "CPU: no VRAM budget" in text
+    gpu = dict(report, device="cuda", gpu="Some GPU", budget_gb=0.5, budget_default=True, blocks_resident=1,
+               blocks_streamed=1, weights_vram_gb=0.4, blocks_resident_bf16=0, blocks_streamed_bf16=2,
+               weights_vram_bf16_gb=0.5)
+    gpu_text = format_report(gpu)
+    assert "budget     : 0.50 GB" in gpu_text and "INT8 1 resident + 1 streamed" in gpu_text
+    assert "bf16 0 resident + 2 streamed" in gpu_text and "on Some GPU" in gpu_text
 
 
 def test_same_seed_same_model_other_seed_other_model():
