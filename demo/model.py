@@ -220,7 +220,9 @@ class DemoDiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = nn.Linear(cfg.latent_channels * cfg.patch * cfg.patch, cfg.hidden)
-        self.time_embed = nn.Sequential(nn.Linear(cfg.time_freq, cfg.hidden), nn.SiLU(), nn.Linear(cfg.hidden, cfg.hidden))
+        self.time_embed = nn.Sequential(
+            nn.Linear(cfg.time_freq, cfg.hidden), nn.SiLU(), nn.Linear(cfg.hidden, cfg.hidden)
+        )
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg)
 

@@ -372,7 +372,8 @@ def format_report(r: dict) -> str:
     psnr = "identical" if r["psnr_db"] is None else f"{r['psnr_db']:.1f} dB"
     speed = f" ({r['speedup']:.2f}x)" if r["speedup"] else ""
     if r["device"] == "cpu":
-        blocks = [f"  blocks     : {r['blocks_resident']} resident, {r['blocks_streamed']} streamed (CPU: no VRAM budget)"]
+        blocks = [f"  blocks     : {r['blocks_resident']} resident, {r['blocks_streamed']} streamed "
+                  "(CPU: no VRAM budget)"]
     else:
         asked = "default: non-block weights + half the INT8 blocks" if r["budget_default"] else "--budget-gb"
         blocks = [
