@@ -42,7 +42,8 @@ def test_demo_runs_end_to_end_on_cpu(tmp_path):
     env = dict(os.environ, HEADROOM_CACHE=str(tmp_path / "cache"))
     cmd = [sys.executable, "-m", "comfyui_headroom", "demo", "--size", "tiny", "--device", "cpu",
            "--steps", "2", "--json", "--out", str(tmp_path / "out")]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    # cwd outside the repo: `python -m` puts the cwd on sys.path, where our kernels/ would shadow HF `kernels`
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     for key in REPORT_KEYS:
