@@ -2,8 +2,6 @@
 restore, the OOM path and VRAM afterwards, BF16 streaming. Skipped without CUDA."""
 
 import importlib.util
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,17 +14,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "hunyuan3_fake"
 GB = 1024 ** 3
 
 
-def _import_transformers_outside_repo_root():
-    root = str(Path(__file__).resolve().parents[1])
-    saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != root]
-    try:
-        import transformers.modeling_utils  # noqa: F401
-    finally:
-        sys.path[:] = saved
 
-
-_import_transformers_outside_repo_root()
 
 from comfyui_headroom.memory.hf_generate import (  # noqa: E402
     GenerateRequest,

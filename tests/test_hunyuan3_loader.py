@@ -20,19 +20,7 @@ from torch import nn
 FIXTURE = Path(__file__).parent / "fixtures" / "hunyuan3_fake"
 
 
-def _import_transformers_outside_repo_root():
-    """The repo's ``kernels/`` folder shadows Hugging Face's ``kernels`` package when the repo root is on
-    sys.path (``python -m pytest`` from the root): import transformers' model code once without it."""
-    root = str(Path(__file__).resolve().parents[1])
-    saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != root]
-    try:
-        import transformers.modeling_utils  # noqa: F401
-    finally:
-        sys.path[:] = saved
 
-
-_import_transformers_outside_repo_root()
 
 from comfyui_headroom.memory.hf_generate import GenerateRequest, GenerationOOM, generate  # noqa: E402
 from comfyui_headroom.memory.hf_placement import (  # noqa: E402

@@ -1,28 +1,14 @@
 """The HunyuanImage-3 skip list for bitsandbytes: exactly the intended layers, under transformers' own matching."""
 
 import importlib.util
-import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 
-def _import_transformers_outside_repo_root():
-    """The repo's ``kernels/`` folder shadows Hugging Face's ``kernels`` package when the repo root is on
-    sys.path (``python -m pytest`` from the root): import transformers' model code once without it."""
-    root = str(Path(__file__).resolve().parents[1])
-    saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != root]
-    try:
-        import transformers.modeling_utils  # noqa: F401
-    finally:
-        sys.path[:] = saved
 
-
-_import_transformers_outside_repo_root()
 
 from comfyui_headroom.quant.bnb import (
     HUNYUAN3_SKIP_PATTERNS,

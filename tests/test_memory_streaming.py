@@ -1,7 +1,5 @@
 """Block streaming on the CPU path: same outputs as the plain model, real re-pointing, hooks, removal."""
 
-import os
-import sys
 
 import pytest
 import torch
@@ -129,11 +127,7 @@ def test_transformers_style_model_by_path(gen):
         assert torch.equal(out, expected)
 
 
-def test_real_transformers_llama(gen, monkeypatch):
-    # `python -m pytest` from the repo root puts the root on sys.path, where our `kernels/` folder shadows the
-    # Hugging Face `kernels` package that transformers probes for; keep the root off the path here.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    monkeypatch.setattr(sys, "path", [p for p in sys.path if os.path.abspath(p or os.curdir) != root])
+def test_real_transformers_llama(gen):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)

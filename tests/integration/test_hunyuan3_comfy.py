@@ -5,8 +5,6 @@ Uses the session's ``comfyui_server`` (tests/integration/conftest.py). The fake 
 """
 
 import importlib.util
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,21 +16,9 @@ NODES = ["Hunyuan3LoaderInt8Budget", "Hunyuan3LoaderNF4LowVram", "Hunyuan3Loader
          "Hunyuan3GenerateLargeBudget", "Hunyuan3GenerateLowVramBudget"]
 
 
-def _import_transformers_outside_repo_root():
-    """The repo's ``kernels/`` folder shadows Hugging Face's ``kernels`` package when the repo root is on
-    sys.path: import transformers' model code once without it."""
-    root = str(Path(__file__).resolve().parents[2])
-    saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != root]
-    try:
-        import transformers.modeling_utils  # noqa: F401
-    finally:
-        sys.path[:] = saved
-
 
 @pytest.fixture(scope="module")
 def server(comfyui_server):
-    _import_transformers_outside_repo_root()
     spec = importlib.util.spec_from_file_location("hunyuan3_build_fake", FIXTURE / "build_fake.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
