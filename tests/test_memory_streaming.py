@@ -1,6 +1,5 @@
 """Block streaming on the CPU path: same outputs as the plain model, real re-pointing, hooks, removal."""
 
-
 import pytest
 import torch
 
