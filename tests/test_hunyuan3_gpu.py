@@ -82,7 +82,9 @@ def test_oom_is_caught_and_vram_returns(large_bucket_folder):
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
     after = torch.cuda.memory_allocated()
-    assert abs(after - before) <= 0.02 * before, (before, after)
+    # Nothing the failed run held may stay allocated. The recovery may free more than the run took (caches the
+    # warm-up left behind): ending below the baseline is no leak (seen on the H100: -3.4 %).
+    assert after - before <= 0.02 * before, (before, after)
     assert "budget" in str(info.value) and "resolution" in str(info.value) and "2048x512" in str(info.value)
     ok = generate(loaded, _request())  # the model still works (64x64 snaps to this fake's 1024x1024 bucket)
     assert ok.image.size == (ok.width, ok.height)
