@@ -6,6 +6,7 @@ Public API (see docs/memory.md):
 * :func:`estimate_inference_vram_gb`, :func:`should_offload`, :func:`record_run` - seed 000's smart offload.
 * :func:`plan_placement`, :func:`default_budget_bytes` - what lives where under a VRAM budget.
 * :func:`enable_block_streaming` / :func:`disable_block_streaming` - the streaming entry point.
+* :func:`enable_multi_device` / :func:`disable_multi_device` - one model split across several devices.
 * :func:`soft_unload`, :func:`restore` - park a model in pinned RAM and back.
 * :func:`force_unload`, :func:`register_cache` - give VRAM back (also after an OOM).
 """
@@ -20,6 +21,7 @@ from .estimate import (
     record_run,
     should_offload,
 )
+from .multi_device import MultiDeviceSplit, disable_multi_device, enable_multi_device
 from .planner import PlacementPlan, PlanError, default_budget_bytes, plan_placement
 from .streaming import BlockStreamer, disable_block_streaming, enable_block_streaming
 from .tensors import UnsupportedModuleError, module_bytes
@@ -41,6 +43,7 @@ __all__ = [
     "ForceUnloadReport",
     "MemoryReport",
     "MemoryTracker",
+    "MultiDeviceSplit",
     "OffloadDecision",
     "PlacementPlan",
     "PlanError",
@@ -48,7 +51,9 @@ __all__ = [
     "UnsupportedModuleError",
     "default_budget_bytes",
     "disable_block_streaming",
+    "disable_multi_device",
     "enable_block_streaming",
+    "enable_multi_device",
     "estimate_for_model",
     "estimate_inference_vram_gb",
     "find_block_lists",
