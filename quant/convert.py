@@ -52,7 +52,7 @@ from .formats import (
     encode_comfy_quant,
     safetensors_files,
 )
-from .int8 import DEFAULT_BLOCK_SIZE, METHODS, QMAX, dequantize_weight, quantize_weight
+from .int8 import DEFAULT_BLOCK_SIZE, METHODS, QMAX, dequantize_weight, quantize_weight, scale_from_amax
 from .safetensors_stream import (
     PICKLE_SUFFIXES,
     FormatError,
@@ -352,7 +352,7 @@ def quantize_streamed(
             rows = rows_at(start)
             _check_finite(rows, name)
             amax = torch.maximum(amax, rows.abs().amax())
-        global_scale = amax / QMAX if amax > 0 else torch.ones((), device=device)
+        global_scale = scale_from_amax(amax)
     qweight = torch.empty(out_features, in_features, dtype=torch.int8)
     scales, err2, ref2 = [], 0.0, 0.0
     for start in range(0, out_features, step):

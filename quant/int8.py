@@ -22,9 +22,14 @@ DEFAULT_BLOCK_SIZE = 128
 QMAX = 127.0
 
 
-def _safe_scale(amax: torch.Tensor) -> torch.Tensor:
-    """amax / 127, with 1.0 where amax is 0 (a zero row must not produce NaN/inf)."""
-    scale = amax.float() / QMAX
+def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """amax / 127, with 1.0 where amax is 0 (a zero row must not produce NaN/inf).
+
+    The divisor is a tensor on amax's device: CUDA turns a division by a Python scalar into a multiplication
+    by its reciprocal, which rounds differently from the CPU and would make GPU conversions differ by an ulp.
+    """
+    amax = amax.float()
+    scale = amax / torch.full((), QMAX, device=amax.device)
     return torch.where(amax > 0, scale, torch.ones_like(scale))
 
 
@@ -40,17 +45,17 @@ def quantize_weight(
         raise ValueError(f"weight is already {weight.dtype}; quantize a floating-point tensor")
     w = weight.float()
     if method == "tensorwise":
-        scale = _safe_scale(w.abs().amax())
+        scale = scale_from_amax(w.abs().amax())
         q = torch.round(w / scale)
     elif method == "rowwise":
-        scale = _safe_scale(w.abs().amax(dim=1))
+        scale = scale_from_amax(w.abs().amax(dim=1))
         q = torch.round(w / scale[:, None])
     else:
         out_features, in_features = w.shape
         blocks = math.ceil(in_features / block_size)
         padded = torch.nn.functional.pad(w, (0, blocks * block_size - in_features))
         grouped = padded.view(out_features, blocks, block_size)
-        scale = _safe_scale(grouped.abs().amax(dim=2))
+        scale = scale_from_amax(grouped.abs().amax(dim=2))
         q = torch.round(grouped / scale[:, :, None]).view(out_features, -1)[:, :in_features]
     return q.clamp_(-QMAX, QMAX).to(torch.int8).contiguous(), scale.contiguous()
 
@@ -105,7 +110,7 @@ def dequantize_weight(
 def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token symmetric INT8: ``[..., K]`` -> ``(int8 [..., K], float32 scale [...])``."""
     xf = x.float()
-    scale = _safe_scale(xf.abs().amax(dim=-1))
+    scale = scale_from_amax(xf.abs().amax(dim=-1))
     q = torch.round(xf / scale[..., None]).clamp_(-QMAX, QMAX).to(torch.int8)
     return q, scale
 
