@@ -1,7 +1,8 @@
 """Where the modules of a transformers model go under a VRAM budget (the HunyuanImage-3 road).
 
 - :func:`resolve_budget` / :func:`max_memory_for_budget`: seed 000 §4, ``max_memory={gpu: budget, "cpu": ...}``
-  for ``device_map="auto"``; budget 0 means 55 % of the card.
+  for ``device_map="auto"``; budget 0 means 55 % of the card. :func:`max_memory_for_budgets`: the same with
+  one budget per GPU (``gpu_budgets_gb="40,40"``, issue #9).
 - :func:`manual_device_map`: seed 000's "optimal device map" (critical modules + the first N decoder layers
   on the GPU, the rest on the CPU), generated from N instead of typed by hand, and
   :func:`validate_device_map`, which names what a map forgets (seed 000's own example lost
@@ -60,6 +61,8 @@ def max_memory_for_budget(budget_gb: float, device: int = 0, total_bytes: int | 
     ``external_vram_gb``: VRAM other programs (or other nodes' models) hold on that card; it comes off the
     budget so the weights plus the inference reserve still fit.
     """
+    if isinstance(budget_gb, str):  # "40,40": one budget per GPU (multi-GPU, issue #9)
+        return max_memory_for_budgets(budget_gb, external_vram_gb=external_vram_gb, cpu_bytes=cpu_bytes)
     if total_bytes is None and torch.cuda.is_available():
         total_bytes = torch.cuda.get_device_properties(device).total_memory
     budget = resolve_budget(budget_gb, total_bytes) - int(external_vram_gb * GB)
@@ -67,6 +70,30 @@ def max_memory_for_budget(budget_gb: float, device: int = 0, total_bytes: int | 
         raise ValueError(f"GPU budget {budget_gb} GB minus external VRAM {external_vram_gb} GB leaves nothing "
                          "for weights; raise the budget or lower external_vram_gb")
     return {device: budget, "cpu": cpu_bytes if cpu_bytes is not None else cpu_allowance_bytes()}
+
+
+def max_memory_for_budgets(gpu_budgets_gb, device_count: int | None = None, device_totals: Sequence[int] | None = None,
+                           external_vram_gb: float = 0.0, cpu_bytes: int | None = None,
+                           need_bytes: int | None = None) -> dict:
+    """``max_memory`` with one entry per GPU from ``gpu_budgets_gb`` (``"40,40"``, ``"24"`` = each GPU; see
+    :func:`~comfyui_headroom.memory.budgets.parse_gpu_budgets`). ``device_count`` / ``device_totals``
+    default to the CUDA devices present. ``external_vram_gb`` comes off every GPU's budget. ``need_bytes``:
+    what must sit on the GPUs (critical layers); budgets summing below it raise :class:`PlanError`."""
+    from .budgets import check_budgets_cover, parse_gpu_budgets
+
+    if device_count is None:
+        device_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device_totals is None and device_count and torch.cuda.is_available():
+        device_totals = [torch.cuda.get_device_properties(i).total_memory for i in range(device_count)]
+    budgets = parse_gpu_budgets(gpu_budgets_gb, device_count, device_totals)
+    for i in budgets:
+        budgets[i] -= int(external_vram_gb * GB)
+        if budgets[i] <= 0:
+            raise ValueError(f"cuda:{i}: GPU budget from gpu_budgets_gb={gpu_budgets_gb!r} minus external VRAM "
+                             f"{external_vram_gb} GB leaves nothing for weights; raise it or lower external_vram_gb")
+    if need_bytes is not None:
+        check_budgets_cover(budgets, need_bytes)
+    return {**budgets, "cpu": cpu_bytes if cpu_bytes is not None else cpu_allowance_bytes()}
 
 
 # ------------------------------------------------------------------------------------------ maps

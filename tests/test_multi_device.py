@@ -214,3 +214,66 @@ def test_budgets_below_the_critical_need_name_the_numbers():
     model = _dit()
     with pytest.raises(PlanError, match="sum to"):
         plan_placement(model, [10, 10], devices=["cpu", "cpu"])
+
+
+# ---------------------------------------------------------------------------------------- gpu_budgets_gb
+
+from comfyui_headroom.memory.budgets import check_budgets_cover, parse_gpu_budgets, plan_for_gpus  # noqa: E402
+from comfyui_headroom.memory.hf_placement import max_memory_for_budget, max_memory_for_budgets  # noqa: E402
+
+GiB = 1024 ** 3
+
+
+def test_parse_gpu_budgets_lists_and_single_numbers():
+    assert parse_gpu_budgets("40,40", 2) == {0: 40 * GiB, 1: 40 * GiB}
+    assert parse_gpu_budgets(" 30 , 10.5 ", 2) == {0: 30 * GiB, 1: int(10.5 * GiB)}
+    assert parse_gpu_budgets("24", 2) == {0: 24 * GiB, 1: 24 * GiB}
+    assert parse_gpu_budgets("24", 1) == {0: 24 * GiB}
+    assert parse_gpu_budgets([8, 16], 2) == {0: 8 * GiB, 1: 16 * GiB}
+    assert parse_gpu_budgets("0,10", 2, device_totals=[80 * GiB, 80 * GiB]) == {0: int(80 * GiB * 0.55), 1: 10 * GiB}
+
+
+@pytest.mark.parametrize("text, count, message", [
+    ("40,40,40", 2, "3 budgets but 2 GPUs"),
+    ("40,40", 1, "2 budgets but 1 GPUs"),
+    ("40,", 2, "numbers separated by commas"),
+    ("40,abc", 2, "not all numbers"),
+    ("40,-1", 2, "cuda:1 is -1.0"),
+    ("0,40", 2, "cuda:0 budget 0 means 55 %"),
+    ("40", 0, "0 are present"),
+])
+def test_parse_gpu_budgets_errors_name_the_numbers(text, count, message):
+    with pytest.raises(ValueError, match=message):
+        parse_gpu_budgets(text, count)
+
+
+def test_budgets_below_the_critical_need_are_an_error():
+    with pytest.raises(PlanError, match=r"cuda:0 1.00 GB, cuda:1 1.00 GB\) sum to 2.00 GB, below the 3.00 GB"):
+        check_budgets_cover({0: GiB, 1: GiB}, 3 * GiB)
+    check_budgets_cover({0: GiB, 1: 2 * GiB}, 3 * GiB)
+
+
+def test_plan_for_gpus_splits_and_reuses_planner_errors():
+    model = _dit()
+    block = module_bytes(model.blocks[0])
+    head = sum(module_bytes(getattr(model, n)) for n in ("x_embed", "t_embed", "ctx_embed")) + model.freqs.nbytes
+    plan = plan_for_gpus(model, {0: head + 3 * block, 1: 10 ** 6})
+    assert [dp.device for dp in plan.devices] == ["cuda:0", "cuda:1"] and not plan.streamed
+    assert plan.resident_blocks("cuda:0") == ["blocks.0", "blocks.1", "blocks.2"]
+    with pytest.raises(PlanError, match="sum to"):
+        plan_for_gpus(model, {0: 100, 1: 100})
+
+
+def test_max_memory_per_gpu_from_a_budget_list():
+    mm = max_memory_for_budgets("40,30", device_count=2, cpu_bytes=5)
+    assert mm == {0: 40 * GiB, 1: 30 * GiB, "cpu": 5}
+    assert max_memory_for_budgets("0", device_count=2, device_totals=[100 * GiB, 100 * GiB], cpu_bytes=1)[1] == 55 * GiB
+    with pytest.raises(ValueError, match="3 budgets but 2 GPUs"):
+        max_memory_for_budgets("1,2,3", device_count=2, cpu_bytes=1)
+    with pytest.raises(PlanError, match="below the"):
+        max_memory_for_budgets("1,1", device_count=2, cpu_bytes=1, need_bytes=5 * GiB)
+    with pytest.raises(ValueError, match="external"):
+        max_memory_for_budgets("2,40", device_count=2, external_vram_gb=3, cpu_bytes=1)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs at least one CUDA GPU"):
+            max_memory_for_budget("40,40", cpu_bytes=1)  # the string form asks torch how many GPUs there are
