@@ -16,6 +16,7 @@ applied afterwards in float32. Result: the numbers of
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -59,14 +60,14 @@ if HAS_TRITON:  # the kernels exist only where Triton does; rotated_int8_linear 
         amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, GROUP):
             x = _load_group(x_ptr, rows, row_mask, stride_xm, k0, GROUP)
-            for n0 in tl.static_range(0, GROUP, BLOCK_N):
+            for n0 in range(0, GROUP, BLOCK_N):  # a real loop: unrolled, all H chunks would sit in shared memory
                 y = _rotate_chunk(x, h_ptr, n0, norm, GROUP, BLOCK_N, IEEE)
                 amax = tl.maximum(amax, tl.max(tl.abs(y), axis=1))
         scale = tl.where(amax > 0.0, tl.math.div_rn(amax, 127.0), 1.0)
         inv_scale = 1.0 / scale  # one reciprocal per row, a multiply per element (as triton_quant does)
         for k0 in range(0, K, GROUP):
             x = _load_group(x_ptr, rows, row_mask, stride_xm, k0, GROUP)
-            for n0 in tl.static_range(0, GROUP, BLOCK_N):
+            for n0 in range(0, GROUP, BLOCK_N):  # a real loop: unrolled, all H chunks would sit in shared memory
                 y = _rotate_chunk(x, h_ptr, n0, norm, GROUP, BLOCK_N, IEEE)
                 q = round_half_even(y * inv_scale[:, None])
                 q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
@@ -109,11 +110,14 @@ def rotate_quantize_rows(x: torch.Tensor, group: int, block_m: int | None = None
     if m == 0:
         return q, scale
     block_m = block_m or (16 if m <= 16384 else 32)
-    block_n = min(group, 64)
+    ieee = _ieee(x.dtype)
+    # Shared memory (sm90, checked with ptxas): bf16 16x256 @ 256x64 chunks, 2 stages ~40 KB; fp32 needs 32-wide
+    # chunks to stay near 50 KB. Older Triton releases allocate up to twice that: still far below 227 KB.
+    block_n = min(group, 32 if ieee else 64)
     grid = (triton.cdiv(m, block_m),)
     _rotate_quantize_kernel[grid](
         x, _sign_matrix(group, x.device, x.dtype), q, scale, m, k, x.stride(0), 1.0 / math.sqrt(group),
-        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=_ieee(x.dtype), num_warps=4,
+        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, num_warps=4, num_stages=2,
     )
     return q, scale
 
@@ -151,6 +155,9 @@ def rotated_int8_linear(
                 y = w8a8_matmul(qa, a_scale, weight, weight_scale, bias, x.dtype, block_size)
             except KernelUnsupported:
                 pass
+            except _OUT_OF_RESOURCES as err:  # a GPU with less shared memory than the tiles assume
+                dispatch._log_once(("hadamard", str(err)), f"fused rotate+quantize cannot run here ({err}); "
+                                   f"rotating with torch instead", logging.WARNING)
             else:
                 dispatch._record("triton_w8a8", x2.shape[0], n, k)
                 return y.reshape(*x.shape[:-1], n)
@@ -158,3 +165,4 @@ def rotated_int8_linear(
 
 
 _ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_OUT_OF_RESOURCES = (triton.runtime.errors.OutOfResources,) if HAS_TRITON else ()
