@@ -9,6 +9,9 @@ Entry point: :func:`enable_multi_device` -> :class:`MultiDeviceSplit` (``.disabl
   keyword tensors, also inside tuples, lists and dicts (activations, timestep embedding, conditioning,
   rotary ``position_embeddings``, masks) - to that module's device with ``non_blocking=True``. A forward
   hook on the model moves its output to ``output_device`` (default: the first device).
+* On CUDA each placed module's pre-hook also makes its device the current one (Triton kernels and
+  ``device="cuda"`` scratch follow the current device); the caller's current device is restored after the
+  model's forward, also when it raises.
 * Same device twice (``["cpu", "cpu"]``) is allowed: the code path (placement, hooks, moves) runs exactly as
   on two GPUs, which is how the CPU tests exercise it.
 
@@ -42,6 +45,13 @@ ROOT = "(root)"  # the planner's name for the model's own tensors
 def to_device(tensor: torch.Tensor, device: torch.device, non_blocking: bool) -> torch.Tensor:
     """The one place tensors are moved (a no-op when already there); tests spy on it."""
     return tensor.to(device, non_blocking=non_blocking)
+
+
+def make_current(device: torch.device) -> None:
+    """Make a CUDA ``device`` the current one while its modules run: Triton kernels (our INT8 path) and
+    ``device="cuda"`` allocations follow the current device, not the tensors'. No-op for other devices."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
 
 def move_to(value: Any, device: torch.device, non_blocking: bool = True) -> Any:
@@ -101,21 +111,35 @@ class MultiDeviceSplit:
             if not unit.own_only:
                 self._handles.append(unit.module.register_forward_pre_hook(self._pre_hook(unit.device),
                                                                            with_kwargs=True))
-        if output_device is not None:
-            self._handles.append(model.register_forward_hook(self._post_hook(output_device)))
+        self._saved_device: list[int] = []
+        self._handles.append(model.register_forward_pre_hook(self._enter_hook()))
+        self._handles.append(model.register_forward_hook(self._post_hook(output_device), always_call=True))
 
     def _pre_hook(self, device: torch.device):
         def hook(module, args, kwargs):
             if not self._active:
                 return None
             self.stats.calls += 1
+            make_current(device)
             return move_to(args, device, self.non_blocking), move_to(kwargs, device, self.non_blocking)
 
         return hook
 
-    def _post_hook(self, device: torch.device):
+    def _enter_hook(self):
+        def hook(module, args):
+            if self._active and any(d.type == "cuda" for d in self.devices) and torch.cuda.is_available():
+                self._saved_device.append(torch.cuda.current_device())
+            return None
+
+        return hook
+
+    def _post_hook(self, device: torch.device | None):
         def hook(module, args, output):
-            return move_to(output, device, self.non_blocking) if self._active else None
+            if not self._active:
+                return None
+            if self._saved_device:  # also after an exception (always_call): the caller's device comes back
+                make_current(torch.device("cuda", self._saved_device.pop()))
+            return move_to(output, device, self.non_blocking) if device is not None else None
 
         return hook
 

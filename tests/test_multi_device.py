@@ -277,3 +277,15 @@ def test_max_memory_per_gpu_from_a_budget_list():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs at least one CUDA GPU"):
             max_memory_for_budget("40,40", cpu_bytes=1)  # the string form asks torch how many GPUs there are
+
+
+@torch.no_grad()
+def test_each_module_makes_its_device_current_before_it_runs(monkeypatch):
+    model = _dit()
+    split = enable_multi_device(model, CPU2)
+    seen = []
+    real = multi_device.make_current
+    monkeypatch.setattr(multi_device, "make_current", lambda device: (seen.append(device), real(device)))
+    model(*_dit_inputs())
+    assert len(seen) == 6 + 4 and all(d == torch.device("cpu") for d in seen)
+    split.disable()
