@@ -12,6 +12,7 @@ Public API (see docs/memory.md):
 """
 
 from .blocks import find_block_lists, resolve_blocks
+from .budgets import parse_gpu_budgets, plan_for_gpus
 from .estimate import (
     CalibrationStore,
     OffloadDecision,
@@ -52,6 +53,8 @@ __all__ = [
     "default_budget_bytes",
     "disable_block_streaming",
     "disable_multi_device",
+    "parse_gpu_budgets",
+    "plan_for_gpus",
     "enable_block_streaming",
     "enable_multi_device",
     "estimate_for_model",
