@@ -30,30 +30,12 @@ from pathlib import Path
 
 import torch
 
+from benchlib import import_package, versions
+
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_RESIDENT_SPEEDUP = 1.4
 GOAL_COSINE = 0.99
 GOAL_STREAMED_SPEEDUP = 3.0
-
-
-def _package():
-    try:
-        import comfyui_headroom  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, str(ROOT.parent))
-    import comfyui_headroom
-
-    return comfyui_headroom
-
-
-def _versions() -> dict:
-    out = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
-    for name in ("triton", "accelerate", "safetensors"):
-        try:
-            out[name] = __import__(name).__version__
-        except ImportError:
-            out[name] = None
-    return out
 
 
 def _free() -> None:
@@ -108,7 +90,7 @@ def _accelerate_offloaded(model, half: int):
 
 
 def run(args) -> dict:
-    _package()
+    import_package()
     from comfyui_headroom.demo.model import SIZES
     from comfyui_headroom.demo.run import (
         default_cache_dir,
@@ -193,7 +175,7 @@ def run(args) -> dict:
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.processor() or 'cpu'})",
-        "versions": _versions(),
+        "versions": versions("triton", "accelerate", "safetensors"),
         "command": "python bench/end_to_end.py run " + " ".join(sys.argv[2:]),
         "model": {"size": args.size, "parameters": cfg.parameter_count(), "hidden": cfg.hidden,
                   "depth": cfg.depth, "heads": cfg.heads, "tokens": cfg.tokens,

@@ -19,7 +19,6 @@ import argparse
 import datetime
 import gc
 import json
-import platform
 import re
 import statistics
 import sys
@@ -30,30 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchlib import import_package, versions
+
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_STREAM_RATIO = 1.10
 GOAL_RESTORE_SHARE = 0.80
 GiB = 1024 ** 3
-
-
-def _package():
-    try:
-        import comfyui_headroom  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, str(ROOT.parent))
-    import comfyui_headroom
-
-    return comfyui_headroom
-
-
-def _versions() -> dict:
-    out = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
-    for name in ("triton", "accelerate", "transformers"):
-        try:
-            out[name] = __import__(name).__version__
-        except ImportError:
-            out[name] = None
-    return out
 
 
 DEVICE = "cuda"  # `--device cpu` only smoke-tests this script's code paths (no pinning, numbers meaningless)
@@ -278,11 +259,11 @@ def soft_unload_rows(args, int8: bool, bw: dict) -> dict:
 
 
 def run(args) -> dict:
-    _package()
+    import_package()
     from comfyui_headroom.kernels import kernel_summary, reset_kernel_stats
 
     props = torch.cuda.get_device_properties(0) if DEVICE != "cpu" else None
-    result = {"gpu": props.name if props else "cpu (smoke test)", "gpu_memory_gb": props.total_memory / GiB if props else 0, "versions": _versions(),
+    result = {"gpu": props.name if props else "cpu (smoke test)", "gpu_memory_gb": props.total_memory / GiB if props else 0, "versions": versions("triton", "accelerate", "transformers"),
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "command": "python bench/memory.py " + " ".join(sys.argv[1:]),
               "config": {"hidden": args.hidden, "depth": args.depth, "heads": args.heads, "tokens": args.tokens,

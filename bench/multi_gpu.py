@@ -38,19 +38,11 @@ from pathlib import Path
 
 import torch
 
+from benchlib import import_package, versions
+
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_COSINE = 0.99
 GOAL_OVERHEAD = 0.10
-
-
-def _package():
-    try:
-        import comfyui_headroom  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, str(ROOT.parent))
-    import comfyui_headroom
-
-    return comfyui_headroom
 
 
 def _devices(text: str) -> list[torch.device]:
@@ -77,16 +69,6 @@ def _free() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _versions() -> dict:
-    out = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
-    for name in ("triton", "accelerate", "transformers"):
-        try:
-            out[name] = __import__(name).__version__
-        except ImportError:
-            out[name] = None
-    return out
 
 
 def _gpu_name(devices) -> str:
@@ -145,7 +127,7 @@ def _accelerate_split(model, devices):
 
 
 def run_demo(args) -> dict:
-    _package()
+    import_package()
     from comfyui_headroom.demo.model import SIZES
     from comfyui_headroom.demo.run import default_cache_dir, ensure_checkpoint, ensure_int8, load_bf16_model, load_int8_model
     from comfyui_headroom.demo.sampling import initial_noise
@@ -212,7 +194,7 @@ def run_demo(args) -> dict:
     result = {
         "bench": "demo",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "gpu": _gpu_name(devices), "versions": _versions(),
+        "gpu": _gpu_name(devices), "versions": versions("triton", "accelerate", "transformers"),
         "command": "python bench/multi_gpu.py " + " ".join(sys.argv[1:]),
         "model": {"size": args.size, "parameters": cfg.parameter_count(), "depth": cfg.depth, "hidden": cfg.hidden,
                   "tokens": cfg.tokens},
@@ -245,7 +227,7 @@ def run_comfy(args) -> dict:
     import comfy.sd
     from safetensors.torch import save_file
 
-    _package()
+    import_package()
     from comfyui_models import flux_layout
     from comfyui_headroom.memory import enable_multi_device
     from comfyui_headroom.quant.comfy_ops import Int8LoadConfig, load_int8_diffusion_model
@@ -300,7 +282,7 @@ def run_comfy(args) -> dict:
             print(f"{label} failed: {errors[label]}", file=sys.stderr, flush=True)
         _free()
     return {"bench": "comfy", "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "gpu": _gpu_name(devices), "versions": _versions(),
+            "gpu": _gpu_name(devices), "versions": versions("triton", "accelerate", "transformers"),
             "command": "python bench/multi_gpu.py " + " ".join(sys.argv[1:]),
             "model": {"hidden": args.hidden, "double": args.depth, "single": args.single, "tokens": args.tokens},
             "rows": rows, "errors": errors}

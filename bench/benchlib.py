@@ -1,0 +1,33 @@
+"""What every bench script shares: import the package from a checkout, and record the versions of a run."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def import_package():
+    """``comfyui_headroom``, installed or (on the device machine) from the checkout's parent folder."""
+    try:
+        import comfyui_headroom  # noqa: F401
+    except ImportError:
+        sys.path.insert(0, str(ROOT.parent))
+    import comfyui_headroom
+
+    return comfyui_headroom
+
+
+def versions(*packages: str) -> dict:
+    """torch, CUDA and Python versions plus ``packages``' (None for one that is not installed)."""
+    out = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
+    for name in packages:
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            out[name] = None
+    return out
