@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import re
 import sys
 from pathlib import Path
 
@@ -31,3 +32,19 @@ def versions(*packages: str) -> dict:
         except ImportError:
             out[name] = None
     return out
+
+
+PERFORMANCE_MD = ROOT / "docs" / "PERFORMANCE.md"
+
+
+def write_section(title: str, body: str, path: Path = PERFORMANCE_MD) -> None:
+    """Replace the ``## title`` section of docs/PERFORMANCE.md (up to the next ``## ``) with ``body``; append
+    the section when the file has none. Every bench script owns one section and touches nothing else."""
+    doc = path.read_text(encoding="utf-8")
+    section = f"## {title}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(doc):
+        doc = pattern.sub(lambda _: section + "\n", doc, count=1)
+    else:
+        doc = doc.rstrip() + "\n\n" + section
+    path.write_text(doc.rstrip() + "\n", encoding="utf-8")

@@ -24,13 +24,12 @@ import datetime
 import gc
 import json
 import platform
-import re
 import sys
 from pathlib import Path
 
 import torch
 
-from benchlib import import_package, versions
+from benchlib import import_package, versions, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_RESIDENT_SPEEDUP = 1.4
@@ -260,17 +259,6 @@ def render(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(body: str, path: Path = ROOT / "docs" / "PERFORMANCE.md") -> None:
-    doc = path.read_text()
-    text = "## End to end\n\n" + body
-    pattern = re.compile(r"^## End to end\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _: text.rstrip() + "\n\n", doc, count=1)
-    else:
-        doc = doc.rstrip() + "\n\n" + text.rstrip() + "\n"
-    path.write_text(doc.rstrip() + "\n")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -291,7 +279,7 @@ def main(argv=None) -> int:
         body = render(json.loads(Path(args.result).read_text()))
         if args.notes:
             body += "\n" + Path(args.notes).read_text().strip() + "\n"
-        write_section(body, Path(args.doc))
+        write_section("End to end", body, Path(args.doc))
         print(f"wrote the End to end section of {args.doc}")
         return 0
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from benchlib import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 WIDE = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=8, attention_head_dim=128,
             moe_intermediate_size=2048, num_experts=4, moe_topk=2, image_base_size=256, patch_embed_hidden_dim=128,
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
     if args.render:
         text = render(json.loads(Path(args.render).read_text()))
         if args.doc:
-            replace_section(Path(args.doc), "HunyuanImage-3", text)
+            write_section("HunyuanImage-3", text, Path(args.doc))
         print(text)
         return 0
     if not torch.cuda.is_available():
@@ -171,7 +173,7 @@ def main(argv=None) -> int:
     (out / "hunyuan3_bench.md").write_text(text)
     print(text)
     if args.doc:
-        replace_section(Path(args.doc), "HunyuanImage-3", text)
+        write_section("HunyuanImage-3", text, Path(args.doc))
     return 0
 
 
@@ -217,16 +219,6 @@ def render(data: dict) -> str:
                          f"{r['vram_loaded_gb']:.2f} -> {r['vram_parked_gb']:.2f} GB while parked.")
     lines.extend(f"- {note}" for note in data.get("notes", []))
     return "\n".join(lines) + "\n"
-
-
-def replace_section(doc: Path, title: str, body: str) -> None:
-    """Replace the body of ``## title`` in ``doc`` (up to the next ``## ``), leaving the rest alone."""
-    text = doc.read_text()
-    head = f"## {title}\n"
-    start = text.index(head) + len(head)
-    nxt = text.find("\n## ", start)
-    end = len(text) if nxt < 0 else nxt + 1
-    doc.write_text(text[:start] + "\n" + body + "\n" + text[end:].lstrip("\n") if nxt >= 0 else text[:start] + "\n" + body)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import platform
-import re
 import statistics
 import sys
 import time
@@ -32,6 +31,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from benchlib import PERFORMANCE_MD, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 INT8_PEAK_TOPS = 1980.0
@@ -398,13 +399,8 @@ def write_docs(result_path: str, notes_path: str | None = None) -> None:
     body = render(result)
     if notes_path:
         body += "\n" + Path(notes_path).read_text().strip() + "\n"
-    doc = ROOT / "docs" / "PERFORMANCE.md"
-    text = doc.read_text()
-    section = "## Kernels\n\n" + body + "\n"
-    pattern = re.compile(r"## Kernels\n.*?(?=\n## |\Z)", re.S)
-    text = pattern.sub(lambda _: section.rstrip("\n") + "\n", text, count=1) if pattern.search(text) else text + "\n" + section
-    doc.write_text(text)
-    print(f"wrote the Kernels section of {doc}")
+    write_section("Kernels", body)
+    print(f"wrote the Kernels section of {PERFORMANCE_MD}")
 
 
 def main(argv=None) -> int:

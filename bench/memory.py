@@ -19,7 +19,6 @@ import argparse
 import datetime
 import gc
 import json
-import re
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchlib import import_package, versions
+from benchlib import import_package, versions, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_STREAM_RATIO = 1.10
@@ -351,18 +350,6 @@ def render(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(body: str, path: Path = ROOT / "docs" / "PERFORMANCE.md") -> None:
-    """Replace only the "## Memory" section of PERFORMANCE.md."""
-    text = path.read_text(encoding="utf-8")
-    section = "## Memory\n\n" + body + "\n"
-    pattern = re.compile(r"^## Memory\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -393,7 +380,7 @@ def main(argv=None) -> int:
         if args.markdown:
             args.markdown.write_text(body, encoding="utf-8")
         return 0
-    write_section(render(json.loads(args.result.read_text(encoding="utf-8"))))
+    write_section("Memory", render(json.loads(args.result.read_text(encoding="utf-8"))))
     print("wrote the Memory section of docs/PERFORMANCE.md")
     return 0
 

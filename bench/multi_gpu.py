@@ -31,14 +31,13 @@ import json
 import math
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from benchlib import import_package, versions
+from benchlib import import_package, versions, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_COSINE = 0.99
@@ -325,15 +324,6 @@ def render(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(body: str, path: Path = ROOT / "docs" / "PERFORMANCE.md") -> None:
-    doc = path.read_text()
-    text = "## Multi-GPU\n\n" + body
-    pattern = re.compile(r"^## Multi-GPU\n.*?(?=^## |\Z)", re.S | re.M)
-    doc = pattern.sub(lambda _: text.rstrip() + "\n\n", doc, count=1) if pattern.search(doc) \
-        else doc.rstrip() + "\n\n" + text.rstrip() + "\n"
-    path.write_text(doc.rstrip() + "\n")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -359,7 +349,7 @@ def main(argv=None) -> int:
     p_write.add_argument("--doc", default=str(ROOT / "docs" / "PERFORMANCE.md"))
     args = parser.parse_args(argv)
     if args.cmd == "write":
-        write_section(render([json.loads(Path(p).read_text()) for p in args.results]), Path(args.doc))
+        write_section("Multi-GPU", render([json.loads(Path(p).read_text()) for p in args.results]), Path(args.doc))
         print(f"wrote the Multi-GPU section of {args.doc}")
         return 0
     result = run_demo(args) if args.cmd == "demo" else run_comfy(args)

@@ -16,13 +16,14 @@ import argparse
 import json
 import math
 import platform
-import re
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from benchlib import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,16 +210,6 @@ def section(quality: dict | None, speed: dict | None) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path = ROOT / "docs" / "PERFORMANCE.md") -> None:
-    doc = path.read_text()
-    pattern = re.compile(r"^## Rotation\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _: text.rstrip() + "\n\n", doc, count=1)
-    else:
-        doc = doc.rstrip() + "\n\n" + text.rstrip() + "\n"
-    path.write_text(doc.rstrip() + "\n")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("quality", "speed", "write"))
@@ -228,7 +219,7 @@ def main(argv=None) -> int:
     if args.what == "write":
         quality = json.loads(Path(args.files[0]).read_text()) if args.files else None
         speed = json.loads(Path(args.files[1]).read_text()) if len(args.files) > 1 else None
-        write_section(section(quality, speed))
+        write_section("Rotation", section(quality, speed).split("\n", 1)[1])
         return 0
     result = run_quality() if args.what == "quality" else run_speed()
     text = json.dumps(result, indent=2)
