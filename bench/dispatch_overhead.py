@@ -35,17 +35,9 @@ from pathlib import Path
 
 import torch
 
+from benchlib import import_package
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _package():
-    try:
-        import comfyui_headroom  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, str(ROOT.parent))
-    import comfyui_headroom
-
-    return comfyui_headroom
 
 
 class _NoLaunch:
@@ -120,7 +112,7 @@ def gpu(argv) -> int:
     parser.add_argument("--profile", type=Path)
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
-    pkg = _package()
+    pkg = import_package()
     from comfyui_headroom.kernels import int8_linear, reset_kernel_stats
     from comfyui_headroom.quant.int8 import quantize_weight
 
@@ -207,7 +199,7 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", action="store_true", help="cProfile the w8a8 stub path (top 25 by tottime)")
     args = parser.parse_args(argv)
     os.environ["TRITON_INTERPRET"] = "1"  # before triton and the package are imported: Triton paths eligible
-    _package()
+    import_package()
     from comfyui_headroom.kernels import choose_kernel, force_kernel, kernel_summary, reset_kernel_stats
     from comfyui_headroom.kernels.backends import check_args
     from comfyui_headroom.quant import Int8Linear

@@ -32,23 +32,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchlib import PERFORMANCE_MD, write_section
+from benchlib import PERFORMANCE_MD, import_package, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 INT8_PEAK_TOPS = 1980.0
 BIG_M = (1024, 4096, 16384)
 SMALL_M = (1, 16, 256)
 KN = ((3072, 3072), (3072, 12288), (12288, 3072), (5120, 5120), (5120, 13824))
-
-
-def _package():
-    try:
-        import comfyui_headroom  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, str(ROOT.parent))
-    import comfyui_headroom
-
-    return comfyui_headroom
 
 
 def _bench(fn, rep_ms: int = 60) -> float:
@@ -211,7 +201,7 @@ def asm_report(out_dir: str) -> str:
     import subprocess
     import tempfile
 
-    _package()
+    import_package()
     from comfyui_headroom.kernels import triton_w8a8
     from comfyui_headroom.kernels.triton_quant import quantize_rows
     from comfyui_headroom.quant.int8 import quantize_weight
@@ -269,7 +259,7 @@ def environment() -> dict:
 
 
 def run(args) -> dict:
-    _package()
+    import_package()
     env = environment()
     peers = {}
     for name, mod in (("bnb", "bitsandbytes"), ("ck", "comfy_kitchen")):

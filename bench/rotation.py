@@ -17,26 +17,14 @@ import json
 import math
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from benchlib import write_section
+from benchlib import import_package, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _package():
-    """Import the package whether it is installed or run from a checkout (PYTHONPATH=parent of a link)."""
-    try:
-        import comfyui_headroom  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, str(ROOT.parent))
-    import comfyui_headroom
-
-    return comfyui_headroom
 
 
 def outlier_weight(out_features, in_features, gen, outlier_channels=4, factor=40.0, base=None):
@@ -47,7 +35,7 @@ def outlier_weight(out_features, in_features, gen, outlier_channels=4, factor=40
 
 
 def weight_errors(w: torch.Tensor, groups=(64, 256)) -> dict:
-    _package()
+    import_package()
     from comfyui_headroom.quant import dequantize_weight, quantize_weight, relative_error
     from comfyui_headroom.quant.rotation import quantize_rotated, unrotate_weight
 
@@ -61,7 +49,7 @@ def weight_errors(w: torch.Tensor, groups=(64, 256)) -> dict:
 
 def demo_psnr(outliers: bool, rotation: int, steps: int = 4, size: str = "tiny", seed: int = 0) -> float:
     """Sample the demo DiT in float32 and with INT8 block Linears; PSNR of the decoded images."""
-    _package()
+    import_package()
     from comfyui_headroom.demo.model import SIZES, build_empty, make_state_dict
     from comfyui_headroom.demo.sampling import decode, initial_noise, psnr_db, sample
     from comfyui_headroom.quant import Int8Linear
@@ -98,7 +86,7 @@ def run_quality() -> dict:
               "machine": f"{platform.machine()} CPU", "synthetic": {}, "demo_layer": {}, "demo_psnr_db": {}}
     for shape in ((3072, 3072), (3072, 12288)):
         result["synthetic"][f"{shape[0]}x{shape[1]}"] = weight_errors(outlier_weight(*shape, gen))
-    _package()
+    import_package()
     from comfyui_headroom.demo.model import SIZES, init_tensor
 
     cfg = SIZES["1b"]
@@ -130,7 +118,7 @@ def _bench(fn, reps: int = 200) -> float:
 
 
 def run_speed(m: int = 4096, ks=(3072, 5120), groups=(256, 64)) -> dict:
-    _package()
+    import_package()
     from comfyui_headroom.kernels.hadamard import rotate_quantize_rows
     from comfyui_headroom.kernels.triton_quant import quantize_rows
     from comfyui_headroom.kernels.triton_w8a8 import w8a8_matmul
