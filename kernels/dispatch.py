@@ -177,7 +177,7 @@ def choose_kernel(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
         if can_run(forced, x, weight, weight_scale):
             return forced
         chosen = auto_kernel(x, weight, weight_scale)
-        _log_once(("fallback", forced, chosen, x.device.type),
+        log_once(("fallback", forced, chosen, x.device.type),
                   f"INT8 kernel {forced!r} was forced but cannot run here ({x.device}, x {tuple(x.shape)}, "
                   f"weight {tuple(weight.shape)}, scale {tuple(weight_scale.shape)}); using {chosen!r}",
                   logging.WARNING)
@@ -185,7 +185,8 @@ def choose_kernel(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
     return auto_kernel(x, weight, weight_scale)
 
 
-def _log_once(key, message: str, level: int = logging.INFO) -> None:
+def log_once(key, message: str, level: int = logging.INFO) -> None:
+    """Log ``message`` the first time ``key`` is seen in this process (kernel choices repeat every step)."""
     with _state.lock:
         if key in _state.logged:
             return
@@ -193,7 +194,9 @@ def _log_once(key, message: str, level: int = logging.INFO) -> None:
     log.log(level, message)
 
 
-def _record(kernel: str, m: int, n: int, k: int) -> None:
+def record_call(kernel: str, m: int, n: int, k: int) -> None:
+    """Count one call of ``kernel`` on an ``[m, k] @ [n, k]`` product in :func:`kernel_summary` (fused paths
+    outside :func:`run_kernel`, such as the rotate+quantize one, count themselves here)."""
     with _state.lock:
         _state.stats[(kernel, m, n, k)] += 1
 
@@ -221,15 +224,13 @@ def run_kernel(name: str, x, weight, weight_scale, bias, block_size: int) -> tor
     try:
         y = BACKENDS[name](x, weight, weight_scale, bias, block_size)
     except KernelUnsupported as why:
-        _log_once(("unsupported", name, str(why)), f"INT8 kernel {name!r} skipped: {why}; using 'reference'")
+        log_once(("unsupported", name, str(why)), f"INT8 kernel {name!r} skipped: {why}; using 'reference'")
         name = "reference"
         y = BACKENDS[name](x, weight, weight_scale, bias, block_size)
-    key = (name, m, n, k)
-    with _state.lock:
-        _state.stats[key] += 1
+    record_call(name, m, n, k)
     env = _state.env
     if env.log:
-        _log_once(("shape", name, m, n, k), f"INT8 kernel {name}: x [{m}, {k}] @ W [{n}, {k}] -> {y.dtype}")
+        log_once(("shape", name, m, n, k), f"INT8 kernel {name}: x [{m}, {k}] @ W [{n}, {k}] -> {y.dtype}")
     if env.debug and not bool(torch.isfinite(y).all()):
         cause = "its input already had NaN/inf" if not bool(torch.isfinite(x).all()) else "the input was finite"
         raise FloatingPointError(

@@ -156,10 +156,10 @@ def rotated_int8_linear(
             except KernelUnsupported:
                 pass
             except _OUT_OF_RESOURCES as err:  # a GPU with less shared memory than the tiles assume
-                dispatch._log_once(("hadamard", str(err)), f"fused rotate+quantize cannot run here ({err}); "
+                dispatch.log_once(("hadamard", str(err)), f"fused rotate+quantize cannot run here ({err}); "
                                    f"rotating with torch instead", logging.WARNING)
             else:
-                dispatch._record("triton_w8a8", x2.shape[0], n, k)
+                dispatch.record_call("triton_w8a8", x2.shape[0], n, k)
                 return y.reshape(*x.shape[:-1], n)
     return dispatch.int8_linear(rotate_activation(x, group), weight, weight_scale, bias, block_size)
 

@@ -18,6 +18,7 @@ log = logging.getLogger("comfyui_headroom")
 
 CATEGORY = "headroom"
 COMPUTE_CHOICES = ["auto", "triton", "int_mm", "w8a16", "reference"]
+ROTATE_CHOICES = ["off", "64", "128", "256"]  # Hadamard group sizes offered on load (quant/rotation.py)
 WEIGHT_FORMATS = ["auto", "rowwise", "block", "tensorwise"]
 
 TIP_SKIP = ("Extra substrings (comma or newline separated) naming layers to keep in full precision, on top of "
@@ -118,6 +119,11 @@ class HeadroomLoadDiffusionModelInt8:
             "optional": {
                 "min_features": ("INT", {"default": 1024, "min": 1, "max": 65536, "advanced": True,
                                          "tooltip": TIP_MIN_FEATURES}),
+                "rotate": (ROTATE_CHOICES, {"default": "off", "advanced": True, "tooltip":
+                    "Hadamard rotation (QuaRot) for the layers quantized while loading: weights are stored as "
+                    "INT8 of W*H in groups of this many inputs and activations are rotated on the fly. Lower "
+                    "INT8 error on layers with outlier channels; costs a little speed. Layers already INT8 in "
+                    "the file keep their own format."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -132,14 +138,15 @@ class HeadroomLoadDiffusionModelInt8:
                    "modulation and final layers stay in full precision.")
 
     def load(self, unet_name, weight_format, quantize_on_load, compute, skip_patterns, gpu_budget_gb,
-             blocks_resident, min_features=1024, unique_id=None):
+             blocks_resident, min_features=1024, rotate="off", unique_id=None):
         import folder_paths
 
         from ..quant.comfy_ops import Int8LoadConfig, budget_from_gb, load_int8_diffusion_model
 
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         config = Int8LoadConfig(weight_format=weight_format, quantize_on_load=bool(quantize_on_load),
-                                skip_patterns=_skip_list(skip_patterns), min_features=int(min_features))
+                                skip_patterns=_skip_list(skip_patterns), min_features=int(min_features),
+                                rotation_group=0 if rotate == "off" else int(rotate))
         with _tracker() as tracker:
             patcher, record = load_int8_diffusion_model(path, config, budget_from_gb(gpu_budget_gb),
                                                         progress=_progress(unique_id),

@@ -10,7 +10,8 @@ with *our* layer classes (as ComfyUI-GGUF does). :func:`make_int8_ops` returns s
     to match (never computed as if plain);
   - a float / fp8 weight that no skip rule protects, with ``quantize_on_load``: quantized right there, one
     layer at a time, and the source pages of the memory-mapped file are handed back
-    (:mod:`.page_release`) - no second full copy in RAM (seed 003);
+    (:mod:`.page_release`) - no second full copy in RAM (seed 003); with ``rotation_group`` the weight is
+    Hadamard-rotated first (QuaRot, :mod:`.rotation`) and its input is rotated to match at run time;
   - otherwise it stays a float layer that behaves exactly like ComfyUI's ``manual_cast.Linear``.
 * ``Embedding`` dequantizes an INT8 table if a file has one: embeddings stay float.
 * every other layer (norms, convs) is ComfyUI's own ``manual_cast`` class.
@@ -76,10 +77,15 @@ class Int8LoadConfig:
     file_metadata: dict | None = None
     quantize_device: str | None = None  # None: CUDA when available (fast), else CPU
     float_dtype: torch.dtype | None = None  # dtype of the layers kept in float; None: ComfyUI decides
+    rotation_group: int = 0  # > 0: quantize-on-load stores Q(W H) (Hadamard, QuaRot) where the group fits
 
     def __post_init__(self) -> None:
         if self.weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"weight_format must be one of {', '.join(WEIGHT_FORMATS)}; got {self.weight_format!r}")
+        if self.rotation_group:
+            from .rotation import check_group
+
+            check_group(int(self.rotation_group))
 
     @property
     def method(self) -> str:
@@ -101,6 +107,7 @@ class LoadLog:
     """What a load did, layer by layer (filled by the layers themselves)."""
 
     quantized_on_load: list[str] = field(default_factory=list)
+    rotated_on_load: list[str] = field(default_factory=list)  # subset of quantized_on_load stored as Q(W H)
     from_file: dict[str, str] = field(default_factory=dict)  # layer -> source format (+ "+convrot")
     kept_float: dict[str, str] = field(default_factory=dict)  # layer -> reason
     missing: list[str] = field(default_factory=list)
@@ -127,7 +134,8 @@ class LoadLog:
             formats = sorted(set(self.from_file.values()))
             parts.append(f"{len(self.from_file)} read as INT8 ({', '.join(formats)})")
         if self.quantized_on_load:
-            parts.append(f"{len(self.quantized_on_load)} quantized while loading")
+            rotated = f", {len(self.rotated_on_load)} of them Hadamard-rotated" if self.rotated_on_load else ""
+            parts.append(f"{len(self.quantized_on_load)} quantized while loading{rotated}")
         parts.append(f"{len(self.kept_float)} kept float ({self.float_linear_bytes / 2**30:.2f} GB)")
         if self.missing:
             parts.append(f"{len(self.missing)} missing in file")
@@ -166,18 +174,28 @@ def _fp8_to_float(weight: torch.Tensor, state_dict: dict, prefix: str, name: str
 CHUNK_BYTES = 64 * 2**20  # float32 working set per quantization step
 
 
-def quantize_in_row_chunks(weight: torch.Tensor, method: str, block_size: int, device: torch.device):
+def quantize_in_row_chunks(weight: torch.Tensor, method: str, block_size: int, device: torch.device,
+                           rotation_group: int = 0):
     """:func:`.int8.quantize_weight` a few rows at a time (row and block scales are per row, so the result is
-    identical) - the float32 temporaries of a 100M-parameter layer would otherwise cost GBs of RAM."""
+    identical) - the float32 temporaries of a 100M-parameter layer would otherwise cost GBs of RAM.
+
+    ``rotation_group > 0`` quantizes ``W H`` instead (the Hadamard rotation mixes inputs within a row, so it
+    too works row chunk by row chunk)."""
+    from .rotation import rotate_weight
+
+    def prepare(rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.to(device)
+        return rotate_weight(rows, rotation_group) if rotation_group else rows
+
     out_features, in_features = weight.shape
     rows = max(1, CHUNK_BYTES // (4 * in_features))
     if method == "tensorwise" or rows >= out_features:
-        q, scale = quantize_weight(weight.to(device), method, block_size)
+        q, scale = quantize_weight(prepare(weight), method, block_size)
         return q.to("cpu"), scale.to("cpu")
     q = torch.empty(out_features, in_features, dtype=torch.int8)
     scales = []
     for start in range(0, out_features, rows):
-        part_q, part_scale = quantize_weight(weight[start:start + rows].to(device), method, block_size)
+        part_q, part_scale = quantize_weight(prepare(weight[start:start + rows]), method, block_size)
         q[start:start + rows] = part_q.to("cpu")
         scales.append(part_scale.to("cpu"))
     return q, torch.cat(scales)
@@ -190,7 +208,7 @@ def _base_classes():
 
     from .formats import COMFY_QUANT_SUFFIX, comfy_legacy_layers, decode_comfy_quant, parse_int8_layer
     from .lora import apply_side_branches
-    from .rotation import rotation_group_of, unrotate_weight
+    from .rotation import rotation_fits, rotation_group_of, unrotate_weight
 
     class HeadroomLinear(Int8Linear, comfy_ops.CastWeightBiasOp):
         """INT8 when the load decides so (``weight_scale`` set), else ComfyUI's float ``manual_cast.Linear``."""
@@ -294,9 +312,13 @@ def _base_classes():
             else:
                 decision = None
             if decision is not None and not decision.skip:
-                q, scale = quantize_in_row_chunks(weight, cfg.method, cfg.block_size, cfg.device_for_quantization())
-                self._become_int8(q, scale, cfg.block_size, 0, copy=False)
+                group = cfg.rotation_group if rotation_fits(self.in_features, cfg.rotation_group) else 0
+                q, scale = quantize_in_row_chunks(weight, cfg.method, cfg.block_size, cfg.device_for_quantization(),
+                                                  group)
+                self._become_int8(q, scale, cfg.block_size, group, copy=False)
                 record.quantized_on_load.append(name)
+                if group:
+                    record.rotated_on_load.append(name)
             else:
                 reason = decision.reason if decision is not None else "quantize_on_load off"
                 self.weight = nn.Parameter(weight.to(self.float_dtype, copy=True), requires_grad=False)
@@ -367,14 +389,14 @@ def _base_classes():
             return y
 
         def _int8_matmul(self, x, weight, scale, bias):
-            from ..kernels import int8_linear
+            if self.rotation_group:  # fused rotate+quantize where the Triton W8A8 path runs (kernels/hadamard.py)
+                from ..kernels.hadamard import rotated_int8_linear
 
-            xq = x
-            if self.rotation_group:
-                from .rotation import rotate_activation
+                y = rotated_int8_linear(x, weight, scale, bias, self.block_size, self.rotation_group)
+            else:
+                from ..kernels import int8_linear
 
-                xq = rotate_activation(x, self.rotation_group)
-            y = int8_linear(xq, weight, scale, bias, self.block_size)
+                y = int8_linear(x, weight, scale, bias, self.block_size)
             if self.lora:
                 y = apply_side_branches(x, y, self.lora)
             return y

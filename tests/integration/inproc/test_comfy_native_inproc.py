@@ -14,6 +14,7 @@ import comfy.lora
 import comfy.model_management as mm
 import comfy.sd
 from comfyui_models import clip_l_state_dict, flux_lora_state_dict, flux_state_dict
+from testutil import outlier_weight
 
 from comfyui_headroom.quant.comfy_ops import Int8LoadConfig, int8_layers, load_int8_diffusion_model, \
     load_int8_text_encoder
@@ -249,6 +250,38 @@ def test_stock_comfyui_loads_our_comfy_layout_conversion(workdir, flux_file, sto
     assert rel(run(theirs, inputs), run(stock, inputs)) < 0.03
     ours, record = load_int8_diffusion_model(str(out), Int8LoadConfig(quantize_on_load=False))
     assert record.from_file and set(record.from_file.values()) == {"comfy"}
+
+
+def test_rotation_on_load_stores_rotated_int8_and_helps_outlier_layers(workdir, flux_sd, inputs):
+    """``rotation_group`` on load: every layer quantized while loading stores Q(W H), the forward rotates
+    its input to match, and on a layer with outlier input channels the INT8 weight gets closer to the float."""
+    src = dict(flux_sd)
+    name = "single_blocks.0.linear1"
+    w = src[name + ".weight"]
+    src[name + ".weight"] = (outlier_weight(*w.shape, torch.Generator().manual_seed(3)) * w.float().std()).to(w.dtype)
+    path = workdir / "flux_outliers.safetensors"
+    save_file(src, str(path))
+    reference = run(comfy.sd.load_diffusion_model(str(path)), inputs)
+    plain, _ = load_int8_diffusion_model(str(path), Int8LoadConfig())
+    rotated, record = load_int8_diffusion_model(str(path), Int8LoadConfig(rotation_group=128))
+    assert len(record.rotated_on_load) == 10 and record.rotated_on_load == record.quantized_on_load
+    assert "10 of them Hadamard-rotated" in record.summary()
+    layer_p = plain.model.diffusion_model.get_submodule(name)
+    layer_r = rotated.model.diffusion_model.get_submodule(name)
+    assert (layer_p.rotation_group, layer_r.rotation_group) == (0, 128)
+    original = src[name + ".weight"].float()
+    err_plain, err_rotated = rel(layer_p.dequantized_weight(), original), rel(layer_r.dequantized_weight(), original)
+    assert err_rotated < 0.7 * err_plain, (err_rotated, err_plain)
+    good = run(rotated, inputs)
+    assert rel(good, reference) < 0.03
+    for _, layer in int8_layers(rotated.model):  # computing with the rotation dropped must be visibly wrong
+        layer.rotation_group = 0
+    assert rel(run(rotated, inputs), reference) > 10 * rel(good, reference)
+
+
+def test_rotation_group_is_checked():
+    with pytest.raises(ValueError, match="group sizes"):
+        Int8LoadConfig(rotation_group=100)
 
 
 @pytest.mark.parametrize("fmt", ["block", "tensorwise"])
