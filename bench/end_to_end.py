@@ -43,7 +43,7 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def _measure(name: str, model, noise, steps: int, placement: str, device, reference=None, streamed=None) -> dict:
+def measure(name: str, model, noise, steps: int, placement: str, device, reference=None, streamed=None) -> dict:
     from comfyui_headroom.demo.sampling import cosine_similarity, sample
     from comfyui_headroom.memory import MemoryTracker
 
@@ -112,7 +112,7 @@ def run(args) -> dict:
     rows = []
 
     model = load_bf16_model(ckpt, cfg, "cpu").to(dev)
-    rows.append(_measure("bf16 resident", model, noise, args.steps, "all blocks on the GPU", dev))
+    rows.append(measure("bf16 resident", model, noise, args.steps, "all blocks on the GPU", dev))
     reference = rows[0]["latent"]
     del model
     _free()
@@ -120,14 +120,14 @@ def run(args) -> dict:
     reset_kernel_stats()
     model, int8_layers, _ = load_int8_model(int8_path, cfg)
     model.to(dev)
-    rows.append(_measure("INT8 resident", model, noise, args.steps, "all blocks on the GPU", dev, reference))
+    rows.append(measure("INT8 resident", model, noise, args.steps, "all blocks on the GPU", dev, reference))
     kernels = {k: v["calls"] for k, v in kernel_summary().items()}
     resident_int8 = rows[-1]["latent"]
 
     def int8_streamed():
         placement = place(model.cpu(), dev, blocks_resident=half, prefetch=STREAM_PREFETCH)
         try:
-            row = _measure("INT8 streamed", model, noise, args.steps,
+            row = measure("INT8 streamed", model, noise, args.steps,
                            _streamed_text(placement), dev, reference, streamed=placement)
         finally:
             placement.release()
@@ -136,7 +136,7 @@ def run(args) -> dict:
 
     def bf16_accelerate():
         offloaded = _accelerate_offloaded(load_bf16_model(ckpt, cfg, "cpu"), half)
-        return _measure("bf16 accelerate offload", offloaded, noise, args.steps,
+        return measure("bf16 accelerate offload", offloaded, noise, args.steps,
                         f"{half} blocks resident, {cfg.depth - half} offloaded to CPU RAM "
                         "(accelerate dispatch_model device map)", dev, reference)
 
@@ -144,7 +144,7 @@ def run(args) -> dict:
         bf16 = load_bf16_model(ckpt, cfg, "cpu")
         placement = place(bf16, dev, blocks_resident=half, prefetch=STREAM_PREFETCH)
         try:
-            return _measure("bf16 streamed", bf16, noise, args.steps,
+            return measure("bf16 streamed", bf16, noise, args.steps,
                             _streamed_text(placement), dev, reference, streamed=placement)
         finally:
             placement.release()

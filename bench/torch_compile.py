@@ -1,0 +1,143 @@
+"""torch.compile on the demo's DiT, bf16 and INT8, resident on one CUDA GPU (issue #10).
+
+    python bench/torch_compile.py run [--size 1b] [--tokens 4096] [--steps 8] [--mode default] [--json OUT.json]
+    python bench/torch_compile.py write RESULT.json   # rewrite "## torch.compile" in docs/PERFORMANCE.md
+
+One process, one fixed-seed latent, the same Euler steps as bench/end_to_end.py (median step time after one
+untimed warm-up call, which for a compiled model is the compilation). Four runs: bf16 eager (the anchor),
+bf16 compiled, INT8 eager, INT8 compiled. Under ``torch.compile`` our INT8 layers are the custom op
+``torch.ops.headroom.int8_linear`` (kernels/ops.py): inductor fuses the norms, modulation and activations
+around it while the op runs the same Triton kernels as eager. ``--device cpu`` only smoke-tests the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchlib import import_package, versions, write_section
+from end_to_end import _free, measure
+
+ROOT = Path(__file__).resolve().parents[1]
+TITLE = "torch.compile"
+
+
+def _compiled(model, mode: str):
+    torch._dynamo.reset()
+    return torch.compile(model, mode=None if mode == "default" else mode)
+
+
+def run(args) -> dict:
+    import_package()
+    from comfyui_headroom.demo.model import SIZES
+    from comfyui_headroom.demo.run import default_cache_dir, ensure_checkpoint, ensure_int8, load_bf16_model, \
+        load_int8_model
+    from comfyui_headroom.demo.sampling import initial_noise
+
+    cfg = SIZES[args.size].with_tokens(args.tokens)
+    folder = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    dev = torch.device(args.device)
+    ckpt, _ = ensure_checkpoint(args.size, cfg, args.seed, folder)
+    int8_path, _, _ = ensure_int8(ckpt, "rowwise")
+    noise = initial_noise(cfg.latent_channels, cfg.latent_size, args.seed + 1000)
+    rows, reference = [], None
+    loaders = [("bf16", lambda: load_bf16_model(ckpt, cfg, "cpu")), ("INT8", lambda: load_int8_model(int8_path, cfg)[0])]
+    for precision, load in loaders:
+        model = load().to(dev)
+        for compiled in (False, True):
+            name = f"{precision} {'compiled' if compiled else 'eager'}"
+            runner = _compiled(model, args.mode) if compiled else model
+            start = time.perf_counter()
+            row = measure(name, runner, noise, args.steps, "all blocks on the GPU", dev, reference)
+            row["wall_s"] = time.perf_counter() - start
+            if reference is None:
+                reference = row["latent"]
+            rows.append(row)
+        del model, runner
+        _free()
+    for row in rows:
+        row.pop("latent")
+    by = {r["run"]: r["step_ms"] for r in rows}
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.processor() or 'cpu'})",
+        "versions": versions("triton"),
+        "command": "python bench/torch_compile.py run " + " ".join(sys.argv[2:]),
+        "model": {"size": args.size, "parameters": cfg.parameter_count(), "depth": cfg.depth, "hidden": cfg.hidden,
+                  "tokens": cfg.tokens},
+        "mode": args.mode,
+        "steps": args.steps,
+        "rows": rows,
+        "speedup_compile_bf16": by["bf16 eager"] / by["bf16 compiled"],
+        "speedup_compile_int8": by["INT8 eager"] / by["INT8 compiled"],
+        "speedup_int8_compiled_vs_bf16_compiled": by["bf16 compiled"] / by["INT8 compiled"],
+        "speedup_int8_compiled_vs_bf16_eager": by["bf16 eager"] / by["INT8 compiled"],
+    }
+
+
+def render(r: dict) -> str:
+    m, v = r["model"], r["versions"]
+    base = next(row["step_ms"] for row in r["rows"] if row["run"] == "bf16 eager")
+    lines = [
+        f"{r['gpu']}, torch {v['torch']} (CUDA {v['cuda']}), triton {v['triton']}; {r['date']}; `{r['command']}`.",
+        "",
+        f"The demo's `{m['size']}` DiT ({m['parameters'] / 1e9:.2f} B parameters, {m['depth']} blocks, hidden "
+        f"{m['hidden']}) at {m['tokens']} tokens, batch 1, {r['steps']} Euler steps, every block resident; "
+        f"`torch.compile(model, mode={r['mode']})`. The first (untimed) call of a compiled model is its "
+        "compilation: shown as warm-up. Cosine = final latent vs bf16 eager.",
+        "",
+        "| run | step (ms) | speed vs bf16 eager | warm-up (s) | cosine vs bf16 eager |",
+        "|---|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        cos = f"{row['cosine']:.6f}" if "cosine" in row else "(reference)"
+        lines.append(f"| {row['run']} | {row['step_ms']:.2f} | {base / row['step_ms']:.2f}x | {row['warmup_s']:.1f} | {cos} |")
+    lines += [
+        "",
+        f"- Compiled vs eager: bf16 {r['speedup_compile_bf16']:.2f}x, INT8 {r['speedup_compile_int8']:.2f}x.",
+        f"- INT8 compiled vs bf16 compiled: {r['speedup_int8_compiled_vs_bf16_compiled']:.2f}x; "
+        f"vs bf16 eager: {r['speedup_int8_compiled_vs_bf16_eager']:.2f}x.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_run = sub.add_parser("run")
+    p_run.add_argument("--size", default="1b", choices=("tiny", "small", "1b"))
+    p_run.add_argument("--tokens", type=int, default=4096)
+    p_run.add_argument("--steps", type=int, default=8)
+    p_run.add_argument("--seed", type=int, default=0)
+    p_run.add_argument("--mode", default="default", choices=("default", "max-autotune-no-cudagraphs"))
+    p_run.add_argument("--cache-dir", default=None)
+    p_run.add_argument("--json", help="write the result here")
+    p_run.add_argument("--device", default="cuda", help="cuda (the benchmark); cpu only smoke-tests the script")
+    p_write = sub.add_parser("write")
+    p_write.add_argument("result")
+    p_write.add_argument("--doc", default=str(ROOT / "docs" / "PERFORMANCE.md"), help="the file to rewrite")
+    args = parser.parse_args(argv)
+    if args.cmd == "write":
+        write_section(TITLE, render(json.loads(Path(args.result).read_text())), Path(args.doc))
+        print(f"wrote the {TITLE} section of {args.doc}")
+        return 0
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("bench/torch_compile.py run needs a CUDA GPU (--device cpu only smoke-tests it)", file=sys.stderr)
+        return 2
+    result = run(args)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
