@@ -25,7 +25,7 @@ inference only; a model is split or streamed, not both.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch

@@ -191,7 +191,7 @@ class HeadroomMemoryReport:
         return float("nan")
 
     def report(self, model, anything=None):
-        from .native_nodes import last_run_of
+        from ..quant.comfy_sampling import last_run_of
 
         run = last_run_of(model)
         if run is None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import weakref
 from collections import OrderedDict
 
 import torch
@@ -25,9 +24,6 @@ TIP_SKIP = ("Extra substrings (comma or newline separated) naming layers to keep
             "the defaults (embeddings, norms, modulation, input/output and final layers). A trailing $ anchors "
             "a pattern at the end of the layer name.")
 TIP_MIN_FEATURES = "Linear layers with fewer input or output features than this stay in full precision."
-
-# Reports of the last sampling run per model (the ComfyUI BaseModel object, shared by all clones).
-_LAST_RUN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _ui(status: str, *outputs):
@@ -49,37 +45,6 @@ def _tracker():
     from ..memory import MemoryTracker
 
     return MemoryTracker()
-
-
-# ---------------------------------------------------------------------------------------------------
-# Sampling wrapper: the node's kernel choice and a MemoryTracker around every sampling run
-# ---------------------------------------------------------------------------------------------------
-
-def _install_sampling_wrapper(patcher, compute: str) -> None:
-    import comfy.patcher_extension
-
-    def outer_sample(executor, *args, **kwargs):
-        from ..kernels.dispatch import force_kernel, forced_kernel, kernel_summary, reset_kernel_stats
-
-        previous = forced_kernel()
-        reset_kernel_stats()
-        force_kernel(None if compute == "auto" else compute)
-        try:
-            with _tracker() as tracker:
-                out = executor(*args, **kwargs)
-        finally:
-            force_kernel(previous)
-        model = getattr(getattr(executor, "class_obj", None), "model_patcher", None)
-        model = getattr(model, "model", None) or patcher.model
-        _LAST_RUN[model] = {"report": tracker.report, "kernels": kernel_summary(), "compute": compute}
-        log.info("headroom sampling run: %s", tracker.report)
-        return out
-
-    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "headroom_int8", outer_sample)
-
-
-def last_run_of(model_patcher) -> dict | None:
-    return _LAST_RUN.get(getattr(model_patcher, "model", None))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -142,6 +107,7 @@ class HeadroomLoadDiffusionModelInt8:
         import folder_paths
 
         from ..quant.comfy_ops import Int8LoadConfig, budget_from_gb, load_int8_diffusion_model
+        from ..quant.comfy_sampling import install_sampling_wrapper
 
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         config = Int8LoadConfig(weight_format=weight_format, quantize_on_load=bool(quantize_on_load),
@@ -151,7 +117,7 @@ class HeadroomLoadDiffusionModelInt8:
             patcher, record = load_int8_diffusion_model(path, config, budget_from_gb(gpu_budget_gb),
                                                         progress=_progress(unique_id),
                                                         blocks_resident=int(blocks_resident))
-        _install_sampling_wrapper(patcher, compute)
+        install_sampling_wrapper(patcher, compute)
         placement = "ComfyUI memory manager"
         if gpu_budget_gb > 0:
             placement = f"GPU weight budget {gpu_budget_gb:g} GB (rest streamed by ComfyUI partial loading)"

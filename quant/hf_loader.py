@@ -40,7 +40,6 @@ from .bnb import (
     is_bnb_quantized,
     plan_skips,
     quantized_bytes_per_param,
-    verify_skip_plan,
 )
 from .report import DtypeReport, dtype_report
 from .skip import matching_pattern
