@@ -51,6 +51,18 @@ NATIVE_SKIP_PATTERNS: tuple[str, ...] = (
     "patch_embedding", "text_embedding", "time_embedding", "time_projection", "head.head", "img_emb",
     "time_text_embed", "x_embedder", "t_embedder", "cap_embedder",
 )
+# The per-block modulation (scale/shift/gate) projections among those: large in some models (Qwen-Image keeps
+# ~13 GB of them in bf16), so the loader lets a user quantize them too (``native_skip_patterns``).
+MODULATION_PATTERNS: tuple[str, ...] = ("img_mod", "txt_mod", "modulation", "adaLN")
+
+
+def native_skip_patterns(quantize_modulation: bool = False) -> tuple[str, ...]:
+    """The default float layers of native models; without the modulation ones when those are quantized too."""
+    if not quantize_modulation:
+        return NATIVE_SKIP_PATTERNS
+    return tuple(p for p in NATIVE_SKIP_PATTERNS if p not in MODULATION_PATTERNS)
+
+
 # Text encoders: keep embeddings, projections, vision towers and heads in float.
 TEXT_ENCODER_SKIP_PATTERNS: tuple[str, ...] = (
     "embed_tokens", "shared", "text_projection", "lm_head", "visual", "vision_model", "position_embedding",
@@ -546,6 +558,8 @@ __all__ = [
     "LoadLog",
     "METHODS",
     "NATIVE_SKIP_PATTERNS",
+    "MODULATION_PATTERNS",
+    "native_skip_patterns",
     "TEXT_ENCODER_SKIP_PATTERNS",
     "WEIGHT_FORMATS",
     "budget_from_gb",

@@ -279,6 +279,19 @@ def test_rotation_on_load_stores_rotated_int8_and_helps_outlier_layers(workdir, 
     assert rel(run(rotated, inputs), reference) > 10 * rel(good, reference)
 
 
+def test_quantize_modulation_opt_in(flux_file, stock, inputs):
+    from comfyui_headroom.quant.comfy_ops import native_skip_patterns
+
+    patcher, record = load_int8_diffusion_model(flux_file, Int8LoadConfig(default_skips=native_skip_patterns(True)))
+    dm = patcher.model.diffusion_model
+    for name in ("double_blocks.0.img_mod.lin", "double_blocks.0.txt_mod.lin", "single_blocks.0.modulation.lin"):
+        assert dm.get_submodule(name).weight.dtype == torch.int8, name
+    for kept in ("img_in", "final_layer.linear", "time_in.out_layer"):  # the other defaults still hold
+        assert dm.get_submodule(kept).weight.dtype.is_floating_point, kept
+    assert record.int8_layers == 13
+    assert rel(run(patcher, inputs), run(stock, inputs)) < 0.03
+
+
 def test_rotation_group_is_checked():
     with pytest.raises(ValueError, match="group sizes"):
         Int8LoadConfig(rotation_group=100)
