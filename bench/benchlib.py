@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import platform
 import re
 import sys
@@ -48,3 +50,22 @@ def write_section(title: str, body: str, path: Path = PERFORMANCE_MD) -> None:
     else:
         doc = doc.rstrip() + "\n\n" + section
     path.write_text(doc.rstrip() + "\n", encoding="utf-8")
+
+
+def add_demo_model_args(parser: argparse.ArgumentParser) -> None:
+    """The options of every bench that samples the demo DiT (same defaults everywhere: 1b, 4096 tokens, 8 steps)."""
+    parser.add_argument("--size", default="1b", choices=("tiny", "small", "1b"))
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", default=None)
+
+
+def emit(result: dict, json_path: str | None) -> str:
+    """Print a run's result as JSON and save it to ``json_path`` when given (what `write` reads back)."""
+    text = json.dumps(result, indent=2)
+    if json_path:
+        Path(json_path).write_text(text)
+    print(text)
+    return text
+

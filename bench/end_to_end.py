@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from benchlib import import_package, versions, write_section
+from benchlib import add_demo_model_args, emit, import_package, versions, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_RESIDENT_SPEEDUP = 1.4
@@ -263,11 +263,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_run = sub.add_parser("run")
-    p_run.add_argument("--size", default="1b", choices=("tiny", "small", "1b"))
-    p_run.add_argument("--tokens", type=int, default=4096)
-    p_run.add_argument("--steps", type=int, default=8)
-    p_run.add_argument("--seed", type=int, default=0)
-    p_run.add_argument("--cache-dir", default=None)
+    add_demo_model_args(p_run)
     p_run.add_argument("--json", help="write the result here")
     p_run.add_argument("--device", default="cuda", help="cuda (the benchmark); cpu only smoke-tests the script")
     p_write = sub.add_parser("write")
@@ -286,10 +282,7 @@ def main(argv=None) -> int:
         print("bench/end_to_end.py run needs a CUDA GPU (--device cpu only smoke-tests it)", file=sys.stderr)
         return 2
     result = run(args)
-    text = json.dumps(result, indent=2)
-    if args.json:
-        Path(args.json).write_text(text)
-    print(text)
+    emit(result, args.json)
     print(render(result))
     return 0
 

@@ -15,7 +15,6 @@ import argparse
 import gc
 import importlib.util
 import json
-import os
 import sys
 import time
 from pathlib import Path

@@ -29,7 +29,6 @@ import datetime
 import gc
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from benchlib import import_package, versions, write_section
+from benchlib import add_demo_model_args, emit, import_package, versions, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_COSINE = 0.99
@@ -328,11 +327,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_demo = sub.add_parser("demo")
-    p_demo.add_argument("--size", default="1b", choices=("tiny", "small", "1b"))
-    p_demo.add_argument("--tokens", type=int, default=4096)
-    p_demo.add_argument("--steps", type=int, default=8)
-    p_demo.add_argument("--seed", type=int, default=0)
-    p_demo.add_argument("--cache-dir", default=None)
+    add_demo_model_args(p_demo)
     p_comfy = sub.add_parser("comfy")
     p_comfy.add_argument("--comfy", required=True, help="an extracted ComfyUI v0.29")
     p_comfy.add_argument("--hidden", type=int, default=3072)
@@ -353,10 +348,7 @@ def main(argv=None) -> int:
         print(f"wrote the Multi-GPU section of {args.doc}")
         return 0
     result = run_demo(args) if args.cmd == "demo" else run_comfy(args)
-    text = json.dumps(result, indent=2)
-    if args.json:
-        Path(args.json).write_text(text)
-    print(text)
+    emit(result, args.json)
     print(render([result]))
     return 0
 

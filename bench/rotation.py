@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchlib import import_package, write_section
+from benchlib import emit, import_package, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,10 +209,7 @@ def main(argv=None) -> int:
         write_section("Rotation", section(quality, speed).split("\n", 1)[1])
         return 0
     result = run_quality() if args.what == "quality" else run_speed()
-    text = json.dumps(result, indent=2)
-    if args.json:
-        Path(args.json).write_text(text)
-    print(text)
+    emit(result, args.json)
     return 0
 
 
