@@ -86,7 +86,7 @@ def test_object_info_lists_every_node_with_its_inputs(comfyui_server):
 EXPECTED_INPUTS = {
     "HeadroomLoadDiffusionModelInt8": {"required": ("unet_name", "weight_format", "quantize_on_load", "compute",
                                                     "skip_patterns", "gpu_budget_gb", "blocks_resident"),
-                                       "optional": ("min_features",)},
+                                       "optional": ("min_features", "rotate", "quantize_modulation")},
     "HeadroomLoadClipInt8": {"required": ("clip_name", "type", "weight_format", "skip_patterns"),
                              "optional": ("device", "min_features")},
     "HeadroomLoraLoaderInt8": {"required": ("model", "lora_name", "strength", "offload_to_cpu")},
@@ -118,6 +118,16 @@ def test_int8_model_samples_like_stock_bf16(files, baseline):
     assert 1e-6 < err < 0.05, err
     other_seed = files.run(graph(STOCK_UNET, "stock_seed8", seed=8))
     assert other_seed and rel(latent(files, "stock_seed8"), baseline) > 10 * err  # the metric can tell
+
+
+def test_rotate_and_quantize_modulation_inputs(files, baseline):
+    """The loader's advanced inputs through the real server: rotated INT8 and INT8 modulation still sample
+    close to stock bf16, and the status says what was done."""
+    entry = files.run(graph(int8_loader(rotate="128", quantize_modulation=True), "int8_rot"))
+    status = files.text_of(entry, "4")
+    assert "13 INT8 linear layers" in status and "13 of them Hadamard-rotated" in status, status
+    err = rel(latent(files, "int8_rot"), baseline)
+    assert 1e-6 < err < 0.05, err
 
 
 def test_lora_on_int8_matches_stock_lora(files, baseline):
