@@ -135,14 +135,24 @@ def rotated_int8_linear(
     Where the dispatcher would run the Triton W8A8 kernel for this call (forced or automatic, see
     :mod:`.dispatch`), the activation is rotated and quantized by the fused kernel above and goes straight
     into the W8A8 GEMM (counted as ``triton_w8a8`` in the kernel stats). Everywhere else - CPU, W8A16 at
-    small M, ``int_mm``, the reference, and inside ``torch.compile`` graphs - the input is rotated first
-    (:func:`..quant.rotation.rotate_activation`) and the dispatcher runs as for a plain layer.
+    small M, ``int_mm``, the reference - the input is rotated first
+    (:func:`..quant.rotation.rotate_activation`) and the dispatcher runs as for a plain layer. Under
+    ``torch.compile`` (or when ``x`` needs a gradient) the call is the custom op
+    ``torch.ops.headroom.rotated_int8_linear`` (:mod:`.ops`), which does the same at run time, so compiled
+    graphs keep the fused kernel too.
     """
+    if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
+        return torch.ops.headroom.rotated_int8_linear(x, weight, weight_scale, bias, block_size, group)
+    return rotated_int8_linear_eager(x, weight, weight_scale, bias, block_size, group)
+
+
+def rotated_int8_linear_eager(x, weight, weight_scale, bias, block_size: int, group: int) -> torch.Tensor:
+    """:func:`rotated_int8_linear` without the custom-op wrapper (what the op runs)."""
     from ..quant.rotation import rotate_activation
     from . import dispatch
     from .backends import KernelUnsupported, check_args, interpreting
 
-    if not torch.compiler.is_compiling() and (x.is_cuda or interpreting()) and x.shape[-1] % group == 0:
+    if (x.is_cuda or interpreting()) and x.shape[-1] % group == 0:
         check_args(x, weight, weight_scale, bias, block_size)
         if dispatch.choose_kernel(x, weight, weight_scale) == "triton_w8a8" and x.dtype in _ACTIVATION_DTYPES:
             from .triton_w8a8 import w8a8_matmul

@@ -3,7 +3,9 @@
 * ``headroom::int8_linear``   - the dispatcher: picks the kernel at run time (see :mod:`.dispatch`);
 * ``headroom::triton_w8a8``, ``headroom::triton_w8a16``, ``headroom::int_mm``, ``headroom::reference``
   - one backend each, for callers that want a fixed kernel inside a compiled graph;
-* ``headroom::quantize_activation`` - per-row INT8 of a 2-D activation.
+* ``headroom::quantize_activation`` - per-row INT8 of a 2-D activation;
+* ``headroom::rotated_int8_linear`` - a Hadamard-rotated layer (:mod:`.hadamard`: rotation fused into the
+  activation quantization where the Triton W8A8 kernel runs); ``headroom::hadamard_rotate`` - ``x H``.
 
 Each has a fake (meta) implementation giving the output's shape/dtype, so dynamo and inductor never
 run a kernel while tracing, and an autograd formula (gradient through the dequantized weight). Stats and checks run inside the real implementations, at run time.
@@ -90,3 +92,56 @@ if not _registered("quantize_activation"):
     @quantize_activation.register_fake
     def _(x):
         return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:1], dtype=torch.float32)
+
+
+if not _registered("hadamard_rotate"):
+
+    @torch.library.custom_op(f"{NAMESPACE}::hadamard_rotate", mutates_args=())
+    def hadamard_rotate(x: torch.Tensor, group: int) -> torch.Tensor:
+        """``x H`` per ``group`` of the last dim (an op: the cached Hadamard matrix never enters a traced graph)."""
+        from ..quant.rotation import rotate_activation
+
+        return rotate_activation(x, group)
+
+    @hadamard_rotate.register_fake
+    def _(x, group):
+        return torch.empty_like(x)
+
+    def _hadamard_rotate_backward(ctx, grad):
+        return torch.ops.headroom.hadamard_rotate(grad, ctx.group), None  # H is symmetric and orthonormal
+
+    def _hadamard_rotate_setup(ctx, inputs, output):
+        ctx.group = inputs[1]
+
+    hadamard_rotate.register_autograd(_hadamard_rotate_backward, setup_context=_hadamard_rotate_setup)
+
+
+if not _registered("rotated_int8_linear"):
+
+    @torch.library.custom_op(f"{NAMESPACE}::rotated_int8_linear", mutates_args=())
+    def rotated_int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                            bias: Optional[torch.Tensor], block_size: int, group: int) -> torch.Tensor:
+        from .hadamard import rotated_int8_linear_eager
+
+        return rotated_int8_linear_eager(x, weight, weight_scale, bias, block_size, group)
+
+    @rotated_int8_linear.register_fake
+    def _(x, weight, weight_scale, bias, block_size, group):
+        if x.shape[-1] % group:
+            raise ValueError(f"width {x.shape[-1]} is not a multiple of the rotation group {group}")
+        return _fake_linear(x, weight, weight_scale, bias, block_size)
+
+    def _rotated_setup_context(ctx, inputs, output):
+        x, weight, weight_scale, bias, block_size, group = inputs
+        _linear_setup_context(ctx, (x, weight, weight_scale, bias, block_size), output)
+        ctx.group = group
+
+    def _rotated_backward(ctx, grad):
+        """y = (x H) Wr^T with H symmetric orthonormal: dL/dx = (grad Wr) H, i.e. the plain formula, rotated."""
+        grad_x, _, _, grad_bias, _ = _linear_backward(ctx, grad)
+        if grad_x is not None:
+            grad_x = torch.ops.headroom.hadamard_rotate(grad_x, ctx.group)
+        return grad_x, None, None, grad_bias, None, None
+
+    rotated_int8_linear.register_autograd(_rotated_backward, setup_context=_rotated_setup_context)
+
