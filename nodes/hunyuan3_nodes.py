@@ -126,13 +126,13 @@ _register_force_unload_hook()
 
 
 def load_cached(folder: str, mode: str, budget_gb: float, external_vram_gb: float, trust_remote_code: bool,
-                attn_implementation: str, device_map: str = "auto", gpu_layers: int = 0):
+                attn_implementation: str, device_map: str = "auto", gpu_layers: int = 0, gpu_budgets_gb: str = ""):
     """Load (or reuse) a model; a changed folder (files, sizes, mtimes) reloads."""
     from ..quant.hf_loader import folder_fingerprint, load_hf_model
 
     path = os.path.realpath(folder)
     key = (path, mode, float(budget_gb), float(external_vram_gb), attn_implementation, device_map,
-           int(gpu_layers) if device_map == "manual" else None)
+           int(gpu_layers) if device_map == "manual" else None, (gpu_budgets_gb or "").strip())
     fingerprint = folder_fingerprint(path)
     cached = CACHE.get(key, fingerprint)
     if cached is not None:
@@ -141,7 +141,8 @@ def load_cached(folder: str, mode: str, budget_gb: float, external_vram_gb: floa
     CACHE.drop()  # free the previous model before loading the next
     loaded = load_hf_model(path, mode=mode, budget_gb=budget_gb, external_vram_gb=external_vram_gb,
                            trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
-                           device_map=device_map, gpu_layers=gpu_layers if device_map == "manual" else None)
+                           device_map=device_map, gpu_layers=gpu_layers if device_map == "manual" else None,
+                           gpu_budgets_gb=gpu_budgets_gb)
     CACHE.put(key, loaded)
     return loaded, False
 
@@ -158,7 +159,7 @@ class _Hunyuan3LoaderBase:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
+        types = {
             "required": {
                 "model_folder": (model_folder_choices(), {"tooltip": "A model folder under models/hunyuan3 "
                                                           "(config.json + safetensors + its modeling code)."}),
@@ -177,6 +178,11 @@ class _Hunyuan3LoaderBase:
                                        "tooltip": "With device_map=manual: decoder layers kept on the GPU."}),
             },
         }
+        if cls.MODE != "bf16":  # BF16 streams on one GPU
+            types["optional"]["gpu_budgets_gb"] = ("STRING", {"default": "", "tooltip":
+                "Several GPUs: one budget per GPU in GB, e.g. '40,40' (one number = that on every GPU, 0 = 55 % of "
+                "each card). The model is spread over them; replaces gpu_budget_gb. Empty = one GPU."})
+        return types
 
     @classmethod
     def IS_CHANGED(cls, model_folder, **kwargs):
@@ -188,10 +194,10 @@ class _Hunyuan3LoaderBase:
             return model_folder
 
     def load(self, model_folder, gpu_budget_gb, external_vram_gb, trust_remote_code, attn_implementation,
-             device_map="auto", gpu_layers=6):
+             device_map="auto", gpu_layers=6, gpu_budgets_gb=""):
         folder = resolve_model_folder(model_folder)
         loaded, reused = load_cached(folder, self.MODE, gpu_budget_gb, external_vram_gb, trust_remote_code,
-                                     attn_implementation, device_map, gpu_layers)
+                                     attn_implementation, device_map, gpu_layers, gpu_budgets_gb)
         report = ("(cached) " if reused else "") + loaded.summary()
         return {"ui": {"text": [report]}, "result": (loaded, report)}
 

@@ -286,7 +286,8 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
                   trust_remote_code: bool = False, attn_implementation: str | None = "sdpa",
                   device_map: str | dict = "auto", gpu_layers: int | None = None,
                   skip: Sequence[str] | str | None = None, keep_attention: bool = True, device: int = 0,
-                  reserve_gb: float | None = None, skip_patterns: Sequence[str] | None = None) -> LoadedModel:
+                  reserve_gb: float | None = None, skip_patterns: Sequence[str] | None = None,
+                  gpu_budgets_gb: str = "") -> LoadedModel:
     """Load a transformers model folder under a VRAM budget.
 
     ``mode``: ``int8`` / ``nf4`` (bitsandbytes) or ``bf16``; a pre-quantized folder decides it itself.
@@ -294,6 +295,9 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
     "manual" (critical modules + the first ``gpu_layers`` decoder layers on the GPU) or an explicit dict,
     which is validated before loading. ``skip``: extra skip patterns on top of the HunyuanImage-3 defaults;
     ``skip_patterns`` replaces the whole list (``[]`` quantizes every Linear: how INT8-Full folders are made).
+    ``gpu_budgets_gb``: several GPUs, one budget each (``"40,40"``; one number = that on every GPU) - the
+    INT8/NF4 model is spread over them by accelerate's ``device_map="auto"`` with one ``max_memory`` entry per
+    GPU (issue #9); it replaces ``budget_gb``. Checked before anything is loaded.
     """
     if mode not in MODES:
         raise LoaderError(f"mode must be one of {MODES}, got {mode!r}")
@@ -320,6 +324,7 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
     if method:
         plan, critical_note, full_critical = _plan_for_prequantized(folder, skeleton, method, patterns, plan)
 
+    multi_gpu_memory = _multi_gpu_max_memory(gpu_budgets_gb, mode, device_map, external_vram_gb)
     info = cuda_device_info(device)
     budget_bytes = None
     kwargs: dict[str, Any] = dict(trust_remote_code=trust_remote_code, dtype=torch.bfloat16, low_cpu_mem_usage=True)
@@ -329,7 +334,13 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
     fp32_offload = False
     stream_plan: dict | None = None
 
-    if info is None:
+    if multi_gpu_memory is not None:
+        kwargs["device_map"] = "auto"
+        kwargs["max_memory"] = multi_gpu_memory
+        budget_bytes = sum(v for k, v in multi_gpu_memory.items() if k != "cpu")
+        notes.append("spread over " + ", ".join(f"cuda:{k} <= {v / GB:.1f} GB" for k, v in multi_gpu_memory.items()
+                                                 if k != "cpu") + " by accelerate's device_map='auto'")
+    elif info is None:
         # No CUDA (CI, CPU-only machines): everything on the CPU; bitsandbytes uses its CPU backend.
         kwargs["device_map"] = {"": "cpu"}
         notes.append("no CUDA device: loaded on the CPU")
@@ -405,6 +416,10 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
         if stream_plan is not None:
             model = _take_back_offloaded(model, folder, kwargs, mode, plan, telemetry, notes)
     except MapRejected:
+        if multi_gpu_memory is not None:
+            raise LoaderError(f"{folder}: the {mode.upper()} model does not fit gpu_budgets_gb={gpu_budgets_gb!r} "
+                              "(bitsandbytes refuses quantized layers on the CPU): raise the budgets or use NF4") \
+                from None
         if kwargs.get("device_map") != "auto":
             raise LoaderError(f"{folder}: bitsandbytes rejected the device map (quantized layers on the CPU). "
                               "Raise the budget, use NF4, or set device_map='manual' with fewer gpu_layers") from None
@@ -442,7 +457,7 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
     load_args = dict(path=str(folder), mode=mode, budget_gb=budget_gb, external_vram_gb=external_vram_gb,
                      trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
                      device_map=device_map, gpu_layers=gpu_layers, skip=skip, keep_attention=keep_attention,
-                     device=device, skip_patterns=skip_patterns)
+                     device=device, skip_patterns=skip_patterns, gpu_budgets_gb=gpu_budgets_gb)
     loaded = LoadedModel(model=model, path=str(folder), mode=mode, load_args=load_args, budget_bytes=budget_bytes,
                          reserve_gb=reserve_gb, external_vram_gb=external_vram_gb, dtype_report=report, placement=placement, skip_plan=plan,
                          quantization_method=method, critical_layers=critical_note, tencent_code=tencent,
@@ -453,6 +468,25 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
     model._headroom_budget_bytes = budget_bytes
     log.info("%s", loaded.summary())
     return loaded
+
+
+def _multi_gpu_max_memory(gpu_budgets_gb: str, mode: str, device_map, external_vram_gb: float) -> dict | None:
+    """``max_memory`` for ``gpu_budgets_gb`` (None when it is empty); bad combinations fail before loading."""
+    if not (gpu_budgets_gb or "").strip():
+        return None
+    if mode == "bf16":
+        raise LoaderError(f"gpu_budgets_gb={gpu_budgets_gb!r}: BF16 over several GPUs is not supported yet (its "
+                          "streaming runs on one GPU); use the INT8 or NF4 loader, or one gpu_budget_gb")
+    if device_map != "auto":
+        raise LoaderError(f"gpu_budgets_gb={gpu_budgets_gb!r} places the model by itself: leave device_map at "
+                          f"'auto' (got {device_map!r})")
+    from ..memory.hf_placement import max_memory_for_budgets
+    from ..memory.planner import PlanError
+
+    try:
+        return max_memory_for_budgets(gpu_budgets_gb, external_vram_gb=external_vram_gb)
+    except (ValueError, PlanError) as err:
+        raise LoaderError(str(err)) from None
 
 
 def ensure_loaded(loaded: LoadedModel) -> bool:
