@@ -13,11 +13,12 @@ from collections import OrderedDict
 
 import torch
 
+from .inputs import ROTATIONS, rotation_group, skip_list
+
 log = logging.getLogger("comfyui_headroom")
 
 CATEGORY = "headroom"
 COMPUTE_CHOICES = ["auto", "triton", "int_mm", "w8a16", "reference"]
-ROTATE_CHOICES = ["off", "64", "128", "256"]  # Hadamard group sizes offered on load (quant/rotation.py)
 WEIGHT_FORMATS = ["auto", "rowwise", "block", "tensorwise"]
 
 TIP_SKIP = ("Extra substrings (comma or newline separated) naming layers to keep in full precision, on top of "
@@ -28,10 +29,6 @@ TIP_MIN_FEATURES = "Linear layers with fewer input or output features than this 
 
 def _ui(status: str, *outputs):
     return {"ui": {"text": [status]}, "result": (*outputs, status)}
-
-
-def _skip_list(text: str) -> list[str]:
-    return [p.strip() for p in (text or "").replace("\n", ",").split(",") if p.strip()]
 
 
 def _progress(unique_id):
@@ -84,7 +81,7 @@ class HeadroomLoadDiffusionModelInt8:
             "optional": {
                 "min_features": ("INT", {"default": 1024, "min": 1, "max": 65536, "advanced": True,
                                          "tooltip": TIP_MIN_FEATURES}),
-                "rotate": (ROTATE_CHOICES, {"default": "off", "advanced": True, "tooltip":
+                "rotate": (ROTATIONS, {"default": "none", "advanced": True, "tooltip":
                     "Hadamard rotation (QuaRot) for the layers quantized while loading: weights are stored as "
                     "INT8 of W*H in groups of this many inputs and activations are rotated on the fly. Lower "
                     "INT8 error on layers with outlier channels; costs a little speed. Layers already INT8 in "
@@ -107,7 +104,7 @@ class HeadroomLoadDiffusionModelInt8:
                    "modulation and final layers stay in full precision.")
 
     def load(self, unet_name, weight_format, quantize_on_load, compute, skip_patterns, gpu_budget_gb,
-             blocks_resident, min_features=1024, rotate="off", quantize_modulation=False, unique_id=None):
+             blocks_resident, min_features=1024, rotate="none", quantize_modulation=False, unique_id=None):
         import folder_paths
 
         from ..quant.comfy_ops import Int8LoadConfig, budget_from_gb, load_int8_diffusion_model, \
@@ -116,8 +113,8 @@ class HeadroomLoadDiffusionModelInt8:
 
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         config = Int8LoadConfig(weight_format=weight_format, quantize_on_load=bool(quantize_on_load),
-                                skip_patterns=_skip_list(skip_patterns), min_features=int(min_features),
-                                rotation_group=0 if rotate == "off" else int(rotate),
+                                skip_patterns=skip_list(skip_patterns), min_features=int(min_features),
+                                rotation_group=rotation_group(rotate),
                                 default_skips=native_skip_patterns(bool(quantize_modulation)))
         with _tracker() as tracker:
             patcher, record = load_int8_diffusion_model(path, config, budget_from_gb(gpu_budget_gb),
@@ -183,7 +180,7 @@ class HeadroomLoadClipInt8:
         if device == "cpu":
             options["load_device"] = options["offload_device"] = torch.device("cpu")
         path = folder_paths.get_full_path_or_raise("text_encoders", clip_name)
-        config = Int8LoadConfig(weight_format=weight_format, skip_patterns=_skip_list(skip_patterns),
+        config = Int8LoadConfig(weight_format=weight_format, skip_patterns=skip_list(skip_patterns),
                                 default_skips=TEXT_ENCODER_SKIP_PATTERNS, min_features=int(min_features))
         with _tracker() as tracker:
             clip, record = load_int8_text_encoder([path], clip_type, config, options,

@@ -13,11 +13,12 @@ import os
 
 import torch
 
+from .inputs import ROTATIONS, rotation_group, skip_list
+
 log = logging.getLogger("comfyui_headroom")
 
 CATEGORY = "headroom"
 METHODS = ["rowwise", "block", "tensorwise"]
-ROTATIONS = ["none", "256", "64", "16", "128"]
 DESTINATIONS = ["diffusion_models", "output"]
 LAYOUTS = ["headroom", "comfy"]
 DIFFUSION_PREFIX = "diffusion_model."
@@ -107,8 +108,8 @@ class HeadroomSaveInt8Model:
                    "(no second copy of the model in RAM). Load it with 'Load Diffusion Model (INT8)'.")
 
     def save(self, model, filename_prefix, method, destination, rotate="none", layout="headroom", skip_patterns=""):
-        group = 0 if rotate in ("none", "", None) else int(rotate)
-        skip = [p.strip() for p in (skip_patterns or "").replace("\n", ",").split(",") if p.strip()]
+        group = rotation_group(rotate)
+        skip = skip_list(skip_patterns)
         dst = output_path(filename_prefix, destination)
         report = save_int8_model(model, dst, method=method, rotate=group, layout=layout, skip=skip or None)
         status = (f"saved {os.path.basename(dst)} ({destination}): {len(report.quantized)} layers INT8 {method}"
