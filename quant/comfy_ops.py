@@ -218,6 +218,8 @@ def _base_classes():
     """(Linear, Embedding) base classes subclassing ComfyUI's ``manual_cast`` ones."""
     import comfy.ops as comfy_ops
 
+    from ..kernels import int8_linear  # imported once here, not per forward call
+    from ..kernels.hadamard import rotated_int8_linear
     from .formats import COMFY_QUANT_SUFFIX, comfy_legacy_layers, decode_comfy_quant, parse_int8_layer
     from .lora import apply_side_branches
     from .rotation import rotation_fits, rotation_group_of, unrotate_weight
@@ -402,12 +404,8 @@ def _base_classes():
 
         def _int8_matmul(self, x, weight, scale, bias):
             if self.rotation_group:  # fused rotate+quantize where the Triton W8A8 path runs (kernels/hadamard.py)
-                from ..kernels.hadamard import rotated_int8_linear
-
                 y = rotated_int8_linear(x, weight, scale, bias, self.block_size, self.rotation_group)
             else:
-                from ..kernels import int8_linear
-
                 y = int8_linear(x, weight, scale, bias, self.block_size)
             if self.lora:
                 y = apply_side_branches(x, y, self.lora)

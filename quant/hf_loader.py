@@ -481,11 +481,10 @@ def _multi_gpu_max_memory(gpu_budgets_gb: str, mode: str, device_map, external_v
         raise LoaderError(f"gpu_budgets_gb={gpu_budgets_gb!r} places the model by itself: leave device_map at "
                           f"'auto' (got {device_map!r})")
     from ..memory.hf_placement import max_memory_for_budgets
-    from ..memory.planner import PlanError
 
     try:
         return max_memory_for_budgets(gpu_budgets_gb, external_vram_gb=external_vram_gb)
-    except (ValueError, PlanError) as err:
+    except ValueError as err:  # parse errors and the planner's PlanError (a ValueError) alike
         raise LoaderError(str(err)) from None
 
 
