@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .configs import next_power_of_2, quant_config
+from .launch import cached_launcher
 
 
 @triton.jit
@@ -69,6 +70,9 @@ def _quantize_rows_kernel(
     tl.store(scale_ptr + row, scale)
 
 
+_launch_quantize_rows = cached_launcher(_quantize_rows_kernel)
+
+
 def quantize_rows(
     x: torch.Tensor, q_out: torch.Tensor | None = None, scale_out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,5 +91,5 @@ def quantize_rows(
     single = k <= cfg.max_single_pass
     block = next_power_of_2(k) if single else cfg.loop_block
     warps = cfg.num_warps if block >= 2048 else 4
-    _quantize_rows_kernel[(m,)](x, q, scale, k, x.stride(0), BLOCK_K=block, SINGLE_PASS=single, num_warps=warps)
+    _launch_quantize_rows((m,), x, q, scale, k, x.stride(0), BLOCK_K=block, SINGLE_PASS=single, num_warps=warps)
     return q, scale

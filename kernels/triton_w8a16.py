@@ -16,6 +16,7 @@ import triton.language as tl
 
 from .backends import interpreting
 from .configs import arch_of, cdiv, next_power_of_2, w8a16_candidates
+from .launch import cached_launcher
 from .triton_w8a8 import SCALE_BLOCK, _sm_count, block_k_for, scale_mode_of
 
 
@@ -70,6 +71,9 @@ def _w8a16_kernel(
         tl.store(c_ptrs, acc, mask=mask)
 
 
+_launch_w8a16 = cached_launcher(_w8a16_kernel)
+
+
 def w8a16_matmul(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -113,8 +117,8 @@ def w8a16_matmul(
     stride_cs = 0 if split_k == 1 else target.stride(0)
     bias_arg = bias.contiguous() if bias is not None else ws
     grid = (cdiv(n, cfg.block_n), cdiv(m, block_m), split_k)
-    _w8a16_kernel[grid](
-        x, weight, target, ws, bias_arg, m, n, k, x.stride(0), weight.stride(0), stride_cs, n, ws_stride,
+    _launch_w8a16(
+        grid, x, weight, target, ws, bias_arg, m, n, k, x.stride(0), weight.stride(0), stride_cs, n, ws_stride,
         k_per_split, SCALE_MODE=mode, SCALE_BLOCK=block_size, HAS_BIAS=bias is not None, PARTIALS=split_k > 1,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, F32_DOT=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and interpreting()),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .backends import KernelUnsupported
+from .launch import cached_launcher
 from .configs import (BLOCK_SCALE_USES_SMALLER_TILE, GemmConfig, arch_of, cdiv, int8_mma_supported, tma_allowed,
                       w8a8_candidates)
 
@@ -147,6 +148,10 @@ def _w8a8_tma_kernel(
         c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out.to(c_ptr.dtype.element_ty))
 
 
+_launch_pointer = cached_launcher(_w8a8_kernel)
+_launch_tma = cached_launcher(_w8a8_tma_kernel)
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -269,12 +274,12 @@ def w8a8_matmul(
         sms = _sm_count(qa.device)
         tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
         grid = (min(sms, tiles),)  # NUM_SMS stays the SM count so the compiled kernel does not vary with M
-        LAST_COMPILED["tma"] = _w8a8_tma_kernel[grid](
-            qa, weight, out, a_scale, ws, bias_arg, m, n, k, ws_stride, NUM_SMS=sms, **common)
+        LAST_COMPILED["tma"] = _launch_tma(
+            grid, qa, weight, out, a_scale, ws, bias_arg, m, n, k, ws_stride, NUM_SMS=sms, **common)
     else:
         if weight.stride(1) != 1 or qa.stride(1) != 1:
             raise KernelUnsupported("W8A8 needs rows with unit stride")
         grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),)
-        LAST_COMPILED["pointer"] = _w8a8_kernel[grid](qa, weight, out, a_scale, ws, bias_arg, m, n, k, qa.stride(0), weight.stride(0),
+        LAST_COMPILED["pointer"] = _launch_pointer(grid, qa, weight, out, a_scale, ws, bias_arg, m, n, k, qa.stride(0), weight.stride(0),
                            out.stride(0), ws_stride, EVEN_K=(k % block_k == 0), **common)
     return out

@@ -1,0 +1,134 @@
+"""Launch our compiled Triton kernels without ``JITFunction.run``'s per-call argument binding.
+
+Why: an INT8 layer launches two kernels (activation quantization, GEMM). On the H100 host,
+``JITFunction.run`` - binding and specializing every argument, building the cache key, launch metadata -
+was about half of an INT8 layer's 120-130 us of host time (docs/PERFORMANCE.md, "## Kernels"), against
+~25 us for a whole bf16 ``F.linear``. A 24-block model issues ~100 such layers per step, so block
+streaming and resident INT8 steps were CPU bound.
+
+How: the first call with a given *specialization* goes through the normal ``fn[grid](...)`` (which
+compiles or finds the kernel and launches it) and keeps the returned ``CompiledKernel``; later calls with
+the same specialization call its launcher directly, as ``CompiledKernel.__getitem__``'s runner does.
+Our key is at least as fine as Triton's own specialization, so the kept kernel is always one Triton
+would have chosen: per tensor argument its dtype and whether its address is 16-byte aligned; every other
+argument by value (Triton looks at ints only for ==1, %16 and 32/64-bit); every constexpr and launch
+option; the current device. Anything unusual takes the normal path: the interpreter, launch hooks (profilers such
+as proton), ``HEADROOM_FAST_LAUNCH=0``, or a launcher that rejects the call (checked once, then the fast path
+is switched off for the process with a log line).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("comfyui_headroom.kernels")
+
+_MAX_ENTRIES = 4096  # per kernel
+_ENABLED = os.environ.get("HEADROOM_FAST_LAUNCH", "1") != "0"
+
+
+def specialization(args) -> tuple:
+    """The launch-cache key part that depends on the runtime arguments: per tensor its dtype and whether its
+    address is 16-byte aligned, every other argument (ints, floats, None) by value. Finer than Triton's own
+    specialization (which looks at ints only for ==1, %16 and 32/64-bit), so one key never covers two kernels
+    Triton would compile; the price, one entry per distinct size, is small (a model has a handful of shapes).
+    One comprehension, no per-argument function call: this runs twice per INT8 layer per step."""
+    return tuple([(a.dtype, not a.data_ptr() & 15) if isinstance(a, torch.Tensor) else (type(a), a) for a in args])
+
+
+def _hook_holder():
+    """Where this Triton keeps its launch hooks: ``triton.knobs.runtime`` (3.4+) or ``CompiledKernel`` (older)."""
+    try:
+        from triton import knobs
+
+        return knobs.runtime
+    except (ImportError, AttributeError):
+        from triton.compiler.compiler import CompiledKernel
+
+        return CompiledKernel
+
+
+def _hook_active(hook) -> bool:
+    """Triton 3.4+ always holds a ``HookChain`` (empty unless a profiler adds to it); older ones hold None."""
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return calls is None or len(calls) > 0
+
+
+def _launch_hooks_set(holder) -> bool:
+    return _hook_active(getattr(holder, "launch_enter_hook", None)) or _hook_active(getattr(holder, "launch_exit_hook", None))
+
+
+class CachedLauncher:
+    """``launcher(grid, *runtime_args, CONSTEXPR=..., num_warps=..., num_stages=...)``: same meaning as
+    ``fn[grid](*runtime_args, ...)``, returns the ``CompiledKernel``. The kernel's constexpr parameters must
+    all come after its runtime parameters and must all be passed by keyword."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.can_be_fast = type(fn).__name__ == "JITFunction" and hasattr(fn, "constexprs")  # not the interpreter
+        self.fast = _ENABLED and self.can_be_fast
+        self._cache: dict = {}
+        self.fast_calls = 0  # how many launches skipped JITFunction.run (tests read it)
+        if self.can_be_fast:
+            n_params = len(fn.arg_names)
+            first = min(fn.constexprs, default=n_params)
+            if sorted(fn.constexprs) != list(range(first, n_params)):
+                raise TypeError(f"{fn.__name__}: constexpr parameters must follow every runtime parameter")
+            self.n_runtime = first
+            self.constexpr_names = tuple(fn.arg_names[first:])
+            from triton.runtime import driver
+
+            self._driver = driver
+            self._hooks = _hook_holder()
+
+    def __call__(self, grid, *args, **kwargs):
+        if not self.fast:
+            return self.fn[grid](*args, **kwargs)
+        device = torch.cuda.current_device()
+        key = (device, tuple(kwargs.items()), specialization(args))
+        entry = self._cache.get(key)
+        if entry is None or _launch_hooks_set(self._hooks):
+            compiled = self.fn[grid](*args, **kwargs)
+            if entry is None and len(args) == self.n_runtime and all(n in kwargs for n in self.constexpr_names):
+                if len(self._cache) >= _MAX_ENTRIES:  # a process that saw very many shapes: start again
+                    self._cache.clear()
+                self._cache[key] = (compiled, tuple(kwargs[n] for n in self.constexpr_names))
+            return compiled
+        compiled, constexprs = entry
+        stream = self._driver.active.get_current_stream(device)
+        g1 = grid[1] if len(grid) > 1 else 1
+        g2 = grid[2] if len(grid) > 2 else 1
+        try:
+            compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                         *args, *constexprs)
+        except TypeError as err:  # a Triton whose launcher takes other arguments: never try again
+            _disable(f"{self.fn.__name__}: {err}")
+            return self.fn[grid](*args, **kwargs)
+        self.fast_calls += 1
+        return compiled
+
+
+_LAUNCHERS: list[CachedLauncher] = []
+
+
+def cached_launcher(fn) -> CachedLauncher:
+    launcher = CachedLauncher(fn)
+    _LAUNCHERS.append(launcher)
+    return launcher
+
+
+def _disable(why: str) -> None:
+    log.warning("headroom: direct Triton launches switched off (%s); using JITFunction.run", why)
+    for launcher in _LAUNCHERS:
+        launcher.fast = False
+
+
+def set_fast_launch(enabled: bool) -> None:
+    """Switch the direct launches on or off for every kernel (benchmarks compare both; tests check both)."""
+    for launcher in _LAUNCHERS:
+        launcher.fast = enabled and launcher.can_be_fast
