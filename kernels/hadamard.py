@@ -22,13 +22,14 @@ import os
 
 import torch
 
-from ..quant.rotation import check_group, hadamard
+from ..quant.rotation import COMFY_ROTATION_GROUPS, check_group, hadamard
 from .backends import HAS_TRITON
 
 if HAS_TRITON:  # the kernels exist only where Triton does; rotated_int8_linear works everywhere
     import triton
     import triton.language as tl
 
+    from .launch import cached_launcher
     from .triton_quant import round_half_even
 
     @triton.jit
@@ -38,11 +39,8 @@ if HAS_TRITON:  # the kernels exist only where Triton does; rotated_int8_linear 
         return tl.load(x_ptr + rows[:, None] * stride_xm + k0 + offs_g[None, :], mask=row_mask[:, None], other=0.0)
 
     @triton.jit
-    def _rotate_chunk(x, h_ptr, n0, norm, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
-        """``(x @ H[:, n0:n0+BLOCK_N]) * norm`` in float32 (H = the +-1 matrix)."""
-        offs_g = tl.arange(0, GROUP)
-        offs_n = tl.arange(0, BLOCK_N)
-        h = tl.load(h_ptr + offs_g[:, None] * GROUP + n0 + offs_n[None, :])
+    def _rotate_chunk(x, h, norm, IEEE: tl.constexpr):
+        """``(x @ h) * norm`` in float32, ``h`` a column chunk of the +-1 matrix."""
         if IEEE:  # fp32 activations (and bf16 under the interpreter, whose bf16 dot is wrong): no tf32
             y = tl.dot(x.to(tl.float32), h.to(tl.float32), input_precision="ieee")
         else:
@@ -57,22 +55,29 @@ if HAS_TRITON:  # the kernels exist only where Triton does; rotated_int8_linear 
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < M
         offs_n = tl.arange(0, BLOCK_N)
+        offs_g = tl.arange(0, GROUP)
         amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, GROUP):
-            x = _load_group(x_ptr, rows, row_mask, stride_xm, k0, GROUP)
-            for n0 in range(0, GROUP, BLOCK_N):  # a real loop: unrolled, all H chunks would sit in shared memory
-                y = _rotate_chunk(x, h_ptr, n0, norm, GROUP, BLOCK_N, IEEE)
+        # Outer loop over column chunks of H, inner over the row's groups: each H chunk is read once per pass
+        # and program (H is GROUP x GROUP: for 256 that is 128 KB, re-read per group it dominated the traffic).
+        for n0 in range(0, GROUP, BLOCK_N):
+            h = tl.load(h_ptr + offs_g[:, None] * GROUP + n0 + offs_n[None, :])
+            for k0 in range(0, K, GROUP):
+                x = _load_group(x_ptr, rows, row_mask, stride_xm, k0, GROUP)
+                y = _rotate_chunk(x, h, norm, IEEE)
                 amax = tl.maximum(amax, tl.max(tl.abs(y), axis=1))
         scale = tl.where(amax > 0.0, tl.math.div_rn(amax, 127.0), 1.0)
         inv_scale = 1.0 / scale  # one reciprocal per row, a multiply per element (as triton_quant does)
-        for k0 in range(0, K, GROUP):
-            x = _load_group(x_ptr, rows, row_mask, stride_xm, k0, GROUP)
-            for n0 in range(0, GROUP, BLOCK_N):  # a real loop: unrolled, all H chunks would sit in shared memory
-                y = _rotate_chunk(x, h_ptr, n0, norm, GROUP, BLOCK_N, IEEE)
+        for n0 in range(0, GROUP, BLOCK_N):
+            h = tl.load(h_ptr + offs_g[:, None] * GROUP + n0 + offs_n[None, :])
+            for k0 in range(0, K, GROUP):
+                x = _load_group(x_ptr, rows, row_mask, stride_xm, k0, GROUP)
+                y = _rotate_chunk(x, h, norm, IEEE)
                 q = round_half_even(y * inv_scale[:, None])
                 q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
                 tl.store(q_ptr + rows[:, None] * K + k0 + n0 + offs_n[None, :], q, mask=row_mask[:, None])
         tl.store(scale_ptr + rows, scale, mask=row_mask)
+
+    _launch_rotate_quantize = cached_launcher(_rotate_quantize_kernel)
 
 
 _sign_cache: dict = {}
@@ -93,7 +98,8 @@ def _ieee(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (interpreted and dtype == torch.bfloat16)
 
 
-def rotate_quantize_rows(x: torch.Tensor, group: int, block_m: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rotate_quantize_rows(x: torch.Tensor, group: int, block_m: int | None = None,
+                         num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [M, K]`` (rows contiguous, K a multiple of ``group``) -> ``(int8 Q(x H) [M, K], float32 scale [M])``."""
     check_group(group)
     if not HAS_TRITON:
@@ -115,9 +121,9 @@ def rotate_quantize_rows(x: torch.Tensor, group: int, block_m: int | None = None
     # chunks to stay near 50 KB. Older Triton releases allocate up to twice that: still far below 227 KB.
     block_n = min(group, 32 if ieee else 64)
     grid = (triton.cdiv(m, block_m),)
-    _rotate_quantize_kernel[grid](
-        x, _sign_matrix(group, x.device, x.dtype), q, scale, m, k, x.stride(0), 1.0 / math.sqrt(group),
-        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, num_warps=4, num_stages=2,
+    _launch_rotate_quantize(
+        grid, x, _sign_matrix(group, x.device, x.dtype), q, scale, m, k, x.stride(0), 1.0 / math.sqrt(group),
+        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, IEEE=ieee, num_warps=num_warps, num_stages=2,
     )
     return q, scale
 
@@ -133,9 +139,11 @@ def rotated_int8_linear(
     """``y = x @ W.T + bias`` for an int8 weight stored Hadamard-rotated (``Q(W H)``, group ``group``).
 
     Where the dispatcher would run the Triton W8A8 kernel for this call (forced or automatic, see
-    :mod:`.dispatch`), the activation is rotated and quantized by the fused kernel above and goes straight
-    into the W8A8 GEMM (counted as ``triton_w8a8`` in the kernel stats). Everywhere else - CPU, W8A16 at
-    small M, ``int_mm``, the reference - the input is rotated first
+    :mod:`.dispatch`) and the torch rotation would be a float32 matmul (group 128, float32 activations), the
+    activation is rotated and quantized by the fused kernel above and goes straight into the W8A8 GEMM
+    (counted as ``triton_w8a8`` in the kernel stats). Everywhere else - CUDA bf16/fp16 with group 16/64/256
+    (measured faster, see :func:`_torch_rotation_is_faster`), CPU, W8A16 at small M, ``int_mm``, the
+    reference - the input is rotated first
     (:func:`..quant.rotation.rotate_activation`) and the dispatcher runs as for a plain layer. Under
     ``torch.compile`` (or when ``x`` needs a gradient) the call is the custom op
     ``torch.ops.headroom.rotated_int8_linear`` (:mod:`.ops`), which does the same at run time, so compiled
@@ -152,7 +160,7 @@ def rotated_int8_linear_eager(x, weight, weight_scale, bias, block_size: int, gr
     from . import dispatch
     from .backends import KernelUnsupported, check_args, interpreting
 
-    if (x.is_cuda or interpreting()) and x.shape[-1] % group == 0:
+    if (x.is_cuda or interpreting()) and x.shape[-1] % group == 0 and not _torch_rotation_is_faster(x, group):
         check_args(x, weight, weight_scale, bias, block_size)
         if dispatch.choose_kernel(x, weight, weight_scale) == "triton_w8a8" and x.dtype in _ACTIVATION_DTYPES:
             from .triton_w8a8 import w8a8_matmul
@@ -175,4 +183,13 @@ def rotated_int8_linear_eager(x, weight, weight_scale, bias, block_size: int, gr
 
 
 _ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _torch_rotation_is_faster(x: torch.Tensor, group: int) -> bool:
+    """Where ``rotate_activation`` runs as one half-precision tensor-core GEMM (CUDA bf16/fp16, group 16/64/256),
+    rotating with it and then quantizing beat the fused kernel by about 3x on the H100 (docs/PERFORMANCE.md,
+    "## Rotation": 4096 x 3072, group 256: 36.5 us vs 114 us; the fused kernel's small-M ``tl.dot`` tiles
+    recompute the rotation in two passes). The fused kernel serves the rest: group 128 and float32 activations,
+    where the torch rotation is a float32 matmul."""
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and group in COMFY_ROTATION_GROUPS
 _OUT_OF_RESOURCES = (triton.runtime.errors.OutOfResources,) if HAS_TRITON else ()

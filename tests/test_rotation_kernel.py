@@ -117,3 +117,32 @@ def test_rotated_int8linear_forward_on_gpu():
             layer = Int8Linear.from_linear(lin, rotation_group=group, compute_dtype=torch.bfloat16).cuda()
             y = layer(x.cuda().to(torch.bfloat16)).float().cpu()
             assert relative_error(y, exact) < 0.03, group
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("group,fused_expected", [(64, False), (256, False), (128, True)])
+def test_bf16_rotated_layer_takes_the_measured_faster_path(group, fused_expected, monkeypatch):
+    """bf16 on CUDA: groups 16/64/256 rotate with one tensor-core GEMM, then quantize (3x faster than the fused
+    kernel on the H100); group 128 (a float32 rotation in torch) uses the fused kernel. Both stay within INT8 error."""
+    from comfyui_headroom.kernels import hadamard
+    from comfyui_headroom.quant import Int8Linear, relative_error
+
+    calls = []
+    fused = hadamard.rotate_quantize_rows
+
+    def counting(x, g, **kw):
+        calls.append(g)
+        return fused(x, g, **kw)
+
+    monkeypatch.setattr(hadamard, "rotate_quantize_rows", counting)
+    gen = torch.Generator().manual_seed(1)
+    lin = torch.nn.Linear(1024, 512)
+    with torch.no_grad():
+        lin.weight[:, 7] *= 30.0
+    lin = lin.to("cuda", torch.bfloat16)
+    layer = Int8Linear.from_linear(lin, rotation_group=group, compute_dtype=torch.bfloat16)
+    x = torch.randn(300, 1024, generator=gen).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        y, exact = layer(x), lin(x)
+    assert (calls == [group]) == fused_expected, calls
+    assert relative_error(y.float(), exact.float()) < 0.03
