@@ -69,3 +69,22 @@ def emit(result: dict, json_path: str | None) -> str:
     print(text)
     return text
 
+
+
+def median_ms(fn, rep_ms: int = 60) -> float:
+    """``triton.testing.do_bench`` median in ms (L2 flushed before each repetition)."""
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=15, rep=rep_ms, return_mode="median"))
+
+
+def graph_ms(fn, rep_ms: int = 60) -> float:
+    """GPU time without Python/launch overhead: capture ``fn`` once in a CUDA graph and time its replays
+    (still L2-flushed, so weights come from HBM as in a real model). What a model sees when the CPU runs
+    ahead of the GPU."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return median_ms(graph.replay, rep_ms)

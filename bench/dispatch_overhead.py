@@ -100,6 +100,56 @@ def _issue_us(fn, calls: int = 300) -> float:
     return statistics.median(samples)
 
 
+def _stream_trace(mem, ns, out_dir: Path | None) -> dict:
+    """Where the host time of a streamed INT8 step goes (its CPU issue time equals its step time, while the
+    resident INT8 step and every streamed bf16 step issue well ahead of the GPU): per-block host time from the
+    blocks' pre-hooks, and a torch.profiler table sorted by self CPU time (which CUDA runtime call blocks)."""
+    import time
+
+    from comfyui_headroom.memory import enable_block_streaming
+
+    out: dict = {}
+    for int8 in (True, False):
+        label = "int8" if int8 else "bf16"
+        model = mem.build(ns, int8)
+        x = torch.randn(1, ns.tokens, ns.hidden, device="cuda", dtype=torch.bfloat16)
+        streamer = enable_block_streaming(model, "cuda", blocks="blocks", blocks_resident=ns.depth // 2,
+                                          prefetch=2, order="spread")
+        stamps: list[float] = []
+        handles = [b.register_forward_pre_hook(lambda *_: stamps.append(time.perf_counter()))
+                   for b in model.blocks]
+        step, issue = mem.step_time(model, x, ns.steps)
+        stamps.clear()
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            model(x)
+            t_end = time.perf_counter()
+            torch.cuda.synchronize()
+        per_block = [round((b - a) * 1e3, 3) for a, b in zip([t0] + stamps, stamps + [t_end])]
+        streamed = [i for i in range(ns.depth) if i in set(streamer.streamed_indices)]
+        out[label] = {"step_ms": step * 1e3, "issue_ms": issue * 1e3, "host_ms_before_block": per_block,
+                      "streamed_blocks": streamed}
+        print(f"{label} streamed 50%: step {step * 1e3:.1f} ms, issue {issue * 1e3:.1f} ms; host ms per block "
+              f"{per_block}; streamed {streamed}", flush=True)
+        if out_dir is not None:
+            from torch.profiler import ProfilerActivity, profile
+
+            with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(2):
+                    model(x)
+                torch.cuda.synchronize()
+            out_dir.mkdir(parents=True, exist_ok=True)
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+            (out_dir / f"streamtrace_{label}_selfcpu.txt").write_text(table)
+            prof.export_chrome_trace(str(out_dir / f"streamtrace_{label}.json"))
+        for h in handles:
+            h.remove()
+        streamer.disable("cuda")
+        del model, x
+        mem._free()
+    return out
+
+
 def gpu(argv) -> int:
     import argparse as _argparse
     import datetime
@@ -127,14 +177,20 @@ def gpu(argv) -> int:
     if "issue" in parts:
         issue = {}
         gen = torch.Generator().manual_seed(0)
-        for m in (1, 4096):
+        from comfyui_headroom.kernels import launch
+
+        for m in (1, 256, 4096):
             x = torch.randn(m, 3072, generator=gen).to("cuda", torch.bfloat16)
             w = (torch.randn(3072, 3072, generator=gen) * 0.02).to("cuda", torch.bfloat16)
             b = torch.zeros(3072, device="cuda", dtype=torch.bfloat16)
             qw, sw = quantize_weight(w, "rowwise")
             with torch.no_grad():
-                issue[f"M={m} int8_linear"] = _issue_us(lambda: int8_linear(x, qw, sw, b))
-                issue[f"M={m} F.linear bf16"] = _issue_us(lambda: torch.nn.functional.linear(x, w, b))
+                for fast in (False, True, False, True):  # alternated: the host's speed drifts within a run
+                    launch.set_fast_launch(fast)
+                    name = f"M={m} int8_linear {'direct launch' if fast else 'JITFunction.run'}"
+                    issue.setdefault(name, []).append(_issue_us(lambda: int8_linear(x, qw, sw, b)))
+                issue[f"M={m} F.linear bf16"] = [_issue_us(lambda: torch.nn.functional.linear(x, w, b))]
+        issue = {name: min(values) for name, values in issue.items()}
         result["issue_us"] = issue
         print("issue us/call:", json.dumps(issue), flush=True)
     mem = _bench_module("memory")
@@ -171,6 +227,8 @@ def gpu(argv) -> int:
         for int8 in (False, True):
             reset_kernel_stats()
             result["streaming"] += mem.streaming_rows(ns, int8, bw)
+    if "streamtrace" in parts:
+        result["streamtrace"] = _stream_trace(mem, ns, args.profile)
     if "kernels" in parts:
         kb = _bench_module("kernels")
         result["kernels_env"] = kb.environment()

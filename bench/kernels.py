@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchlib import PERFORMANCE_MD, import_package, write_section
+from benchlib import PERFORMANCE_MD, graph_ms, import_package, median_ms, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 INT8_PEAK_TOPS = 1980.0
@@ -41,10 +41,7 @@ SMALL_M = (1, 16, 256)
 KN = ((3072, 3072), (3072, 12288), (12288, 3072), (5120, 5120), (5120, 13824))
 
 
-def _bench(fn, rep_ms: int = 60) -> float:
-    import triton
-
-    return float(triton.testing.do_bench(fn, warmup=15, rep=rep_ms, return_mode="median"))
+_bench = median_ms
 
 
 def _try(fn):
@@ -73,15 +70,7 @@ def _ck_fn(x, qw_t, sw_t, bias):
     return run
 
 
-def _graph_bench(fn, rep_ms: int) -> float:
-    """GPU time without Python/launch overhead: capture ``fn`` once in a CUDA graph, time its replays
-    (do_bench still flushes L2 before each replay, so weights come from HBM as in a real model)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return _bench(graph.replay, rep_ms)
+_graph_bench = graph_ms
 
 
 def measure_shape(m: int, k: int, n: int, gen: torch.Generator, peers: dict, quick: bool) -> dict:

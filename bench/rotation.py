@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchlib import emit, import_package, write_section
+from benchlib import emit, graph_ms, import_package, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,20 +100,14 @@ def run_quality() -> dict:
     return result
 
 
-def _bench(fn, reps: int = 200) -> float:
-    """Median microseconds per call (CUDA events, after warm-up)."""
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000.0)
-    return statistics.median(times)
+def _bench(fn) -> float:
+    """GPU microseconds per call: CUDA-graph replay, do_bench median (no Python or launch cost: these
+    kernels take tens of microseconds, less than one eager INT8 call's host time)."""
+    return graph_ms(fn) * 1000.0
+
+
+# Fused rotate+quantize launch shapes timed per row: (BLOCK_M, num_warps).
+FUSED_VARIANTS = ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8))
 
 
 def run_speed(m: int = 4096, ks=(3072, 5120), groups=(256, 64)) -> dict:
@@ -141,18 +135,20 @@ def run_speed(m: int = 4096, ks=(3072, 5120), groups=(256, 64)) -> dict:
         for g in groups:
             rot_layer = Int8Linear.from_quantized(wq, ws, compute_dtype=torch.bfloat16, rotation_group=g)
             forward_rot = _bench(lambda: rot_layer(x))
-            fused = {bm: _bench(lambda bm=bm: rotate_quantize_rows(x, g, block_m=bm)) for bm in (16, 32, 64)}
+            fused = {f"{bm}/{nw}": _bench(lambda bm=bm, nw=nw: rotate_quantize_rows(x, g, block_m=bm, num_warps=nw))
+                     for bm, nw in FUSED_VARIANTS}
+            default = _bench(lambda: rotate_quantize_rows(x, g))
             best_bm = min(fused, key=fused.get)
             h = hadamard(g, device, torch.bfloat16)  # entries +-1/sqrt(g): exact in bf16 for 64 and 256
             unfused = _bench(lambda: quantize_rows(torch.matmul(x.view(m, k // g, g), h).view(m, k)))
             q1, s1 = rotate_quantize_rows(x, g)
             q2, s2 = rotate_quantize_activation_reference(x, g)
             mismatch = float(((q1.int() - q2.int()).abs() > 1).float().mean())
-            rows.append({"M": m, "K": k, "N": k, "group": g, "quantize_us": plain, "fused_rot_quant_us": fused[best_bm],
-                         "fused_block_m": best_bm, "fused_all_us": fused, "torch_rot_then_quant_us": unfused,
+            rows.append({"M": m, "K": k, "N": k, "group": g, "quantize_us": plain, "fused_rot_quant_us": default,
+                         "fused_best_us": fused[best_bm], "fused_best": best_bm, "fused_all_us": fused, "torch_rot_then_quant_us": unfused,
                          "w8a8_gemm_us": gemm, "bf16_linear_us": bf16,
                          "int8linear_forward_us": forward_plain, "int8linear_rotated_forward_us": forward_rot,
-                         "linear_overhead_pct": 100.0 * (fused[best_bm] - plain) / (plain + gemm),
+                         "linear_overhead_pct": 100.0 * (default - plain) / (plain + gemm),
                          "q_mismatch_gt1": mismatch})
             print(json.dumps(rows[-1]), flush=True)
     return {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(),
@@ -181,14 +177,16 @@ def section(quality: dict | None, speed: dict | None) -> str:
         lines.append("")
     if speed:
         lines += [f"Speed ({speed['gpu']}, torch {speed['torch']}, triton {speed['triton']}, {speed['when']}; "
-                  "`python bench/rotation.py speed`): bf16 activations, median of 200 CUDA-event timings, "
-                  "microseconds.", "",
+                  "`python bench/rotation.py speed`): bf16 activations, GPU time per call in microseconds "
+                  "(each call captured in a CUDA graph and replayed, do_bench median, L2 flushed: no host time). "
+                  "The fused kernel is timed at its default launch shape and at the best of BLOCK_M x warps "
+                  f"{', '.join(f'{bm}x{nw}' for bm, nw in FUSED_VARIANTS)}.", "",
                   "| M x K (N = K) | group | quantize | fused rotate+quantize | torch bf16 rotate, then quantize | "
                   "W8A8 GEMM | bf16 linear | fused rotation cost on quantize+GEMM | Int8Linear forward plain / "
                   "rotated (fused path) |", "|---|---|---|---|---|---|---|---|---|"]
         for r in speed["rows"]:
             lines.append(f"| {r['M']} x {r['K']} | {r['group']} | {r['quantize_us']:.1f} | {r['fused_rot_quant_us']:.1f} "
-                         f"(BLOCK_M {r['fused_block_m']}) | {r['torch_rot_then_quant_us']:.1f} | {r['w8a8_gemm_us']:.1f} "
+                         f"(best {r['fused_best_us']:.1f} at BLOCK_M/warps {r['fused_best']}) | {r['torch_rot_then_quant_us']:.1f} | {r['w8a8_gemm_us']:.1f} "
                          f"| {r['bf16_linear_us']:.1f} | {r['linear_overhead_pct']:+.1f} % "
                          f"| {r['int8linear_forward_us']:.1f} / {r['int8linear_rotated_forward_us']:.1f} |")
         lines.append("")
