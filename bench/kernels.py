@@ -145,6 +145,11 @@ def tune_rows(gen: torch.Generator) -> list[dict]:
         "256x128x128 s3 w8 tma": G(256, 128, 128, 8, 8, 3, tma=True),
         "128x256x64 s4 w8 tma": G(128, 256, 64, 8, 8, 4, tma=True),
         "128x128x64 s3 w8 pointer": G(128, 128, 64, 8, 8, 3),
+        "128x256x64 s5 w8 tma": G(128, 256, 64, 8, 8, 5, tma=True),
+        "128x256x128 s3 w8 g16 tma": G(128, 256, 128, 16, 8, 3, tma=True),
+        "128x256x128 s3 w8 g4 tma": G(128, 256, 128, 4, 8, 3, tma=True),
+        "256x128x64 s4 w8 tma": G(256, 128, 64, 8, 8, 4, tma=True),
+        "128x128x256 s2 w8 tma": G(128, 128, 256, 8, 8, 2, tma=True),
     }
     w8a8_block = {
         "128x128x128 s4 w8 tma": G(128, 128, 128, 8, 8, 4, tma=True),
@@ -159,7 +164,7 @@ def tune_rows(gen: torch.Generator) -> list[dict]:
         "16x128x128 s4 w8": G(16, 128, 128, 1, 8, 4),
     }
     jobs = [("w8a8 rowwise", 4096, k, n, w8a8_rowwise) for k, n in ((3072, 3072), (3072, 12288), (5120, 13824))]
-    jobs += [("w8a8 block", 4096, 3072, 3072, w8a8_block)]
+    jobs += [("w8a8 block", 4096, k, n, w8a8_block) for k, n in ((3072, 3072), (5120, 13824))]
     jobs += [("w8a16", m, k, n, w8a16) for m in (1, 256) for k, n in ((3072, 3072), (5120, 13824))]
     out = []
     for kind, m, k, n, variants in jobs:
@@ -390,6 +395,8 @@ def main(argv=None) -> int:
     p_run.add_argument("--md")
     p_run.add_argument("--quick", action="store_true", help="shorter repetitions")
     p_run.add_argument("--tune", action="store_true", help="also time a few tile configs per kernel")
+    p_tune = sub.add_parser("tune", help="only the tile-config timings (GEMM alone), as JSON")
+    p_tune.add_argument("--json")
     p_asm = sub.add_parser("asm", help="count wgmma/TMA instructions of the compiled W8A8 kernels")
     p_asm.add_argument("--out", default=".")
     p_write = sub.add_parser("write")
@@ -401,6 +408,13 @@ def main(argv=None) -> int:
             print("bench/kernels.py run needs a CUDA GPU", file=sys.stderr)
             return 2
         run(args)
+    elif args.cmd == "tune":
+        import_package()
+        rows = tune_rows(torch.Generator().manual_seed(0))
+        text = json.dumps(rows, indent=1)
+        print(text)
+        if args.json:
+            Path(args.json).write_text(text)
     elif args.cmd == "asm":
         asm_report(args.out)
     else:

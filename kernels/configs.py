@@ -56,8 +56,10 @@ W8A8_CONFIGS: dict[str, list[GemmConfig]] = {
     "fallback": [G(64, 64, 32, 8, 4, 2)],
 }
 # Block scales keep a float32 accumulator AND an int32 partial per K tile: twice the registers, so
-# the 128x256 tile spills (ptxas, sm90); these families use their second (smaller) candidate.
-BLOCK_SCALE_USES_SMALLER_TILE = ("sm90", "sm100")
+# the 128x256 tile spills (ptxas, sm90). On the H100 it is faster all the same (bench/kernels.py tune,
+# 2026-11-23: 4096x3072x3072 162 us vs 217 us for 128x128x128/4 stages); sm100, unmeasured, keeps the
+# smaller second candidate.
+BLOCK_SCALE_USES_SMALLER_TILE = ("sm100",)
 
 # W8A16 (small M, memory bound): narrow N tiles and deep K tiles so that many programs stream the weight.
 # The first entry serves M <= 16, the second (if any) larger M, where a 64-row A tile x 512 K would not
