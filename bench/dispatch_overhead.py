@@ -52,13 +52,12 @@ class _NoLaunch:
 
 
 def _stub_triton_kernels():
-    from comfyui_headroom.kernels import triton_quant, triton_w8a8, triton_w8a16
+    """Every launcher of the package (kernels/launch.py) gets a kernel that does nothing; returns what to restore."""
+    from comfyui_headroom.kernels import hadamard, launch, triton_quant, triton_w8a8, triton_w8a16  # noqa: F401 (register)
 
-    saved = [(triton_quant, "_quantize_rows_kernel"), (triton_w8a8, "_w8a8_kernel"),
-             (triton_w8a8, "_w8a8_tma_kernel"), (triton_w8a16, "_w8a16_kernel")]
-    saved = [(mod, name, getattr(mod, name)) for mod, name in saved]
-    for mod, name, _ in saved:
-        setattr(mod, name, _NoLaunch())
+    saved = [(launcher, "fn", launcher.fn) for launcher in launch._LAUNCHERS]
+    for launcher, name, _ in saved:
+        setattr(launcher, name, _NoLaunch())
     return saved
 
 
@@ -295,8 +294,8 @@ def main(argv=None) -> int:
                     prof.disable()
                 pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         finally:
-            for mod, name, fn in saved:
-                setattr(mod, name, fn)
+            for owner, name, fn in saved:
+                setattr(owner, name, fn)
         reset_kernel_stats()
         with force_kernel("reference"):
             layer(x)

@@ -183,12 +183,18 @@ def section(quality: dict | None, speed: dict | None) -> str:
                   f"{', '.join(f'{bm}x{nw}' for bm, nw in FUSED_VARIANTS)}.", "",
                   "| M x K (N = K) | group | quantize | fused rotate+quantize | torch bf16 rotate, then quantize | "
                   "W8A8 GEMM | bf16 linear | fused rotation cost on quantize+GEMM | Int8Linear forward plain / "
-                  "rotated (fused path) |", "|---|---|---|---|---|---|---|---|---|"]
+                  "rotated (the path the layer takes) | rotation cost on the layer |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in speed["rows"]:
             lines.append(f"| {r['M']} x {r['K']} | {r['group']} | {r['quantize_us']:.1f} | {r['fused_rot_quant_us']:.1f} "
                          f"(best {r['fused_best_us']:.1f} at BLOCK_M/warps {r['fused_best']}) | {r['torch_rot_then_quant_us']:.1f} | {r['w8a8_gemm_us']:.1f} "
                          f"| {r['bf16_linear_us']:.1f} | {r['linear_overhead_pct']:+.1f} % "
-                         f"| {r['int8linear_forward_us']:.1f} / {r['int8linear_rotated_forward_us']:.1f} |")
+                         f"| {r['int8linear_forward_us']:.1f} / {r['int8linear_rotated_forward_us']:.1f} "
+                         f"| {100.0 * (r['int8linear_rotated_forward_us'] / r['int8linear_forward_us'] - 1):+.1f} % |")
+        lines += ["", "The fused kernel reads the activation like the plain quantize kernel but recomputes the rotation in "
+                  "two passes with small-M `tl.dot` tiles; here it is 2.5-4x slower than rotating with one cuBLAS bf16 "
+                  "GEMM and then quantizing. A rotated bf16/fp16 layer with group 16/64/256 therefore takes the torch "
+                  "rotation (`kernels/hadamard.py: _torch_rotation_is_faster`); the fused kernel serves group 128 and "
+                  "float32 activations, where the torch rotation is a float32 matmul (not timed here)."]
         lines.append("")
     else:
         lines += ["Speed: not measured yet (GPU run pending: `python bench/rotation.py speed`).", ""]
