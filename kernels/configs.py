@@ -74,6 +74,11 @@ W8A16_CONFIGS: dict[str, list[GemmConfig]] = {
     "fallback": [G(16, 32, 64, 1, 4, 2)],
 }
 
+# W8A16 at M = 1 (a GEMV, no MMA, so one config suits every GPU): block_n x block_k, warps, stages; block_m is
+# unused. Chosen on the H100 from 17 candidates (4-64 rows x 256-2048 K, 2-8 warps): 4 x 1024, 4 warps, 3 stages
+# was best or within 4 % of the best on all five shapes of bench/kernels.py (1.49-1.66x bf16 GPU time).
+W8A16_GEMV_CONFIGS: dict[str, GemmConfig] = {"fallback": G(1, 4, 1024, 1, 4, 3)}
+
 _override: dict[str, object] = {}
 
 
@@ -122,6 +127,12 @@ def w8a16_candidates(arch: str) -> list[GemmConfig]:
     return W8A16_CONFIGS.get(arch, W8A16_CONFIGS["fallback"])
 
 
+def gemv_config(arch: str) -> GemmConfig:
+    if "gemv" in _override:
+        return _override["gemv"]  # type: ignore[return-value]
+    return W8A16_GEMV_CONFIGS.get(arch, W8A16_GEMV_CONFIGS["fallback"])
+
+
 _DEFAULT_QUANT = QuantConfig()
 
 
@@ -151,10 +162,11 @@ def override(
     w8a16: GemmConfig | None = None,
     quant: QuantConfig | None = None,
     tma: bool | None = None,
+    gemv: GemmConfig | None = None,
 ):
     """Use these configs for every call inside the block (tiny tiles for the interpreter, tuning)."""
     saved = dict(_override)
-    for key, value in (("w8a8", w8a8), ("w8a16", w8a16), ("quant", quant), ("tma", tma)):
+    for key, value in (("w8a8", w8a8), ("w8a16", w8a16), ("quant", quant), ("tma", tma), ("gemv", gemv)):
         if value is not None:
             _override[key] = value
     try:

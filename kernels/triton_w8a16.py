@@ -6,6 +6,10 @@ of a bf16 one, so the kernel reads int8 tiles, converts them to the activation d
 accumulator (per tile for block scales), never to a rounded bf16 weight. When too few output tiles
 exist to keep every SM streaming, K is split across programs and the float32 partial sums are added in
 a fixed order afterwards (deterministic, unlike atomics).
+
+One activation row (M = 1, batch-1 LLM-style layers, adaLN modulation) takes a GEMV kernel instead: a
+16-row MMA tile would be 15/16 padding, and 4-row weight tiles give thousands of programs that keep every
+SM streaming. On the H100 it cut M = 1 from 1.07-1.31x bf16 to 1.49-1.66x (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .backends import interpreting
-from .configs import arch_of, cdiv, next_power_of_2, w8a16_candidates
+from .configs import arch_of, cdiv, gemv_config, next_power_of_2, w8a16_candidates
 from .launch import cached_launcher
 from .triton_w8a8 import SCALE_BLOCK, _sm_count, block_k_for, scale_mode_of
 
@@ -71,7 +75,49 @@ def _w8a16_kernel(
         tl.store(c_ptrs, acc, mask=mask)
 
 
+@triton.jit
+def _w8a16_gemv_kernel(
+    x_ptr, b_ptr, c_ptr, ws_ptr, bias_ptr, N, K, stride_bn, ws_stride_n,
+    SCALE_MODE: tl.constexpr, SCALE_BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """One activation row (M = 1): no MMA (a 16-row tile would be 15/16 padding), products summed in
+    float32 registers and reduced once at the end. Narrow N tiles give many programs, so the weight
+    streams from every SM at once."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = (offs_n % N).to(tl.int64)  # out-of-range rows re-read a valid one; the store is masked
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = b_ptr + rows[:, None] * stride_bn + offs_k[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptr + k0 + offs_k)
+            w = tl.load(w_ptrs)
+        else:
+            k_mask = offs_k < K - k0
+            x = tl.load(x_ptr + k0 + offs_k, mask=k_mask, other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[None, :], other=0)
+        part = w.to(tl.float32) * x.to(tl.float32)[None, :]  # exact: 8-bit x 8/11/24-bit mantissas
+        if SCALE_MODE == 2:
+            acc += part * tl.load(ws_ptr + rows * ws_stride_n + k0 // SCALE_BLOCK)[:, None]
+        else:
+            acc += part
+        w_ptrs += BLOCK_K
+    y = tl.sum(acc, axis=1)
+    if SCALE_MODE == 0:
+        y = y * tl.load(ws_ptr)
+    elif SCALE_MODE == 1:
+        y = y * tl.load(ws_ptr + rows)
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + rows).to(tl.float32)
+    tl.store(c_ptr + offs_n, y.to(c_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+# At or below this M the GEMV kernel runs (benchmarks set it to 0 to time the tiled kernel at M = 1).
+GEMV_MAX_M = 1
+
 _launch_w8a16 = cached_launcher(_w8a16_kernel)
+_launch_gemv = cached_launcher(_w8a16_gemv_kernel)
 
 
 def w8a16_matmul(
@@ -97,6 +143,14 @@ def w8a16_matmul(
     mode = scale_mode_of(weight_scale)
     ws = weight_scale.contiguous()
     ws_stride = ws.stride(0) if mode == SCALE_BLOCK else 0
+    bias_arg = bias.contiguous() if bias is not None else ws
+    if m <= GEMV_MAX_M and split_k is None and k > 0:
+        gemv = gemv_config(arch_of(x.device))
+        block_k = gemv.block_k if mode != SCALE_BLOCK else block_k_for(gemv.block_k, block_size)
+        _launch_gemv((cdiv(n, gemv.block_n),), x, weight, out, ws, bias_arg, n, k, weight.stride(0), ws_stride,
+                     SCALE_MODE=mode, SCALE_BLOCK=block_size, HAS_BIAS=bias is not None, BLOCK_N=gemv.block_n,
+                     BLOCK_K=block_k, EVEN_K=k % block_k == 0, num_warps=gemv.num_warps, num_stages=gemv.num_stages)
+        return out
     candidates = w8a16_candidates(arch_of(x.device))
     cfg = candidates[0] if m <= 16 or len(candidates) == 1 else candidates[1]
     block_m = max(16, min(cfg.block_m, next_power_of_2(m)))
@@ -115,7 +169,6 @@ def w8a16_matmul(
     split_k = cdiv(max(k, 1), k_per_split)
     target = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
     stride_cs = 0 if split_k == 1 else target.stride(0)
-    bias_arg = bias.contiguous() if bias is not None else ws
     grid = (cdiv(n, cfg.block_n), cdiv(m, block_m), split_k)
     _launch_w8a16(
         grid, x, weight, target, ws, bias_arg, m, n, k, x.stride(0), weight.stride(0), stride_cs, n, ws_stride,

@@ -27,12 +27,13 @@ BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 POINTER = GemmConfig(32, 32, 32, group_m=2, num_warps=4, num_stages=2)
 TMA = GemmConfig(32, 32, 32, group_m=2, num_warps=4, num_stages=2, tma=True)
 SMALL = GemmConfig(16, 32, 32, group_m=1, num_warps=4, num_stages=2)
+GEMV = GemmConfig(1, 8, 32, group_m=1, num_warps=4, num_stages=2)
 QUANT = QuantConfig(max_single_pass=128, loop_block=32, num_warps=4)
 
 
 @pytest.fixture(autouse=True)
 def tiny_tiles():
-    with configs.override(w8a8=POINTER, w8a16=SMALL, quant=QUANT, tma=False):
+    with configs.override(w8a8=POINTER, w8a16=SMALL, quant=QUANT, tma=False, gemv=GEMV):
         yield
 
 
@@ -90,6 +91,29 @@ def test_tma_config_falls_back_to_pointer_kernel_for_odd_k():
 )
 def test_w8a16_kernel(m, n, k, method, has_bias, dtype, split_k, gen):
     check_w8a16(w8a16_matmul, m, n, k, method, gen, dtype, has_bias, block_size=32, split_k=split_k)
+
+
+@pytest.mark.parametrize(
+    "n,k,method,has_bias,dtype",
+    [
+        (64, 64, "rowwise", True, BF16),
+        (45, 99, "tensorwise", False, FP16),   # odd K (masked K tail), N not a multiple of the tile
+        (40, 96, "block", True, BF16),         # per-32 block scales inside the K loop
+        (8, 1000, "rowwise", False, FP32),
+    ],
+)
+def test_w8a16_gemv_kernel_at_m1(n, k, method, has_bias, dtype, gen):
+    """M = 1 takes the GEMV kernel (no MMA); the same reference and tolerances as the tiled kernel."""
+    from comfyui_headroom.kernels import triton_w8a16
+
+    calls = []
+    original = triton_w8a16._launch_gemv
+    triton_w8a16._launch_gemv = lambda *a, **kw: (calls.append(a[0]), original(*a, **kw))[1]
+    try:
+        check_w8a16(w8a16_matmul, 1, n, k, method, gen, dtype, has_bias, block_size=32)
+    finally:
+        triton_w8a16._launch_gemv = original
+    assert calls == [(-(-n // GEMV.block_n),)]
 
 
 @pytest.mark.parametrize("kernel", ["triton", "w8a16"])
