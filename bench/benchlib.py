@@ -88,3 +88,37 @@ def graph_ms(fn, rep_ms: int = 60) -> float:
     with torch.cuda.graph(graph):
         fn()
     return median_ms(graph.replay, rep_ms)
+
+
+def demo_bench_main(argv, *, description: str, script: str, title: str, run, render, add_run_args=None,
+                    print_table: bool = False) -> int:
+    """The command line every demo-model bench shares: ``run`` (the GPU measurement, JSON out; ``--device cpu``
+    only smoke-tests the script) and ``write RESULT [--notes MD]`` (rewrites its PERFORMANCE.md section)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_run = sub.add_parser("run")
+    add_demo_model_args(p_run)
+    if add_run_args is not None:
+        add_run_args(p_run)
+    p_run.add_argument("--json", help="write the result here")
+    p_run.add_argument("--device", default="cuda", help="cuda (the benchmark); cpu only smoke-tests the script")
+    p_write = sub.add_parser("write")
+    p_write.add_argument("result")
+    p_write.add_argument("--notes", help="markdown appended after the table (analysis)")
+    p_write.add_argument("--doc", default=str(PERFORMANCE_MD), help="the file to rewrite")
+    args = parser.parse_args(argv)
+    if args.cmd == "write":
+        body = render(json.loads(Path(args.result).read_text()))
+        if args.notes:
+            body += "\n" + Path(args.notes).read_text().strip() + "\n"
+        write_section(title, body, Path(args.doc))
+        print(f"wrote the {title} section of {args.doc}")
+        return 0
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"bench/{script} run needs a CUDA GPU (--device cpu only smoke-tests it)", file=sys.stderr)
+        return 2
+    result = run(args)
+    emit(result, args.json)
+    if print_table:
+        print(render(result))
+    return 0

@@ -19,19 +19,16 @@ Goals (issue #5): INT8 resident >= 1.4x bf16 resident with cosine >= 0.99; INT8 
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import gc
-import json
 import platform
 import sys
 from pathlib import Path
 
 import torch
 
-from benchlib import add_demo_model_args, emit, import_package, versions, write_section
+from benchlib import demo_bench_main, import_package, versions
 
-ROOT = Path(__file__).resolve().parents[1]
 GOAL_RESIDENT_SPEEDUP = 1.4
 GOAL_COSINE = 0.99
 GOAL_STREAMED_SPEEDUP = 3.0
@@ -260,31 +257,8 @@ def render(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    p_run = sub.add_parser("run")
-    add_demo_model_args(p_run)
-    p_run.add_argument("--json", help="write the result here")
-    p_run.add_argument("--device", default="cuda", help="cuda (the benchmark); cpu only smoke-tests the script")
-    p_write = sub.add_parser("write")
-    p_write.add_argument("result")
-    p_write.add_argument("--notes", help="markdown appended after the table (analysis)")
-    p_write.add_argument("--doc", default=str(ROOT / "docs" / "PERFORMANCE.md"), help="the file to rewrite")
-    args = parser.parse_args(argv)
-    if args.cmd == "write":
-        body = render(json.loads(Path(args.result).read_text()))
-        if args.notes:
-            body += "\n" + Path(args.notes).read_text().strip() + "\n"
-        write_section("End to end", body, Path(args.doc))
-        print(f"wrote the End to end section of {args.doc}")
-        return 0
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("bench/end_to_end.py run needs a CUDA GPU (--device cpu only smoke-tests it)", file=sys.stderr)
-        return 2
-    result = run(args)
-    emit(result, args.json)
-    print(render(result))
-    return 0
+    return demo_bench_main(argv, description=__doc__, script="end_to_end.py", title="End to end", run=run,
+                           render=render, print_table=True)
 
 
 if __name__ == "__main__":

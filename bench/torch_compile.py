@@ -12,9 +12,7 @@ around it while the op runs the same Triton kernels as eager. ``--device cpu`` o
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import platform
 import sys
 import time
@@ -22,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-from benchlib import add_demo_model_args, emit, import_package, versions, write_section
+from benchlib import demo_bench_main, import_package, versions
 from end_to_end import _free, measure
 
-ROOT = Path(__file__).resolve().parents[1]
 TITLE = "torch.compile"
 
 
@@ -109,27 +106,10 @@ def render(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    p_run = sub.add_parser("run")
-    add_demo_model_args(p_run)
-    p_run.add_argument("--mode", default="default", choices=("default", "max-autotune-no-cudagraphs"))
-    p_run.add_argument("--json", help="write the result here")
-    p_run.add_argument("--device", default="cuda", help="cuda (the benchmark); cpu only smoke-tests the script")
-    p_write = sub.add_parser("write")
-    p_write.add_argument("result")
-    p_write.add_argument("--doc", default=str(ROOT / "docs" / "PERFORMANCE.md"), help="the file to rewrite")
-    args = parser.parse_args(argv)
-    if args.cmd == "write":
-        write_section(TITLE, render(json.loads(Path(args.result).read_text())), Path(args.doc))
-        print(f"wrote the {TITLE} section of {args.doc}")
-        return 0
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("bench/torch_compile.py run needs a CUDA GPU (--device cpu only smoke-tests it)", file=sys.stderr)
-        return 2
-    result = run(args)
-    emit(result, args.json)
-    return 0
+    return demo_bench_main(
+        argv, description=__doc__, script="torch_compile.py", title=TITLE, run=run, render=render,
+        add_run_args=lambda p: p.add_argument("--mode", default="default",
+                                              choices=("default", "max-autotune-no-cudagraphs")))
 
 
 if __name__ == "__main__":
