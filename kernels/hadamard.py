@@ -7,11 +7,15 @@ Hadamard matrix on the tensor cores (``tl.dot``) and quantizes the result, so th
 like the plain quantize kernel reads it and the rotated float tensor never exists in memory.
 
 Two passes over a row block: pass 1 finds each row's absolute maximum of the rotated values, pass 2
-recomputes the (cheap) rotation and writes ``int8`` (``x * (1/scale)``: like the plain quantize kernel, a
+recomputes the rotation and writes ``int8`` (``x * (1/scale)``: like the plain quantize kernel, a
 value within an ulp of a rounding tie may land one step away from the reference's division). The matrix is passed with entries ``+-1`` (exact in
 any dtype, so bf16 products are exact and sums are float32) and the ``1/sqrt(GROUP)`` normalisation is
 applied afterwards in float32. Result: the numbers of
 :func:`comfyui_headroom.quant.rotation.rotate_quantize_activation_reference` up to float32 summation order.
+
+Measured on the H100 the recomputation makes it slower than one cuBLAS bf16 rotation plus the plain quantize
+kernel, so :func:`rotated_int8_linear` uses it only where the torch rotation would be a float32 matmul
+(:func:`_torch_rotation_is_faster`).
 """
 
 from __future__ import annotations
@@ -146,8 +150,7 @@ def rotated_int8_linear(
     reference - the input is rotated first
     (:func:`..quant.rotation.rotate_activation`) and the dispatcher runs as for a plain layer. Under
     ``torch.compile`` (or when ``x`` needs a gradient) the call is the custom op
-    ``torch.ops.headroom.rotated_int8_linear`` (:mod:`.ops`), which does the same at run time, so compiled
-    graphs keep the fused kernel too.
+    ``torch.ops.headroom.rotated_int8_linear`` (:mod:`.ops`), which makes the same choice at run time.
     """
     if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
         return torch.ops.headroom.rotated_int8_linear(x, weight, weight_scale, bias, block_size, group)
@@ -183,6 +186,7 @@ def rotated_int8_linear_eager(x, weight, weight_scale, bias, block_size: int, gr
 
 
 _ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_OUT_OF_RESOURCES = (triton.runtime.errors.OutOfResources,) if HAS_TRITON else ()
 
 
 def _torch_rotation_is_faster(x: torch.Tensor, group: int) -> bool:
@@ -192,4 +196,3 @@ def _torch_rotation_is_faster(x: torch.Tensor, group: int) -> bool:
     recompute the rotation in two passes). The fused kernel serves the rest: group 128 and float32 activations,
     where the torch rotation is a float32 matmul."""
     return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and group in COMFY_ROTATION_GROUPS
-_OUT_OF_RESOURCES = (triton.runtime.errors.OutOfResources,) if HAS_TRITON else ()

@@ -97,7 +97,7 @@ def _w8a16_gemv_kernel(
             k_mask = offs_k < K - k0
             x = tl.load(x_ptr + k0 + offs_k, mask=k_mask, other=0.0)
             w = tl.load(w_ptrs, mask=k_mask[None, :], other=0)
-        part = w.to(tl.float32) * x.to(tl.float32)[None, :]  # exact: 8-bit x 8/11/24-bit mantissas
+        part = w.to(tl.float32) * x.to(tl.float32)[None, :]  # exact for bf16/fp16 x (|q| <= 127), one rounding for fp32
         if SCALE_MODE == 2:
             acc += part * tl.load(ws_ptr + rows * ws_stride_n + k0 // SCALE_BLOCK)[:, None]
         else:
