@@ -12,6 +12,7 @@ Tests under ``TRITON_INTERPRET=1`` need tiny tiles: :func:`override` replaces ev
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -55,6 +56,13 @@ W8A8_CONFIGS: dict[str, list[GemmConfig]] = {
     "sm89": [G(128, 128, 64, 8, 8, 3)],
     "fallback": [G(64, 64, 32, 8, 4, 2)],
 }
+# W8A8 through the warp-specialized Gluon kernel (kernels/gluon_w8a8.py), Hopper only: block_m is fixed at 128
+# (two 64-row consumer warpgroups), 256 columns, 128-deep K tiles, 4 stages (225 KB of shared memory). Chosen on
+# the H100 from six variants (2 or 3 consumers, K 64/128, 3-6 stages): best on all ten M >= 4096 shapes of
+# bench/kernels.py. Used where its tiles fill the SMs; ``HEADROOM_GLUON=0`` keeps the Triton kernel.
+W8A8_WS_CONFIGS: dict[str, GemmConfig] = {"sm90": G(128, 256, 128, 8, 4, 4)}
+_GLUON_ENABLED = os.environ.get("HEADROOM_GLUON", "1") != "0"
+
 # Block scales keep a float32 accumulator AND an int32 partial per K tile: twice the registers, so
 # the 128x256 tile spills (ptxas, sm90). On the H100 it is faster all the same (bench/kernels.py tune,
 # 2026-11-23: 4096x3072x3072 162 us vs 217 us for 128x128x128/4 stages); sm100, unmeasured, keeps the
@@ -127,6 +135,19 @@ def w8a16_candidates(arch: str) -> list[GemmConfig]:
     return W8A16_CONFIGS.get(arch, W8A16_CONFIGS["fallback"])
 
 
+def ws_config(arch: str) -> GemmConfig | None:
+    """Tile of the Gluon W8A8 kernel on this architecture, or None where it does not run (or is switched off)."""
+    if "ws" in _override:
+        return _override["ws"]  # type: ignore[return-value]
+    return W8A8_WS_CONFIGS.get(arch) if _GLUON_ENABLED else None
+
+
+def set_gluon(enabled: bool) -> None:
+    """Switch the Gluon W8A8 kernel on or off (``HEADROOM_GLUON``; benchmarks compare both)."""
+    global _GLUON_ENABLED
+    _GLUON_ENABLED = enabled
+
+
 def gemv_config(arch: str) -> GemmConfig:
     if "gemv" in _override:
         return _override["gemv"]  # type: ignore[return-value]
@@ -163,10 +184,12 @@ def override(
     quant: QuantConfig | None = None,
     tma: bool | None = None,
     gemv: GemmConfig | None = None,
+    ws: GemmConfig | None = None,
 ):
     """Use these configs for every call inside the block (tiny tiles for the interpreter, tuning)."""
     saved = dict(_override)
-    for key, value in (("w8a8", w8a8), ("w8a16", w8a16), ("quant", quant), ("tma", tma), ("gemv", gemv)):
+    for key, value in (("w8a8", w8a8), ("w8a16", w8a16), ("quant", quant), ("tma", tma), ("gemv", gemv),
+                       ("ws", ws)):
         if value is not None:
             _override[key] = value
     try:

@@ -89,11 +89,13 @@ _device_facts: dict = {}
 
 
 def reload_env() -> None:
-    """Re-read ``HEADROOM_FORCE_KERNEL``, ``HEADROOM_LOG_KERNEL``, ``HEADROOM_DEBUG``, ``HEADROOM_FAST_LAUNCH``
-    and ``TRITON_INTERPRET`` (they are read once at import; call this after changing them at run time)."""
-    from . import backends, launch
+    """Re-read ``HEADROOM_FORCE_KERNEL``, ``HEADROOM_LOG_KERNEL``, ``HEADROOM_DEBUG``, ``HEADROOM_FAST_LAUNCH``,
+    ``HEADROOM_GLUON`` and ``TRITON_INTERPRET`` (they are read once at import; call this after changing them at
+    run time)."""
+    from . import backends, configs, launch
 
     backends.reload_env()
+    configs.set_gluon(os.environ.get("HEADROOM_GLUON", "1") != "0")
     launch.set_fast_launch(os.environ.get("HEADROOM_FAST_LAUNCH", "1") != "0")
     _device_facts.clear()
     _state.env = _read_env()

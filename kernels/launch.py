@@ -36,7 +36,17 @@ def specialization(args) -> tuple:
     specialization (which looks at ints only for ==1, %16 and 32/64-bit), so one key never covers two kernels
     Triton would compile; the price, one entry per distinct size, is small (a model has a handful of shapes).
     One comprehension, no per-argument function call: this runs twice per INT8 layer per step."""
-    return tuple([(a.dtype, not a.data_ptr() & 15) if isinstance(a, torch.Tensor) else (type(a), a) for a in args])
+    return tuple([(a.dtype, not a.data_ptr() & 15) if isinstance(a, torch.Tensor)
+                  else _descriptor_key(a) if hasattr(a, "block_shape") else (type(a), a) for a in args])
+
+
+def _descriptor_key(desc) -> tuple:
+    """A host-side TMA descriptor (Gluon's ``TensorDescriptor``): Triton specializes on its dtype, block shape and
+    layout; we also key on its shape, strides and the base address's alignment. Its address itself is not
+    part of the key: the launcher encodes a fresh descriptor from the object on every call."""
+    base = desc.base
+    return (type(desc), base.dtype, not base.data_ptr() & 15, tuple(desc.shape), tuple(desc.strides),
+            tuple(desc.block_shape), desc.layout, desc.padding)
 
 
 def _hook_holder():
@@ -70,8 +80,9 @@ class CachedLauncher:
 
     def __init__(self, fn):
         self.fn = fn
-        self.can_be_fast = type(fn).__name__ == "JITFunction" and hasattr(fn, "constexprs")  # not the interpreter
-        self.fast = _ENABLED and self.can_be_fast
+        # JITFunction or GluonJITFunction; not the interpreter's InterpretedFunction
+        self.can_be_fast = type(fn).__name__ in ("JITFunction", "GluonJITFunction") and hasattr(fn, "constexprs")
+        self.fast = _ENABLED and self.can_be_fast  # launchers made after set_fast_launch follow it too
         self._cache: dict = {}
         self.fast_calls = 0  # how many launches skipped JITFunction.run (tests read it)
         if self.can_be_fast:
@@ -130,5 +141,7 @@ def _disable(why: str) -> None:
 
 def set_fast_launch(enabled: bool) -> None:
     """Switch the direct launches on or off for every kernel (benchmarks compare both; tests check both)."""
+    global _ENABLED
+    _ENABLED = enabled
     for launcher in _LAUNCHERS:
         launcher.fast = enabled and launcher.can_be_fast

@@ -20,14 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
+from . import gluon_w8a8
 from .backends import KernelUnsupported
 from .launch import cached_launcher
 from .configs import (BLOCK_SCALE_USES_SMALLER_TILE, GemmConfig, arch_of, cdiv, int8_mma_supported, tma_allowed,
-                      w8a8_candidates)
+                      w8a8_candidates, ws_config)
 
 SCALE_TENSORWISE, SCALE_ROWWISE, SCALE_BLOCK = 0, 1, 2
 
-# The last compiled kernel of each variant ("tma", "pointer"): lets tests/benchmarks read its PTX/SASS.
+# The last compiled kernel of each variant ("gluon", "tma", "pointer"): lets tests/benchmarks read its PTX/SASS.
 LAST_COMPILED: dict = {}
 
 
@@ -236,6 +237,19 @@ def _pick_config(device: torch.device, m: int, n: int, k: int, out: torch.Tensor
     return cfg
 
 
+def _gluon_config(device: torch.device, m: int, n: int, k: int, out: torch.Tensor, mode: int, tensors):
+    """The warp-specialized Gluon kernel's tile where it runs this call (Hopper, its formats, 16-byte aligned
+    contiguous operands, enough tiles to fill the SMs), else None: the Triton kernels take the call."""
+    cfg = ws_config(arch_of(device))
+    if cfg is None or not gluon_w8a8.supports(m, n, k, out.dtype, mode):
+        return None
+    if cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n) < _sm_count(device):
+        return None
+    if not all(_aligned_16(t) and t.is_contiguous() for t in tensors):
+        return None
+    return cfg
+
+
 def w8a8_matmul(
     qa: torch.Tensor,
     a_scale: torch.Tensor,
@@ -262,7 +276,14 @@ def w8a8_matmul(
     mode = scale_mode_of(weight_scale)
     ws = weight_scale.contiguous()
     ws_stride = ws.stride(0) if mode == SCALE_BLOCK else 0
-    bias_arg = bias.contiguous() if bias is not None else ws  # dummy pointer when HAS_BIAS is False
+    bias = bias.contiguous() if bias is not None else None
+    ws_cfg = _gluon_config(qa.device, m, n, k, out, mode, (qa, weight, out))
+    if ws_cfg is not None:
+        _ensure_allocator()  # scratch for the kernel's device-side tensor descriptors
+        LAST_COMPILED["gluon"] = gluon_w8a8.w8a8_ws_matmul(qa, a_scale, weight, ws, bias, out, ws_cfg,
+                                                           _sm_count(qa.device))
+        return out
+    bias_arg = bias if bias is not None else ws  # dummy pointer when HAS_BIAS is False
     cfg = _pick_config(qa.device, m, n, k, out, (qa, weight, out), block_scales=mode == SCALE_BLOCK)
     block_k = cfg.block_k if mode != SCALE_BLOCK else block_k_for(cfg.block_k, block_size)
     common = dict(SCALE_MODE=mode, SCALE_BLOCK=block_size, HAS_BIAS=bias is not None,

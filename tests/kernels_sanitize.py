@@ -1,4 +1,4 @@
-"""Run each Triton kernel once on a modest shape, for ``compute-sanitizer`` (memcheck) on a GPU:
+"""Run each Triton (and Gluon) kernel once on a modest shape, for ``compute-sanitizer`` (memcheck) on a GPU:
 
     compute-sanitizer --tool memcheck python tests/kernels_sanitize.py
 
@@ -26,6 +26,8 @@ def main() -> None:
     for m, n, k, method in [(300, 1000, 1024, "rowwise"), (300, 1000, 1024, "block"), (77, 333, 999, "tensorwise"),
                             (77, 333, 999, "block")]:
         check_w8a8(w8a8_matmul, quantize_rows, m, n, k, method, gen, bf16, True, 128, "cuda")
+    if torch.cuda.get_device_capability()[0] == 9:  # 9 x 16 tiles of 128 x 256 fill an H100: the Gluon kernel
+        check_w8a8(w8a8_matmul, quantize_rows, 1100, 3848, 1040, "rowwise", gen, bf16, True, 128, "cuda")
     for m, n, k, method in [(1, 1000, 1024, "rowwise"), (13, 333, 999, "block"), (200, 520, 4096, "tensorwise")]:
         check_w8a16(w8a16_matmul, m, n, k, method, gen, bf16, True, 128, "cuda")
     torch.cuda.synchronize()

@@ -89,14 +89,43 @@ def test_int_mm_backend_on_gpu(gen):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9, reason="Hopper only")
-def test_hopper_w8a8_uses_int8_wgmma(gen):
+@pytest.mark.parametrize("variant", ["gluon", "tma"])
+def test_hopper_w8a8_uses_int8_wgmma(variant, gen):
+    """Both Hopper kernels (the Gluon one by default, the Triton TMA one with HEADROOM_GLUON=0) issue int8 wgmma
+    fed by TMA."""
+    from comfyui_headroom.kernels import configs, triton_w8a8
+    from comfyui_headroom.kernels.triton_quant import quantize_rows
+
+    triton_w8a8.LAST_COMPILED.pop(variant, None)
+    configs.set_gluon(variant == "gluon")
+    try:
+        check_w8a8(triton_w8a8.w8a8_matmul, quantize_rows, 4096, 3072, 3072, "rowwise", gen, BF16, True, 128, DEV)
+    finally:
+        configs.set_gluon(True)
+    ptx = triton_w8a8.LAST_COMPILED[variant].asm["ptx"]
+    assert "wgmma.mma_async" in ptx and ".s32.s8.s8" in ptx, "no int8 wgmma in the Hopper kernel's PTX"
+    assert "cp.async.bulk.tensor" in ptx, "no TMA loads in the Hopper kernel's PTX"
+
+
+GLUON_CASES = [
+    # m, n, k, method, bias, dtype: shapes whose 128x256 tiles fill an H100, so the Gluon kernel takes them
+    (4096, 3072, 3072, "rowwise", True, BF16),
+    (2500, 13824, 5120, "rowwise", False, BF16),       # M, N not tile multiples
+    (1100, 12296, 3088, "tensorwise", True, BF16),     # K not a multiple of the 128 K tile
+    (4100, 3072, 1040, "rowwise", True, FP16),
+    (16384, 3072, 12288, "rowwise", True, BF16),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9, reason="Hopper only")
+@pytest.mark.parametrize("m,n,k,method,has_bias,dtype", GLUON_CASES)
+def test_gluon_w8a8_kernel(m, n, k, method, has_bias, dtype, gen):
     from comfyui_headroom.kernels import triton_w8a8
     from comfyui_headroom.kernels.triton_quant import quantize_rows
 
-    check_w8a8(triton_w8a8.w8a8_matmul, quantize_rows, 4096, 3072, 3072, "rowwise", gen, BF16, True, 128, DEV)
-    ptx = triton_w8a8.LAST_COMPILED["tma"].asm["ptx"]
-    assert "wgmma.mma_async" in ptx and ".s32.s8.s8" in ptx, "no int8 wgmma in the Hopper kernel's PTX"
-    assert "cp.async.bulk.tensor" in ptx, "no TMA loads in the Hopper kernel's PTX"
+    triton_w8a8.LAST_COMPILED.pop("gluon", None)
+    check_w8a8(triton_w8a8.w8a8_matmul, quantize_rows, m, n, k, method, gen, dtype, has_bias, 128, DEV)
+    assert "gluon" in triton_w8a8.LAST_COMPILED, "this shape did not take the Gluon kernel"
 
 
 def test_dispatcher_auto_choices_on_this_gpu(gen):
@@ -156,7 +185,10 @@ def test_direct_launches_match_jitfunction_run(gen):
         return outs
 
     cases = []
-    for m, k, n, offset in ((256, 3072, 1024, 0), (300, 1024, 3072, 0), (77, 1000, 520, 0), (256, 3072, 1024, 1)):
+    cases_mkn = [(256, 3072, 1024, 0), (300, 1024, 3072, 0), (77, 1000, 520, 0), (256, 3072, 1024, 1)]
+    if _sm90():
+        cases_mkn.append((4096, 3072, 3072, 0))  # the Gluon kernel (host-side TMA descriptors)
+    for m, k, n, offset in cases_mkn:
         x = torch.randn(m, k, generator=gen).to(DEV, BF16)
         qw, sw = quantize_weight((torch.randn(n, k, generator=gen) * 0.02).to(DEV), "rowwise")
         bias = torch.randn(n, generator=gen).to(DEV, BF16)

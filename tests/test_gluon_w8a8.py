@@ -1,0 +1,111 @@
+"""The Gluon W8A8 kernel (kernels/gluon_w8a8.py) compiles for sm90 on any machine, no GPU needed.
+
+Gluon has no interpreter, so CI cannot run the kernel; it compiles it for an H100 with the installed triton
+(CI's differs from the device's), which catches Gluon API changes between triton versions, and checks the
+compiled code: int8 wgmma, TMA copies, register reallocation between the warp roles, no register spills.
+Its numbers are checked on the GPU (tests/test_kernels_gpu.py). Dispatch rules are tested here too.
+"""
+
+import re
+import subprocess
+
+import pytest
+import torch
+
+from comfyui_headroom.kernels import gluon_w8a8
+
+pytestmark = pytest.mark.skipif(not gluon_w8a8.HAVE_GLUON, reason="this triton has no Gluon")
+
+
+def _compile_for_sm90(m, n, k, out_dtype=torch.bfloat16, scale="rowwise", bias=True):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    from comfyui_headroom.kernels.configs import W8A8_WS_CONFIGS
+
+    cfg = W8A8_WS_CONFIGS["sm90"]
+    qa, w = torch.zeros(m, k, dtype=torch.int8), torch.zeros(n, k, dtype=torch.int8)
+    out = torch.empty(m, n, dtype=out_dtype)
+    ws = torch.ones(n) if scale == "rowwise" else torch.ones(1)
+    b = torch.zeros(n, dtype=out_dtype) if bias else None
+    grid, args, constexprs = gluon_w8a8.kernel_args(qa, torch.ones(m), w, ws, b, out, cfg.block_n, cfg.block_k,
+                                                    cfg.num_stages, cfg.group_m, num_sms=132)
+    fn = gluon_w8a8._w8a8_ws_kernel
+    signature = {name: mangle_type(arg) for name, arg in zip(fn.arg_names, args)}
+    signature.update({name: "constexpr" for name in fn.arg_names[len(args):]})
+    source = GluonASTSource(fn, signature, constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 128),
+                              options=dict(num_warps=4, maxnreg=gluon_w8a8.LAUNCH_REGS))
+    return grid, compiled
+
+
+def _ptxas_spills(ptx: str, tmp_path) -> int | None:
+    """Spill bytes ptxas reports for this PTX, or None when this triton ships no ptxas we can find."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(90).path
+    except Exception:  # noqa: BLE001 - layout of triton's backend differs between versions
+        return None
+    src = tmp_path / "k.ptx"
+    src.write_text(ptx)
+    result = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(src), "-o", str(tmp_path / "k.cubin")],
+                            capture_output=True, text=True, check=True)
+    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", result.stderr)]
+    assert spills, f"ptxas -v printed no spill line:\n{result.stderr}"
+    return sum(spills)
+
+
+@pytest.mark.parametrize("out_dtype,scale,bias", [(torch.bfloat16, "rowwise", True),
+                                                  (torch.float16, "tensorwise", False)])
+def test_compiles_for_sm90_with_int8_wgmma_and_no_spills(out_dtype, scale, bias, tmp_path):
+    grid, compiled = _compile_for_sm90(4096, 3072, 3072, out_dtype, scale, bias)
+    ptx = compiled.asm["ptx"]
+    assert re.search(r"wgmma\.mma_async\S*\.s32\.s8\.s8", ptx), "no int8 wgmma in the PTX"
+    assert "cp.async.bulk.tensor" in ptx, "no TMA copies in the PTX"
+    assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx, "no register reallocation between warp roles"
+    assert compiled.metadata.shared <= 232448, "more shared memory than an H100 block may have (227 KB)"
+    assert grid == (132,)  # 32 x 12 tiles of 128 x 256 over 132 SMs: persistent, one program per SM
+    spills = _ptxas_spills(ptx, tmp_path)
+    if spills is not None:
+        # ptxas 13 (triton 3.9) spills nothing; ptxas 12.8 (triton 3.6) ~48 bytes of epilogue addresses with a
+        # bias. One spilled 64 x 128 accumulator would be 256 bytes per thread, in the main loop.
+        assert spills < 256, f"the Gluon kernel spills {spills} bytes of registers"
+
+
+def test_supports_only_its_formats():
+    assert gluon_w8a8.supports(4096, 3072, 3072, torch.bfloat16, 1)
+    assert gluon_w8a8.supports(4096, 3072, 3072, torch.float16, 0)
+    assert not gluon_w8a8.supports(4096, 3072, 3072, torch.float32, 1)  # float32 C tile would not fit
+    assert not gluon_w8a8.supports(4096, 3072, 3072, torch.bfloat16, 2)  # block scales: Triton kernel
+    assert not gluon_w8a8.supports(4096, 3072, 3000, torch.bfloat16, 1)  # K % 16: TMA row stride
+    assert not gluon_w8a8.supports(4096, 3070, 3072, torch.bfloat16, 1)  # N % 8: TMA row stride of C
+
+
+def test_dispatch_rule_prefers_gluon_only_where_its_tiles_fill_the_gpu(monkeypatch):
+    """`_gluon_config` on a (pretend) H100: the Gluon kernel for big calls, the Triton kernels otherwise."""
+    from comfyui_headroom.kernels import configs, triton_w8a8
+
+    monkeypatch.setattr(triton_w8a8, "arch_of", lambda device: "sm90")
+    monkeypatch.setattr(triton_w8a8, "_sm_count", lambda device: 132)
+    dev = torch.device("cpu")
+
+    def choice(m, n, k, out_dtype=torch.bfloat16, mode=1):
+        out = torch.empty(1, dtype=out_dtype)
+        return triton_w8a8._gluon_config(dev, m, n, k, out, mode, (torch.empty(16, dtype=torch.int8),))
+
+    assert choice(4096, 3072, 3072) == configs.W8A8_WS_CONFIGS["sm90"]
+    assert choice(1024, 3072, 3072) is None  # 8 x 12 = 96 tiles < 132 SMs: the 128x128 Triton tile
+    assert choice(1024, 12288, 3072) is not None
+    assert choice(4096, 3072, 3072, torch.float32) is None
+    assert choice(4096, 3072, 3072, mode=2) is None
+    configs.set_gluon(False)
+    try:
+        assert choice(4096, 3072, 3072) is None  # HEADROOM_GLUON=0
+    finally:
+        configs.set_gluon(True)
+    unaligned = torch.empty(17, dtype=torch.int8)[1:]
+    assert triton_w8a8._gluon_config(dev, 4096, 3072, 3072, torch.empty(1, dtype=torch.bfloat16), 1,
+                                     (unaligned,)) is None
