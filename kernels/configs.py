@@ -56,11 +56,13 @@ W8A8_CONFIGS: dict[str, list[GemmConfig]] = {
     "sm89": [G(128, 128, 64, 8, 8, 3)],
     "fallback": [G(64, 64, 32, 8, 4, 2)],
 }
-# W8A8 through the warp-specialized Gluon kernel (kernels/gluon_w8a8.py), Hopper only: block_m is fixed at 128
-# (two 64-row consumer warpgroups), 256 columns, 128-deep K tiles, 4 stages (225 KB of shared memory). Chosen on
-# the H100 from six variants (2 or 3 consumers, K 64/128, 3-6 stages): best on all ten M >= 4096 shapes of
-# bench/kernels.py. Used where its tiles fill the SMs; ``HEADROOM_GLUON=0`` keeps the Triton kernel.
-W8A8_WS_CONFIGS: dict[str, GemmConfig] = {"sm90": G(128, 256, 128, 8, 4, 4)}
+# W8A8 through the warp-specialized Gluon kernel (kernels/gluon_w8a8.py), Hopper only. block_m is fixed at 128
+# (two 64-row consumer warpgroups). Two tiles, measured on the H100 (bench/results/gluon_small_m.json, M 256-4096
+# x 8 layer shapes): 128x256x128 with 4 stages is the fastest per multiply-add; 128x128x128 with 6 stages does
+# ~10 % less per SM but has twice the tiles, so it wins where the big tile leaves a last wave half empty.
+# ``pick_ws_config`` chooses by waves x work per tile. ``HEADROOM_GLUON=0`` keeps the Triton kernel.
+W8A8_WS_CONFIGS: dict[str, list[GemmConfig]] = {"sm90": [G(128, 256, 128, 8, 4, 4), G(128, 128, 128, 8, 4, 6)]}
+WS_SMALL_TILE_COST = 1.1  # time of a 128-wide tile relative to half a 256-wide one (H100, same run)
 _GLUON_ENABLED = os.environ.get("HEADROOM_GLUON", "1") != "0"
 
 # Block scales keep a float32 accumulator AND an int32 partial per K tile: twice the registers, so
@@ -135,11 +137,22 @@ def w8a16_candidates(arch: str) -> list[GemmConfig]:
     return W8A16_CONFIGS.get(arch, W8A16_CONFIGS["fallback"])
 
 
-def ws_config(arch: str) -> GemmConfig | None:
-    """Tile of the Gluon W8A8 kernel on this architecture, or None where it does not run (or is switched off)."""
+def ws_candidates(arch: str) -> list[GemmConfig]:
+    """Tiles of the Gluon W8A8 kernel on this architecture; empty where it does not run (or is switched off)."""
     if "ws" in _override:
-        return _override["ws"]  # type: ignore[return-value]
-    return W8A8_WS_CONFIGS.get(arch) if _GLUON_ENABLED else None
+        return [_override["ws"]]  # type: ignore[list-item]
+    return W8A8_WS_CONFIGS.get(arch, []) if _GLUON_ENABLED else []
+
+
+def pick_ws_config(candidates: list[GemmConfig], m: int, n: int, num_sms: int) -> GemmConfig:
+    """The candidate with the least estimated time: full waves of tiles (the last one counts whole) x work per
+    tile, in units of a 128 x 128 tile; narrower tiles pay WS_SMALL_TILE_COST. Reproduces the winner of every
+    shape measured (see W8A8_WS_CONFIGS)."""
+    def cost(cfg: GemmConfig) -> float:
+        waves = cdiv(cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), num_sms)
+        return waves * (cfg.block_n / 128) * (1.0 if cfg.block_n >= 256 else WS_SMALL_TILE_COST)
+
+    return min(candidates, key=cost)
 
 
 def set_gluon(enabled: bool) -> None:

@@ -17,7 +17,7 @@ from comfyui_headroom.kernels import gluon_w8a8
 pytestmark = pytest.mark.skipif(not gluon_w8a8.HAVE_GLUON, reason="this triton has no Gluon")
 
 
-def _compile_for_sm90(m, n, k, out_dtype=torch.bfloat16, scale="rowwise", bias=True):
+def _compile_for_sm90(m, n, k, out_dtype=torch.bfloat16, scale="rowwise", bias=True, tile=0):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -25,7 +25,7 @@ def _compile_for_sm90(m, n, k, out_dtype=torch.bfloat16, scale="rowwise", bias=T
 
     from comfyui_headroom.kernels.configs import W8A8_WS_CONFIGS
 
-    cfg = W8A8_WS_CONFIGS["sm90"]
+    cfg = W8A8_WS_CONFIGS["sm90"][tile]
     qa, w = torch.zeros(m, k, dtype=torch.int8), torch.zeros(n, k, dtype=torch.int8)
     out = torch.empty(m, n, dtype=out_dtype)
     ws = torch.ones(n) if scale == "rowwise" else torch.ones(1)
@@ -58,16 +58,17 @@ def _ptxas_spills(ptx: str, tmp_path) -> int | None:
     return sum(spills)
 
 
-@pytest.mark.parametrize("out_dtype,scale,bias", [(torch.bfloat16, "rowwise", True),
-                                                  (torch.float16, "tensorwise", False)])
-def test_compiles_for_sm90_with_int8_wgmma_and_no_spills(out_dtype, scale, bias, tmp_path):
-    grid, compiled = _compile_for_sm90(4096, 3072, 3072, out_dtype, scale, bias)
+@pytest.mark.parametrize("out_dtype,scale,bias,tile", [(torch.bfloat16, "rowwise", True, 0),
+                                                       (torch.float16, "tensorwise", False, 0),
+                                                       (torch.bfloat16, "rowwise", True, 1)])
+def test_compiles_for_sm90_with_int8_wgmma_and_no_spills(out_dtype, scale, bias, tile, tmp_path):
+    grid, compiled = _compile_for_sm90(4096, 3072, 3072, out_dtype, scale, bias, tile)
     ptx = compiled.asm["ptx"]
     assert re.search(r"wgmma\.mma_async\S*\.s32\.s8\.s8", ptx), "no int8 wgmma in the PTX"
     assert "cp.async.bulk.tensor" in ptx, "no TMA copies in the PTX"
     assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx, "no register reallocation between warp roles"
     assert compiled.metadata.shared <= 232448, "more shared memory than an H100 block may have (227 KB)"
-    assert grid == (132,)  # 32 x 12 tiles of 128 x 256 over 132 SMs: persistent, one program per SM
+    assert grid == (132,)  # 32 x 12 (or 24) tiles over 132 SMs: persistent, one program per SM
     spills = _ptxas_spills(ptx, tmp_path)
     if spills is not None:
         # ptxas 13 (triton 3.9) spills nothing; ptxas 12.8 (triton 3.6) ~48 bytes of epilogue addresses with a
@@ -84,21 +85,27 @@ def test_supports_only_its_formats():
     assert not gluon_w8a8.supports(4096, 3070, 3072, torch.bfloat16, 1)  # N % 8: TMA row stride of C
 
 
-def test_dispatch_rule_prefers_gluon_only_where_its_tiles_fill_the_gpu(monkeypatch):
-    """`_gluon_config` on a (pretend) H100: the Gluon kernel for big calls, the Triton kernels otherwise."""
+def test_dispatch_picks_the_tile_with_the_fewest_waves(monkeypatch):
+    """`_gluon_config` on a (pretend) 132-SM H100: the winners measured on the H100 for each shape
+    (bench/results/gluon_small_m.json); the Triton kernels where the Gluon one cannot run."""
     from comfyui_headroom.kernels import configs, triton_w8a8
 
     monkeypatch.setattr(triton_w8a8, "arch_of", lambda device: "sm90")
     monkeypatch.setattr(triton_w8a8, "_sm_count", lambda device: 132)
     dev = torch.device("cpu")
+    wide, narrow = configs.W8A8_WS_CONFIGS["sm90"]
 
     def choice(m, n, k, out_dtype=torch.bfloat16, mode=1):
         out = torch.empty(1, dtype=out_dtype)
         return triton_w8a8._gluon_config(dev, m, n, k, out, mode, (torch.empty(16, dtype=torch.int8),))
 
-    assert choice(4096, 3072, 3072) == configs.W8A8_WS_CONFIGS["sm90"]
-    assert choice(1024, 3072, 3072) is None  # 8 x 12 = 96 tiles < 132 SMs: the 128x128 Triton tile
-    assert choice(1024, 12288, 3072) is not None
+    assert choice(4096, 3072, 3072) == wide    # 384 wide tiles: 3 full waves
+    assert choice(4096, 13824, 5120) == wide
+    assert choice(2048, 3072, 3072) == narrow  # 192 wide tiles = 1.45 waves; 384 narrow = 2.9
+    assert choice(2048, 12288, 3072) == wide
+    assert choice(1024, 5120, 5120) == narrow
+    assert choice(1024, 3072, 3072) == wide    # 96 wide tiles: one wave either way, the wide tile is faster
+    assert choice(256, 3072, 3072) == narrow
     assert choice(4096, 3072, 3072, torch.float32) is None
     assert choice(4096, 3072, 3072, mode=2) is None
     configs.set_gluon(False)
