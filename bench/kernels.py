@@ -362,7 +362,7 @@ def render(result: dict) -> str:
         )
     lines += [
         "",
-        "Small M (the dispatcher picks W8A16 at M <= 256: int8 weight read, bf16 MMA):",
+        "Small M (the dispatcher picks W8A16 at M <= 16: int8 weight read, bf16 MMA; W8A8 above):",
         "",
         "| M | K | N | bf16 GPU ms | ours GPU ms (kernel) | **ours vs bf16 (GPU)** | ours vs bf16 (eager) "
         "| W8A8 incl. quant GPU ms | _int_mm+scale GPU ms | bnb eager ms | ComfyUI ck eager ms |",
