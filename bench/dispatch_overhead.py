@@ -176,7 +176,7 @@ def gpu(argv) -> int:
     if "issue" in parts:
         issue = {}
         gen = torch.Generator().manual_seed(0)
-        from comfyui_headroom.kernels import launch
+        from comfyui_headroom.kernels import launch, plans
 
         for m in (1, 256, 4096):
             x = torch.randn(m, 3072, generator=gen).to("cuda", torch.bfloat16)
@@ -184,10 +184,12 @@ def gpu(argv) -> int:
             b = torch.zeros(3072, device="cuda", dtype=torch.bfloat16)
             qw, sw = quantize_weight(w, "rowwise")
             with torch.no_grad():
-                for fast in (False, True, False, True):  # alternated: the host's speed drifts within a run
-                    launch.set_fast_launch(fast)
-                    name = f"M={m} int8_linear {'direct launch' if fast else 'JITFunction.run'}"
+                for path in ("JITFunction.run", "direct launch", "launch plan") * 2:  # alternated: host speed drifts
+                    launch.set_fast_launch(path != "JITFunction.run")
+                    plans.set_enabled(path == "launch plan")
+                    name = f"M={m} int8_linear {path}"
                     issue.setdefault(name, []).append(_issue_us(lambda: int8_linear(x, qw, sw, b)))
+                plans.set_enabled(True)
                 issue[f"M={m} F.linear bf16"] = [_issue_us(lambda: torch.nn.functional.linear(x, w, b))]
         issue = {name: min(values) for name, values in issue.items()}
         result["issue_us"] = issue

@@ -18,7 +18,8 @@ The choice, the stats, the logging (``HEADROOM_LOG_KERNEL=1``) and the NaN/inf c
 ``torch.compile`` sees one opaque call and never breaks the graph on them.
 
 Per-call cost: this runs once per INT8 layer per step, so the host side is kept small (a 24-block
-model issues ~200 of these per step and was CPU bound). The ``HEADROOM_*`` variables are read once, at
+model issues ~200 of these per step and was CPU bound). Repeated calls with the same signature on the Hopper
+W8A8 path skip all of this through launch plans (:mod:`.plans`). The ``HEADROOM_*`` variables are read once, at
 import; call :func:`reload_env` after changing them in a running process. Per-device facts (Triton
 usable, architecture family) are cached per ``torch.device``.
 """
@@ -96,6 +97,7 @@ def reload_env() -> None:
 
     backends.reload_env()
     configs.set_gluon(os.environ.get("HEADROOM_GLUON", "1") != "0")
+    _plans.clear()
     launch.set_fast_launch(os.environ.get("HEADROOM_FAST_LAUNCH", "1") != "0")
     _device_facts.clear()
     _state.env = _read_env()
@@ -263,4 +265,43 @@ def int8_linear(
     """
     if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
         return torch.ops.headroom.int8_linear(x, weight, weight_scale, bias, block_size)
+    if x.is_cuda and _plans_allowed():
+        return _planned(x, weight, weight_scale, bias, block_size)
     return dispatch_and_run(x, weight, weight_scale, bias, block_size)
+
+
+# Launch plans (see .plans): per call signature, a LinearPlan or _NO_PLAN (the normal path every time).
+_plans: dict = {}
+_NO_PLAN = object()
+_plans_module = None
+
+
+def _plans_allowed() -> bool:
+    """Plans only replace the automatic choice, without logging or NaN checks, with direct launches on."""
+    global _plans_module
+    env = _state.env
+    if _state.forced is not None or env.forced is not None or env.log or env.debug or not HAS_TRITON:
+        return False
+    if _plans_module is None:
+        from . import plans
+
+        _plans_module = plans
+    return _plans_module.usable()
+
+
+def _planned(x, weight, weight_scale, bias, block_size: int) -> torch.Tensor:
+    plans = _plans_module
+    key = plans.signature(x, weight, weight_scale, bias, block_size)
+    plan = _plans.get(key)
+    if plan is None:  # first call with this signature: the normal path, then remember what to do next time
+        y = dispatch_and_run(x, weight, weight_scale, bias, block_size)
+        if len(_plans) >= plans.MAX_PLANS:
+            _plans.clear()
+        built = plans.build(x, weight, weight_scale, bias) if auto_kernel(x, weight, weight_scale) == "triton_w8a8" else None
+        _plans[key] = built if built is not None else _NO_PLAN
+        return y
+    if plan is _NO_PLAN:
+        return dispatch_and_run(x, weight, weight_scale, bias, block_size)
+    y = plan.run(x, weight, weight_scale, bias)
+    record_call("triton_w8a8", plan.m, plan.n, plan.k)
+    return y

@@ -217,6 +217,13 @@ def w8a8_ws_matmul(qa, a_scale, weight, weight_scale, bias, out, config, num_sms
     ``triton.set_allocator`` set (``triton_w8a8`` does both)."""
     if not HAVE_GLUON:
         raise KernelUnsupported("this triton has no Gluon (triton.experimental.gluon)")
+    grid, args, kwargs = launch_args(qa, a_scale, weight, weight_scale, bias, out, config, num_sms)
+    return _launch(grid, *args, **kwargs)
+
+
+def launch_args(qa, a_scale, weight, weight_scale, bias, out, config, num_sms: int):
+    """(grid, runtime args, keyword args incl. launch options) of one launch: shared by
+    :func:`w8a8_ws_matmul` and the launch plans (:mod:`.plans`)."""
     grid, args, constexprs = kernel_args(qa, a_scale, weight, weight_scale, bias, out, config.block_n,
                                          config.block_k, config.num_stages, config.group_m, num_sms)
-    return _launch(grid, *args, **constexprs, num_warps=4, maxnreg=LAUNCH_REGS)
+    return grid, args, dict(constexprs, num_warps=4, maxnreg=LAUNCH_REGS)

@@ -124,6 +124,36 @@ class CachedLauncher:
         return compiled
 
 
+    def lookup(self, args, kwargs):
+        """The kept ``(CompiledKernel, constexpr values)`` a call with these arguments would launch, or None (not
+        launched yet, or direct launches off). For launch plans (:mod:`.plans`), which then call
+        :func:`launch_kept` themselves."""
+        if not self.fast:
+            return None
+        return self._cache.get((torch.cuda.current_device(), tuple(kwargs.items()), specialization(args)))
+
+
+def launch_kept(entry, grid0: int, stream, args) -> None:
+    """Launch a kept ``(CompiledKernel, constexprs)`` on a 1-D grid, as :meth:`CachedLauncher.__call__` does."""
+    compiled, constexprs = entry
+    compiled.run(grid0, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *constexprs)
+
+
+_holder = None
+
+
+def hooks_active() -> bool:
+    """A profiler has registered Triton launch hooks (then every launch must go through ``JITFunction.run``)."""
+    global _holder
+    if _holder is None:
+        _holder = _hook_holder()
+    return _launch_hooks_set(_holder)
+
+
+def fast_launch_enabled() -> bool:
+    return _ENABLED
+
+
 _LAUNCHERS: list[CachedLauncher] = []
 
 

@@ -73,6 +73,17 @@ def _quantize_rows_kernel(
 _launch_quantize_rows = cached_launcher(_quantize_rows_kernel)
 
 
+def launch_args(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor):
+    """(grid, runtime args, keyword args) of the quantization launch for a 2-D ``x``: shared by
+    :func:`quantize_rows` and the launch plans (:mod:`.plans`)."""
+    m, k = x.shape
+    cfg = quant_config()
+    single = k <= cfg.max_single_pass
+    block = next_power_of_2(k) if single else cfg.loop_block
+    warps = cfg.num_warps if block >= 2048 else 4
+    return (m,), (x, q, scale, k, x.stride(0)), dict(BLOCK_K=block, SINGLE_PASS=single, num_warps=warps)
+
+
 def quantize_rows(
     x: torch.Tensor, q_out: torch.Tensor | None = None, scale_out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,9 +98,6 @@ def quantize_rows(
         raise ValueError(f"quantize_rows: outputs must be contiguous int8 {(m, k)} and float32 {(m,)}")
     if m == 0:
         return q, scale
-    cfg = quant_config()
-    single = k <= cfg.max_single_pass
-    block = next_power_of_2(k) if single else cfg.loop_block
-    warps = cfg.num_warps if block >= 2048 else 4
-    _launch_quantize_rows((m,), x, q, scale, k, x.stride(0), BLOCK_K=block, SINGLE_PASS=single, num_warps=warps)
+    grid, args, kwargs = launch_args(x, q, scale)
+    _launch_quantize_rows(grid, *args, **kwargs)
     return q, scale

@@ -209,3 +209,37 @@ def test_direct_launches_match_jitfunction_run(gen):
     for case_expected, case_got in zip(expected, got):
         for e, g in zip(case_expected, case_got):
             assert torch.equal(e, g)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9, reason="Hopper only")
+def test_launch_plans_give_the_normal_paths_results(gen):
+    """kernels/plans.py: the first call of a signature takes the normal path and leaves a plan; planned calls
+    with new data give bit-identical results to the normal path (forced kernel = no plan) and count as
+    triton_w8a8; M <= 16 (W8A16) is never planned."""
+    from comfyui_headroom.kernels import dispatch, force_kernel, int8_linear, kernel_summary, reset_kernel_stats
+    from comfyui_headroom.kernels.plans import LinearPlan, signature
+    from comfyui_headroom.quant.int8 import quantize_weight
+
+    qw, sw = quantize_weight((torch.randn(1024, 3072, generator=gen) * 0.02).to(DEV), "rowwise")
+    bias = torch.randn(1024, generator=gen).to(DEV, BF16)
+    dispatch._plans.clear()
+    reset_kernel_stats()
+    with torch.no_grad():
+        for b in (bias, None):
+            x = torch.randn(2, 2048, 3072, generator=gen).to(DEV, BF16)
+            int8_linear(x, qw, sw, b)
+            assert isinstance(dispatch._plans[signature(x, qw, sw, b, 128)], LinearPlan)
+            x_new = torch.randn(2, 2048, 3072, generator=gen).to(DEV, BF16)
+            planned = int8_linear(x_new, qw, sw, b)
+            with force_kernel("triton_w8a8"):
+                normal = int8_linear(x_new, qw, sw, b)
+            assert planned.shape == (2, 2048, 1024)
+            assert torch.equal(planned, normal), "a planned call differs from the normal path"
+        small = torch.randn(1, 8, 3072, generator=gen).to(DEV, BF16)
+        int8_linear(small, qw, sw, bias)
+        int8_linear(small, qw, sw, bias)
+        assert dispatch._plans[signature(small, qw, sw, bias, 128)] is dispatch._NO_PLAN
+    summary = kernel_summary()
+    assert summary["triton_w8a8"]["shapes"] == {"4096x1024x3072": 6}
+    assert summary["triton_w8a16"]["shapes"] == {"8x1024x3072": 2}
+    dispatch._plans.clear()
