@@ -272,7 +272,7 @@ def run(args) -> dict:
     result["bandwidth"] = bw
     print("  bandwidth: " + ", ".join(f"{k} {v:.1f}" for k, v in bw.items()), flush=True)
     result["streaming"], result["accelerate"], result["soft_unload"] = [], [], []
-    for int8 in (False, True):
+    for int8 in [w == "int8" for w in args.weights.split(",")]:
         reset_kernel_stats()
         rows = streaming_rows(args, int8, bw)
         result["streaming"] += rows
@@ -360,6 +360,7 @@ def main(argv=None) -> int:
     p_run.add_argument("--tokens", type=int, default=4096)
     p_run.add_argument("--steps", type=int, default=5)
     p_run.add_argument("--json", type=Path)
+    p_run.add_argument("--weights", default="bf16,int8", help="which models, in this order (bf16, int8 or both)")
     p_run.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     p_run.add_argument("--markdown", type=Path)
     p_run.add_argument("--profile", type=Path, help="folder: profile the 90 %% spread runs (diagnostics)")
