@@ -8,7 +8,9 @@
 * A 24-block transformer (~1.2 B parameters at hidden 2048: attention + 4x MLP) at 4096 tokens, bf16 and
   INT8 (our Int8Linear through the kernel dispatcher), with 0 %, 50 % and 90 % of the blocks streamed from
   pinned RAM by :func:`comfyui_headroom.memory.enable_block_streaming`. Bound = max(resident step time,
-  streamed bytes / pinned bandwidth); goal: step time <= 1.10x bound.
+  streamed bytes / pinned bandwidth); goal: step time <= 1.10x bound. Then resident and the two default
+  streaming rows again with every block replayed from CUDA graphs (``cuda_graphs=True``): the host's speed
+  out of the step.
 * accelerate's ``dispatch_model`` with the same blocks on "cpu" (its device-map offload), same run.
 * Soft unload: park the model in pinned RAM and restore it; restore GB/s vs pinned host->device (goal >= 80 %).
 """
@@ -193,8 +195,48 @@ def streaming_rows(args, int8: bool, bw: dict) -> list[dict]:
         print(f"  {label} {int(frac * 100)}% streamed ({order}, prefetch {prefetch}): {t * 1e3:.1f} ms/step "
               f"(CPU issue {issue * 1e3:.1f} ms), bound {bound * 1e3:.1f} ms, ratio {t / bound:.3f}, equal={equal}",
               flush=True)
+    if DEVICE != "cpu":
+        rows += graphed_rows(args, model, x, reference, label, block_bytes, bw)
     del model
     _free()
+    return rows
+
+
+def graphed_rows(args, model, x, reference, label, block_bytes, bw) -> list[dict]:
+    """The same model with every block replayed from CUDA graphs (``graph_blocks`` / ``cuda_graphs=True``):
+    resident (its own bound) and streamed with the default policy. Warm-up covers every (block, ring slot)."""
+    from comfyui_headroom.memory import enable_block_streaming, graph_blocks
+
+    rows = []
+    graphs = graph_blocks(list(model.blocks))
+    resident_s, resident_issue = step_time(model, x, args.steps, warmup=3)
+    with torch.no_grad():
+        equal = bool(torch.equal(model(x), reference))
+    graphs.remove()
+    rows.append({"model": label, "streamed_pct": 0, "streamed_blocks": 0, "order": "-", "prefetch": 0, "graphs": True,
+                 "streamed_gb": 0.0, "step_s": resident_s, "issue_s": resident_issue, "bound_s": resident_s,
+                 "ratio": 1.0, "equal_to_resident": equal, "stats": None})
+    print(f"  {label} resident, CUDA graphs: {resident_s * 1e3:.1f} ms/step (CPU issue {resident_issue * 1e3:.1f} ms), "
+          f"equal={equal}", flush=True)
+    for frac, order, prefetch in VARIANTS[:2]:
+        n_stream = round(frac * args.depth)
+        streamer = enable_block_streaming(model, DEVICE, blocks="blocks", blocks_resident=args.depth - n_stream,
+                                          prefetch=prefetch, order=order, cuda_graphs=True)
+        t, issue = step_time(model, x, args.steps, warmup=2 + 2 * (prefetch + 1))
+        with torch.no_grad():
+            equal = bool(torch.equal(model(x), reference))
+        stats = streamer.stats.as_dict()
+        stats["graphs"] = streamer.graphs.graph_count
+        streamer.disable(DEVICE)
+        streamed_bytes = n_stream * block_bytes
+        bound = max(resident_s, streamed_bytes / GiB / bw["pinned_h2d_gbps"])
+        rows.append({"model": label, "streamed_pct": int(frac * 100), "streamed_blocks": n_stream, "order": order,
+                     "prefetch": prefetch, "graphs": True, "streamed_gb": streamed_bytes / GiB, "step_s": t,
+                     "issue_s": issue, "bound_s": bound, "ratio": t / bound, "equal_to_resident": equal,
+                     "stats": stats})
+        print(f"  {label} {int(frac * 100)}% streamed ({order}, prefetch {prefetch}), CUDA graphs: {t * 1e3:.1f} "
+              f"ms/step (CPU issue {issue * 1e3:.1f} ms), bound {bound * 1e3:.1f} ms, ratio {t / bound:.3f}, "
+              f"equal={equal}, graphs {stats['graphs']}", flush=True)
     return rows
 
 
@@ -307,14 +349,17 @@ def render(r: dict) -> str:
         "",
         "### Block streaming (pinned RAM, side-stream prefetch of the next block)",
         "",
-        f"Bound = max(resident step time, streamed bytes / pinned h2d bandwidth). Goal: step <= {GOAL_STREAM_RATIO:.2f}x bound.",
+        f"Bound = max(resident step time, streamed bytes / pinned h2d bandwidth). Goal: step <= {GOAL_STREAM_RATIO:.2f}x bound. "
+        "Rows marked *CUDA graphs* replay every block from CUDA graphs (`enable_block_streaming(..., cuda_graphs=True)`); "
+        "their bound uses the graphed resident step.",
         "",
         "| weights | streamed | order, prefetch | streamed GB | step ms | CPU issue ms | bound ms | step / bound | goal | output == resident | accelerate offload ms | accelerate / ours |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     acc = {(a["model"], a["streamed_pct"]): a for a in r["accelerate"]}
     for row in r["streaming"]:
-        a = acc.get((row["model"], row["streamed_pct"])) if row["order"] in ("spread", "-") and row["prefetch"] in (0, 2) else None
+        a = (acc.get((row["model"], row["streamed_pct"]))
+             if row["order"] in ("spread", "-") and row["prefetch"] in (0, 2) and not row.get("graphs") else None)
         if a is None:
             acc_ms, speed = "", ""
         elif "error" in a:
@@ -322,7 +367,8 @@ def render(r: dict) -> str:
         else:
             acc_ms, speed = f"{a['step_s'] * 1e3:.1f}", f"{a['step_s'] / row['step_s']:.2f}x"
         ok = "yes" if row["ratio"] <= GOAL_STREAM_RATIO else "**no**"
-        how = "resident" if not row["prefetch"] else f"{row['order']}, {row['prefetch']}"
+        how = ("resident" if not row["prefetch"] else f"{row['order']}, {row['prefetch']}") + (
+            ", CUDA graphs" if row.get("graphs") else "")
         lines.append(f"| {row['model']} | {row['streamed_pct']} % ({row['streamed_blocks']} blocks) | {how} | "
                      f"{row['streamed_gb']:.2f} | {row['step_s'] * 1e3:.1f} | {row['issue_s'] * 1e3:.1f} | "
                      f"{row['bound_s'] * 1e3:.1f} | {row['ratio']:.3f} | {ok} | "

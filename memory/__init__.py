@@ -6,6 +6,7 @@ Public API (see docs/memory.md):
 * :func:`estimate_inference_vram_gb`, :func:`should_offload`, :func:`record_run` - seed 000's smart offload.
 * :func:`plan_placement`, :func:`default_budget_bytes` - what lives where under a VRAM budget.
 * :func:`enable_block_streaming` / :func:`disable_block_streaming` - the streaming entry point.
+* :func:`graph_blocks` - replay blocks from CUDA graphs (also ``enable_block_streaming(..., cuda_graphs=True)``).
 * :func:`enable_multi_device` / :func:`disable_multi_device` - one model split across several devices.
 * :func:`soft_unload`, :func:`restore` - park a model in pinned RAM and back.
 * :func:`force_unload`, :func:`register_cache` - give VRAM back (also after an OOM).
@@ -13,6 +14,7 @@ Public API (see docs/memory.md):
 
 from .blocks import find_block_lists, resolve_blocks
 from .budgets import parse_gpu_budgets, plan_for_gpus
+from .graphs import BlockGraphs, graph_blocks
 from .estimate import (
     CalibrationStore,
     OffloadDecision,
@@ -39,6 +41,7 @@ from .unload import (
 )
 
 __all__ = [
+    "BlockGraphs",
     "BlockStreamer",
     "CalibrationStore",
     "ForceUnloadReport",
@@ -60,6 +63,7 @@ __all__ = [
     "estimate_for_model",
     "estimate_inference_vram_gb",
     "find_block_lists",
+    "graph_blocks",
     "force_unload",
     "megapixels",
     "module_bytes",

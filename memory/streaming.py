@@ -97,6 +97,7 @@ class BlockStreamer:
         self._slots: list[_Slot] = []
         self._next_slot = 0
         self._active = True
+        self.graphs = None  # BlockGraphs when enable_block_streaming(..., cuda_graphs=True)
 
         for i, (block, keep) in enumerate(zip(blocks, resident)):
             if keep:
@@ -145,6 +146,11 @@ class BlockStreamer:
     @property
     def ring_bytes(self) -> int:
         return sum(s.buffer.numel() for s in self._slots)
+
+    def slot_of(self, index: int) -> int | None:
+        """The ring slot block ``index``'s weights are in now (None: resident, or not in a slot)."""
+        entry = self._streamed.get(index)
+        return entry.slot if entry is not None else None
 
     def host_buffers(self) -> list[torch.Tensor]:
         """The flat host buffers the copies read from (pinned on CUDA)."""
@@ -230,6 +236,9 @@ class BlockStreamer:
             return
         if self.cuda:
             torch.cuda.synchronize(self.device)
+        if self.graphs is not None:
+            self.graphs.remove()
+            self.graphs = None
         self._active = False
         for handle in self._handles:
             handle.remove()
@@ -263,7 +272,8 @@ _OWNERS: dict[int, list] = {}
 
 def enable_block_streaming(model_or_blocks, device, *, blocks=None, blocks_resident: int | None = None,
                            budget_bytes: int | None = None, prefetch: int = DEFAULT_PREFETCH,
-                           pin_memory: bool | None = None, critical=(), plan=None, order: str = "spread") -> BlockStreamer:
+                           pin_memory: bool | None = None, critical=(), plan=None, order: str = "spread",
+                           cuda_graphs: bool = False) -> BlockStreamer:
     """Stream the blocks of a model that do not stay resident on ``device``; returns the :class:`BlockStreamer`.
 
     ``model_or_blocks``: a model (its blocks found automatically or named by ``blocks``: ``"model.layers"``,
@@ -275,6 +285,8 @@ def enable_block_streaming(model_or_blocks, device, *, blocks=None, blocks_resid
     else ``budget_bytes`` (as many as fit, via :func:`plan_placement`), else 55 % of the device's VRAM on
     CUDA / no resident block on CPU. ``critical`` patterns name blocks that never stream.
     ``pin_memory``: default True on CUDA (streaming from pageable memory is ~8x slower), False on CPU.
+    ``cuda_graphs=True`` replays every block from CUDA graphs (:mod:`.graphs`; one per ring slot for a streamed
+    block): the step no longer depends on the CPU's speed; ignored off CUDA.
     Remove with ``streamer.disable()`` or :func:`disable_block_streaming`.
     """
     device = torch.device(device)
@@ -303,6 +315,13 @@ def enable_block_streaming(model_or_blocks, device, *, blocks=None, blocks_resid
         block_ids = {id(m) for m in mods}
         _move_rest(model, block_ids, device)
     streamer = BlockStreamer(mods, names, resident, device, prefetch=prefetch, pin_memory=pin_memory)
+    if cuda_graphs:
+        if device.type == "cuda":
+            from .graphs import graph_blocks
+
+            streamer.graphs = graph_blocks(mods, names, slot_of=streamer.slot_of)
+        else:
+            log.warning("headroom: cuda_graphs=True ignored: streaming onto %s", device)
     if model is not None:
         setattr(model, _ATTR, streamer)
         _OWNERS[id(streamer)] = [weakref.ref(model)]

@@ -223,3 +223,60 @@ def test_tracker_measures_vram_peaks():
     assert peak.peak_reserved_bytes >= peak.peak_allocated_bytes
     assert str(report).startswith("Peak VRAM ") and "n/a" not in str(report)
     print("\n" + str(report))
+
+
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("resident,prefetch", [(6, 1), (3, 2), (1, 2)])
+def test_cuda_graphs_give_the_eager_results_resident_and_streamed(int8, resident, prefetch):
+    """memory/graphs.py: blocks replayed from CUDA graphs (resident, or streamed with a rotating ring: 5 streamed
+    blocks over 3 slots) give the eager outputs bit for bit; graphs are really replayed; a call with keyword
+    arguments runs eagerly; disable() puts the blocks' own forward back."""
+    model = _model(int8).to(CUDA)
+    x = _x()
+    with torch.no_grad():
+        expected = model(x)
+    if resident == 6:
+        from comfyui_headroom.memory import graph_blocks
+
+        graphs, streamer = graph_blocks(list(model.blocks)), None
+    else:
+        streamer = enable_block_streaming(model, CUDA, blocks_resident=resident, prefetch=prefetch, cuda_graphs=True)
+        graphs = streamer.graphs
+    with torch.no_grad():
+        for _ in range(2 + 2 * (prefetch + 1) + 2):  # warm-up and capture of every (block, slot), then replays
+            assert torch.equal(model(x), expected)
+        assert graphs.graph_count >= len(model.blocks) and graphs.replays > 0
+        before = graphs.replays
+        index = next(i for i in range(len(model.blocks)) if streamer is None or i not in streamer.streamed_indices)
+        block = model.blocks[index]
+        h = model.patch_embed(x)
+        for earlier in model.blocks[:index]:
+            h = earlier(h)
+        assert torch.equal(block(h), block(h))  # a resident block, positional input: replayed
+        assert graphs.replays == before + index + 2
+        assert torch.equal(block(x=h), block(h)) and graphs.replays == before + index + 3  # keyword: eager
+    if streamer is not None:
+        streamer.disable(CUDA)
+    else:
+        graphs.remove()
+    assert all("forward" not in b.__dict__ for b in model.blocks)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+
+
+def test_cuda_graph_capture_failure_falls_back_to_eager():
+    """A block that synchronises with the host cannot be captured: it keeps running eagerly, with its results."""
+    from comfyui_headroom.memory import graph_blocks
+
+    class Syncing(nn.Module):
+        def forward(self, x):
+            return x * float(x.abs().max())  # .item()-style host read: not capturable
+
+    block = Syncing()
+    graphs = graph_blocks([block])
+    x = torch.randn(8, 8, device=CUDA)
+    with torch.no_grad():
+        outs = [block(x) for _ in range(4)]
+    assert all(torch.equal(o, x * float(x.abs().max())) for o in outs)
+    assert graphs.graph_count == 0 and graphs.replays == 0
+    graphs.remove()

@@ -188,3 +188,25 @@ def test_a_plan_for_other_blocks_and_soft_unload_while_streaming_are_refused():
     with pytest.raises(ValueError, match="disable_block_streaming"):
         soft_unload(model, pin_memory=False)
     streamer.disable()
+
+
+def test_cuda_graphs_are_ignored_off_cuda(gen, caplog):
+    """cuda_graphs=True needs CUDA; streaming onto the CPU warns and streams as usual (GPU: test_memory_gpu.py)."""
+    model = make_dit(depth=4)
+    x = torch.randn(2, 5, 16, generator=gen)
+    expected = _run(model, x, 1)[0]
+    with caplog.at_level("WARNING", logger="comfyui_headroom"):
+        streamer = enable_block_streaming(model, "cpu", blocks_resident=1, cuda_graphs=True)
+    assert streamer.graphs is None and "cuda_graphs=True ignored" in caplog.text
+    assert all(torch.equal(out, expected) for out in _run(model, x))
+    streamer.disable()
+
+
+def test_slot_of_names_where_each_block_is(gen):
+    model = make_dit(depth=4)
+    streamer = enable_block_streaming(model, "cpu", blocks_resident=2, prefetch=1, order="first")
+    _run(model, torch.randn(2, 5, 16, generator=gen), 1)
+    assert streamer.slot_of(0) is None and streamer.slot_of(1) is None  # resident
+    slots = [streamer.slot_of(i) for i in streamer.streamed_indices]
+    assert all(s in (0, 1) for s in slots)
+    streamer.disable()
