@@ -2,7 +2,6 @@
 call runs the plan while the first call of a signature runs the normal path. The GPU test
 (tests/test_kernels_gpu.py) checks planned outputs against the normal path on the H100."""
 
-import pytest
 import torch
 
 from comfyui_headroom.kernels import configs, dispatch, launch, plans
