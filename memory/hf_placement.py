@@ -83,7 +83,8 @@ def max_memory_for_budgets(gpu_budgets_gb, device_count: int | None = None, devi
 
     if device_count is None:
         device_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device_totals is None and device_count and torch.cuda.is_available():
+    if device_totals is None and device_count and torch.cuda.is_available() and device_count <= torch.cuda.device_count():
+        # Only GPUs this machine has (a plan for a larger machine passes its budgets, or device_totals).
         device_totals = [torch.cuda.get_device_properties(i).total_memory for i in range(device_count)]
     budgets = parse_gpu_budgets(gpu_budgets_gb, device_count, device_totals)
     for i in budgets:
