@@ -237,6 +237,18 @@ def _pick_config(device: torch.device, m: int, n: int, k: int, out: torch.Tensor
     return cfg
 
 
+def _gluon_failed(err: Exception) -> None:
+    """The Gluon kernel could not run here: say so once and use the Triton kernel for the rest of the process."""
+    import logging
+
+    from .configs import set_gluon
+
+    set_gluon(False)
+    logging.getLogger("comfyui_headroom.kernels").warning(
+        "headroom: the Gluon W8A8 kernel failed (%s: %s); using the Triton W8A8 kernel from now on "
+        "(set HEADROOM_GLUON=0 to skip the attempt)", type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+
+
 def _gluon_config(device: torch.device, m: int, n: int, k: int, out: torch.Tensor, mode: int, tensors):
     """The warp-specialized Gluon kernel's tile for this call (Hopper, its formats, 16-byte aligned contiguous
     operands), else None: the Triton kernels take the call. On the H100 it beat the Triton kernel at every
@@ -279,9 +291,14 @@ def w8a8_matmul(
     ws_cfg = _gluon_config(qa.device, m, n, k, out, mode, (qa, weight, out))
     if ws_cfg is not None:
         _ensure_allocator()  # scratch for the kernel's device-side tensor descriptors
-        LAST_COMPILED["gluon"] = gluon_w8a8.w8a8_ws_matmul(qa, a_scale, weight, ws, bias, out, ws_cfg,
-                                                           _sm_count(qa.device))
-        return out
+        try:
+            LAST_COMPILED["gluon"] = gluon_w8a8.w8a8_ws_matmul(qa, a_scale, weight, ws, bias, out, ws_cfg,
+                                                               _sm_count(qa.device))
+            return out
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - e.g. a triton whose Gluon differs from the 3.6/3.9 we test
+            _gluon_failed(err)  # the Triton kernel below computes the same thing
     bias_arg = bias if bias is not None else ws  # dummy pointer when HAS_BIAS is False
     cfg = _pick_config(qa.device, m, n, k, out, (qa, weight, out), block_scales=mode == SCALE_BLOCK)
     block_k = cfg.block_k if mode != SCALE_BLOCK else block_k_for(cfg.block_k, block_size)

@@ -116,3 +116,32 @@ def test_dispatch_picks_the_tile_with_the_fewest_waves(monkeypatch):
     unaligned = torch.empty(17, dtype=torch.int8)[1:]
     assert triton_w8a8._gluon_config(dev, 4096, 3072, 3072, torch.empty(1, dtype=torch.bfloat16), 1,
                                      (unaligned,)) is None
+
+
+def test_a_failing_gluon_kernel_falls_back_to_the_triton_kernel(monkeypatch, caplog):
+    """A triton whose Gluon cannot build our kernel: the call still computes (Triton kernel), a warning says so,
+    and later calls skip the Gluon attempt."""
+    from comfyui_headroom.kernels import configs, triton_w8a8
+
+    def broken(*args, **kwargs):
+        raise AttributeError("module 'triton.experimental.gluon.language' has no attribute 'warp_specialize'")
+
+    launched = []
+
+    def fake_pointer_launch(grid, qa, weight, out, *rest, **kwargs):  # stands in for the Triton kernel
+        out.fill_(1.0)
+        launched.append(grid)
+
+    monkeypatch.setattr(gluon_w8a8, "w8a8_ws_matmul", broken)
+    monkeypatch.setattr(triton_w8a8, "_launch_pointer", fake_pointer_launch)
+    monkeypatch.setattr(triton_w8a8, "_gluon_config",
+                        lambda *a: configs.W8A8_WS_CONFIGS["sm90"][0] if configs._GLUON_ENABLED else None)
+    qa, qw = torch.zeros(64, 32, dtype=torch.int8), torch.zeros(48, 32, dtype=torch.int8)
+    try:
+        with caplog.at_level("WARNING", logger="comfyui_headroom.kernels"):
+            out = triton_w8a8.w8a8_matmul(qa, torch.ones(64), qw, torch.ones(48), None, torch.bfloat16)
+        assert launched and torch.equal(out, torch.ones(64, 48, dtype=torch.bfloat16))
+        assert "Gluon W8A8 kernel failed (AttributeError" in caplog.text
+        assert not configs._GLUON_ENABLED  # switched off for the process
+    finally:
+        configs.set_gluon(True)
