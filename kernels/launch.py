@@ -95,34 +95,30 @@ class CachedLauncher:
             from triton.runtime import driver
 
             self._driver = driver
-            self._hooks = _hook_holder()
+
+    def _key(self, args, kwargs) -> tuple:
+        return (torch.cuda.current_device(), tuple(kwargs.items()), specialization(args))
 
     def __call__(self, grid, *args, **kwargs):
         if not self.fast:
             return self.fn[grid](*args, **kwargs)
-        device = torch.cuda.current_device()
-        key = (device, tuple(kwargs.items()), specialization(args))
+        key = self._key(args, kwargs)
         entry = self._cache.get(key)
-        if entry is None or _launch_hooks_set(self._hooks):
+        if entry is None or hooks_active():
             compiled = self.fn[grid](*args, **kwargs)
             if entry is None and len(args) == self.n_runtime and all(n in kwargs for n in self.constexpr_names):
                 if len(self._cache) >= _MAX_ENTRIES:  # a process that saw very many shapes: start again
                     self._cache.clear()
                 self._cache[key] = (compiled, tuple(kwargs[n] for n in self.constexpr_names))
             return compiled
-        compiled, constexprs = entry
-        stream = self._driver.active.get_current_stream(device)
-        g1 = grid[1] if len(grid) > 1 else 1
-        g2 = grid[2] if len(grid) > 2 else 1
+        stream = self._driver.active.get_current_stream(key[0])
         try:
-            compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None,
-                         *args, *constexprs)
+            launch_kept(entry, grid, stream, args)
         except TypeError as err:  # a Triton whose launcher takes other arguments: never try again
             _disable(f"{self.fn.__name__}: {err}")
             return self.fn[grid](*args, **kwargs)
         self.fast_calls += 1
-        return compiled
-
+        return entry[0]
 
     def lookup(self, args, kwargs):
         """The kept ``(CompiledKernel, constexpr values)`` a call with these arguments would launch, or None (not
@@ -130,13 +126,17 @@ class CachedLauncher:
         :func:`launch_kept` themselves."""
         if not self.fast:
             return None
-        return self._cache.get((torch.cuda.current_device(), tuple(kwargs.items()), specialization(args)))
+        return self._cache.get(self._key(args, kwargs))
 
 
-def launch_kept(entry, grid0: int, stream, args) -> None:
-    """Launch a kept ``(CompiledKernel, constexprs)`` on a 1-D grid, as :meth:`CachedLauncher.__call__` does."""
+def launch_kept(entry, grid, stream, args) -> None:
+    """Launch a kept ``(CompiledKernel, constexprs)`` directly: what ``CompiledKernel.__getitem__``'s runner does.
+    ``grid``: a tuple of 1-3 sizes. Raises TypeError where this Triton's launcher takes other arguments."""
     compiled, constexprs = entry
-    compiled.run(grid0, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *constexprs)
+    g1 = grid[1] if len(grid) > 1 else 1
+    g2 = grid[2] if len(grid) > 2 else 1
+    compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                 *args, *constexprs)
 
 
 _holder = None

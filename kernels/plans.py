@@ -59,7 +59,7 @@ class LinearPlan:
         sa = torch.empty((m,), dtype=torch.float32, device=device)
         out = torch.empty((m, n), dtype=x.dtype, device=device)
         stream = self.get_stream(self.device_index)
-        launch.launch_kept(self.quant, m, stream, (x, qa, sa, k, k))
+        launch.launch_kept(self.quant, (m,), stream, (x, qa, sa, k, k))
         launch.launch_kept(self.gemm, self.gemm_grid, stream,
                            (qa, weight, out, sa, weight_scale, weight_scale if bias is None else bias, m, n, k))
         triton_w8a8.LAST_COMPILED["gluon"] = self.gemm[0]
@@ -93,7 +93,7 @@ def build(x, weight, weight_scale, bias) -> LinearPlan | None:
     gemm = gluon_w8a8._launch.lookup(g_args, g_kwargs)
     if quant is None or gemm is None:
         return None
-    return LinearPlan(m, n, k, (*x.shape[:-1], n), quant, gemm, grid[0], device.index or 0)
+    return LinearPlan(m, n, k, (*x.shape[:-1], n), quant, gemm, grid, device.index or 0)
 
 
 def set_enabled(enabled: bool) -> None:

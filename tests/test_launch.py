@@ -72,3 +72,74 @@ def test_empty_hook_chains_do_not_count_as_hooks():
     assert not _hook_active(HookChain([]))
     assert _hook_active(HookChain([print]))
     assert _hook_active(print)  # an old-style plain hook
+
+
+class _Compiled:
+    """Stands in for a CompiledKernel: records what its launcher is called with (or rejects it)."""
+
+    function, packed_metadata = "function", "metadata"
+
+    def __init__(self, reject=False):
+        self.reject, self.runs = reject, []
+
+    def run(self, *args):
+        if self.reject:
+            raise TypeError("this launcher takes other arguments")
+        self.runs.append(args)
+
+
+class JITFunction:  # the class name is what CachedLauncher checks
+    __name__ = "fake_kernel"
+    constexprs = [1]
+    arg_names = ["x", "BLOCK"]
+
+    def __init__(self, compiled):
+        self.compiled, self.normal_calls = compiled, 0
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.normal_calls += 1
+            return self.compiled
+
+        return run
+
+
+class _Driver:
+    class active:
+        @staticmethod
+        def get_current_stream(device):
+            return 42
+
+
+def _fake_launcher(monkeypatch, compiled):
+    from comfyui_headroom.kernels import launch
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(launch, "_LAUNCHERS", list(launch._LAUNCHERS))  # registered for this test only
+    launcher = launch.cached_launcher(JITFunction(compiled))
+    launcher._driver = _Driver
+    launch.set_fast_launch(True)
+    return launcher
+
+
+def test_the_first_call_is_kept_and_later_ones_launch_it_directly(monkeypatch):
+    compiled = _Compiled()
+    launcher = _fake_launcher(monkeypatch, compiled)
+    assert launcher.lookup((7,), {"BLOCK": 4}) is None
+    assert launcher((2,), 7, BLOCK=4) is compiled  # normal path: compiles (here: returns) and keeps it
+    assert launcher.fn.normal_calls == 1 and launcher.lookup((7,), {"BLOCK": 4}) == (compiled, (4,))
+    assert launcher((3, 2), 7, BLOCK=4) is compiled  # direct: grid, stream, metadata, runtime args, constexprs
+    assert launcher.fn.normal_calls == 1 and launcher.fast_calls == 1
+    assert compiled.runs == [(3, 2, 1, 42, "function", "metadata", None, None, None, 7, 4)]
+
+
+def test_a_rejected_direct_launch_switches_direct_launches_off(monkeypatch):
+    from comfyui_headroom.kernels import launch
+
+    launcher = _fake_launcher(monkeypatch, _Compiled(reject=True))
+    try:
+        launcher((2,), 7, BLOCK=4)
+        launcher((2,), 7, BLOCK=4)  # the direct launch raises TypeError: the normal path runs it instead
+        assert launcher.fn.normal_calls == 2 and launcher.fast_calls == 0 and not launcher.fast
+    finally:
+        launch.set_fast_launch(True)
