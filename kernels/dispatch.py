@@ -302,6 +302,13 @@ def _planned(x, weight, weight_scale, bias, block_size: int) -> torch.Tensor:
         return y
     if plan is _NO_PLAN:
         return dispatch_and_run(x, weight, weight_scale, bias, block_size)
-    y = plan.run(x, weight, weight_scale, bias)
+    try:
+        y = plan.run(x, weight, weight_scale, bias)
+    except TypeError as err:  # this Triton's launcher rejects direct launches: plans and direct launches stop
+        from .launch import _disable
+
+        _disable(f"launch plan: {err}")
+        _plans.clear()
+        return dispatch_and_run(x, weight, weight_scale, bias, block_size)
     record_call("triton_w8a8", plan.m, plan.n, plan.k)
     return y

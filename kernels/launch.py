@@ -164,9 +164,9 @@ def cached_launcher(fn) -> CachedLauncher:
 
 
 def _disable(why: str) -> None:
+    """A direct launch was rejected: every launcher, and the launch plans (which launch directly), stop."""
     log.warning("headroom: direct Triton launches switched off (%s); using JITFunction.run", why)
-    for launcher in _LAUNCHERS:
-        launcher.fast = False
+    set_fast_launch(False)
 
 
 def set_fast_launch(enabled: bool) -> None:

@@ -84,14 +84,9 @@ def test_first_call_runs_the_normal_path_then_the_plan(monkeypatch):
         return _FakePlan(x.numel() // x.shape[-1], weight.shape[0], x.shape[-1])
 
     real_normal_path = dispatch.dispatch_and_run
-
-    def normal_path_on_cpu(*args):  # the dispatcher's normal path, on the reference kernel (no GPU here)
-        with dispatch.force_kernel("reference"):
-            return real_normal_path(*args)
-
     monkeypatch.setattr(plans, "build", fake_build)
     monkeypatch.setattr(dispatch, "auto_kernel", lambda x, w, s: "triton_w8a8")  # what a Hopper would choose
-    monkeypatch.setattr(dispatch, "dispatch_and_run", normal_path_on_cpu)
+    monkeypatch.setattr(dispatch, "dispatch_and_run", lambda *a: _on_reference(real_normal_path, *a))
     monkeypatch.setattr(dispatch, "_plans_module", plans)
     dispatch._plans.clear()
     reset_kernel_stats()
@@ -121,3 +116,36 @@ def test_calls_that_are_not_planned_stay_on_the_normal_path(monkeypatch):
 
     assert torch.equal(y, reference_linear(x, qw, sw, b, 128))
     dispatch._plans.clear()
+
+
+def test_a_plan_whose_launch_is_rejected_falls_back_and_plans_stop(monkeypatch):
+    """A Triton whose launcher rejects direct launches: the planned call still computes (normal path), and
+    direct launches - hence plans - are off from then on."""
+    from comfyui_headroom.kernels.reference import reference_linear
+
+    class Rejected(_FakePlan):
+        def run(self, *args):
+            raise TypeError("this launcher takes other arguments")
+
+    monkeypatch.setattr(plans, "build", lambda x, w, s, b: Rejected(x.shape[0], w.shape[0], x.shape[-1]))
+    monkeypatch.setattr(dispatch, "auto_kernel", lambda x, w, s: "triton_w8a8")
+    monkeypatch.setattr(dispatch, "_plans_module", plans)
+    real_normal_path = dispatch.dispatch_and_run
+    monkeypatch.setattr(dispatch, "dispatch_and_run", lambda *a: _on_reference(real_normal_path, *a))
+    dispatch._plans.clear()
+    qw, sw, b = _layer()
+    x = torch.randn(3, 64).to(BF16)
+    try:
+        dispatch._planned(x, qw, sw, b, 128)                     # normal path, plan built
+        y = dispatch._planned(x, qw, sw, b, 128)                 # the plan's launch is rejected
+        assert torch.equal(y, reference_linear(x, qw, sw, b, 128))
+        assert not launch.fast_launch_enabled() and not plans.usable() and not dispatch._plans
+    finally:
+        launch.set_fast_launch(True)
+        dispatch._plans.clear()
+
+
+def _on_reference(normal_path, *args):
+    """The dispatcher's normal path on the reference kernel (no GPU here)."""
+    with dispatch.force_kernel("reference"):
+        return normal_path(*args)
