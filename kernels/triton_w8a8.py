@@ -15,6 +15,7 @@ The weight is read in its ``nn.Linear`` layout: no transpose copy.
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import triton
@@ -23,8 +24,10 @@ import triton.language as tl
 from . import gluon_w8a8
 from .backends import KernelUnsupported
 from .launch import cached_launcher
-from .configs import (BLOCK_SCALE_USES_SMALLER_TILE, GemmConfig, arch_of, cdiv, int8_mma_supported, tma_allowed,
-                      pick_ws_config, w8a8_candidates, ws_candidates)
+from .configs import (BLOCK_SCALE_USES_SMALLER_TILE, GemmConfig, arch_of, cdiv, int8_mma_supported, pick_ws_config,
+                      set_gluon, tma_allowed, w8a8_candidates, ws_candidates)
+
+log = logging.getLogger("comfyui_headroom.kernels")
 
 SCALE_TENSORWISE, SCALE_ROWWISE, SCALE_BLOCK = 0, 1, 2
 
@@ -239,12 +242,8 @@ def _pick_config(device: torch.device, m: int, n: int, k: int, out: torch.Tensor
 
 def _gluon_failed(err: Exception) -> None:
     """The Gluon kernel could not run here: say so once and use the Triton kernel for the rest of the process."""
-    import logging
-
-    from .configs import set_gluon
-
     set_gluon(False)
-    logging.getLogger("comfyui_headroom.kernels").warning(
+    log.warning(
         "headroom: the Gluon W8A8 kernel failed (%s: %s); using the Triton W8A8 kernel from now on "
         "(set HEADROOM_GLUON=0 to skip the attempt)", type(err).__name__, str(err).splitlines()[0] if str(err) else "")
 
