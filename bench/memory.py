@@ -160,84 +160,67 @@ def _profile(model, x, path: Path) -> None:
 
 
 def streaming_rows(args, int8: bool, bw: dict) -> list[dict]:
-    from comfyui_headroom.memory import enable_block_streaming, module_bytes
+    """The resident step, then each streaming variant: eagerly, then (on CUDA) with every block replayed from CUDA
+    graphs (``graph_blocks`` / ``cuda_graphs=True``) for resident and the two default variants."""
+    from comfyui_headroom.memory import module_bytes
 
     label = "INT8" if int8 else "bf16"
     model = build(args, int8)
     x = torch.randn(1, args.tokens, args.hidden, device=DEVICE, dtype=torch.bfloat16)
     block_bytes = module_bytes(model.blocks[0])
-    rows = []
-    resident_s, resident_issue = step_time(model, x, args.steps)
+    rows, reference = _streaming_pass(args, model, x, None, label, block_bytes, bw, VARIANTS, graphs=False)
+    if DEVICE != "cpu":
+        rows += _streaming_pass(args, model, x, reference, label, block_bytes, bw, VARIANTS[:2], graphs=True)[0]
+    del model
+    _free()
+    return rows
+
+
+def _streaming_pass(args, model, x, reference, label, block_bytes, bw, variants, graphs: bool):
+    """(rows, reference output): one resident row (the bound of this pass's rows; without a ``reference`` its
+    output becomes the reference) and one row per variant. With ``graphs`` the warm-up covers every (block,
+    ring slot) before the timing."""
+    from comfyui_headroom.memory import enable_block_streaming, graph_blocks
+
+    tag = ", CUDA graphs" if graphs else ""
+    resident_graphs = graph_blocks(list(model.blocks)) if graphs else None
+    resident_s, resident_issue = step_time(model, x, args.steps, warmup=3 if graphs else 2)
     with torch.no_grad():
-        reference = model(x)
-    rows.append({"model": label, "streamed_pct": 0, "streamed_blocks": 0, "order": "-", "prefetch": 0,
-                 "streamed_gb": 0.0, "step_s": resident_s, "issue_s": resident_issue, "bound_s": resident_s,
-                 "ratio": 1.0, "equal_to_resident": True, "stats": None})
-    print(f"  {label} resident: {resident_s * 1e3:.1f} ms/step (CPU issue {resident_issue * 1e3:.1f} ms)", flush=True)
-    for frac, order, prefetch in VARIANTS:
+        out = model(x)
+    if resident_graphs is not None:
+        resident_graphs.remove()
+    first = {"model": label, "streamed_pct": 0, "streamed_blocks": 0, "order": "-", "prefetch": 0, "graphs": graphs,
+             "streamed_gb": 0.0, "step_s": resident_s, "issue_s": resident_issue, "bound_s": resident_s, "ratio": 1.0,
+             "equal_to_resident": True if reference is None else bool(torch.equal(out, reference)), "stats": None}
+    reference = out if reference is None else reference
+    rows = [first]
+    print(f"  {label} resident{tag}: {resident_s * 1e3:.1f} ms/step (CPU issue {resident_issue * 1e3:.1f} ms), "
+          f"equal={first['equal_to_resident']}", flush=True)
+    for frac, order, prefetch in variants:
         n_stream = round(frac * args.depth)
         streamer = enable_block_streaming(model, DEVICE, blocks="blocks", blocks_resident=args.depth - n_stream,
-                                          prefetch=prefetch, order=order)
-        t, issue = step_time(model, x, args.steps)
+                                          prefetch=prefetch, order=order, cuda_graphs=graphs)
+        t, issue = step_time(model, x, args.steps, warmup=2 + 2 * (prefetch + 1) if graphs else 2)
         with torch.no_grad():
             equal = bool(torch.equal(model(x), reference))
         stats = streamer.stats.as_dict()
+        if graphs:
+            stats["graphs"] = streamer.graphs.graph_count
         pinned = all(h.is_pinned() for h in streamer.host_buffers())
-        if args.profile and (frac, order, prefetch) == VARIANTS[1]:
+        if args.profile and not graphs and (frac, order, prefetch) == VARIANTS[1]:
             _profile(model, x, args.profile / f"profile_{label}_{int(frac * 100)}.txt")
         streamer.disable(DEVICE)
         assert pinned or DEVICE == "cpu", "streamed from pageable memory"
         streamed_bytes = n_stream * block_bytes
         bound = max(resident_s, streamed_bytes / GiB / bw["pinned_h2d_gbps"])
         rows.append({"model": label, "streamed_pct": int(frac * 100), "streamed_blocks": n_stream, "order": order,
-                     "prefetch": prefetch, "streamed_gb": streamed_bytes / GiB, "step_s": t, "issue_s": issue,
-                     "bound_s": bound, "ratio": t / bound, "equal_to_resident": equal, "stats": stats})
-        print(f"  {label} {int(frac * 100)}% streamed ({order}, prefetch {prefetch}): {t * 1e3:.1f} ms/step "
-              f"(CPU issue {issue * 1e3:.1f} ms), bound {bound * 1e3:.1f} ms, ratio {t / bound:.3f}, equal={equal}",
-              flush=True)
-    if DEVICE != "cpu":
-        rows += graphed_rows(args, model, x, reference, label, block_bytes, bw)
-    del model
-    _free()
-    return rows
-
-
-def graphed_rows(args, model, x, reference, label, block_bytes, bw) -> list[dict]:
-    """The same model with every block replayed from CUDA graphs (``graph_blocks`` / ``cuda_graphs=True``):
-    resident (its own bound) and streamed with the default policy. Warm-up covers every (block, ring slot)."""
-    from comfyui_headroom.memory import enable_block_streaming, graph_blocks
-
-    rows = []
-    graphs = graph_blocks(list(model.blocks))
-    resident_s, resident_issue = step_time(model, x, args.steps, warmup=3)
-    with torch.no_grad():
-        equal = bool(torch.equal(model(x), reference))
-    graphs.remove()
-    rows.append({"model": label, "streamed_pct": 0, "streamed_blocks": 0, "order": "-", "prefetch": 0, "graphs": True,
-                 "streamed_gb": 0.0, "step_s": resident_s, "issue_s": resident_issue, "bound_s": resident_s,
-                 "ratio": 1.0, "equal_to_resident": equal, "stats": None})
-    print(f"  {label} resident, CUDA graphs: {resident_s * 1e3:.1f} ms/step (CPU issue {resident_issue * 1e3:.1f} ms), "
-          f"equal={equal}", flush=True)
-    for frac, order, prefetch in VARIANTS[:2]:
-        n_stream = round(frac * args.depth)
-        streamer = enable_block_streaming(model, DEVICE, blocks="blocks", blocks_resident=args.depth - n_stream,
-                                          prefetch=prefetch, order=order, cuda_graphs=True)
-        t, issue = step_time(model, x, args.steps, warmup=2 + 2 * (prefetch + 1))
-        with torch.no_grad():
-            equal = bool(torch.equal(model(x), reference))
-        stats = streamer.stats.as_dict()
-        stats["graphs"] = streamer.graphs.graph_count
-        streamer.disable(DEVICE)
-        streamed_bytes = n_stream * block_bytes
-        bound = max(resident_s, streamed_bytes / GiB / bw["pinned_h2d_gbps"])
-        rows.append({"model": label, "streamed_pct": int(frac * 100), "streamed_blocks": n_stream, "order": order,
-                     "prefetch": prefetch, "graphs": True, "streamed_gb": streamed_bytes / GiB, "step_s": t,
+                     "prefetch": prefetch, "graphs": graphs, "streamed_gb": streamed_bytes / GiB, "step_s": t,
                      "issue_s": issue, "bound_s": bound, "ratio": t / bound, "equal_to_resident": equal,
                      "stats": stats})
-        print(f"  {label} {int(frac * 100)}% streamed ({order}, prefetch {prefetch}), CUDA graphs: {t * 1e3:.1f} "
-              f"ms/step (CPU issue {issue * 1e3:.1f} ms), bound {bound * 1e3:.1f} ms, ratio {t / bound:.3f}, "
-              f"equal={equal}, graphs {stats['graphs']}", flush=True)
-    return rows
+        print(f"  {label} {int(frac * 100)}% streamed ({order}, prefetch {prefetch}){tag}: {t * 1e3:.1f} ms/step "
+              f"(CPU issue {issue * 1e3:.1f} ms), bound {bound * 1e3:.1f} ms, ratio {t / bound:.3f}, equal={equal}",
+              flush=True)
+    return rows, reference
 
 
 def accelerate_rows(args, int8: bool, resident_s: float) -> list[dict]:
