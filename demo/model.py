@@ -169,9 +169,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, h = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        out = self.attend(self.qkv(x).view(b, n, 3 * h))
         return self.proj(out.transpose(1, 2).reshape(b, n, h))
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """``qkv [B, N, 3H]`` -> attention output ``[B, heads, N, head_dim]`` (q/k RMS-normed)."""
+        b, n, h3 = qkv.shape
+        q, k, v = qkv.view(b, n, 3, self.heads, h3 // (3 * self.heads)).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
 
 
 class Mlp(nn.Module):
@@ -194,11 +199,39 @@ class DiTBlock(nn.Module):
         self.attn = Attention(cfg.hidden, cfg.heads)
         self.norm2 = nn.LayerNorm(cfg.hidden, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(cfg.hidden, cfg.mlp_ratio)
+        self.int8_producers = False  # see forward_int8_producers; DemoDiT.use_int8_producers switches it
+        self.producer_forwards = 0  # calls that took forward_int8_producers (the demo's report reads it)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(F.silu(c)).chunk(6, dim=-1)
+        mods = self.modulation(F.silu(c)).chunk(6, dim=-1)
+        if self.int8_producers and self._producers_apply(x):
+            self.producer_forwards += 1
+            return self.forward_int8_producers(x, *mods)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mods
         x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+    def _producers_apply(self, x: torch.Tensor) -> bool:
+        from ..kernels.producers import takes_int8_input
+
+        layers = (self.attn.qkv, self.attn.proj, self.mlp.fc1, self.mlp.fc2)
+        return all(takes_int8_input(layer, x) for layer in layers)
+
+    def forward_int8_producers(self, x, shift1, scale1, gate1, shift2, scale2, gate2) -> torch.Tensor:
+        """:meth:`forward` for INT8 (W8A8) layers, line for line, with every Linear input written in INT8 by the
+        op that makes it (:mod:`comfyui_headroom.kernels.producers`): norm + modulation, the attention output,
+        GELU. Attention itself is the same code as in :meth:`forward`."""
+        from ..kernels.producers import gelu_quantize, norm_modulate_quantize, quantize_heads
+
+        b, n, h = x.shape
+        dtype = x.dtype
+        rows, _ = norm_modulate_quantize(x, shift1, scale1, self.norm1.eps)
+        out = self.attn.attend(self.attn.qkv.forward_int8(rows, dtype).view(b, n, 3 * h))
+        attn = self.attn.proj.forward_int8(quantize_heads(out), dtype).view(b, n, h)
+        rows, x = norm_modulate_quantize(x, shift2, scale2, self.norm2.eps, y=attn, gate=gate1)
+        hidden = self.mlp.fc1.forward_int8(rows, dtype)
+        mlp = self.mlp.fc2.forward_int8(gelu_quantize(hidden), dtype).view(b, n, h)
+        return torch.addcmul(x, gate2[:, None], mlp)
 
 
 class FinalLayer(nn.Module):
@@ -225,6 +258,13 @@ class DemoDiT(nn.Module):
         )
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg)
+
+    def use_int8_producers(self, enabled: bool = True) -> int:
+        """Blocks whose INT8 layers get their input from fused producers (:meth:`DiTBlock.forward_int8_producers`)
+        wherever a W8A8 kernel runs; other calls (CPU, LoRA, small M) keep the plain forward. -> blocks switched."""
+        for block in self.blocks:
+            block.int8_producers = enabled
+        return len(self.blocks)
 
     def patchify(self, latent: torch.Tensor) -> torch.Tensor:
         b, c, hgt, wid = latent.shape

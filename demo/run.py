@@ -123,11 +123,13 @@ def load_bf16_model(path: Path, cfg: DemoConfig, device) -> DemoDiT:
     return model.eval()
 
 
-def load_int8_model(path: Path, cfg: DemoConfig) -> tuple[DemoDiT, int, int]:
+def load_int8_model(path: Path, cfg: DemoConfig, producers: bool = True) -> tuple[DemoDiT, int, int]:
     """Read a converted file into the demo model (on CPU). -> (model, INT8 layers, float Linears).
 
     Every Linear whose weight the file holds in INT8 (any layout :func:`parse_int8_layer` knows) becomes an
-    :class:`Int8Linear` wrapping the file's tensors; everything else is assigned as it is.
+    :class:`Int8Linear` wrapping the file's tensors; everything else is assigned as it is. ``producers``: the
+    blocks feed their INT8 layers from fused producers where a W8A8 kernel runs
+    (:meth:`DemoDiT.use_int8_producers`).
     """
     from ..quant import Int8Linear
     from ..quant.formats import parse_int8_layer
@@ -157,6 +159,7 @@ def load_int8_model(path: Path, cfg: DemoConfig) -> tuple[DemoDiT, int, int]:
     missing = [k for k, v in model.state_dict().items() if v.is_meta]
     if missing:
         raise ValueError(f"{path}: tensors missing for {', '.join(missing[:5])}; delete the file and run again")
+    model.use_int8_producers(producers)
     return model.eval(), int8_layers, float_layers
 
 
@@ -252,6 +255,7 @@ class _Run:
     budget_bytes: int | None
     load_s: float
     memory: object  # MemoryReport
+    producer_forwards: int  # block calls whose INT8 layers took fused-producer input
 
 
 def _run_one(load, device: torch.device, budget: int | None, noise, steps: int, warmup: bool) -> _Run:
@@ -270,9 +274,11 @@ def _run_one(load, device: torch.device, budget: int | None, noise, steps: int, 
         load_s = time.perf_counter() - start
         result = sample(model, noise, steps, device, warmup=warmup)
     placement.release()
+    producer_forwards = sum(block.producer_forwards for block in model.blocks)
     del model
     _free(device)
-    return _Run(result, placement, budget if device.type == "cuda" else None, load_s, tracker.report)
+    return _Run(result, placement, budget if device.type == "cuda" else None, load_s, tracker.report,
+                producer_forwards)
 
 
 def run_demo(options: DemoOptions) -> dict:
@@ -338,6 +344,7 @@ def run_demo(options: DemoOptions) -> dict:
         "float_linear_layers": float_layers,
         "kernel": kernel,
         "kernel_calls": {k: v["calls"] for k, v in kernel_calls.items()},
+        "producer_forwards": int8.producer_forwards,
         "budget_gb": None if int8.budget_bytes is None else int8.budget_bytes / 2**30,
         "budget_default": options.budget_gb is None,
         "weights_vram_gb": int8.placement.weights_vram_bytes / 2**30,
@@ -388,7 +395,8 @@ def format_report(r: dict) -> str:
         f"  checkpoint : {r['checkpoint']} ({made})",
         f"  INT8 file  : {r['int8_file']} ({conv}; {r['int8_layers']} Linear layers INT8 {r['method']}, "
         f"{r['float_linear_layers']} kept float)",
-        f"  kernel     : {r['kernel']}",
+        f"  kernel     : {r['kernel']}" + (f" (inputs written in INT8 by fused producers in {r['producer_forwards']} "
+                                            "block calls)" if r.get("producer_forwards") else ""),
         *blocks,
         f"  load time  : {r['load_time_s']:.2f} s INT8 | {r['load_time_bf16_s']:.2f} s bf16",
         f"  step time  : {r['step_time_int8_s'] * 1e3:.1f} ms INT8 | {r['step_time_bf16_s'] * 1e3:.1f} ms bf16{speed}",

@@ -103,9 +103,8 @@ def quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def triton_w8a8(x, weight, weight_scale, bias, block_size):
-    x2 = _rows(x)
-    qa, a_scale = quantize_rows(x2)
-    return _unflatten(_triton().w8a8_matmul(qa, a_scale, weight, weight_scale, bias, x.dtype, block_size), x)
+    qa, a_scale = quantize_rows(_rows(x))
+    return _unflatten(triton_w8a8_int8(qa, a_scale, weight, weight_scale, bias, x.dtype, block_size), x)
 
 
 def triton_w8a16(x, weight, weight_scale, bias, block_size):
@@ -113,16 +112,8 @@ def triton_w8a16(x, weight, weight_scale, bias, block_size):
 
 
 def int_mm(x, weight, weight_scale, bias, block_size):
-    if weight_scale.ndim == 2 and weight_scale.shape[1] > 1:
-        raise KernelUnsupported("int_mm cannot apply block weight scales; use triton_w8a8 or reference")
-    x2 = _rows(x)
-    qa, a_scale = quantize_rows(x2)
-    acc = torch._int_mm(qa, weight.t())
-    w_scale = weight_scale.reshape(-1).float()
-    y = acc.float().mul_(a_scale[:, None]).mul_(w_scale if w_scale.numel() > 1 else w_scale.reshape(()))
-    if bias is not None:
-        y.add_(bias.float())
-    return _unflatten(y.to(x.dtype), x)
+    qa, a_scale = quantize_rows(_rows(x))
+    return _unflatten(int_mm_int8(qa, a_scale, weight, weight_scale, bias, x.dtype, block_size), x)
 
 
 def reference(x, weight, weight_scale, bias, block_size):
@@ -135,6 +126,38 @@ def int_mm_supports(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     n, k = weight.shape
     block = weight_scale.ndim == 2 and weight_scale.shape[1] > 1
     return not block and m > 16 and k >= 16 and k % 8 == 0 and n % 8 == 0
+
+
+# The same products from an activation that is already INT8 (``qa int8 [M, K]``, per-row ``a_scale float32 [M]``):
+# ``fn(qa, a_scale, weight, weight_scale, bias, out_dtype, block_size) -> [M, N] out_dtype``. The W8A8 backends
+# above are "quantize_rows, then this"; :mod:`.producers` calls these after a fused op wrote ``qa``.
+
+def triton_w8a8_int8(qa, a_scale, weight, weight_scale, bias, out_dtype, block_size):
+    return _triton().w8a8_matmul(qa, a_scale, weight, weight_scale, bias, out_dtype, block_size)
+
+
+def int_mm_int8(qa, a_scale, weight, weight_scale, bias, out_dtype, block_size):
+    if weight_scale.ndim == 2 and weight_scale.shape[1] > 1:
+        raise KernelUnsupported("int_mm cannot apply block weight scales; use triton_w8a8 or reference")
+    acc = torch._int_mm(qa, weight.t())
+    w_scale = weight_scale.reshape(-1).float()
+    y = acc.float().mul_(a_scale[:, None]).mul_(w_scale if w_scale.numel() > 1 else w_scale.reshape(()))
+    if bias is not None:
+        y.add_(bias.float())
+    return y.to(out_dtype)
+
+
+def reference_int8(qa, a_scale, weight, weight_scale, bias, out_dtype, block_size):
+    """Dequantize both sides and multiply in float32 (CPU, and any call the kernels refuse)."""
+    x = qa.float() * a_scale[:, None]
+    return reference_linear(x, weight, weight_scale, bias, block_size).to(out_dtype)
+
+
+BACKENDS_INT8_INPUT = {
+    "triton_w8a8": triton_w8a8_int8,
+    "int_mm": int_mm_int8,
+    "reference": reference_int8,
+}
 
 
 BACKENDS = {

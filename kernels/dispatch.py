@@ -35,7 +35,7 @@ import types
 
 import torch
 
-from .backends import BACKENDS, HAS_TRITON, KERNELS, KernelUnsupported, check_args, int_mm_supports, interpreting
+from .backends import BACKENDS, BACKENDS_INT8_INPUT, HAS_TRITON, KERNELS, KernelUnsupported, check_args, int_mm_supports, interpreting
 from .configs import arch_of, capability
 
 log = logging.getLogger("comfyui_headroom.kernels")
@@ -224,20 +224,34 @@ def reset_kernel_stats() -> None:
 
 def run_kernel(name: str, x, weight, weight_scale, bias, block_size: int) -> torch.Tensor:
     """Run one backend with the bookkeeping: stats, optional log line, optional NaN/inf check."""
+    return _run(BACKENDS, name, (x, weight, weight_scale, bias, block_size), x, weight, weight_scale, bias)
+
+
+def run_kernel_int8_input(name: str, qa, a_scale, weight, weight_scale, bias, out_dtype: torch.dtype,
+                          block_size: int) -> torch.Tensor:
+    """:func:`run_kernel` for an activation that is already INT8 (``qa [M, K]`` with per-row ``a_scale``, made by
+    a producer of :mod:`.producers`): the GEMM part of backend ``name`` (``triton_w8a8``, ``int_mm``, ``reference``)."""
+    return _run(BACKENDS_INT8_INPUT, name, (qa, a_scale, weight, weight_scale, bias, out_dtype, block_size),
+                qa, weight, weight_scale, bias)
+
+
+def _run(backends: dict, name: str, args: tuple, x, weight, weight_scale, bias) -> torch.Tensor:
+    """``backends[name](*args)``, falling back to reference when the kernel refuses; stats, log, NaN check."""
     n, k = weight.shape
     m = x.numel() // max(k, 1)
     try:
-        y = BACKENDS[name](x, weight, weight_scale, bias, block_size)
+        y = backends[name](*args)
     except KernelUnsupported as why:
         log_once(("unsupported", name, str(why)), f"INT8 kernel {name!r} skipped: {why}; using 'reference'")
         name = "reference"
-        y = BACKENDS[name](x, weight, weight_scale, bias, block_size)
+        y = backends[name](*args)
     record_call(name, m, n, k)
     env = _state.env
     if env.log:
         log_once(("shape", name, m, n, k), f"INT8 kernel {name}: x [{m}, {k}] @ W [{n}, {k}] -> {y.dtype}")
     if env.debug and not bool(torch.isfinite(y).all()):
-        cause = "its input already had NaN/inf" if not bool(torch.isfinite(x).all()) else "the input was finite"
+        cause = ("its input already had NaN/inf" if x.is_floating_point() and not bool(torch.isfinite(x).all())
+                 else "the input was finite")
         raise FloatingPointError(
             f"INT8 kernel {name} produced NaN/inf for x {tuple(x.shape)} {x.dtype} @ int8 W {tuple(weight.shape)} "
             f"(scale {tuple(weight_scale.shape)}, bias {'yes' if bias is not None else 'no'}); {cause}"

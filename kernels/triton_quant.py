@@ -8,6 +8,9 @@ per element, which made the kernel compute bound. ``q`` can differ from the divi
 ``x / scale`` lies within an ulp of a rounding tie (about 1e-5 of the values); the scales are equal to
 torch's CUDA result. Rows up to ``max_single_pass`` elements are loaded once into registers (read 2
 bytes, write 1 byte per element: memory bound); longer rows take a second read.
+
+``GELU=True`` applies tanh-GELU to each value before it is quantized: the MLP's activation and the next
+layer's quantization in one pass (:func:`comfyui_headroom.kernels.producers.gelu_quantize`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,13 @@ def _quantize_value(x, inv_scale):
 
 
 @triton.jit
+def gelu_tanh(x):
+    """``F.gelu(x, approximate="tanh")`` in float32: 0.5 x (1 + tanh(u)) = x * sigmoid(2u)."""
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2/pi) (x + 0.044715 x^3)
+    return x * tl.sigmoid(2.0 * u)
+
+
+@triton.jit
 def _row_scale(amax):
     scale = tl.where(amax > 0.0, amax * 0.007874015718698502, 1.0)  # fl32(1/127)
     return scale, 1.0 / scale
@@ -42,7 +52,7 @@ def _row_scale(amax):
 @triton.jit
 def _quantize_rows_kernel(
     x_ptr, q_ptr, scale_ptr, K, stride_xm,
-    BLOCK_K: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    BLOCK_K: tl.constexpr, SINGLE_PASS: tl.constexpr, GELU: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
@@ -51,6 +61,8 @@ def _quantize_rows_kernel(
         offs = tl.arange(0, BLOCK_K)
         mask = offs < K
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        if GELU:
+            x = gelu_tanh(x)  # gelu(0) = 0: masked lanes stay out of the row's amax
         amax = tl.max(tl.abs(x), axis=0)
         scale, inv_scale = _row_scale(amax)
         tl.store(q_row + offs, _quantize_value(x, inv_scale), mask=mask)
@@ -59,6 +71,8 @@ def _quantize_rows_kernel(
         for k0 in range(0, K, BLOCK_K):
             offs = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            if GELU:
+                x = gelu_tanh(x)
             amax_vec = tl.maximum(amax_vec, tl.abs(x))
         amax = tl.max(amax_vec, axis=0)
         scale, inv_scale = _row_scale(amax)
@@ -66,6 +80,8 @@ def _quantize_rows_kernel(
             offs = k0 + tl.arange(0, BLOCK_K)
             mask = offs < K
             x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+            if GELU:
+                x = gelu_tanh(x)
             tl.store(q_row + offs, _quantize_value(x, inv_scale), mask=mask)
     tl.store(scale_ptr + row, scale)
 
@@ -73,21 +89,28 @@ def _quantize_rows_kernel(
 _launch_quantize_rows = cached_launcher(_quantize_rows_kernel)
 
 
-def launch_args(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor):
-    """(grid, runtime args, keyword args) of the quantization launch for a 2-D ``x``: shared by
-    :func:`quantize_rows` and the launch plans (:mod:`.plans`)."""
-    m, k = x.shape
+def row_block(k: int) -> tuple[int, bool, int]:
+    """(BLOCK_K, single pass, num_warps) for rows of ``k`` values: one choice for every row-wise kernel."""
     cfg = quant_config()
     single = k <= cfg.max_single_pass
     block = next_power_of_2(k) if single else cfg.loop_block
-    warps = cfg.num_warps if block >= 2048 else 4
-    return (m,), (x, q, scale, k, x.stride(0)), dict(BLOCK_K=block, SINGLE_PASS=single, num_warps=warps)
+    return block, single, cfg.num_warps if block >= 2048 else 4
+
+
+def launch_args(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, gelu: bool = False):
+    """(grid, runtime args, keyword args) of the quantization launch for a 2-D ``x``: shared by
+    :func:`quantize_rows` and the launch plans (:mod:`.plans`)."""
+    m, k = x.shape
+    block, single, warps = row_block(k)
+    # Every constexpr by keyword, defaults included: the launcher keeps only such calls (kernels/launch.py).
+    return (m,), (x, q, scale, k, x.stride(0)), dict(BLOCK_K=block, SINGLE_PASS=single, GELU=gelu, num_warps=warps)
 
 
 def quantize_rows(
-    x: torch.Tensor, q_out: torch.Tensor | None = None, scale_out: torch.Tensor | None = None
+    x: torch.Tensor, q_out: torch.Tensor | None = None, scale_out: torch.Tensor | None = None, gelu: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x [M, K]`` (unit column stride) -> ``(int8 [M, K], float32 [M])``; optional preallocated outputs."""
+    """``x [M, K]`` (unit column stride) -> ``(int8 [M, K], float32 [M])``; optional preallocated outputs;
+    ``gelu=True`` quantizes ``gelu_tanh(x)`` instead of ``x``."""
     if x.ndim != 2 or x.stride(1) != 1:
         raise ValueError(f"quantize_rows expects a 2-D tensor with contiguous rows, got {tuple(x.shape)} {x.stride()}")
     m, k = x.shape
@@ -98,6 +121,6 @@ def quantize_rows(
         raise ValueError(f"quantize_rows: outputs must be contiguous int8 {(m, k)} and float32 {(m,)}")
     if m == 0:
         return q, scale
-    grid, args, kwargs = launch_args(x, q, scale)
+    grid, args, kwargs = launch_args(x, q, scale, gelu)
     _launch_quantize_rows(grid, *args, **kwargs)
     return q, scale

@@ -137,3 +137,78 @@ def test_int8linear_uses_forced_triton_kernel_on_cpu(gen):
     ref = layer.dequantized_weight(torch.float64)
     exact = x.double() @ ref.T + layer.bias.double()
     assert float((y.double() - exact).norm() / exact.norm()) < 0.02
+
+
+# ------------------------------------------------------------------ producers (kernels/triton_producers.py)
+
+def _close_int8(rows, h: torch.Tensor) -> None:
+    """A producer's INT8 vs per-row INT8 of the float64 value it should compute: scales equal to float32
+    rounding, values within one step (a value within an ulp of a rounding edge may land either side)."""
+    from comfyui_headroom.quant.int8 import quantize_activation
+
+    q_ref, s_ref = quantize_activation(h.float())
+    torch.testing.assert_close(rows.scale, s_ref, rtol=1e-5, atol=0)
+    diff = (rows.q.int() - q_ref.int()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.02
+
+
+def _modulation(b, k, gen):
+    """shift/scale/gate as a DiT's ``chunk`` views of one [B, 3K] tensor (row stride 3K)."""
+    return (0.5 * torch.randn(b, 3 * k, generator=gen)).to(BF16).chunk(3, dim=-1)
+
+
+@pytest.mark.parametrize("b,n,k,residual", [(2, 5, 96, False), (2, 5, 96, True), (1, 3, 128, True)])
+def test_norm_modulate_quantize_kernel(b, n, k, residual, gen):
+    from comfyui_headroom.kernels import producers
+
+    x = (3 * torch.randn(b, n, k, generator=gen) + 1).to(BF16)
+    y = torch.randn(b, n, k, generator=gen).to(BF16) if residual else None
+    shift, scale, gate = _modulation(b, k, gen)
+    rows, x_new = producers.norm_modulate_quantize(x, shift, scale, 1e-6, y=y, gate=gate if residual else None)
+    base = x.double()
+    if residual:
+        expected_x = (x.double() + gate.double()[:, None] * y.double()).to(BF16)
+        torch.testing.assert_close(x_new, expected_x, rtol=0.008, atol=0.008)  # one bf16 ulp
+        base = x_new.double()
+    h = torch.nn.functional.layer_norm(base, (k,), eps=1e-6) * (1 + scale.double()[:, None]) + shift.double()[:, None]
+    _close_int8(rows, h.reshape(b * n, k))
+
+
+def test_quantize_heads_kernel_reads_the_transposed_rows(gen):
+    from comfyui_headroom.kernels import producers
+    from comfyui_headroom.kernels.triton_quant import quantize_rows
+
+    o = torch.randn(2, 3, 5, 32, generator=gen).to(BF16)  # [B, H, N, D] contiguous
+    for view in (o, o.transpose(1, 2).contiguous().transpose(1, 2)):  # and the [B, N, H, D]-stored layout
+        rows = producers.quantize_heads(view)
+        q, s = quantize_rows(view.transpose(1, 2).reshape(10, 96).contiguous())
+        assert torch.equal(rows.q, q) and torch.equal(rows.scale, s)
+
+
+@pytest.mark.parametrize("k", [96, 200])  # 200 > QUANT.max_single_pass: the two-pass loop
+def test_gelu_quantize_kernel(k, gen):
+    from comfyui_headroom.kernels import producers
+
+    x = (2 * torch.randn(7, k, generator=gen)).to(BF16)
+    rows = producers.gelu_quantize(x)
+    _close_int8(rows, torch.nn.functional.gelu(x.double(), approximate="tanh"))
+
+
+def test_producer_fed_layers_match_the_plain_block(gen):
+    """The demo block's producer forward vs its plain forward, both on the interpreted W8A8 kernel."""
+    from comfyui_headroom.demo.model import DemoConfig, DiTBlock
+    from comfyui_headroom.quant.replace import quantize_model
+
+    torch.manual_seed(0)
+    block = DiTBlock(DemoConfig(hidden=64, depth=1, heads=2)).to(BF16)
+    quantize_model(block, min_features=1, skip=[], keep_default_skips=False)
+    x = torch.randn(1, 8, 64, generator=gen).to(BF16)
+    c = torch.randn(1, 64, generator=gen).to(BF16)
+    kernels.reset_kernel_stats()
+    with torch.no_grad(), kernels.force_kernel("triton"):
+        plain = block(x, c)
+        block.int8_producers = True
+        fused = block(x, c)
+    assert kernels.kernel_summary()["triton_w8a8"]["shapes"]["8x192x64"] == 2  # qkv: once plain, once fed
+    cos = torch.nn.functional.cosine_similarity(plain.double().flatten(), fused.double().flatten(), dim=0)
+    assert float(cos) > 0.999

@@ -1,0 +1,116 @@
+"""Producers: the ops that make a W8A8 layer's input write it in INT8 directly.
+
+Why: a W8A8 layer quantizes its input in a pass of its own (read bf16, write int8 + row scales), right after
+the op that made that input wrote it in bf16. In a DiT block every Linear input comes from such an op:
+LayerNorm + adaLN modulation (``qkv``, ``fc1``), the attention output and its ``transpose.reshape`` copy
+(``proj``), GELU (``fc2``); in eager torch each of those is itself two to four elementwise passes. On the H100
+(demo ``1b``, 4096 tokens; docs/PERFORMANCE.md "## End to end") these passes plus the quantizations took
+about a third of an INT8 block's GPU time. A producer does the op and the quantization in one pass and hands
+the layer ``(q, scale)``; the layer then runs only its GEMM (:meth:`Int8Linear.forward_int8`).
+
+* :func:`norm_modulate_quantize` - (optional gated residual) + LayerNorm + ``* (1 + scale) + shift`` + INT8;
+* :func:`quantize_heads`         - the attention output ``[B, H, N, D]`` as ``[B*N, H*D]`` rows, in INT8;
+* :func:`gelu_quantize`          - tanh-GELU + INT8;
+* :func:`takes_int8_input`       - whether a layer can take a producer's output for this call.
+
+Each runs a Triton kernel on CUDA (and under ``TRITON_INTERPRET=1``), and the same math in torch elsewhere.
+A producer computes in float32 from its bf16 inputs and rounds once, where the eager chain rounds to bf16
+after every op: the INT8 values can differ from "eager op, then quantize" by one step where a value sits
+near a rounding edge (tests bound it against a float64 reference).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ..quant.int8 import quantize_activation
+from .backends import HAS_TRITON, KernelUnsupported, interpreting
+
+
+class Int8Rows(NamedTuple):
+    """An activation in W8A8 form: ``q int8 [M, K]`` and its per-row ``scale float32 [M]``."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+
+def _triton_here(t: torch.Tensor) -> bool:
+    return HAS_TRITON and (t.is_cuda or interpreting())
+
+
+def takes_int8_input(layer, x: torch.Tensor) -> bool:
+    """True when ``layer`` (an :class:`~comfyui_headroom.quant.Int8Linear`) would run ``x``'s rows through a W8A8
+    GEMM (Triton or ``_int_mm``) with nothing else needing the float input: no LoRA branch, no rotation, no
+    gradient, not inside ``torch.compile`` (whose graphs call the layer's custom op instead)."""
+    from ..quant.linear import Int8Linear
+    from .dispatch import choose_kernel
+
+    if not isinstance(layer, Int8Linear) or layer.lora or layer.rotation_group:
+        return False
+    if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
+        return False
+    return choose_kernel(x, layer.weight, layer.weight_scale) in ("triton_w8a8", "int_mm")
+
+
+def norm_modulate_quantize(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
+                           y: torch.Tensor | None = None, gate: torch.Tensor | None = None
+                           ) -> tuple[Int8Rows, torch.Tensor | None]:
+    """INT8 rows of ``layer_norm(x') * (1 + scale) + shift`` with ``x' = x + gate * y`` (or ``x`` without ``y``).
+
+    ``x``, ``y``: ``[B, N, K]``; ``shift``, ``scale``, ``gate``: ``[B, K]`` (one per image, as a DiT's timestep
+    modulation; views such as ``chunk`` outputs are fine). Returns ``(Int8Rows [B*N, K], x')``, ``x'`` in
+    ``x.dtype`` (None without ``y``): the residual stream the rest of the block continues with.
+    """
+    b, n, k = x.shape
+    residual = y is not None
+    if residual and (gate is None or y.shape != x.shape):
+        raise ValueError(f"norm_modulate_quantize: y {tuple(y.shape)} must match x {tuple(x.shape)} and come "
+                         "with a gate")
+    for name, t in (("shift", shift), ("scale", scale), ("gate", gate)):
+        if t is not None and (t.shape != (b, k) or t.stride(-1) != 1):
+            raise ValueError(f"norm_modulate_quantize: {name} must be [{b}, {k}] with contiguous rows, "
+                             f"got {tuple(t.shape)} strides {t.stride()}")
+    if _triton_here(x) and shift.stride(0) == scale.stride(0) and (not residual or gate.stride(0) == shift.stride(0)):
+        from . import triton_producers
+
+        try:
+            q, s, x_new = triton_producers.norm_modulate_quantize(
+                _rows(x), shift, scale, n, eps, _rows(y) if residual else None, gate)
+            return Int8Rows(q, s), x_new.view(b, n, k) if residual else None
+        except KernelUnsupported:
+            pass  # rows too long for one pass: the torch path below
+    x_new = (x.float() + gate.float()[:, None] * y.float()).to(x.dtype) if residual else None
+    h = F.layer_norm((x_new if residual else x).float(), (k,), eps=eps)
+    h = h * (1 + scale.float()[:, None]) + shift.float()[:, None]
+    return Int8Rows(*quantize_activation(h.reshape(b * n, k))), x_new
+
+
+def quantize_heads(o: torch.Tensor) -> Int8Rows:
+    """INT8 rows of ``o.transpose(1, 2).reshape(B * N, H * D)`` for an attention output ``o [B, H, N, D]``."""
+    b, h, n, d = o.shape
+    if _triton_here(o) and o.stride(-1) == 1:
+        from . import triton_producers
+
+        try:
+            return Int8Rows(*triton_producers.quantize_heads(o))
+        except KernelUnsupported:
+            pass
+    return Int8Rows(*quantize_activation(o.transpose(1, 2).reshape(b * n, h * d)))
+
+
+def gelu_quantize(x: torch.Tensor) -> Int8Rows:
+    """INT8 rows of ``F.gelu(x, approximate="tanh")`` for ``x [..., K]``, flattened to ``[M, K]``."""
+    x2 = _rows(x)
+    if _triton_here(x2):
+        from .triton_quant import quantize_rows
+
+        return Int8Rows(*quantize_rows(x2, gelu=True))
+    return Int8Rows(*quantize_activation(F.gelu(x2.float(), approximate="tanh")))
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 and x2.stride(0) >= x2.shape[-1] else x2.contiguous()

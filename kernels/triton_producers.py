@@ -1,0 +1,114 @@
+"""Triton kernels that write a W8A8 layer's input in INT8 directly (see :mod:`.producers` for why and when).
+
+* :func:`norm_modulate_quantize` - optional gated residual ``x + gate * y``, LayerNorm (no affine),
+  adaLN modulation ``* (1 + scale) + shift``, per-row INT8: one program per row, the row held in registers,
+  read once. ``shift``/``scale``/``gate`` are per group of ``rows_per_group`` rows (one group per image of
+  the batch, as a DiT's timestep modulation is).
+* :func:`quantize_heads` - per-row INT8 of an attention output ``[B, H, N, D]`` read as the ``[B*N, H*D]``
+  rows its output projection multiplies, without the ``transpose(1, 2).reshape`` copy first.
+
+The quantization itself (scale = amax / 127, round half to even, clamp to +-127) is the one of
+:mod:`.triton_quant`, so a producer's INT8 equals ``quantize_rows`` of the float value it computes.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .backends import KernelUnsupported
+from .launch import cached_launcher
+from .triton_quant import _quantize_value, _row_scale, row_block
+
+
+@triton.jit
+def _norm_modulate_quantize_kernel(
+    x_ptr, y_ptr, gate_ptr, shift_ptr, scale_ptr, x_out_ptr, q_ptr, s_ptr,
+    K, rows_per_group, stride_x, stride_y, stride_x_out, stride_mod, eps,
+    BLOCK_K: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    group = row // rows_per_group
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    mod = group * stride_mod + offs
+    if HAS_RESIDUAL:
+        y = tl.load(y_ptr + row * stride_y + offs, mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(gate_ptr + mod, mask=mask, other=0.0).to(tl.float32)
+        x_new = (x + gate * y).to(x_out_ptr.dtype.element_ty)
+        tl.store(x_out_ptr + row * stride_x_out + offs, x_new, mask=mask)
+        x = x_new.to(tl.float32)  # normalise the residual stream as the next block will see it
+    mean = tl.sum(x, axis=0) / K
+    centred = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / K + eps)
+    scale = tl.load(scale_ptr + mod, mask=mask, other=0.0).to(tl.float32)
+    shift = tl.load(shift_ptr + mod, mask=mask, other=0.0).to(tl.float32)
+    h = tl.where(mask, centred * rstd * (1.0 + scale) + shift, 0.0)
+    s, inv_s = _row_scale(tl.max(tl.abs(h), axis=0))
+    tl.store(q_ptr + row * K + offs, _quantize_value(h, inv_s), mask=mask)
+    tl.store(s_ptr + row, s)
+
+
+@triton.jit
+def _quantize_heads_kernel(
+    o_ptr, q_ptr, s_ptr, tokens, K, stride_b, stride_h, stride_n,
+    HEAD_DIM: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # row = b * tokens + n
+    b = row // tokens
+    n = row % tokens
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    src = o_ptr + b * stride_b + n * stride_n + (offs // HEAD_DIM) * stride_h + offs % HEAD_DIM
+    x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    s, inv_s = _row_scale(tl.max(tl.abs(x), axis=0))
+    tl.store(q_ptr + row * K + offs, _quantize_value(x, inv_s), mask=mask)
+    tl.store(s_ptr + row, s)
+
+
+_launch_norm_modulate = cached_launcher(_norm_modulate_quantize_kernel)
+_launch_heads = cached_launcher(_quantize_heads_kernel)
+
+
+def _single_pass_block(k: int, what: str) -> tuple[int, int]:
+    block, single, warps = row_block(k)
+    if not single:
+        raise KernelUnsupported(f"{what}: rows of {k} values are longer than one pass holds")
+    return block, warps
+
+
+def norm_modulate_quantize(x, shift, scale, rows_per_group: int, eps: float, y=None, gate=None):
+    """``x [M, K]`` (rows contiguous), ``shift``/``scale``/``gate`` ``[M / rows_per_group, K]`` (rows contiguous,
+    any row stride, the same for all three), optional ``y [M, K]``.
+
+    -> ``(q int8 [M, K], scale float32 [M], x_new)``: ``x_new = x + gate * y`` in ``x.dtype`` (None without
+    ``y``), then ``q, scale`` = per-row INT8 of ``layer_norm(x_new) * (1 + scale) + shift``.
+    """
+    m, k = x.shape
+    block, warps = _single_pass_block(k, "norm_modulate_quantize")
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    s = torch.empty((m,), dtype=torch.float32, device=x.device)
+    residual = y is not None
+    x_new = torch.empty_like(x, memory_format=torch.contiguous_format) if residual else None
+    if m:
+        _launch_norm_modulate(
+            (m,), x, y if residual else x, gate if residual else shift, shift, scale, x_new if residual else x, q, s,
+            k, rows_per_group, x.stride(0), y.stride(0) if residual else 0, k, shift.stride(0), float(eps),
+            BLOCK_K=block, HAS_RESIDUAL=residual, num_warps=warps)
+    return q, s, x_new
+
+
+def quantize_heads(o):
+    """``o [B, H, N, D]`` (unit stride in D) -> ``(q int8 [B*N, H*D], scale float32 [B*N])``: the per-row INT8
+    of ``o.transpose(1, 2).reshape(B*N, H*D)``."""
+    b, h, n, d = o.shape
+    k = h * d
+    block, warps = _single_pass_block(k, "quantize_heads")
+    q = torch.empty((b * n, k), dtype=torch.int8, device=o.device)
+    s = torch.empty((b * n,), dtype=torch.float32, device=o.device)
+    if b * n:
+        _launch_heads((b * n,), o, q, s, n, k, o.stride(0), o.stride(1), o.stride(2),
+                      HEAD_DIM=d, BLOCK_K=block, num_warps=warps)
+    return q, s
