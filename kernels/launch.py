@@ -19,6 +19,7 @@ is switched off for the process with a log line).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 
@@ -90,6 +91,12 @@ class CachedLauncher:
             first = min(fn.constexprs, default=n_params)
             if sorted(fn.constexprs) != list(range(first, n_params)):
                 raise TypeError(f"{fn.__name__}: constexpr parameters must follow every runtime parameter")
+            python_fn = getattr(fn, "fn", None)  # the decorated function
+            params = inspect.signature(python_fn).parameters.items() if python_fn is not None else ()
+            defaults = [name for name, p in params if p.default is not inspect.Parameter.empty]
+            if defaults:  # a call leaving one out would never be kept: it would silently take the slow path
+                raise TypeError(f"{fn.__name__}: give {', '.join(defaults)} no default; callers pass every "
+                                "constexpr by keyword")
             self.n_runtime = first
             self.constexpr_names = tuple(fn.arg_names[first:])
             from triton.runtime import driver

@@ -61,6 +61,21 @@ def test_constexprs_must_follow_runtime_parameters():
         CachedLauncher(JITFunction())
 
 
+def test_constexprs_must_have_no_default():
+    """A call leaving out a defaulted constexpr would never be kept: every launch would silently be slow."""
+    def kernel(x, BLOCK, GELU=False):
+        pass
+
+    class JITFunction:
+        __name__ = "defaulted_kernel"
+        constexprs = [1, 2]
+        arg_names = ["x", "BLOCK", "GELU"]
+        fn = staticmethod(kernel)
+
+    with pytest.raises(TypeError, match="defaulted_kernel: give GELU no default"):
+        CachedLauncher(JITFunction())
+
+
 def test_empty_hook_chains_do_not_count_as_hooks():
     from comfyui_headroom.kernels.launch import _hook_active
 
