@@ -7,7 +7,11 @@ One process, one model, one fixed-seed latent; every run samples the same Euler 
 after one untimed warm-up call, CUDA-synchronised per step) and is compared with the bf16 resident run:
 
 * ``bf16 resident``            - the anchor;
-* ``INT8 resident``            - the converter's file loaded into Int8Linear layers, all on the GPU;
+* ``INT8 resident``            - the converter's file loaded into Int8Linear layers, all on the GPU, each block
+                                  feeding its INT8 layers from fused producers (kernels/producers.py: the
+                                  demo's default);
+* ``INT8 resident, no producers`` - the same layers fed by the eager ops, each layer quantizing its input in
+                                  a pass of its own (how much of the gain the producers give);
 * ``bf16 accelerate offload``  - the first half of the blocks on the GPU, the rest offloaded to CPU RAM by
                                   accelerate's ``dispatch_model`` with a device map (seed 001's slow baseline);
 * ``INT8 streamed``            - half the blocks resident, the other half streamed from pinned RAM by
@@ -120,6 +124,10 @@ def run(args) -> dict:
     rows.append(measure("INT8 resident", model, noise, args.steps, "all blocks on the GPU", dev, reference))
     kernels = {k: v["calls"] for k, v in kernel_summary().items()}
     resident_int8 = rows[-1]["latent"]
+    model.use_int8_producers(False)  # the same layers fed by eager ops + a quantization pass each
+    rows.append(measure("INT8 resident, no producers", model, noise, args.steps, "all blocks on the GPU", dev,
+                        reference))
+    model.use_int8_producers(True)
 
     def int8_streamed():
         placement = place(model.cpu(), dev, blocks_resident=half, prefetch=STREAM_PREFETCH)
@@ -183,6 +191,7 @@ def run(args) -> dict:
         "rows": rows,
         "errors": errors,
         "speedup_int8_resident": ratio("bf16 resident", "INT8 resident"),
+        "speedup_int8_resident_no_producers": ratio("bf16 resident", "INT8 resident, no producers"),
         "speedup_int8_streamed_vs_accelerate": ratio("bf16 accelerate offload", "INT8 streamed"),  # see _streamed_valid
         "speedup_int8_streamed_vs_bf16_streamed": ratio("bf16 streamed", "INT8 streamed"),
         "cosine_int8": by["INT8 resident"]["cosine"],
@@ -243,7 +252,10 @@ def render(r: dict) -> str:
          if _streamed_valid(r) else
          "- INT8 streamed vs bf16 accelerate offload: **not validly measured in this run** (no block copies were "
          "recorded during the timed steps; see below)."),
-        f"- INT8 kernels that ran (calls, resident run): "
+        *(["- Without the fused producers (every INT8 layer quantizing its own input, norm/modulation/GELU/"
+           f"residual as eager ops): **{r['speedup_int8_resident_no_producers']:.2f}x** bf16."]
+          if r.get("speedup_int8_resident_no_producers") else []),
+        "- INT8 kernels that ran (calls, resident run): "
         + ", ".join(f"{k} {n}" for k, n in sorted(r["kernels"].items(), key=lambda kv: -kv[1])) + ".",
     ]
     if streamed is not None and _streamed_valid(r):
