@@ -31,6 +31,8 @@ def register(subparsers) -> None:
                         help="where the demo checkpoints live (default $HEADROOM_CACHE/demo or "
                              "~/.cache/comfyui-headroom/demo)")
     parser.add_argument("--out", default=None, help="folder for the PNG images (default: current folder)")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="on a GPU, run the blocks eagerly instead of replaying them from CUDA graphs")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parser.set_defaults(func=_run)
 
@@ -42,7 +44,7 @@ def _run(args: argparse.Namespace) -> int:
     options = DemoOptions(
         size=args.size, device=args.device, budget_gb=args.budget_gb,
         steps=args.steps, seed=args.seed, tokens=args.tokens,
-        method=args.method, cache_dir=args.cache_dir, out_dir=args.out,
+        method=args.method, cache_dir=args.cache_dir, out_dir=args.out, cuda_graphs=args.cuda_graphs,
     )
     try:
         report = run_demo(options)

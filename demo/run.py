@@ -43,6 +43,7 @@ class DemoOptions:
     method: str = "rowwise"
     cache_dir: str | None = None
     out_dir: str | None = None
+    cuda_graphs: bool = True  # on a GPU, blocks replay from CUDA graphs (memory/graphs.py); ignored on CPU
 
 
 def default_cache_dir() -> Path:
@@ -172,6 +173,7 @@ class Placement:
     weights_vram_bytes: int  # resident weights + the streaming ring: what the weights take on the device
     ring_slots: int = 0
     streamer: object = None  # the BlockStreamer keeping the hooks alive, when blocks stream
+    graphs: object = None  # the BlockGraphs of resident-only placements with cuda_graphs (a streamer owns its own)
 
     def copies(self) -> int:
         """Block copies host -> device so far (0 when nothing streams)."""
@@ -181,6 +183,9 @@ class Placement:
         if self.streamer is not None:
             self.streamer.disable()
             self.streamer = None
+        if self.graphs is not None:
+            self.graphs.remove()
+            self.graphs = None
 
 
 def default_budget_bytes(model: DemoDiT) -> int:
@@ -194,24 +199,31 @@ def default_budget_bytes(model: DemoDiT) -> int:
 
 
 def place(model: DemoDiT, device: torch.device, budget_bytes: int | None = None,
-          blocks_resident: int | None = None, prefetch: int | None = None) -> Placement:
+          blocks_resident: int | None = None, prefetch: int | None = None, cuda_graphs: bool = False) -> Placement:
     """Move the model to ``device``. With a budget (bytes of VRAM for weights: the planner decides) or a
     number of resident blocks, the other blocks stream from pinned RAM through the memory package's streamer
     (its defaults: streamed blocks spread between resident ones, a ring of prefetch + 1 GPU slots). On a
-    CPU device the same hooks run with plain copies (that is how the tests run them)."""
+    CPU device the same hooks run with plain copies (that is how the tests run them). ``cuda_graphs`` (CUDA
+    only): every block replays from CUDA graphs, resident or streamed (:mod:`comfyui_headroom.memory.graphs`)."""
     from ..memory import enable_block_streaming, module_bytes
+    from ..memory.graphs import graph_blocks
 
     total = module_bytes(model)
-    if budget_bytes is None and blocks_resident is None:
+    graphs = cuda_graphs and device.type == "cuda"
+
+    def resident_only() -> Placement:
         model.to(device)
-        return Placement(len(model.blocks), 0, total)
+        return Placement(len(model.blocks), 0, total, graphs=graph_blocks(list(model.blocks)) if graphs else None)
+
+    if budget_bytes is None and blocks_resident is None:
+        return resident_only()
     options = {} if prefetch is None else {"prefetch": prefetch}
     streamer = enable_block_streaming(model, device, blocks="blocks", budget_bytes=budget_bytes,
-                                      blocks_resident=blocks_resident, **options)
+                                      blocks_resident=blocks_resident, cuda_graphs=graphs, **options)
     streamed = len(streamer.streamed_indices)
     if not streamed:  # everything fits: no hooks needed
         streamer.disable(device)
-        return Placement(len(model.blocks), 0, total)
+        return resident_only()
     vram = total - streamer.streamed_bytes + streamer.ring_bytes
     return Placement(len(model.blocks) - streamed, streamed, vram, min(streamer.prefetch + 1, streamed), streamer)
 
@@ -255,10 +267,11 @@ class _Run:
     budget_bytes: int | None
     load_s: float
     memory: object  # MemoryReport
-    producer_forwards: int  # block calls whose INT8 layers took fused-producer input
+    int8_producers: bool  # some block fed its INT8 layers from fused producers
 
 
-def _run_one(load, device: torch.device, budget: int | None, noise, steps: int, warmup: bool) -> _Run:
+def _run_one(load, device: torch.device, budget: int | None, noise, steps: int, warmup: bool,
+             cuda_graphs: bool) -> _Run:
     """Load (to CPU), place under the budget (on a GPU; default :func:`default_budget_bytes`), sample,
     clean up. On a CPU everything stays resident."""
     from ..memory import MemoryTracker
@@ -268,17 +281,17 @@ def _run_one(load, device: torch.device, budget: int | None, noise, steps: int, 
         model = load()
         if device.type == "cuda" and budget is None:
             budget = default_budget_bytes(model)
-        placement = place(model, device, budget if device.type == "cuda" else None)
+        placement = place(model, device, budget if device.type == "cuda" else None, cuda_graphs=cuda_graphs)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         load_s = time.perf_counter() - start
         result = sample(model, noise, steps, device, warmup=warmup)
     placement.release()
-    producer_forwards = sum(block.producer_forwards for block in model.blocks)
+    producers = any(block.producer_forwards for block in model.blocks)
     del model
     _free(device)
     return _Run(result, placement, budget if device.type == "cuda" else None, load_s, tracker.report,
-                producer_forwards)
+                producers)
 
 
 def run_demo(options: DemoOptions) -> dict:
@@ -308,12 +321,13 @@ def run_demo(options: DemoOptions) -> dict:
         return model
 
     budget = int(options.budget_gb * 2**30) if options.budget_gb is not None else None
-    int8 = _run_one(load_int8, device, budget, noise, steps, warmup)
+    int8 = _run_one(load_int8, device, budget, noise, steps, warmup, options.cuda_graphs)
     kernel, kernel_calls = _most_used_kernel()
     # bf16 runs under the same budget: --budget-gb, or the one the INT8 run got (its blocks are twice as
     # large, so more of them stream; the planner raises a budget below its streaming ring, with a warning).
     bf16_budget = budget if budget is not None else int8.budget_bytes
-    bf16 = _run_one(lambda: load_bf16_model(checkpoint, cfg, "cpu"), device, bf16_budget, noise, steps, warmup)
+    bf16 = _run_one(lambda: load_bf16_model(checkpoint, cfg, "cpu"), device, bf16_budget, noise, steps, warmup,
+                    options.cuda_graphs)
     int8_run, bf16_run = int8.result, bf16.result
 
     image = decode(int8_run.latent)
@@ -344,7 +358,8 @@ def run_demo(options: DemoOptions) -> dict:
         "float_linear_layers": float_layers,
         "kernel": kernel,
         "kernel_calls": {k: v["calls"] for k, v in kernel_calls.items()},
-        "producer_forwards": int8.producer_forwards,
+        "int8_producers": int8.int8_producers,
+        "cuda_graphs": options.cuda_graphs and device.type == "cuda",
         "budget_gb": None if int8.budget_bytes is None else int8.budget_bytes / 2**30,
         "budget_default": options.budget_gb is None,
         "weights_vram_gb": int8.placement.weights_vram_bytes / 2**30,
@@ -387,7 +402,8 @@ def format_report(r: dict) -> str:
             f"  budget     : {r['budget_gb']:.2f} GB of VRAM for weights ({asked})",
             f"  blocks     : INT8 {r['blocks_resident']} resident + {r['blocks_streamed']} streamed "
             f"({r['weights_vram_gb']:.2f} GB) | bf16 {r['blocks_resident_bf16']} resident + "
-            f"{r['blocks_streamed_bf16']} streamed ({r['weights_vram_bf16_gb']:.2f} GB)",
+            f"{r['blocks_streamed_bf16']} streamed ({r['weights_vram_bf16_gb']:.2f} GB)"
+            + ("; both replayed from CUDA graphs" if r.get("cuda_graphs") else ""),
         ]
     lines = [
         f"headroom demo: {r['size']} DiT, {r['parameters'] / 1e6:.0f} M parameters, {r['blocks']} blocks, "
@@ -395,8 +411,8 @@ def format_report(r: dict) -> str:
         f"  checkpoint : {r['checkpoint']} ({made})",
         f"  INT8 file  : {r['int8_file']} ({conv}; {r['int8_layers']} Linear layers INT8 {r['method']}, "
         f"{r['float_linear_layers']} kept float)",
-        f"  kernel     : {r['kernel']}" + (f" (inputs written in INT8 by fused producers in {r['producer_forwards']} "
-                                            "block calls)" if r.get("producer_forwards") else ""),
+        f"  kernel     : {r['kernel']}" + (" (block inputs written in INT8 by fused producers)"
+                                            if r.get("int8_producers") else ""),
         *blocks,
         f"  load time  : {r['load_time_s']:.2f} s INT8 | {r['load_time_bf16_s']:.2f} s bf16",
         f"  step time  : {r['step_time_int8_s'] * 1e3:.1f} ms INT8 | {r['step_time_bf16_s'] * 1e3:.1f} ms bf16{speed}",
