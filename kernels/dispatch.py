@@ -305,24 +305,62 @@ def _plans_allowed() -> bool:
 
 def _planned(x, weight, weight_scale, bias, block_size: int) -> torch.Tensor:
     plans = _plans_module
-    key = plans.signature(x, weight, weight_scale, bias, block_size)
+    return _through_plan(
+        plans.signature(x, weight, weight_scale, bias, block_size),
+        lambda: dispatch_and_run(x, weight, weight_scale, bias, block_size),
+        lambda: (plans.build(x, weight, weight_scale, bias)
+                 if auto_kernel(x, weight, weight_scale) == "triton_w8a8" else None),
+        lambda plan: plan.run(x, weight, weight_scale, bias))
+
+
+def int8_linear_int8_input(qa: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                           bias: torch.Tensor | None, out_dtype: torch.dtype, block_size: int = 128) -> torch.Tensor:
+    """:func:`int8_linear` for an activation that is already INT8 (``qa int8 [M, K]``, per-row ``a_scale``), as
+    fused producers (:mod:`.producers`) write it: the GEMM of the kernel the automatic (or forced) choice names
+    (``triton_w8a8``, ``int_mm``; anything else computes it with the reference). Planned like :func:`int8_linear`."""
+    if qa.is_cuda and _plans_allowed():
+        return _planned_int8_input(qa, a_scale, weight, weight_scale, bias, out_dtype, block_size)
+    return _int8_input_normal(qa, a_scale, weight, weight_scale, bias, out_dtype, block_size)
+
+
+def _planned_int8_input(qa, a_scale, weight, weight_scale, bias, out_dtype, block_size) -> torch.Tensor:
+    plans = _plans_module
+    return _through_plan(
+        plans.signature_int8_input(qa, a_scale, weight, weight_scale, bias, out_dtype, block_size),
+        lambda: _int8_input_normal(qa, a_scale, weight, weight_scale, bias, out_dtype, block_size),
+        lambda: (plans.build_int8_input(qa, a_scale, weight, weight_scale, bias, out_dtype)
+                 if auto_kernel(qa, weight, weight_scale) == "triton_w8a8" else None),
+        lambda plan: plan.run_int8(qa, a_scale, weight, weight_scale, bias, out_dtype))
+
+
+def _int8_input_normal(qa, a_scale, weight, weight_scale, bias, out_dtype, block_size) -> torch.Tensor:
+    kernel = choose_kernel(qa, weight, weight_scale)
+    if kernel not in BACKENDS_INT8_INPUT:  # e.g. the weight-only kernel at small M, which wants float input
+        kernel = "reference"
+    return run_kernel_int8_input(kernel, qa, a_scale, weight, weight_scale, bias, out_dtype, block_size)
+
+
+def _through_plan(key, normal, build, run_plan) -> torch.Tensor:
+    """The first call of a signature runs ``normal()`` and then ``build()``s its plan (None: this signature always
+    takes the normal path); later calls run the plan. A plan whose direct launch this Triton rejects switches
+    plans and direct launches off and runs the normal path."""
     plan = _plans.get(key)
-    if plan is None:  # first call with this signature: the normal path, then remember what to do next time
-        y = dispatch_and_run(x, weight, weight_scale, bias, block_size)
-        if len(_plans) >= plans.MAX_PLANS:
+    if plan is None:
+        y = normal()
+        if len(_plans) >= _plans_module.MAX_PLANS:
             _plans.clear()
-        built = plans.build(x, weight, weight_scale, bias) if auto_kernel(x, weight, weight_scale) == "triton_w8a8" else None
+        built = build()
         _plans[key] = built if built is not None else _NO_PLAN
         return y
     if plan is _NO_PLAN:
-        return dispatch_and_run(x, weight, weight_scale, bias, block_size)
+        return normal()
     try:
-        y = plan.run(x, weight, weight_scale, bias)
+        y = run_plan(plan)
     except TypeError as err:  # this Triton's launcher rejects direct launches: plans and direct launches stop
         from .launch import _disable
 
         _disable(f"launch plan: {err}")
         _plans.clear()
-        return dispatch_and_run(x, weight, weight_scale, bias, block_size)
+        return normal()
     record_call("triton_w8a8", plan.m, plan.n, plan.k)
     return y

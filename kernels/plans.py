@@ -38,8 +38,15 @@ def signature(x, weight, weight_scale, bias, block_size) -> tuple:
             block_size)
 
 
+def signature_int8_input(qa, a_scale, weight, weight_scale, bias, out_dtype, block_size) -> tuple:
+    """:func:`signature` of a call whose activation is already INT8 (``Int8Linear.forward_int8``)."""
+    return (signature(qa, weight, weight_scale, bias, block_size), a_scale.shape, a_scale.dtype,
+            a_scale.is_contiguous(), a_scale.data_ptr() & 15, out_dtype)
+
+
 class LinearPlan:
-    """One planned ``int8_linear`` signature: quantize ``x`` per row, then the Gluon W8A8 GEMM."""
+    """One planned signature: quantize ``x`` per row (``quant``; None when the input comes already in INT8),
+    then the Gluon W8A8 GEMM."""
 
     __slots__ = ("m", "n", "k", "out_shape", "quant", "gemm", "gemm_grid", "device_index", "get_stream")
 
@@ -53,17 +60,19 @@ class LinearPlan:
         self.get_stream = driver.active.get_current_stream
 
     def run(self, x, weight, weight_scale, bias) -> torch.Tensor:
-        m, n, k = self.m, self.n, self.k
-        device = x.device
-        qa = torch.empty((m, k), dtype=torch.int8, device=device)
-        sa = torch.empty((m,), dtype=torch.float32, device=device)
-        out = torch.empty((m, n), dtype=x.dtype, device=device)
-        stream = self.get_stream(self.device_index)
-        launch.launch_kept(self.quant, (m,), stream, (x, qa, sa, k, k))
-        launch.launch_kept(self.gemm, self.gemm_grid, stream,
-                           (qa, weight, out, sa, weight_scale, weight_scale if bias is None else bias, m, n, k))
+        m, k = self.m, self.k
+        qa = torch.empty((m, k), dtype=torch.int8, device=x.device)
+        sa = torch.empty((m,), dtype=torch.float32, device=x.device)
+        launch.launch_kept(self.quant, (m,), self.get_stream(self.device_index), (x, qa, sa, k, k))
+        return self.run_int8(qa, sa, weight, weight_scale, bias, x.dtype).view(self.out_shape)
+
+    def run_int8(self, qa, a_scale, weight, weight_scale, bias, out_dtype) -> torch.Tensor:
+        out = torch.empty((self.m, self.n), dtype=out_dtype, device=qa.device)
+        launch.launch_kept(self.gemm, self.gemm_grid, self.get_stream(self.device_index),
+                           (qa, weight, out, a_scale, weight_scale, weight_scale if bias is None else bias,
+                            self.m, self.n, self.k))
         triton_w8a8.LAST_COMPILED["gluon"] = self.gemm[0]
-        return out.view(self.out_shape)
+        return out
 
 
 def build(x, weight, weight_scale, bias) -> LinearPlan | None:
@@ -78,22 +87,45 @@ def build(x, weight, weight_scale, bias) -> LinearPlan | None:
     n = weight.shape[0]
     if m == 0 or k == 0 or n == 0:
         return None
-    device = x.device
-    qa = torch.empty((m, k), dtype=torch.int8, device=device)
-    sa = torch.empty((m,), dtype=torch.float32, device=device)
-    out = torch.empty((m, n), dtype=x.dtype, device=device)
+    qa = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    sa = torch.empty((m,), dtype=torch.float32, device=x.device)
+    gemm_plan = _gemm(qa, sa, weight, weight_scale, bias, x.dtype, (*x.shape[:-1], n))
+    if gemm_plan is None:
+        return None
+    q_grid, q_args, q_kwargs = triton_quant.launch_args(x.view(m, k), qa, sa)
+    gemm_plan.quant = triton_quant._launch_quantize_rows.lookup(q_args, q_kwargs)
+    return gemm_plan if gemm_plan.quant is not None else None
+
+
+def build_int8_input(qa, a_scale, weight, weight_scale, bias, out_dtype) -> LinearPlan | None:
+    """:func:`build` for a call whose activation came already in INT8: a plan of the GEMM alone."""
+    if not qa.is_cuda or not qa.is_contiguous() or not a_scale.is_contiguous() or not weight_scale.is_contiguous():
+        return None
+    if bias is not None and not bias.is_contiguous():
+        return None
+    m, k = qa.shape
+    if m == 0 or k == 0 or weight.shape[0] == 0:
+        return None
+    return _gemm(qa, a_scale, weight, weight_scale, bias, out_dtype, (m, weight.shape[0]))
+
+
+def _gemm(qa, a_scale, weight, weight_scale, bias, out_dtype, out_shape) -> LinearPlan | None:
+    """The plan's GEMM part (``quant`` left None): the kept Gluon kernel the normal path launched for these
+    operands, or None where it took another kernel."""
+    m, k = qa.shape
+    n = weight.shape[0]
+    device = qa.device
+    out = torch.empty((m, n), dtype=out_dtype, device=device)
     mode = triton_w8a8.scale_mode_of(weight_scale)
     config = triton_w8a8._gluon_config(device, m, n, k, out, mode, (qa, weight, out))
     if config is None:
         return None
-    q_grid, q_args, q_kwargs = triton_quant.launch_args(x.view(m, k), qa, sa)
-    quant = triton_quant._launch_quantize_rows.lookup(q_args, q_kwargs)
-    grid, g_args, g_kwargs = gluon_w8a8.launch_args(qa, sa, weight, weight_scale, bias, out, config,
+    grid, g_args, g_kwargs = gluon_w8a8.launch_args(qa, a_scale, weight, weight_scale, bias, out, config,
                                                     triton_w8a8._sm_count(device))
     gemm = gluon_w8a8._launch.lookup(g_args, g_kwargs)
-    if quant is None or gemm is None:
+    if gemm is None:
         return None
-    return LinearPlan(m, n, k, (*x.shape[:-1], n), quant, gemm, grid, device.index or 0)
+    return LinearPlan(m, n, k, out_shape, None, gemm, grid, device.index or 0)
 
 
 def set_enabled(enabled: bool) -> None:

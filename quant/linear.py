@@ -157,7 +157,7 @@ class Int8Linear(nn.Module):
         INT8: ``rows`` = ``(q int8 [M, K], scale float32 [M])`` -> ``[M, out]`` in ``out_dtype``. Only the GEMM
         runs; callers check :func:`~comfyui_headroom.kernels.producers.takes_int8_input` first (no LoRA, no
         rotation: both need the float input)."""
-        from ..kernels.dispatch import choose_kernel, run_kernel_int8_input
+        from ..kernels.dispatch import int8_linear_int8_input
 
         if self.lora or self.rotation_group:
             raise ValueError("forward_int8: this layer has LoRA branches or a rotated weight, which need the float "
@@ -165,11 +165,8 @@ class Int8Linear(nn.Module):
         q, a_scale = rows
         if q.ndim != 2 or q.shape[1] != self.in_features:
             raise ValueError(f"forward_int8: expected int8 rows [M, {self.in_features}], got {tuple(q.shape)}")
-        kernel = choose_kernel(q, self.weight, self.weight_scale)
-        if kernel not in ("triton_w8a8", "int_mm"):
-            kernel = "reference"
-        return run_kernel_int8_input(kernel, q, a_scale, self.weight, self.weight_scale, self.bias, out_dtype,
-                                     self.block_size)
+        return int8_linear_int8_input(q, a_scale, self.weight, self.weight_scale, self.bias, out_dtype,
+                                      self.block_size)
 
     def _apply(self, fn, recurse=True):
         # Keep int8 weight and float32 scale dtypes under .to(dtype)/.half(); follow device moves.

@@ -242,4 +242,16 @@ def test_launch_plans_give_the_normal_paths_results(gen):
     summary = kernel_summary()
     assert summary["triton_w8a8"]["shapes"] == {"4096x1024x3072": 6}
     assert summary["triton_w8a16"]["shapes"] == {"8x1024x3072": 2}
+    # An activation already in INT8 (what fused producers hand Int8Linear.forward_int8): planned the same way.
+    from comfyui_headroom.kernels.dispatch import int8_linear_int8_input
+    from comfyui_headroom.kernels.plans import signature_int8_input
+    from comfyui_headroom.kernels.triton_quant import quantize_rows
+
+    qa, sa = quantize_rows(torch.randn(4096, 3072, generator=gen).to(DEV, BF16))
+    int8_linear_int8_input(qa, sa, qw, sw, bias, BF16)
+    assert isinstance(dispatch._plans[signature_int8_input(qa, sa, qw, sw, bias, BF16, 128)], LinearPlan)
+    qa2, sa2 = quantize_rows(torch.randn(4096, 3072, generator=gen).to(DEV, BF16))
+    planned = int8_linear_int8_input(qa2, sa2, qw, sw, bias, BF16)
+    with force_kernel("triton_w8a8"):
+        assert torch.equal(planned, int8_linear_int8_input(qa2, sa2, qw, sw, bias, BF16))
     dispatch._plans.clear()

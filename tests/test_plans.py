@@ -103,6 +103,38 @@ def test_first_call_runs_the_normal_path_then_the_plan(monkeypatch):
     dispatch._plans.clear()
 
 
+def test_int8_input_calls_are_planned_by_their_own_signature(monkeypatch):
+    """Int8Linear.forward_int8's entry: first call normal path + build_int8_input, then the plan's run_int8."""
+    from comfyui_headroom.kernels.backends import reference_int8
+    from comfyui_headroom.quant.int8 import quantize_activation
+
+    class Int8InputPlan(_FakePlan):
+        def run_int8(self, qa, a_scale, weight, weight_scale, bias, out_dtype):
+            self.runs += 1
+            return reference_int8(qa, a_scale, weight, weight_scale, bias, out_dtype, 128)
+
+    made = []
+
+    def fake_build(qa, a_scale, weight, weight_scale, bias, out_dtype):
+        made.append(qa.shape)
+        return Int8InputPlan(qa.shape[0], weight.shape[0], qa.shape[1])
+
+    monkeypatch.setattr(plans, "build_int8_input", fake_build)
+    monkeypatch.setattr(dispatch, "auto_kernel", lambda x, w, s: "triton_w8a8")  # what a Hopper would choose
+    monkeypatch.setattr(dispatch, "_int8_input_normal",  # ... computed by the reference on the CPU
+                        lambda *args: dispatch.run_kernel_int8_input("reference", *args))
+    monkeypatch.setattr(dispatch, "_plans_module", plans)
+    dispatch._plans.clear()
+    qw, sw, b = _layer()
+    qa, sa = quantize_activation(torch.randn(3, 64).to(BF16))
+    first = dispatch._planned_int8_input(qa, sa, qw, sw, b, BF16, 128)   # normal path (reference here), plan built
+    second = dispatch._planned_int8_input(qa, sa, qw, sw, b, BF16, 128)  # the plan
+    plan = dispatch._plans[plans.signature_int8_input(qa, sa, qw, sw, b, BF16, 128)]
+    assert made == [qa.shape] and plan.runs == 1 and torch.equal(first, second)
+    assert plans.signature_int8_input(qa, sa, qw, sw, b, torch.float16, 128) not in dispatch._plans  # out dtype counts
+    dispatch._plans.clear()
+
+
 def test_calls_that_are_not_planned_stay_on_the_normal_path(monkeypatch):
     monkeypatch.setattr(plans, "build", lambda *a: None)
     monkeypatch.setattr(dispatch, "_plans_module", plans)
