@@ -67,6 +67,9 @@ def test_demo_runs_end_to_end_on_cpu(tmp_path):
     assert pixels.std() > 10  # not a flat image
     text = format_report(report)
     assert "kernel     : " + report["kernel"] in text and report["image"] in text
+    # CPU: the reference kernel runs, so no block takes producer input and nothing is graphed
+    assert report["int8_producers"] is False and report["cuda_graphs"] is False
+    assert "fused producers" not in text and "CUDA graphs" not in text
     assert f"cosine {report['cosine']:.6f}" in text and "CPU: no VRAM budget" in text
     gpu = dict(report, device="cuda", gpu="Some GPU", budget_gb=0.5, budget_default=True, blocks_resident=1,
                blocks_streamed=1, weights_vram_gb=0.4, blocks_resident_bf16=0, blocks_streamed_bf16=2,
@@ -74,6 +77,8 @@ def test_demo_runs_end_to_end_on_cpu(tmp_path):
     gpu_text = format_report(gpu)
     assert "budget     : 0.50 GB" in gpu_text and "INT8 1 resident + 1 streamed" in gpu_text
     assert "bf16 0 resident + 2 streamed" in gpu_text and "on Some GPU" in gpu_text
+    fed = format_report(dict(gpu, int8_producers=True, cuda_graphs=True))
+    assert "(block inputs written in INT8 by fused producers)" in fed and "both replayed from CUDA graphs" in fed
 
 
 def test_same_seed_same_model_other_seed_other_model():
@@ -207,3 +212,20 @@ def test_bad_tokens_is_a_one_line_user_error(capsys, tmp_path):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "perfect square" in err[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_demo_on_gpu_uses_producers_and_cuda_graphs(tmp_path):
+    """On a GPU the INT8 blocks take producer input and replay from CUDA graphs; the result still matches bf16."""
+    from comfyui_headroom.demo.run import DemoOptions, run_demo
+
+    report = run_demo(DemoOptions(size="tiny", device="cuda", steps=3, cache_dir=str(tmp_path / "cache"),
+                                  out_dir=str(tmp_path / "out")))
+    facts = {k: report[k] for k in ("int8_producers", "cuda_graphs", "kernel", "kernel_calls", "cosine")}
+    assert report["int8_producers"] is True, facts
+    assert report["cuda_graphs"] is True, facts
+    assert report["kernel"] == "triton_w8a8", facts
+    assert report["cosine"] > 0.999, facts
+    eager = run_demo(DemoOptions(size="tiny", device="cuda", steps=3, cache_dir=str(tmp_path / "cache"),
+                                 out_dir=str(tmp_path / "out"), cuda_graphs=False))
+    assert eager["cuda_graphs"] is False and abs(eager["cosine"] - report["cosine"]) < 1e-4
