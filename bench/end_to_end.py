@@ -12,6 +12,8 @@ after one untimed warm-up call, CUDA-synchronised per step) and is compared with
                                   demo's default);
 * ``INT8 resident, no producers`` - the same layers fed by the eager ops, each layer quantizing its input in
                                   a pass of its own (how much of the gain the producers give);
+* ``... resident, CUDA graphs`` - bf16 and INT8 resident with every block replayed from CUDA graphs
+                                  (memory/graphs.py): the step without host time, as the demo runs on a GPU;
 * ``bf16 accelerate offload``  - the first half of the blocks on the GPU, the rest offloaded to CPU RAM by
                                   accelerate's ``dispatch_model`` with a device map (seed 001's slow baseline);
 * ``INT8 streamed``            - half the blocks resident, the other half streamed from pinned RAM by
@@ -112,9 +114,21 @@ def run(args) -> dict:
     noise = initial_noise(cfg.latent_channels, cfg.latent_size, args.seed + 1000)
     rows = []
 
+    def graphed(name, model, reference=None):
+        """The same resident model with every block replayed from CUDA graphs: GPU time alone, whatever the
+        host's speed (the demo's default on a GPU)."""
+        if dev.type != "cuda":
+            return
+        placement = place(model, dev, cuda_graphs=True)
+        try:
+            rows.append(measure(name, model, noise, args.steps, "all blocks on the GPU, CUDA graphs", dev, reference))
+        finally:
+            placement.release()
+
     model = load_bf16_model(ckpt, cfg, "cpu").to(dev)
     rows.append(measure("bf16 resident", model, noise, args.steps, "all blocks on the GPU", dev))
     reference = rows[0]["latent"]
+    graphed("bf16 resident, CUDA graphs", model, reference)
     del model
     _free()
 
@@ -128,6 +142,7 @@ def run(args) -> dict:
     rows.append(measure("INT8 resident, no producers", model, noise, args.steps, "all blocks on the GPU", dev,
                         reference))
     model.use_int8_producers(True)
+    graphed("INT8 resident, CUDA graphs", model, reference)
 
     def int8_streamed():
         placement = place(model.cpu(), dev, blocks_resident=half, prefetch=STREAM_PREFETCH)
@@ -192,6 +207,7 @@ def run(args) -> dict:
         "errors": errors,
         "speedup_int8_resident": ratio("bf16 resident", "INT8 resident"),
         "speedup_int8_resident_no_producers": ratio("bf16 resident", "INT8 resident, no producers"),
+        "speedup_int8_resident_graphs": ratio("bf16 resident, CUDA graphs", "INT8 resident, CUDA graphs"),
         "speedup_int8_streamed_vs_accelerate": ratio("bf16 accelerate offload", "INT8 streamed"),  # see _streamed_valid
         "speedup_int8_streamed_vs_bf16_streamed": ratio("bf16 streamed", "INT8 streamed"),
         "cosine_int8": by["INT8 resident"]["cosine"],
@@ -252,6 +268,9 @@ def render(r: dict) -> str:
          if _streamed_valid(r) else
          "- INT8 streamed vs bf16 accelerate offload: **not validly measured in this run** (no block copies were "
          "recorded during the timed steps; see below)."),
+        *([f"- With every block replayed from CUDA graphs (no host time in the step; the demo's default on a GPU): "
+           f"INT8 **{r['speedup_int8_resident_graphs']:.2f}x** bf16 (both graphed)."]
+          if r.get("speedup_int8_resident_graphs") else []),
         *(["- Without the fused producers (every INT8 layer quantizing its own input, norm/modulation/GELU/"
            f"residual as eager ops): **{r['speedup_int8_resident_no_producers']:.2f}x** bf16."]
           if r.get("speedup_int8_resident_no_producers") else []),
