@@ -86,6 +86,8 @@ def test_forward_int8_is_the_layers_gemm_on_its_own_quantization(gen):
         assert torch.equal(layer.forward_int8(producers.Int8Rows(*quantize_activation(x)), BF16), layer(x))
     with pytest.raises(ValueError, match=r"expected int8 rows \[M, 64\]"):
         layer.forward_int8(producers.Int8Rows(*quantize_activation(x[:, :32])), BF16)
+    with pytest.raises(ValueError, match=r"float32 scales \[M\]"):
+        layer.forward_int8(producers.Int8Rows(*quantize_activation(x))._replace(scale=torch.ones(3)), BF16)
     layer.lora.append((torch.zeros(2, 64), torch.zeros(48, 2), 1.0))
     with pytest.raises(ValueError, match="LoRA"):
         layer.forward_int8(producers.Int8Rows(*quantize_activation(x)), BF16)
