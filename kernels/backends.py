@@ -12,38 +12,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 
 from ..quant.int8 import quantize_activation
 from .reference import reference_linear
-
-class KernelUnsupported(Exception):
-    """This call's shape/layout cannot run on the chosen kernel; the dispatcher falls back to reference."""
-
+from .support import HAS_TRITON, KernelUnsupported, interpreting
 
 KERNELS = ("triton_w8a8", "triton_w8a16", "int_mm", "reference")
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-
-
-def _read_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-_INTERPRETING = _read_interpret()
-
-
-def interpreting() -> bool:
-    """Triton's CPU interpreter is on (``TRITON_INTERPRET=1`` set before triton was imported; read once)."""
-    return _INTERPRETING
-
-
-def reload_env() -> None:
-    """Re-read ``TRITON_INTERPRET`` (see :func:`comfyui_headroom.kernels.reload_env`)."""
-    global _INTERPRETING
-    _INTERPRETING = _read_interpret()
 
 
 def check_args(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias, block_size: int) -> None:
@@ -97,7 +72,7 @@ def _triton() -> type:
 
 def quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row INT8 of a 2-D activation: the Triton kernel where it runs, torch elsewhere (same numbers)."""
-    if HAS_TRITON and (x2.is_cuda or _INTERPRETING):
+    if HAS_TRITON and (x2.is_cuda or interpreting()):
         return _triton().quantize_rows(x2)
     return quantize_activation(x2)
 

@@ -35,7 +35,8 @@ import types
 
 import torch
 
-from .backends import BACKENDS, BACKENDS_INT8_INPUT, HAS_TRITON, KERNELS, KernelUnsupported, check_args, int_mm_supports, interpreting
+from .backends import BACKENDS, BACKENDS_INT8_INPUT, KERNELS, check_args, int_mm_supports
+from .support import HAS_TRITON, KernelUnsupported, interpreting
 from .configs import arch_of, capability
 
 log = logging.getLogger("comfyui_headroom.kernels")
@@ -93,9 +94,9 @@ def reload_env() -> None:
     """Re-read ``HEADROOM_FORCE_KERNEL``, ``HEADROOM_LOG_KERNEL``, ``HEADROOM_DEBUG``, ``HEADROOM_FAST_LAUNCH``,
     ``HEADROOM_GLUON`` and ``TRITON_INTERPRET`` (they are read once at import; call this after changing them at
     run time)."""
-    from . import backends, configs, launch
+    from . import configs, launch, support
 
-    backends.reload_env()
+    support.reload_env()
     configs.set_gluon(os.environ.get("HEADROOM_GLUON", "1") != "0")
     _plans.clear()
     launch.set_fast_launch(os.environ.get("HEADROOM_FAST_LAUNCH", "1") != "0")

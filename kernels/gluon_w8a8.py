@@ -38,7 +38,7 @@ try:  # Gluon arrived in triton 3.4; older tritons keep the Triton kernel.
 except ImportError:  # pragma: no cover - depends on the installed triton
     HAVE_GLUON = False
 
-from .backends import KernelUnsupported
+from .support import KernelUnsupported
 from .configs import cdiv
 from .launch import cached_launcher
 

@@ -27,7 +27,7 @@ import os
 import torch
 
 from ..quant.rotation import COMFY_ROTATION_GROUPS, check_group, hadamard
-from .backends import HAS_TRITON
+from .support import HAS_TRITON
 
 if HAS_TRITON:  # the kernels exist only where Triton does; rotated_int8_linear works everywhere
     import triton
@@ -161,7 +161,8 @@ def rotated_int8_linear_eager(x, weight, weight_scale, bias, block_size: int, gr
     """:func:`rotated_int8_linear` without the custom-op wrapper (what the op runs)."""
     from ..quant.rotation import rotate_activation
     from . import dispatch
-    from .backends import KernelUnsupported, check_args, interpreting
+    from .backends import check_args
+    from .support import KernelUnsupported, interpreting
 
     if (x.is_cuda or interpreting()) and x.shape[-1] % group == 0 and not _torch_rotation_is_faster(x, group):
         check_args(x, weight, weight_scale, bias, block_size)

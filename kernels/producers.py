@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quant.int8 import quantize_activation
-from .backends import HAS_TRITON, KernelUnsupported, interpreting
+from .support import HAS_TRITON, KernelUnsupported, interpreting
 
 
 class Int8Rows(NamedTuple):

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backends import KernelUnsupported
+from .support import KernelUnsupported
 from .launch import cached_launcher
 from .triton_quant import _quantize_value, _row_scale, row_block
 

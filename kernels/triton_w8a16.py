@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backends import interpreting
+from .support import interpreting
 from .configs import arch_of, cdiv, gemv_config, next_power_of_2, w8a16_candidates
 from .launch import cached_launcher
 from .triton_w8a8 import SCALE_BLOCK, _sm_count, block_k_for, scale_mode_of

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import gluon_w8a8
-from .backends import KernelUnsupported
+from .support import KernelUnsupported
 from .launch import cached_launcher
 from .configs import (BLOCK_SCALE_USES_SMALLER_TILE, GemmConfig, arch_of, cdiv, int8_mma_supported, pick_ws_config,
                       set_gluon, tma_allowed, w8a8_candidates, ws_candidates)
