@@ -279,11 +279,59 @@ def run_comfy(args) -> dict:
             errors[label] = f"{type(err).__name__}: {err}"
             print(f"{label} failed: {errors[label]}", file=sys.stderr, flush=True)
         _free()
+    try:
+        sampler_row = _comfy_sampler_split(path, devices, args, inputs)
+        rows.append(sampler_row)
+        print(json.dumps(sampler_row), flush=True)
+    except Exception as err:
+        errors["sampler"] = f"{type(err).__name__}: {err}"
+        print(f"sampler run failed: {errors['sampler']}", file=sys.stderr, flush=True)
     return {"bench": "comfy", "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "gpu": _gpu_name(devices), "versions": versions("triton", "accelerate", "transformers"),
             "command": "python bench/multi_gpu.py " + " ".join(sys.argv[1:]),
             "model": {"hidden": args.hidden, "double": args.depth, "single": args.single, "tokens": args.tokens},
             "rows": rows, "errors": errors}
+
+
+def _comfy_sampler_split(path, devices, args, inputs) -> dict:
+    """The loader's ``devices`` inside ComfyUI: ``load_models_gpu`` places the split (Int8ModelPatcher.load_split)
+    and ``comfy.sample.sample`` runs Euler steps through ComfyUI's sampler, against the same sampling of the model
+    loaded for one GPU. Times the whole sampling call (steps + ComfyUI's own work)."""
+    import comfy.model_management
+    import comfy.sample
+
+    from comfyui_headroom.quant.comfy_ops import Int8LoadConfig, load_int8_diffusion_model
+
+    steps = 4
+    latent = torch.zeros(1, 16, inputs["x"].shape[2], inputs["x"].shape[3])
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(2))
+    pooled = inputs["y"]
+    positive = [[inputs["context"], {"pooled_output": pooled}]]
+    negative = [[torch.zeros_like(inputs["context"]), {"pooled_output": torch.zeros_like(pooled)}]]
+
+    def sample(patcher):
+        out = comfy.sample.sample(patcher, noise, steps, 1.0, "euler", "simple", positive, negative, latent, seed=0)
+        _sync(devices)
+        t0 = time.perf_counter()
+        out = comfy.sample.sample(patcher, noise, steps, 1.0, "euler", "simple", positive, negative, latent, seed=0)
+        _sync(devices)
+        return out.float().cpu(), (time.perf_counter() - t0) / steps * 1e3
+
+    one_gpu = load_int8_diffusion_model(path, Int8LoadConfig())[0]
+    one, one_ms = sample(one_gpu)
+    comfy.model_management.unload_all_models()
+    del one_gpu
+    _free()
+    split = load_int8_diffusion_model(path, Int8LoadConfig(), devices=[str(d) for d in devices])[0]
+    comfy.model_management.load_models_gpu([split])
+    dm = split.model.diffusion_model
+    placed = sorted({str(p.device) for b in (*dm.double_blocks, *dm.single_blocks) for p in b.parameters()})
+    _reset_peaks(devices)
+    two, two_ms = sample(split)
+    comfy.model_management.unload_all_models()
+    return {"run": "headroom INT8, loader devices input, ComfyUI sampler (ms per step)", "step_ms_one_gpu": one_ms,
+            "step_ms_split": two_ms, "overhead": two_ms / one_ms - 1, "bitwise_equal": bool(torch.equal(one, two)),
+            "max_abs_diff": float((one - two).abs().max()), "blocks_on": placed, "peak_vram_gb": _peaks(devices)}
 
 
 # ------------------------------------------------------------------------------------------------ write

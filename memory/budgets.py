@@ -6,6 +6,7 @@
 * :func:`check_budgets_cover`: the sum must hold what has to be resident (the critical layers).
 * :func:`plan_for_gpus`: the :class:`PlacementPlan` for those budgets (``cuda:0``, ``cuda:1`` ...), ready for
   :func:`enable_multi_device`; the planner's :class:`PlanError` names the numbers when they do not fit.
+* :func:`parse_devices`: ``"cuda:0,cuda:1"`` -> the devices a model is split over (each must exist).
 """
 
 from __future__ import annotations
@@ -80,3 +81,50 @@ def plan_for_gpus(model, budgets: Mapping[int, int], *, blocks=None, critical: S
     totals = None if device_totals is None else [device_totals[i] for i in order]
     return plan_placement(model, [budgets[i] for i in order], critical, blocks=blocks,
                           devices=[f"cuda:{i}" for i in order], device_totals=totals)
+
+
+def parse_devices(text: str, device_count: int) -> list[str]:
+    """``"cuda:0,cuda:1"`` (or ``"0,1"``) -> ``["cuda:0", "cuda:1"]``: two or more distinct devices, each present
+    (``device_count`` CUDA GPUs); ``"cpu"`` entries are accepted (tests split over CPU "devices"). Empty -> []."""
+    parts = [p.strip().lower() for p in (text or "").replace(";", ",").split(",") if p.strip()]
+    if not parts:
+        return []
+    devices = []
+    for part in parts:
+        name = f"cuda:{part}" if part.isdigit() else part
+        if name != "cpu":
+            index = name.removeprefix("cuda:")
+            if not name.startswith("cuda:") or not index.isdigit():
+                raise ValueError(f"devices={text!r}: {part!r} is not a device; write e.g. 'cuda:0,cuda:1'")
+            if int(index) >= device_count:
+                raise ValueError(f"devices={text!r}: {name} does not exist ({device_count} CUDA GPU(s) present: "
+                                 f"cuda:0..cuda:{device_count - 1})" if device_count else
+                                 f"devices={text!r}: {name} does not exist (no CUDA GPU is present)")
+        devices.append(name)
+    if len(devices) < 2:
+        raise ValueError(f"devices={text!r}: a split needs two or more devices (one device: leave it empty)")
+    if len(set(devices) - {"cpu"}) != len([d for d in devices if d != "cpu"]):
+        raise ValueError(f"devices={text!r} names a GPU twice")
+    return devices
+
+
+def parse_device_budgets(text: str, devices: Sequence[str]) -> list[int] | None:
+    """Budgets (bytes) for ``devices`` from ``"40,40"`` (GB each; one number = that on every device); empty ->
+    None (split evenly by bytes). A list of another length, or a value <= 0, is an error naming both."""
+    parts = [p.strip() for p in (text or "").replace(";", ",").split(",") if p.strip()]
+    if not parts:
+        return None
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"gpu_budgets_gb={text!r}: {parts!r} are not all numbers; write GB per device like "
+                         "'40,40'") from None
+    if len(values) == 1:
+        values = values * len(devices)
+    if len(values) != len(devices):
+        raise ValueError(f"gpu_budgets_gb={text!r} gives {len(values)} budgets for {len(devices)} devices "
+                         f"({', '.join(devices)}): give one per device, or one number for all")
+    for device, gb in zip(devices, values):
+        if not gb > 0:
+            raise ValueError(f"gpu_budgets_gb={text!r}: the budget of {device} is {gb}; it must be > 0 GB")
+    return [int(gb * GB) for gb in values]

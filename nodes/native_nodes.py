@@ -90,6 +90,13 @@ class HeadroomLoadDiffusionModelInt8:
                     "Also quantize the per-block modulation projections (img_mod, txt_mod, modulation, adaLN), "
                     "which stay in full precision by default. Saves VRAM where they are large (about 13 GB "
                     "bf16 in Qwen-Image) at some quality risk: they scale and shift every token."}),
+                "devices": ("STRING", {"default": "", "advanced": True, "tooltip":
+                    "Split the model's blocks over several GPUs, e.g. 'cuda:0,cuda:1' (empty = one GPU, as "
+                    "ComfyUI decides). Activations move between the GPUs at the block boundary; the output "
+                    "returns to ComfyUI's device. Not with gpu_budget_gb or blocks_resident."}),
+                "gpu_budgets_gb": ("STRING", {"default": "", "advanced": True, "tooltip":
+                    "With devices: GB of weights per device, e.g. '40,40' (one number = the same on each). "
+                    "Blocks fill the devices in order. Empty = split evenly by bytes."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -104,8 +111,12 @@ class HeadroomLoadDiffusionModelInt8:
                    "modulation and final layers stay in full precision.")
 
     def load(self, unet_name, weight_format, quantize_on_load, compute, skip_patterns, gpu_budget_gb,
-             blocks_resident, min_features=1024, rotate="none", quantize_modulation=False, unique_id=None):
+             blocks_resident, min_features=1024, rotate="none", quantize_modulation=False, devices="",
+             gpu_budgets_gb="", unique_id=None):
         import folder_paths
+        import torch
+
+        from ..memory.budgets import parse_device_budgets, parse_devices
 
         from ..quant.comfy_ops import Int8LoadConfig, budget_from_gb, load_int8_diffusion_model, \
             native_skip_patterns
@@ -116,16 +127,22 @@ class HeadroomLoadDiffusionModelInt8:
                                 skip_patterns=skip_list(skip_patterns), min_features=int(min_features),
                                 rotation_group=rotation_group(rotate),
                                 default_skips=native_skip_patterns(bool(quantize_modulation)))
+        split_over = parse_devices(devices, torch.cuda.device_count())
+        device_budgets = parse_device_budgets(gpu_budgets_gb, split_over) if split_over else None
         with _tracker() as tracker:
             patcher, record = load_int8_diffusion_model(path, config, budget_from_gb(gpu_budget_gb),
                                                         progress=_progress(unique_id),
-                                                        blocks_resident=int(blocks_resident))
+                                                        blocks_resident=int(blocks_resident), devices=split_over,
+                                                        device_budgets=device_budgets or ())
         install_sampling_wrapper(patcher, compute)
         placement = "ComfyUI memory manager"
         if gpu_budget_gb > 0:
             placement = f"GPU weight budget {gpu_budget_gb:g} GB (rest streamed by ComfyUI partial loading)"
         if blocks_resident > 0:
             placement = f"block streaming, {blocks_resident} blocks resident"
+        if split_over:
+            placement = f"blocks split over {', '.join(split_over)}" + (
+                f" (budgets {gpu_budgets_gb} GB)" if device_budgets else " (evenly by bytes)")
         status = (f"{unet_name}: {record.summary()}; compute {compute}; {placement}; "
                   f"load {tracker.report}")
         if record.int8_layers == 0:

@@ -487,8 +487,15 @@ def _file_dtype_summary(path: str) -> tuple[dict, torch.dtype | None, int]:
 
 
 def load_int8_diffusion_model(path: str, config: Int8LoadConfig, budget_bytes: int = 0,
-                              progress: Callable[[int, int], None] | None = None, blocks_resident: int = 0):
-    """``(Int8ModelPatcher, LoadLog)`` for the diffusion model at ``path``, through ComfyUI's loader."""
+                              progress: Callable[[int, int], None] | None = None, blocks_resident: int = 0,
+                              devices: Sequence[str] = (), device_budgets: Sequence[int] = ()):
+    """``(Int8ModelPatcher, LoadLog)`` for the diffusion model at ``path``, through ComfyUI's loader.
+
+    ``blocks_resident`` > 0: headroom block streaming; ``devices`` (two or more): the blocks split over them when
+    ComfyUI loads the model (``device_budgets``: bytes per device, else evenly by bytes)."""
+    if devices and (blocks_resident or budget_bytes):
+        raise ValueError("devices: a split over several GPUs cannot be combined with blocks_resident or "
+                         "gpu_budget_gb yet (split + streaming is not supported); leave those at 0")
     import comfy.sd
 
     metadata, dominant, _ = _file_dtype_summary(path)
@@ -506,15 +513,18 @@ def load_int8_diffusion_model(path: str, config: Int8LoadConfig, budget_bytes: i
     start = time.perf_counter()
     base = comfy.sd.load_diffusion_model(path, model_options=options, disable_dynamic=True)
     record.seconds = time.perf_counter() - start
-    reinit = (reload_int8_diffusion_model, (path, config, budget_bytes, blocks_resident))
+    reinit = (reload_int8_diffusion_model, (path, config, budget_bytes, blocks_resident, tuple(devices),
+                                            tuple(device_budgets)))
     from .comfy_patcher import adopt_patcher
 
-    return adopt_patcher(base, budget_bytes, reinit, blocks_resident), record
+    return adopt_patcher(base, budget_bytes, reinit, blocks_resident, devices, device_budgets), record
 
 
-def reload_int8_diffusion_model(path, config, budget_bytes=0, blocks_resident=0, disable_dynamic=True):
+def reload_int8_diffusion_model(path, config, budget_bytes=0, blocks_resident=0, devices=(), device_budgets=(),
+                                disable_dynamic=True):
     """``cached_patcher_init`` target: ComfyUI calls it to build a fresh copy (multi-GPU, deep clones)."""
-    return load_int8_diffusion_model(path, config, budget_bytes, blocks_resident=blocks_resident)[0]
+    return load_int8_diffusion_model(path, config, budget_bytes, blocks_resident=blocks_resident, devices=devices,
+                                     device_budgets=device_budgets)[0]
 
 
 def load_int8_text_encoder(paths: Sequence[str], clip_type, config: Int8LoadConfig, model_options: dict | None = None,

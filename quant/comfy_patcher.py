@@ -3,8 +3,9 @@
 A subclass of ComfyUI's classic (non-dynamic) ``ModelPatcher`` - as ComfyUI-GGUF does - that keeps all of
 ComfyUI's patch bookkeeping (LoRA patches, clones, partial loading) and changes only what INT8 weights need:
 LoRA patches become float side branches instead of merges, a VRAM budget caps the weights ComfyUI puts on the
-GPU, and ``blocks_resident`` hands placement to headroom's block streaming. Built on first use (it subclasses
-a ComfyUI class; this package imports without ComfyUI).
+GPU, ``blocks_resident`` hands placement to headroom's block streaming, and ``devices`` splits the blocks over
+several GPUs (memory/multi_device.py). Built on first use (it subclasses a ComfyUI class; this package imports
+without ComfyUI).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def patcher_class():
         headroom_budget_bytes = 0
         headroom_lora_offload = False
         headroom_blocks_resident = 0  # > 0: headroom block streaming instead of ComfyUI's partial loading
+        headroom_devices: tuple = ()  # >= 2 devices: the blocks split over them instead of one load device
+        headroom_device_budgets: tuple = ()  # bytes per device for that split; () = split evenly by bytes
 
         def clone(self, *args, **kwargs):
             n = super().clone(*args, **kwargs)
@@ -45,6 +48,8 @@ def patcher_class():
                 n.headroom_budget_bytes = self.headroom_budget_bytes
                 n.headroom_lora_offload = self.headroom_lora_offload
                 n.headroom_blocks_resident = self.headroom_blocks_resident
+                n.headroom_devices = self.headroom_devices
+                n.headroom_device_budgets = self.headroom_device_budgets
             return n
 
         def _int8_modules(self) -> dict:
@@ -93,6 +98,8 @@ def patcher_class():
         def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
             if self.headroom_blocks_resident and device_to is not None and torch.device(device_to).type != "cpu":
                 return self.load_streaming(torch.device(device_to))
+            if self.headroom_devices and device_to is not None and torch.device(device_to).type != "cpu":
+                return self.load_split(torch.device(device_to))
             budget = self.headroom_budget_bytes
             if budget and device_to is not None and torch.device(device_to).type != "cpu":
                 if full_load or lowvram_model_memory <= 0 or lowvram_model_memory > budget:
@@ -121,7 +128,33 @@ def patcher_class():
                 self._attach_side_branches(device_to)
                 log.info("headroom: %s", streamer.summary())
 
+        def load_split(self, device_to: torch.device) -> None:
+            """Split the diffusion model's blocks over ``headroom_devices`` (memory/multi_device.py: per-device
+            budgets through the planner, or evenly by bytes); the modules before the blocks go with the first
+            block, those after with the last; inputs follow each block and the output returns to the first
+            device. ComfyUI's accounting sees the model as loaded on ``device_to`` (its load device)."""
+            from ..memory import enable_multi_device
+            from ..memory.planner import plan_placement
+
+            with self.use_ejected():
+                dm = self.model.diffusion_model
+                for key in self.patches:  # float weights: ComfyUI's merge (INT8 ones: side branches)
+                    self.patch_weight_to_device(key)
+                if getattr(dm, "_headroom_multi_device", None) is None:
+                    target = list(self.headroom_devices)
+                    if self.headroom_device_budgets:
+                        target = plan_placement(dm, list(self.headroom_device_budgets), devices=target)
+                    split = enable_multi_device(dm, target, output_device=device_to)
+                    log.info("headroom: %s", split.summary())
+                self.model.device = device_to
+                self.model.model_lowvram = False
+                self.model.model_loaded_weight_memory = self.model_size()
+                self.model.current_weight_patches_uuid = self.patches_uuid
+                self._attach_side_branches(device_to)
+
         def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+            if self._split():
+                return 0  # all or nothing, as for streaming
             if self._streaming():
                 return 0  # all or nothing: ComfyUI then unloads the model (unpatch_model)
             freed = super().partially_unload(device_to, memory_to_free, force_patch_weights)
@@ -132,6 +165,10 @@ def patcher_class():
             dm = getattr(self.model, "diffusion_model", None)
             return getattr(dm, "_headroom_streamer", None) is not None
 
+        def _split(self) -> bool:
+            dm = getattr(self.model, "diffusion_model", None)
+            return getattr(dm, "_headroom_multi_device", None) is not None
+
         def unpatch_model(self, device_to=None, unpatch_weights=True):
             if unpatch_weights:
                 for module in self._int8_modules().values():
@@ -141,6 +178,10 @@ def patcher_class():
                     from ..memory import disable_block_streaming
 
                     disable_block_streaming(self.model.diffusion_model, device=device_to or self.offload_device)
+                if self._split():
+                    from ..memory import disable_multi_device
+
+                    disable_multi_device(self.model.diffusion_model, device=device_to or self.offload_device)
             return super().unpatch_model(device_to, unpatch_weights)
 
         def _lora_dtype(self) -> torch.dtype:
@@ -181,7 +222,8 @@ def patcher_class():
     return Int8ModelPatcher
 
 
-def adopt_patcher(patcher, budget_bytes: int = 0, reinit: tuple | None = None, blocks_resident: int = 0):
+def adopt_patcher(patcher, budget_bytes: int = 0, reinit: tuple | None = None, blocks_resident: int = 0,
+                  devices=(), device_budgets=()):
     """A clone of ``patcher`` (same model) as an ``Int8ModelPatcher``."""
     cls = patcher_class()
     n = patcher.clone()
@@ -189,6 +231,8 @@ def adopt_patcher(patcher, budget_bytes: int = 0, reinit: tuple | None = None, b
         n.__class__ = cls
     n.headroom_budget_bytes = int(budget_bytes)
     n.headroom_blocks_resident = int(blocks_resident)
+    n.headroom_devices = tuple(devices)
+    n.headroom_device_budgets = tuple(device_budgets or ())
     if reinit is not None:
         n.cached_patcher_init = reinit
     return n

@@ -289,3 +289,27 @@ def test_each_module_makes_its_device_current_before_it_runs(monkeypatch):
     model(*_dit_inputs())
     assert len(seen) == 6 + 4 and all(d == torch.device("cpu") for d in seen)
     split.disable()
+
+
+def test_parse_devices_and_their_budgets():
+    from comfyui_headroom.memory.budgets import parse_device_budgets, parse_devices
+
+    assert parse_devices("", 2) == [] and parse_devices(" ", 0) == []
+    assert parse_devices("cuda:0, cuda:1", 2) == ["cuda:0", "cuda:1"] and parse_devices("1,0", 2) == ["cuda:1", "cuda:0"]
+    assert parse_devices("cpu,cpu", 0) == ["cpu", "cpu"]
+    for text, count, message in [("cuda:0,cuda:2", 2, r"cuda:2 does not exist \(2 CUDA GPU\(s\) present"),
+                                 ("cuda:0,cuda:1", 0, "no CUDA GPU is present"),
+                                 ("cuda:0", 2, "two or more devices"),
+                                 ("cuda:0,gpu1", 2, "'gpu1' is not a device"),
+                                 ("cuda:1,1", 2, "names a GPU twice")]:
+        with pytest.raises(ValueError, match=message):
+            parse_devices(text, count)
+    assert parse_device_budgets("", ["cuda:0", "cuda:1"]) is None
+    assert parse_device_budgets("40,20", ["cuda:0", "cuda:1"]) == [40 * GiB, 20 * GiB]
+    assert parse_device_budgets("8", ["cuda:0", "cuda:1"]) == [8 * GiB, 8 * GiB]
+    with pytest.raises(ValueError, match="gives 3 budgets for 2 devices"):
+        parse_device_budgets("1,2,3", ["cuda:0", "cuda:1"])
+    with pytest.raises(ValueError, match="the budget of cuda:1 is 0.0"):
+        parse_device_budgets("4,0", ["cuda:0", "cuda:1"])
+    with pytest.raises(ValueError, match="are not all numbers"):
+        parse_device_budgets("4,x", ["cuda:0", "cuda:1"])

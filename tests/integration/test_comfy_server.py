@@ -86,7 +86,8 @@ def test_object_info_lists_every_node_with_its_inputs(comfyui_server):
 EXPECTED_INPUTS = {
     "HeadroomLoadDiffusionModelInt8": {"required": ("unet_name", "weight_format", "quantize_on_load", "compute",
                                                     "skip_patterns", "gpu_budget_gb", "blocks_resident"),
-                                       "optional": ("min_features", "rotate", "quantize_modulation")},
+                                       "optional": ("min_features", "rotate", "quantize_modulation", "devices",
+                                                    "gpu_budgets_gb")},
     "HeadroomLoadClipInt8": {"required": ("clip_name", "type", "weight_format", "skip_patterns"),
                              "optional": ("device", "min_features")},
     "HeadroomLoraLoaderInt8": {"required": ("model", "lora_name", "strength", "offload_to_cpu")},

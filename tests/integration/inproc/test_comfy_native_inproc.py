@@ -338,6 +338,35 @@ def test_block_streaming_mode_runs_like_resident(workdir, inputs):
     assert torch.allclose(streamed, run(resident, inputs), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("budgets", [(), "plan"])
+def test_devices_split_the_blocks_like_resident(workdir, inputs, budgets):
+    """devices=(2 devices): ComfyUI's load splits the blocks over them (memory/multi_device.py), here over two CPU
+    "devices" (same hooks and moves, no real copies; tests/test_multi_gpu.py and bench/multi_gpu.py run 2 GPUs)."""
+    path = workdir / "flux_2x2_split.safetensors"
+    save_file(flux_state_dict(depth=2, single=2, seed=4), str(path))
+    resident, _ = load_int8_diffusion_model(str(path), Int8LoadConfig())
+    device_budgets = ()
+    if budgets == "plan":  # a tiny first budget: the planner puts one block there, the rest on the second
+        dm = resident.model.diffusion_model
+        first = sum(p.numel() * p.element_size() for p in dm.double_blocks[0].parameters())
+        device_budgets = (first + sum(b.numel() * b.element_size() for b in dm.img_in.parameters()) * 4, 2**34)
+    patcher, _ = load_int8_diffusion_model(str(path), Int8LoadConfig(), devices=("cpu", "cpu"),
+                                           device_budgets=device_budgets)
+    assert patcher.clone().headroom_devices == ("cpu", "cpu")
+    patcher.load_split(torch.device("cpu"))
+    dm = patcher.model.diffusion_model
+    split = dm._headroom_multi_device
+    assert split is not None and len(split.devices) == 2
+    with torch.no_grad():
+        out = dm(inputs["x"], inputs["t"], context=inputs["context"], y=inputs["y"]).float()
+    assert patcher.partially_unload(torch.device("cpu"), 1) == 0
+    patcher.unpatch_model(torch.device("cpu"))
+    assert getattr(dm, "_headroom_multi_device", None) is None
+    assert torch.equal(out, run(resident, inputs))
+    with pytest.raises(ValueError, match="cannot be combined with blocks_resident"):
+        load_int8_diffusion_model(str(path), Int8LoadConfig(), blocks_resident=1, devices=("cpu", "cpu"))
+
+
 def test_soft_unload_and_gpu_info_nodes(int8, inputs):
     from comfyui_headroom.nodes.memory_nodes import HeadroomGpuInfo, HeadroomSoftUnload
 
