@@ -15,11 +15,15 @@ Entry point: :func:`enable_multi_device` -> :class:`MultiDeviceSplit` (``.disabl
 * Same device twice (``["cpu", "cpu"]``) is allowed: the code path (placement, hooks, moves) runs exactly as
   on two GPUs, which is how the CPU tests exercise it.
 
-Limits (documented in docs/multi_gpu.md): a plan that also streams blocks is refused (combining the split
-with :func:`enable_block_streaming` is not supported yet); code in a parent module's own ``forward`` that
-mixes tensors from modules on different devices outside any placed module (e.g. ``h * self.scale`` after the
-blocks, with ``scale`` on the first device) is not rewritten - hooks act at module boundaries only;
-inference only; a model is split or streamed, not both.
+* A plan that also streams blocks (what fits on no device: :attr:`PlacementPlan.streamed`) runs them on the
+  plan's ``stream_device`` through a :class:`BlockStreamer` over that device's blocks: pinned host memory, a
+  ring of ``plan.ring_slots`` GPU slots, copies on that device's own stream, prefetched while the blocks
+  before them run.
+
+Limits (documented in docs/multi_gpu.md): code in a parent module's own ``forward`` that mixes tensors from
+modules on different devices outside any placed module (e.g. ``h * self.scale`` after the blocks, with
+``scale`` on the first device) is not rewritten - hooks act at module boundaries only; inference only; a
+model already streaming through :func:`enable_block_streaming` cannot be split (the split streams by itself).
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ class _Placed:
     slot: int  # index of the device in the split (devices may repeat: ["cpu", "cpu"])
     own_only: bool  # an ancestor of blocks: only its own parameters/buffers belong to this unit
     original: torch.device | None = None
+    streamed: bool = False  # a streamed block: the streamer owns its weights, the split only moves its inputs
 
 
 class MultiDeviceSplit:
@@ -105,9 +110,11 @@ class MultiDeviceSplit:
         self.stats = SplitStats()
         self._handles: list = []
         self._active = True
+        self.streamer = None  # a BlockStreamer when the plan streams blocks (attach_streamer)
         for unit in placed:
             unit.original = _first_device(unit.module, unit.own_only)
-            _move(unit.module, unit.device, unit.own_only)
+            if not unit.streamed:
+                _move(unit.module, unit.device, unit.own_only)
             if not unit.own_only:
                 self._handles.append(unit.module.register_forward_pre_hook(self._pre_hook(unit.device),
                                                                            with_kwargs=True))
@@ -159,15 +166,33 @@ class MultiDeviceSplit:
     def blocks_on(self, slot: int) -> list[str]:
         return [u.name for u in self.placed if u.slot == slot and u.name in set(self.block_names)]
 
+    def attach_streamer(self, plan: PlacementPlan, blocks: list[nn.Module], prefetch: int) -> None:
+        """Stream ``plan.streamed`` onto ``plan.stream_device``: a :class:`BlockStreamer` over the blocks that run
+        there (the resident ones stay as they are, the streamed ones are parked in pinned host memory)."""
+        from .streaming import BlockStreamer
+
+        streamed = set(plan.streamed_blocks())
+        slot = self.slot_of(plan.streamed[0][0])  # the stream device's index (``_from_plan`` put them there)
+        here = [(name, module) for name, module in zip(self.block_names, blocks)
+                if name in streamed or self.slot_of(name) == slot]
+        self.streamer = BlockStreamer([m for _, m in here], [n for n, _ in here],
+                                      [n not in streamed for n, _ in here], self.devices[slot], prefetch=prefetch)
+
     def disable(self, device=None) -> None:
-        """Remove the hooks; put every unit back where it was before the split (or all on ``device``). Idempotent."""
+        """Remove the hooks (and the streamer); put every unit back where it was before the split (or all on
+        ``device``). Idempotent."""
         if not self._active:
             return
+        if self.streamer is not None:  # streamed blocks back as ordinary modules (host, or ``device``)
+            self.streamer.disable(device)
+            self.streamer = None
         self._active = False
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         for unit in self.placed:
+            if unit.streamed and device is None:
+                continue  # the streamer left it on the host, where it was parked
             target = torch.device(device) if device is not None else unit.original
             if target is not None:
                 _move(unit.module, target, unit.own_only)
@@ -176,7 +201,9 @@ class MultiDeviceSplit:
 
     def summary(self) -> str:
         parts = [f"{dev} #{i}: {len(self.blocks_on(i))} blocks" for i, dev in enumerate(self.devices)]
-        return f"split across {len(self.devices)} devices ({', '.join(parts)}), output on {self.output_device}"
+        streamed = f"; {self.streamer.summary()}" if self.streamer is not None else ""
+        return (f"split across {len(self.devices)} devices ({', '.join(parts)}), output on "
+                f"{self.output_device}{streamed}")
 
     def __repr__(self) -> str:
         return f"<MultiDeviceSplit {self.summary() if self._active else 'disabled'}>"
@@ -201,8 +228,9 @@ def enable_multi_device(model: nn.Module, plan_or_devices: PlacementPlan | Seque
                            "streamed, not both (yet): call disable_block_streaming(model) first")
     _, names, mods = resolve_blocks(model, blocks)
     units = collect_units(model, names, mods, critical)
-    if isinstance(plan_or_devices, PlacementPlan):
-        devices, slot_of = _from_plan(plan_or_devices, names, units)
+    plan = plan_or_devices if isinstance(plan_or_devices, PlacementPlan) else None
+    if plan is not None:
+        devices, slot_of = _from_plan(plan, names, units)
     else:
         devices = [torch.device(d) if not isinstance(d, int) else torch.device("cuda", d) for d in plan_or_devices]
         if not devices:
@@ -215,9 +243,12 @@ def enable_multi_device(model: nn.Module, plan_or_devices: PlacementPlan | Seque
         name = "" if unit.name == ROOT else unit.name
         module = model.get_submodule(name)
         slot = slot_of[unit.name]
-        placed.append(_Placed(unit.name, module, devices[slot], slot, own_only=name in ancestors))
+        streamed = plan is not None and unit.name in set(plan.streamed_blocks())
+        placed.append(_Placed(unit.name, module, devices[slot], slot, own_only=name in ancestors, streamed=streamed))
     out = None if output_device is None else (devices[0] if output_device == "first" else torch.device(output_device))
     split = MultiDeviceSplit(model, placed, devices, names, out, non_blocking)
+    if plan is not None and plan.streamed:
+        split.attach_streamer(plan, mods, prefetch=max(1, plan.ring_slots - 1))
     setattr(model, _ATTR, split)
     log.info("headroom: %s", split.summary())
     return split
@@ -253,12 +284,13 @@ def _from_plan(plan: PlacementPlan, names: list[str], units) -> tuple[list[torch
     if list(plan.block_names) != names:
         raise ValueError(f"the plan was made for blocks {plan.block_names[:3]}... but this model's blocks are "
                          f"{names[:3]}...: plan and split the same model with the same `blocks`")
-    if plan.streamed:
-        raise NotImplementedError(
-            f"the plan streams {len(plan.streamed)} blocks ({plan.streamed[0][0]} ..) from pinned RAM; splitting "
-            "across devices AND streaming is not supported yet - raise the budgets so every block is resident, "
-            "or use enable_block_streaming on one device")
     slot_of = {n: i for i, dp in enumerate(plan.devices) for n, _ in dp.modules}
+    if plan.streamed:  # streamed blocks run on the stream device (the one at the end of the chain)
+        stream_slot = next((i for i, dp in enumerate(plan.devices) if dp.device == plan.stream_device), None)
+        if stream_slot is None:
+            raise ValueError(f"the plan streams onto {plan.stream_device}, which is none of its devices "
+                             f"{[dp.device for dp in plan.devices]}")
+        slot_of.update({n: stream_slot for n, _ in plan.streamed})
     missing = [u.name for u in units if u.name not in slot_of]
     if missing:
         raise ValueError(f"the plan does not place {missing[:5]}: make it with plan_placement on this model")

@@ -96,7 +96,8 @@ class HeadroomLoadDiffusionModelInt8:
                     "returns to ComfyUI's device. Not with gpu_budget_gb or blocks_resident."}),
                 "gpu_budgets_gb": ("STRING", {"default": "", "advanced": True, "tooltip":
                     "With devices: GB of weights per device, e.g. '40,40' (one number = the same on each). "
-                    "Blocks fill the devices in order. Empty = split evenly by bytes."}),
+                    "Blocks fill the devices in order; blocks that fit on no device stream from pinned RAM onto "
+                    "the last one. Empty = split evenly by bytes."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }

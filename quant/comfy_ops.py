@@ -494,8 +494,9 @@ def load_int8_diffusion_model(path: str, config: Int8LoadConfig, budget_bytes: i
     ``blocks_resident`` > 0: headroom block streaming; ``devices`` (two or more): the blocks split over them when
     ComfyUI loads the model (``device_budgets``: bytes per device, else evenly by bytes)."""
     if devices and (blocks_resident or budget_bytes):
-        raise ValueError("devices: a split over several GPUs cannot be combined with blocks_resident or "
-                         "gpu_budget_gb yet (split + streaming is not supported); leave those at 0")
+        raise ValueError("devices: a split over several GPUs takes its budgets from gpu_budgets_gb (one per "
+                         "device; what fits on no device streams from pinned RAM), not from blocks_resident or "
+                         "gpu_budget_gb: leave those at 0")
     import comfy.sd
 
     metadata, dominant, _ = _file_dtype_summary(path)

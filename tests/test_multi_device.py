@@ -187,12 +187,27 @@ def test_move_to_keeps_structure():
     assert out["x"][1][1] == "tag" and torch.equal(out["x"][0], torch.ones(1))
 
 
-def test_streaming_plan_is_refused_clearly():
+@torch.no_grad()
+def test_split_with_streamed_blocks_is_bitwise_equal_and_really_streams():
+    """A plan that also streams (what fits on no device): the streamed blocks run on the plan's stream device
+    through a BlockStreamer (parked on the host, copied into its ring every step); the split output equals the
+    unsplit model's, and disable() gives every block back."""
     model = _dit()
-    plan = plan_placement(model, [10 ** 9, 10 ** 9], blocks_resident=4, devices=["cpu", "cpu"])
-    assert len(plan.streamed) == 2
-    with pytest.raises(NotImplementedError, match="not supported yet"):
-        enable_multi_device(model, plan)
+    inputs = _dit_inputs()
+    expected = model(*inputs)
+    # 3 resident blocks, 3 streamed through a ring of 2 slots: the streamed blocks must be copied in every call
+    plan = plan_placement(model, [10 ** 9, 10 ** 9], blocks_resident=3, devices=["cpu", "cpu"], prefetch=1)
+    assert len(plan.streamed) == 3 and plan.ring_slots == 2
+    split = enable_multi_device(model, plan)
+    streamer = split.streamer
+    assert streamer is not None and len(streamer.streamed_indices) == 3
+    assert "streaming 3/" in split.summary()
+    for _ in range(2):
+        assert torch.equal(model(*inputs), expected)
+    assert streamer.stats.copies >= 5  # 3 in the first call, and again in the second (only 2 slots)
+    split.disable()
+    assert split.streamer is None and not streamer._handles
+    assert torch.equal(model(*inputs), expected)
 
 
 def test_plan_for_other_blocks_and_double_enable_are_errors():

@@ -2,6 +2,7 @@
 real cross-device copies, our Triton INT8 kernels and producers on ``cuda:1``, per-device peaks, and the
 HunyuanImage-3 loader's ``gpu_budgets_gb`` through accelerate. Skipped below two CUDA GPUs."""
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -24,9 +25,9 @@ def _inputs():
     return latent.to("cuda:0"), torch.tensor([0.3, 0.8], device="cuda:0")
 
 
-def _model(int8: bool) -> DemoDiT:
+def _model(int8: bool, depth: int = CFG.depth) -> DemoDiT:
     torch.manual_seed(0)
-    model = DemoDiT(CFG).to(torch.bfloat16)
+    model = DemoDiT(dataclasses.replace(CFG, depth=depth)).to(torch.bfloat16)
     if int8:
         quantize_model(model)
         model.use_int8_producers()
@@ -54,6 +55,33 @@ def test_demo_model_split_over_two_gpus_equals_one_gpu(int8):
     assert torch.equal(out, one_gpu)
     if int8:
         assert sum(b.producer_forwards for b in model.blocks) == 2 * CFG.depth  # producers ran on both GPUs
+
+
+@torch.no_grad()
+def test_split_with_streamed_blocks_on_two_gpus_equals_one_gpu():
+    """One block resident per GPU, three streamed from pinned RAM onto cuda:1 (the device at the end of the chain)
+    through a ring of 2 slots, so they are copied again in every call: bitwise the one-GPU output."""
+    from comfyui_headroom.memory.planner import plan_placement
+    from comfyui_headroom.memory.tensors import module_bytes
+
+    model = _model(int8=True, depth=5)
+    latent, t = _inputs()
+    one_gpu = model(latent, t)
+    block = max(module_bytes(b) for b in model.blocks)
+    rest = module_bytes(model) - sum(module_bytes(b) for b in model.blocks)
+    plan = plan_placement(model.cpu(), [int(rest + 1.5 * block), int(rest + 3.5 * block)], blocks_resident=2,
+                          prefetch=1, devices=["cuda:0", "cuda:1"])
+    assert len(plan.streamed) == 3 and plan.stream_device == "cuda:1" and plan.ring_slots == 2, plan.as_dict()
+    split = enable_multi_device(model, plan)
+    try:
+        for _ in range(2):
+            out = model(latent, t)
+        torch.cuda.synchronize("cuda:1")
+        stats = split.streamer.stats
+    finally:
+        split.disable()
+    assert stats.copies >= 5, stats  # 3 streamed blocks, 2 slots: copied again in the second call
+    assert torch.equal(out, one_gpu), float((out.float() - one_gpu.float()).abs().max())
 
 
 @torch.no_grad()
@@ -90,3 +118,10 @@ def test_hunyuan3_int8_loader_spreads_over_both_gpus_with_gpu_budgets(tmp_path):
     result = generate(loaded, GenerateRequest(prompt="a red fox", seed=3, steps=2, guidance=2.0, width=64,
                                               height=64, offload_mode="disabled"))
     assert result.image is not None and "cuda:1" in result.status
+
+
+def test_gpu_info_lists_every_gpu():
+    from comfyui_headroom.nodes.memory_nodes import gpu_info_text
+
+    text = gpu_info_text()
+    assert "cuda:0 " in text and "cuda:1 " in text, text

@@ -363,7 +363,7 @@ def test_devices_split_the_blocks_like_resident(workdir, inputs, budgets):
     patcher.unpatch_model(torch.device("cpu"))
     assert getattr(dm, "_headroom_multi_device", None) is None
     assert torch.equal(out, run(resident, inputs))
-    with pytest.raises(ValueError, match="cannot be combined with blocks_resident"):
+    with pytest.raises(ValueError, match="takes its budgets from gpu_budgets_gb"):
         load_int8_diffusion_model(str(path), Int8LoadConfig(), blocks_resident=1, devices=("cpu", "cpu"))
 
 
