@@ -277,7 +277,7 @@ class PlacementPlan:
 
     devices: dict[str, int] = field(default_factory=dict)
     units: dict[str, str] = field(default_factory=dict)  # unit -> device
-    offloaded_by: str = "none"  # none | accelerate | headroom-streaming
+    offloaded_by: str = "none"  # none | accelerate | headroom-streaming | headroom-multi-device
 
     def __str__(self) -> str:
         parts = ", ".join(f"{dev}: {b / GB:.2f} GB" for dev, b in sorted(self.devices.items()))

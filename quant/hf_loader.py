@@ -334,7 +334,16 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
     fp32_offload = False
     stream_plan: dict | None = None
 
-    if multi_gpu_memory is not None:
+    split_budgets = None  # BF16 over several GPUs: {gpu index: bytes} for our split after loading
+    if multi_gpu_memory is not None and mode == "bf16":
+        # Our placement, not accelerate's hooks: load into RAM, then split the decoder layers over the GPUs
+        # (memory/multi_device.py); layers that fit on no GPU stream from pinned RAM onto the last one.
+        kwargs["device_map"] = {"": "cpu"}
+        split_budgets = {k: v for k, v in multi_gpu_memory.items() if k != "cpu"}
+        budget_bytes = sum(split_budgets.values())
+        notes.append("BF16 loaded into RAM, then split over " + ", ".join(
+            f"cuda:{k} <= {v / GB:.1f} GB" for k, v in split_budgets.items()) + " by headroom")
+    elif multi_gpu_memory is not None:
         kwargs["device_map"] = "auto"
         kwargs["max_memory"] = multi_gpu_memory
         budget_bytes = sum(v for k, v in multi_gpu_memory.items() if k != "cpu")
@@ -442,6 +451,15 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
     if stream_plan is not None:
         streamer = _start_streaming(model, **stream_plan)
         notes.append(f"BF16 streaming: {streamer.summary()}")
+    if split_budgets is not None:
+        from ..memory import enable_multi_device
+        from ..memory.budgets import plan_for_gpus
+        from ..memory.hf_placement import LAYERS_PREFIX
+
+        # Kept as the model's placement owner, like a streamer: soft unload leaves it alone, save refuses it.
+        streamer = enable_multi_device(model, plan_for_gpus(model, split_budgets, blocks=LAYERS_PREFIX),
+                                       blocks=LAYERS_PREFIX)
+        notes.append(f"BF16 {streamer.summary()}")
     report = dtype_report(model, patterns, plan.keep)
     _check_report(model, plan, report)
 
@@ -449,7 +467,7 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
 
     placement = describe_placement(model)
     if streamer is not None:
-        placement.offloaded_by = "headroom-streaming"
+        placement.offloaded_by = "headroom-multi-device" if split_budgets is not None else "headroom-streaming"
     log.info("%s", placement)
     if reserve_gb is None:
         # seed 000's loader reserve: VRAM promised to others, added to the inference estimate in smart mode
@@ -474,9 +492,6 @@ def _multi_gpu_max_memory(gpu_budgets_gb: str, mode: str, device_map, external_v
     """``max_memory`` for ``gpu_budgets_gb`` (None when it is empty); bad combinations fail before loading."""
     if not (gpu_budgets_gb or "").strip():
         return None
-    if mode == "bf16":
-        raise LoaderError(f"gpu_budgets_gb={gpu_budgets_gb!r}: BF16 over several GPUs is not supported yet (its "
-                          "streaming runs on one GPU); use the INT8 or NF4 loader, or one gpu_budget_gb")
     if device_map != "auto":
         raise LoaderError(f"gpu_budgets_gb={gpu_budgets_gb!r} places the model by itself: leave device_map at "
                           f"'auto' (got {device_map!r})")

@@ -105,3 +105,20 @@ def test_bf16_streams_what_does_not_fit_and_matches_resident(fake_folder):
     assert streamed.streamer is not None and streamed.placement.offloaded_by == "headroom-streaming"
     got = generate(streamed, _request()).image
     assert np.array_equal(np.asarray(want), np.asarray(got))
+
+
+def test_bf16_gpu_budgets_split_path_matches_resident(fake_folder):
+    """BF16 with gpu_budgets_gb (issue #9's split path: load into RAM, plan over the GPUs, split), run here on one
+    GPU: the image equals the resident load's. (The fake has two layers: a streaming ring would cost as much as
+    keeping both, so the planner keeps both. tests/test_multi_gpu.py runs the path over two GPUs.)"""
+    resident = load_hf_model(fake_folder, "bf16", budget_gb=2.0, trust_remote_code=True)
+    want = generate(resident, _request()).image
+    del resident
+    torch.cuda.empty_cache()
+    file_bytes = sum(f.stat().st_size for f in Path(fake_folder).glob("*.safetensors"))
+    split = load_hf_model(fake_folder, "bf16", trust_remote_code=True, gpu_budgets_gb=f"{0.8 * file_bytes / GB:.4f}")
+    assert split.placement.offloaded_by == "headroom-multi-device" and split.streamer is not None
+    assert [str(d) for d in split.streamer.devices] == ["cuda:0"]
+    got = generate(split, _request(post_action="soft_unload"))
+    assert "soft unload skipped" in got.status  # the split owns the placement, as a streamer does
+    assert np.array_equal(np.asarray(want), np.asarray(got.image))

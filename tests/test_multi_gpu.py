@@ -100,9 +100,12 @@ def test_memory_tracker_reports_each_gpu_of_a_split():
     assert "cuda:0" in str(report) and "cuda:1" in str(report)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
-def test_hunyuan3_int8_loader_spreads_over_both_gpus_with_gpu_budgets(tmp_path):
-    """gpu_budgets_gb='A,B' with A below the model: accelerate places layers on cuda:0 and cuda:1, and it generates."""
+@pytest.mark.parametrize("mode", ["int8", "bf16"])
+def test_hunyuan3_loader_spreads_over_both_gpus_with_gpu_budgets(tmp_path, mode):
+    """gpu_budgets_gb='A,B' with A below the model: INT8 through accelerate's device map (bitsandbytes), BF16
+    through our split; layers on cuda:0 and cuda:1, nothing left on the CPU, and it generates."""
+    if mode == "int8" and importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("needs bitsandbytes")
     from comfyui_headroom.memory.hf_generate import GenerateRequest, generate
     from comfyui_headroom.quant.hf_loader import load_hf_model
 
@@ -111,8 +114,10 @@ def test_hunyuan3_int8_loader_spreads_over_both_gpus_with_gpu_budgets(tmp_path):
     spec.loader.exec_module(module)
     folder = module.build_fake_model_folder(tmp_path / "fake")
     file_bytes = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
-    first = 0.25 * file_bytes / 2**30  # a quarter of the bf16 bytes: well below the INT8 model
-    loaded = load_hf_model(folder, "int8", trust_remote_code=True, gpu_budgets_gb=f"{first:.4f},4")
+    # cuda:0 gets less than the model: INT8 (accelerate fills cuda:0 first) a quarter of the bf16 bytes, BF16 (our
+    # planner keeps everything before the layers with the first layer) three quarters: those modules + 1 layer
+    first = (0.25 if mode == "int8" else 0.75) * file_bytes / 2**30
+    loaded = load_hf_model(folder, mode, trust_remote_code=True, gpu_budgets_gb=f"{first:.4f},4")
     devices = {str(p.device) for p in loaded.model.parameters()}
     assert {"cuda:0", "cuda:1"} <= devices and "cpu" not in devices, devices
     result = generate(loaded, GenerateRequest(prompt="a red fox", seed=3, steps=2, guidance=2.0, width=64,
