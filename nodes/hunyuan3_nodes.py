@@ -178,10 +178,10 @@ class _Hunyuan3LoaderBase:
                                        "tooltip": "With device_map=manual: decoder layers kept on the GPU."}),
             },
         }
-        if cls.MODE != "bf16":  # BF16 streams on one GPU
-            types["optional"]["gpu_budgets_gb"] = ("STRING", {"default": "", "tooltip":
-                "Several GPUs: one budget per GPU in GB, e.g. '40,40' (one number = that on every GPU, 0 = 55 % of "
-                "each card). The model is spread over them; replaces gpu_budget_gb. Empty = one GPU."})
+        types["optional"]["gpu_budgets_gb"] = ("STRING", {"default": "", "tooltip":
+            "Several GPUs: one budget per GPU in GB, e.g. '40,40' (one number = that on every GPU, 0 = 55 % of "
+            "each card). The model is spread over them (INT8/NF4: accelerate's device map; BF16: headroom's split, "
+            "layers that fit on no GPU stream from pinned RAM); replaces gpu_budget_gb. Empty = one GPU."})
         return types
 
     @classmethod
