@@ -111,6 +111,9 @@ def soft_unload(model: nn.Module, pin_memory: bool | None = None, chunk_bytes: i
     if getattr(model, "_headroom_streamer", None) is not None:
         raise ValueError(f"{type(model).__name__} is streaming its blocks; call disable_block_streaming(model) "
                          "before soft_unload")
+    if getattr(model, "_headroom_multi_device", None) is not None:  # restore would put it all on one device
+        raise ValueError(f"{type(model).__name__} is split across devices; call disable_multi_device(model) "
+                         "before soft_unload")
     refs = collect_tensor_refs(model)
     if not refs:
         raise ValueError(f"{type(model).__name__} has no parameters or buffers to unload")

@@ -328,3 +328,14 @@ def test_parse_devices_and_their_budgets():
         parse_device_budgets("4,0", ["cuda:0", "cuda:1"])
     with pytest.raises(ValueError, match="are not all numbers"):
         parse_device_budgets("4,x", ["cuda:0", "cuda:1"])
+
+
+def test_soft_unload_refuses_a_split_model():
+    from comfyui_headroom.memory import soft_unload
+
+    model = _dit()
+    split = enable_multi_device(model, ["cpu", "cpu"])
+    with pytest.raises(ValueError, match="split across devices; call disable_multi_device"):
+        soft_unload(model, pin_memory=False)
+    split.disable()
+    soft_unload(model, pin_memory=False)  # once the split is gone it parks as usual
