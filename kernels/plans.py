@@ -78,42 +78,33 @@ class LinearPlan:
 def build(x, weight, weight_scale, bias) -> LinearPlan | None:
     """A plan for calls like this one, made right after the normal path ran it (so both kernels are compiled
     and kept by their launchers); None where the call did not take the quantization + Gluon path."""
-    if not x.is_cuda or not x.is_contiguous() or not weight_scale.is_contiguous():
-        return None
-    if bias is not None and not bias.is_contiguous():
+    if not x.is_cuda or not x.is_contiguous():
         return None
     k = x.shape[-1]
     m = x.numel() // max(k, 1)
-    n = weight.shape[0]
-    if m == 0 or k == 0 or n == 0:
-        return None
     qa = torch.empty((m, k), dtype=torch.int8, device=x.device)
     sa = torch.empty((m,), dtype=torch.float32, device=x.device)
-    gemm_plan = _gemm(qa, sa, weight, weight_scale, bias, x.dtype, (*x.shape[:-1], n))
-    if gemm_plan is None:
+    plan = build_int8_input(qa, sa, weight, weight_scale, bias, x.dtype)
+    if plan is None:
         return None
+    plan.out_shape = (*x.shape[:-1], plan.n)
     q_grid, q_args, q_kwargs = triton_quant.launch_args(x.view(m, k), qa, sa)
-    gemm_plan.quant = triton_quant._launch_quantize_rows.lookup(q_args, q_kwargs)
-    return gemm_plan if gemm_plan.quant is not None else None
+    plan.quant = triton_quant._launch_quantize_rows.lookup(q_args, q_kwargs)
+    return plan if plan.quant is not None else None
 
 
 def build_int8_input(qa, a_scale, weight, weight_scale, bias, out_dtype) -> LinearPlan | None:
-    """:func:`build` for a call whose activation came already in INT8: a plan of the GEMM alone."""
+    """The GEMM part of a plan (``quant`` left None): for a call whose activation came already in INT8, the whole
+    plan. The kept Gluon kernel the normal path launched for these operands, or None where it took another
+    kernel (or had nothing to compute)."""
     if not qa.is_cuda or not qa.is_contiguous() or not a_scale.is_contiguous() or not weight_scale.is_contiguous():
         return None
     if bias is not None and not bias.is_contiguous():
         return None
     m, k = qa.shape
-    if m == 0 or k == 0 or weight.shape[0] == 0:
-        return None
-    return _gemm(qa, a_scale, weight, weight_scale, bias, out_dtype, (m, weight.shape[0]))
-
-
-def _gemm(qa, a_scale, weight, weight_scale, bias, out_dtype, out_shape) -> LinearPlan | None:
-    """The plan's GEMM part (``quant`` left None): the kept Gluon kernel the normal path launched for these
-    operands, or None where it took another kernel."""
-    m, k = qa.shape
     n = weight.shape[0]
+    if m == 0 or k == 0 or n == 0:
+        return None
     device = qa.device
     out = torch.empty((m, n), dtype=out_dtype, device=device)
     mode = triton_w8a8.scale_mode_of(weight_scale)
@@ -125,7 +116,7 @@ def _gemm(qa, a_scale, weight, weight_scale, bias, out_dtype, out_shape) -> Line
     gemm = gluon_w8a8._launch.lookup(g_args, g_kwargs)
     if gemm is None:
         return None
-    return LinearPlan(m, n, k, out_shape, None, gemm, grid, device.index or 0)
+    return LinearPlan(m, n, k, (m, n), None, gemm, grid, device.index or 0)
 
 
 def set_enabled(enabled: bool) -> None:
