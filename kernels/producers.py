@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quant.int8 import quantize_activation
+from .backends import _rows
 from .support import HAS_TRITON, KernelUnsupported, interpreting
 
 
@@ -109,8 +110,3 @@ def gelu_quantize(x: torch.Tensor) -> Int8Rows:
 
         return Int8Rows(*quantize_rows(x2, gelu=True))
     return Int8Rows(*quantize_activation(F.gelu(x2.float(), approximate="tanh")))
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 and x2.stride(0) >= x2.shape[-1] else x2.contiguous()
