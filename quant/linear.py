@@ -162,9 +162,7 @@ class Int8Linear(nn.Module):
         if self.lora or self.rotation_group:
             raise ValueError("forward_int8: this layer has LoRA branches or a rotated weight, which need the float "
                              "input; call the layer on the float activation instead")
-        q, a_scale = rows
-        if q.ndim != 2 or q.shape[1] != self.in_features:
-            raise ValueError(f"forward_int8: expected int8 rows [M, {self.in_features}], got {tuple(q.shape)}")
+        q, a_scale = rows  # shapes, dtypes and devices are checked where the kernel is chosen
         return int8_linear_int8_input(q, a_scale, self.weight, self.weight_scale, self.bias, out_dtype,
                                       self.block_size)
 
