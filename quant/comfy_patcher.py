@@ -96,12 +96,13 @@ def patcher_class():
             return weight
 
         def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
-            if self.headroom_blocks_resident and device_to is not None and torch.device(device_to).type != "cpu":
+            on_gpu = device_to is not None and torch.device(device_to).type != "cpu"
+            if on_gpu and self.headroom_blocks_resident:
                 return self.load_streaming(torch.device(device_to))
-            if self.headroom_devices and device_to is not None and torch.device(device_to).type != "cpu":
+            if on_gpu and self.headroom_devices:
                 return self.load_split(torch.device(device_to))
             budget = self.headroom_budget_bytes
-            if budget and device_to is not None and torch.device(device_to).type != "cpu":
+            if budget and on_gpu:
                 if full_load or lowvram_model_memory <= 0 or lowvram_model_memory > budget:
                     lowvram_model_memory, full_load = budget, False
             super().load(device_to, lowvram_model_memory=lowvram_model_memory,
@@ -113,20 +114,14 @@ def patcher_class():
             (memory/streaming.py); everything outside the blocks goes to ``device_to``."""
             from ..memory import enable_block_streaming
 
-            with self.use_ejected():
-                dm = self.model.diffusion_model
-                for key in self.patches:  # float weights: ComfyUI's merge (INT8 ones: side branches)
-                    self.patch_weight_to_device(key)
+            def place(dm) -> int:
                 streamer = getattr(dm, "_headroom_streamer", None)
                 if streamer is None:
                     streamer = enable_block_streaming(dm, device_to, blocks_resident=self.headroom_blocks_resident)
-                self.model.device = device_to
-                self.model.model_lowvram = False
-                self.model.model_loaded_weight_memory = max(
-                    0, self.model_size() - streamer.streamed_bytes + streamer.ring_bytes)
-                self.model.current_weight_patches_uuid = self.patches_uuid
-                self._attach_side_branches(device_to)
                 log.info("headroom: %s", streamer.summary())
+                return max(0, self.model_size() - streamer.streamed_bytes + streamer.ring_bytes)
+
+            self._load_placed(device_to, place)
 
         def load_split(self, device_to: torch.device) -> None:
             """Split the diffusion model's blocks over ``headroom_devices`` (memory/multi_device.py: per-device
@@ -136,26 +131,31 @@ def patcher_class():
             from ..memory import enable_multi_device
             from ..memory.planner import plan_placement
 
-            with self.use_ejected():
-                dm = self.model.diffusion_model
-                for key in self.patches:  # float weights: ComfyUI's merge (INT8 ones: side branches)
-                    self.patch_weight_to_device(key)
+            def place(dm) -> int:
                 if getattr(dm, "_headroom_multi_device", None) is None:
                     target = list(self.headroom_devices)
                     if self.headroom_device_budgets:
                         target = plan_placement(dm, list(self.headroom_device_budgets), devices=target)
                     split = enable_multi_device(dm, target, output_device=device_to)
                     log.info("headroom: %s", split.summary())
+                return self.model_size()
+
+            self._load_placed(device_to, place)
+
+        def _load_placed(self, device_to: torch.device, place) -> None:
+            """Headroom places the diffusion model itself (``place(diffusion_model)`` -> the weight bytes ComfyUI
+            should count as loaded); ComfyUI's bookkeeping then says: loaded on ``device_to``, not low-VRAM."""
+            with self.use_ejected():
+                for key in self.patches:  # float weights: ComfyUI's merge (INT8 ones: side branches)
+                    self.patch_weight_to_device(key)
+                self.model.model_loaded_weight_memory = place(self.model.diffusion_model)
                 self.model.device = device_to
                 self.model.model_lowvram = False
-                self.model.model_loaded_weight_memory = self.model_size()
                 self.model.current_weight_patches_uuid = self.patches_uuid
                 self._attach_side_branches(device_to)
 
         def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
-            if self._split():
-                return 0  # all or nothing, as for streaming
-            if self._streaming():
+            if self._split() or self._streaming():
                 return 0  # all or nothing: ComfyUI then unloads the model (unpatch_model)
             freed = super().partially_unload(device_to, memory_to_free, force_patch_weights)
             self._drop_own_lowvram_patches()
