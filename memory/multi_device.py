@@ -238,13 +238,14 @@ def enable_multi_device(model: nn.Module, plan_or_devices: PlacementPlan | Seque
         slot_of = even_split(units, len(devices))
     block_ids = {id(m) for m in mods}
     ancestors = {n for n, m in model.named_modules() if id(m) not in block_ids and any(id(c) in block_ids for c in m.modules())}
+    streamed_blocks = set(plan.streamed_blocks()) if plan is not None else set()
     placed = []
     for unit in units:
         name = "" if unit.name == ROOT else unit.name
         module = model.get_submodule(name)
         slot = slot_of[unit.name]
-        streamed = plan is not None and unit.name in set(plan.streamed_blocks())
-        placed.append(_Placed(unit.name, module, devices[slot], slot, own_only=name in ancestors, streamed=streamed))
+        placed.append(_Placed(unit.name, module, devices[slot], slot, own_only=name in ancestors,
+                              streamed=unit.name in streamed_blocks))
     out = None if output_device is None else (devices[0] if output_device == "first" else torch.device(output_device))
     split = MultiDeviceSplit(model, placed, devices, names, out, non_blocking)
     if plan is not None and plan.streamed:
