@@ -5,8 +5,7 @@ package ``comfyui_headroom`` it is the library root. The node classes import Com
 file imports cleanly without ComfyUI (tests, CLI).
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "__version__"]

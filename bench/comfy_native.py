@@ -45,7 +45,9 @@ def main() -> None:
     import comfy.sd
     from comfyui_models import flux_layout, flux_lora_state_dict
     from comfyui_headroom.kernels.dispatch import force_kernel, kernel_summary, reset_kernel_stats
-    from comfyui_headroom.quant.comfy_ops import Int8LoadConfig, int8_layers, load_int8_diffusion_model
+    from comfyui_headroom.integrations.comfyui.ops import Int8LoadConfig
+    from comfyui_headroom.quant.linear import int8_layers
+    from comfyui_headroom.integrations.comfyui.load import load_int8_diffusion_model
 
     dev = mm.get_torch_device()
     cuda = dev.type == "cuda"
@@ -68,7 +70,7 @@ def main() -> None:
     try:
         from comfy_kitchen.tensor import QuantizedTensor
 
-        from comfyui_headroom.quant.comfy_ops import NATIVE_SKIP_PATTERNS
+        from comfyui_headroom.integrations.comfyui.ops import NATIVE_SKIP_PATTERNS
 
         out = {}
         for key, value in sd.items():

@@ -163,7 +163,7 @@ def gpu(argv) -> int:
     parts = set(args.parts.split(","))
     pkg = import_package()
     from comfyui_headroom.kernels import int8_linear, reset_kernel_stats
-    from comfyui_headroom.quant.int8 import quantize_weight
+    from comfyui_headroom.kernels.int8 import quantize_weight
 
     import triton
 

@@ -43,12 +43,12 @@ def _free():
 
 def time_generate(loaded_or_model, steps: int, size: int, repeats: int = 1) -> dict:
     """Median seconds per step over ``repeats`` runs after a warm-up run (torch.inference_mode)."""
-    from comfyui_headroom.memory.hf_generate import GenerateRequest
+    from comfyui_headroom.integrations.hunyuan3.generate import GenerateRequest
 
     request = GenerateRequest(prompt="a lighthouse at dusk", seed=1, steps=steps, guidance=1.0, width=size,
                               height=size, offload_mode="disabled")
     # The model's own generate_image for every row (our generate() adds a MemoryTracker, ~50 ms per run).
-    from comfyui_headroom.quant.hf_loader import LoadedModel
+    from comfyui_headroom.integrations.hunyuan3.loader import LoadedModel
 
     model = loaded_or_model.model if isinstance(loaded_or_model, LoadedModel) else loaded_or_model
     run = lambda: model.generate_image(request.prompt, seed=1, image_size=(size, size),  # noqa: E731
@@ -88,9 +88,9 @@ def main(argv=None) -> int:
     from accelerate.hooks import remove_hook_from_module  # noqa: F401
     from transformers import AutoModelForCausalLM
 
-    from comfyui_headroom.memory.hf_generate import restore_model, soft_unload_model
-    from comfyui_headroom.memory.hf_placement import manual_device_map
-    from comfyui_headroom.quant.hf_loader import load_hf_model
+    from comfyui_headroom.integrations.hunyuan3.generate import restore_model, soft_unload_model
+    from comfyui_headroom.integrations.hunyuan3.placement import manual_device_map
+    from comfyui_headroom.integrations.hunyuan3.loader import load_hf_model
 
     folder = Path("/tmp/hy3_wide")
     t0 = time.perf_counter()

@@ -77,7 +77,7 @@ def measure_shape(m: int, k: int, n: int, gen: torch.Generator, peers: dict, qui
     from comfyui_headroom.kernels import backends, choose_kernel, int8_linear
     from comfyui_headroom.kernels.triton_quant import quantize_rows
     from comfyui_headroom.kernels.triton_w8a8 import w8a8_matmul
-    from comfyui_headroom.quant.int8 import quantize_weight
+    from comfyui_headroom.kernels.int8 import quantize_weight
 
     dev = "cuda"
     x = torch.randn(m, k, generator=gen).to(dev, torch.bfloat16)
@@ -148,7 +148,7 @@ def tune_rows(gen: torch.Generator) -> list[dict]:
     from comfyui_headroom.kernels.triton_quant import quantize_rows
     from comfyui_headroom.kernels.triton_w8a8 import w8a8_matmul
     from comfyui_headroom.kernels.triton_w8a16 import w8a16_matmul
-    from comfyui_headroom.quant.int8 import quantize_weight
+    from comfyui_headroom.kernels.int8 import quantize_weight
 
     w8a8_rowwise = {
         "128x256x128 s3 w8 tma": G(128, 256, 128, 8, 8, 3, tma=True),
@@ -209,7 +209,7 @@ def asm_report(out_dir: str) -> str:
     import_package()
     from comfyui_headroom.kernels import triton_w8a8
     from comfyui_headroom.kernels.triton_quant import quantize_rows
-    from comfyui_headroom.quant.int8 import quantize_weight
+    from comfyui_headroom.kernels.int8 import quantize_weight
 
     gen = torch.Generator().manual_seed(1)
     lines = []

@@ -253,7 +253,8 @@ def run_comfy(args) -> dict:
     import_package()
     from comfyui_models import flux_layout
     from comfyui_headroom.memory import enable_multi_device
-    from comfyui_headroom.quant.comfy_ops import Int8LoadConfig, load_int8_diffusion_model
+    from comfyui_headroom.integrations.comfyui.ops import Int8LoadConfig
+    from comfyui_headroom.integrations.comfyui.load import load_int8_diffusion_model
 
     layout = flux_layout(hidden=args.hidden, depth=args.depth, single=args.single, context=4096)
     gen = torch.Generator().manual_seed(0)
@@ -325,7 +326,8 @@ def _comfy_sampler_split(path, devices, args, inputs) -> dict:
     import comfy.model_management
     import comfy.sample
 
-    from comfyui_headroom.quant.comfy_ops import Int8LoadConfig, load_int8_diffusion_model
+    from comfyui_headroom.integrations.comfyui.ops import Int8LoadConfig
+    from comfyui_headroom.integrations.comfyui.load import load_int8_diffusion_model
 
     steps = 4
     latent = torch.zeros(1, 16, inputs["x"].shape[2], inputs["x"].shape[3])

@@ -36,7 +36,7 @@ def outlier_weight(out_features, in_features, gen, outlier_channels=4, factor=40
 def weight_errors(w: torch.Tensor, groups=(64, 256)) -> dict:
     import_package()
     from comfyui_headroom.quant import dequantize_weight, quantize_weight, relative_error
-    from comfyui_headroom.quant.rotation import quantize_rotated, unrotate_weight
+    from comfyui_headroom.kernels.rotation import quantize_rotated, unrotate_weight
 
     out = {"rowwise": relative_error(dequantize_weight(*quantize_weight(w, "rowwise")), w),
            "block128": relative_error(dequantize_weight(*quantize_weight(w, "block")), w)}
@@ -116,7 +116,7 @@ def run_speed(m: int = 4096, ks=(3072, 5120), groups=(256, 64)) -> dict:
     from comfyui_headroom.kernels.triton_quant import quantize_rows
     from comfyui_headroom.kernels.triton_w8a8 import w8a8_matmul
     from comfyui_headroom.quant import quantize_weight
-    from comfyui_headroom.quant.rotation import hadamard, rotate_quantize_activation_reference
+    from comfyui_headroom.kernels.rotation import hadamard, rotate_quantize_activation_reference
 
     device = torch.device("cuda")
     rows = []

@@ -212,7 +212,7 @@ class DiTBlock(nn.Module):
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
     def _producers_apply(self, x: torch.Tensor) -> bool:
-        from ..kernels.producers import takes_int8_input
+        from ..quant.linear import takes_int8_input
 
         layers = (self.attn.qkv, self.attn.proj, self.mlp.fc1, self.mlp.fc2)
         return all(takes_int8_input(layer, x) for layer in layers)

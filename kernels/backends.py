@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.int8 import quantize_activation
+from .int8 import quantize_activation
 from .reference import reference_linear
 from .support import HAS_TRITON, KernelUnsupported, interpreting
 

@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from ..quant.rotation import COMFY_ROTATION_GROUPS, check_group, hadamard
+from .rotation import COMFY_ROTATION_GROUPS, check_group, hadamard
 from .support import HAS_TRITON
 
 if HAS_TRITON:  # the kernels exist only where Triton does; rotated_int8_linear works everywhere
@@ -159,7 +159,7 @@ def rotated_int8_linear(
 
 def rotated_int8_linear_eager(x, weight, weight_scale, bias, block_size: int, group: int) -> torch.Tensor:
     """:func:`rotated_int8_linear` without the custom-op wrapper (what the op runs)."""
-    from ..quant.rotation import rotate_activation
+    from .rotation import rotate_activation
     from . import dispatch
     from .backends import check_args
     from .support import KernelUnsupported, interpreting

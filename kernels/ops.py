@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..quant.int8 import dequantize_weight
+from .int8 import dequantize_weight
 from . import backends
 from .dispatch import dispatch_and_run, run_kernel
 
@@ -99,7 +99,7 @@ if not _registered("hadamard_rotate"):
     @torch.library.custom_op(f"{NAMESPACE}::hadamard_rotate", mutates_args=())
     def hadamard_rotate(x: torch.Tensor, group: int) -> torch.Tensor:
         """``x H`` per ``group`` of the last dim (an op: the cached Hadamard matrix never enters a traced graph)."""
-        from ..quant.rotation import rotate_activation
+        from .rotation import rotate_activation
 
         return rotate_activation(x, group)
 

@@ -6,12 +6,12 @@ LayerNorm + adaLN modulation (``qkv``, ``fc1``), the attention output and its ``
 (``proj``), GELU (``fc2``); in eager torch each of those is itself two to four elementwise passes. On the H100
 (demo ``1b``, 4096 tokens; docs/PERFORMANCE.md "## End to end") these passes plus the quantizations took
 about a third of an INT8 block's GPU time. A producer does the op and the quantization in one pass and hands
-the layer ``(q, scale)``; the layer then runs only its GEMM (:meth:`Int8Linear.forward_int8`).
+the layer ``(q, scale)``; the layer then runs only its GEMM (``Int8Linear.forward_int8`` in quant/, which also
+says whether a layer can take a producer's output for a call: ``takes_int8_input``).
 
 * :func:`norm_modulate_quantize` - (optional gated residual) + LayerNorm + ``* (1 + scale) + shift`` + INT8;
 * :func:`quantize_heads`         - the attention output ``[B, H, N, D]`` as ``[B*N, H*D]`` rows, in INT8;
 * :func:`gelu_quantize`          - tanh-GELU + INT8;
-* :func:`takes_int8_input`       - whether a layer can take a producer's output for this call.
 
 Each runs a Triton kernel on CUDA (and under ``TRITON_INTERPRET=1``), and the same math in torch elsewhere.
 A producer computes in float32 from its bf16 inputs and rounds once, where the eager chain rounds to bf16
@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..quant.int8 import quantize_activation
+from .int8 import quantize_activation
 from .backends import _rows
 from .support import HAS_TRITON, KernelUnsupported, interpreting
 
@@ -40,20 +40,6 @@ class Int8Rows(NamedTuple):
 
 def _triton_here(t: torch.Tensor) -> bool:
     return HAS_TRITON and (t.is_cuda or interpreting())
-
-
-def takes_int8_input(layer, x: torch.Tensor) -> bool:
-    """True when ``layer`` (an :class:`~comfyui_headroom.quant.Int8Linear`) would run ``x``'s rows through a W8A8
-    GEMM (Triton or ``_int_mm``) with nothing else needing the float input: no LoRA branch, no rotation, no
-    gradient, not inside ``torch.compile`` (whose graphs call the layer's custom op instead)."""
-    from ..quant.linear import Int8Linear
-    from .dispatch import choose_kernel
-
-    if not isinstance(layer, Int8Linear) or layer.lora or layer.rotation_group:
-        return False
-    if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
-        return False
-    return choose_kernel(x, layer.weight, layer.weight_scale) in ("triton_w8a8", "int_mm")
 
 
 def norm_modulate_quantize(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..quant.int8 import dequantize_weight
+from .int8 import dequantize_weight
 
 
 def reference_linear(

@@ -1,7 +1,7 @@
 """Triton kernel: dynamic per-row symmetric INT8 quantization of activations, in one pass.
 
 ``x [M, K]`` (bf16/fp16/fp32) -> ``q int8 [M, K]`` and ``scale float32 [M]``: the function of
-:func:`comfyui_headroom.quant.int8.quantize_activation` (``scale = amax / 127``, 1.0 for an all-zero
+:func:`comfyui_headroom.kernels.int8.quantize_activation` (``scale = amax / 127``, 1.0 for an all-zero
 row; ``q = round_half_even(x / scale)``), computed as ``amax * fl(1/127)`` (what torch does on CUDA
 for a division by a scalar) and ``x * fl(1/scale)``: one reciprocal per row instead of an IEEE division
 per element, which made the kernel compute bound. ``q`` can differ from the division by one step when

@@ -230,7 +230,7 @@ class ForceUnloadReport:
     after: dict[str, dict[str, int]]
     caches_cleared: list[str] = field(default_factory=list)
     cache_errors: dict[str, str] = field(default_factory=dict)
-    comfy_unloaded: bool = False
+    host_unloaded: str | None = None  # what the host application's unload hook said it did
     exception_refs_cleared: list[str] = field(default_factory=list)
     orphans_freed: int = 0
     orphan_bytes: int = 0
@@ -252,8 +252,8 @@ class ForceUnloadReport:
         else:
             vram = "no CUDA"
         extra = [f"{len(self.caches_cleared)} caches cleared"]
-        if self.comfy_unloaded:
-            extra.append("ComfyUI models unloaded")
+        if self.host_unloaded:
+            extra.append(self.host_unloaded)
         if self.exception_refs_cleared:
             extra.append(f"cleared {', '.join(self.exception_refs_cleared)}")
         if self.orphans_freed:
@@ -282,29 +282,6 @@ def _clear_exception_refs(exc: BaseException | None) -> list[str]:
                 cleared.append(f"traceback of {type(err).__name__}")
             err = err.__cause__ or err.__context__
     return cleared
-
-
-def _comfy_unload(import_comfy: bool) -> bool:
-    mm = sys.modules.get("comfy.model_management")
-    if mm is None and import_comfy:
-        try:
-            import comfy.model_management as mm  # noqa: F811 - lazy, only when asked
-        except Exception as err:  # ComfyUI not importable here
-            log.debug("ComfyUI model management unavailable: %s", err)
-            mm = None
-    if mm is None:
-        return False
-    done = False
-    for fn_name in ("unload_all_models", "soft_empty_cache"):
-        fn = getattr(mm, fn_name, None)
-        if fn is None:
-            continue
-        try:
-            fn()
-            done = True
-        except Exception as err:
-            log.warning("ComfyUI %s failed: %s", fn_name, err)
-    return done
 
 
 # Objects we never traverse when looking for what "keep" reaches: code and namespaces lead to everything.
@@ -352,14 +329,13 @@ def free_tensors(tensors: Iterable[torch.Tensor]) -> tuple[int, int]:
 
 
 def force_unload(keep: Iterable[object] = (), exc: BaseException | None = None,
-                 nuke_orphaned_tensors: bool = False, comfy: bool = True, import_comfy: bool = False,
+                 nuke_orphaned_tensors: bool = False, host_unload: Callable[[], str | None] | None = None,
                  gc_passes: int = 3) -> ForceUnloadReport:
     """Give VRAM back, also after an OOM.
 
     1. call every registered cache-clear callback (:func:`register_cache`);
-    2. ``comfy=True``: ``comfy.model_management.unload_all_models()`` + ``soft_empty_cache()`` when ComfyUI is
-       loaded in this process (``import_comfy=True`` also imports it - outside ComfyUI that import parses
-       ``sys.argv`` and initialises devices, so it is off by default);
+    2. ``host_unload``: the host application's own unload (the ComfyUI glue passes one that asks ComfyUI's
+       model management to unload everything); it returns what it did, for the report, or None;
     3. clear ``sys.last_exc/last_value/last_traceback/last_type`` and the frames of ``exc`` (and of the
        exception being handled, and their chained causes) - an OOM's traceback pins every tensor that was a
        local variable in the failed run;
@@ -379,8 +355,11 @@ def force_unload(keep: Iterable[object] = (), exc: BaseException | None = None,
         except Exception as err:
             report.cache_errors[name] = f"{type(err).__name__}: {err}"
             log.warning("headroom force unload: cache %s failed to clear: %s", name, err)
-    if comfy:
-        report.comfy_unloaded = _comfy_unload(import_comfy)
+    if host_unload is not None:
+        try:
+            report.host_unloaded = host_unload()
+        except Exception as err:
+            log.warning("headroom force unload: the host's unload failed: %s", err)
     report.exception_refs_cleared = _clear_exception_refs(exc)
     exc = None  # our own reference must not pin the frames either
     for _ in range(gc_passes):

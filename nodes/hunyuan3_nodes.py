@@ -128,7 +128,7 @@ _register_force_unload_hook()
 def load_cached(folder: str, mode: str, budget_gb: float, external_vram_gb: float, trust_remote_code: bool,
                 attn_implementation: str, device_map: str = "auto", gpu_layers: int = 0, gpu_budgets_gb: str = ""):
     """Load (or reuse) a model; a changed folder (files, sizes, mtimes) reloads."""
-    from ..quant.hf_loader import folder_fingerprint, load_hf_model
+    from ..integrations.hunyuan3.loader import folder_fingerprint, load_hf_model
 
     path = os.path.realpath(folder)
     key = (path, mode, float(budget_gb), float(external_vram_gb), attn_implementation, device_map,
@@ -186,7 +186,7 @@ class _Hunyuan3LoaderBase:
 
     @classmethod
     def IS_CHANGED(cls, model_folder, **kwargs):
-        from ..quant.hf_loader import folder_fingerprint
+        from ..integrations.hunyuan3.loader import folder_fingerprint
 
         try:
             return folder_fingerprint(resolve_model_folder(model_folder))
@@ -259,7 +259,7 @@ class _Hunyuan3GenerateBase:
 
     def generate(self, model, prompt, seed, steps, guidance, width, height, offload_mode, post_action,
                  budget_override_gb=0.0, image=None):
-        from ..memory.hf_generate import GenerateRequest, generate
+        from ..integrations.hunyuan3.generate import GenerateRequest, generate
 
         if model.model is None:  # unloaded by an earlier run while ComfyUI kept the loader's output:
             CACHE.drop()  # free whatever else is cached; generate() reloads this one

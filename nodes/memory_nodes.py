@@ -95,11 +95,12 @@ class HeadroomForceUnload:
                    "traceback of a failed run that pins tensors, runs GC and empties the CUDA cache.")
 
     def unload(self, anything, nuke_orphaned_tensors):
+        from ..integrations.comfyui.memory import unload_comfy_models
         from ..memory import force_unload
 
         keep = [anything]
-        report = force_unload(keep=keep, nuke_orphaned_tensors=bool(nuke_orphaned_tensors), comfy=True,
-                              import_comfy=True)
+        report = force_unload(keep=keep, nuke_orphaned_tensors=bool(nuke_orphaned_tensors),
+                              host_unload=unload_comfy_models)
         status = str(report)
         if report.before:
             status += f" | freed {report.freed_bytes() / GB:.2f} GB"
@@ -191,7 +192,7 @@ class HeadroomMemoryReport:
         return float("nan")
 
     def report(self, model, anything=None):
-        from ..quant.comfy_sampling import last_run_of
+        from ..integrations.comfyui.sampling import last_run_of
 
         run = last_run_of(model)
         if run is None:

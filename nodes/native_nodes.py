@@ -118,10 +118,9 @@ class HeadroomLoadDiffusionModelInt8:
         import torch
 
         from ..memory.budgets import parse_device_budgets, parse_devices
-
-        from ..quant.comfy_ops import Int8LoadConfig, budget_from_gb, load_int8_diffusion_model, \
-            native_skip_patterns
-        from ..quant.comfy_sampling import install_sampling_wrapper
+        from ..integrations.comfyui.load import budget_from_gb, load_int8_diffusion_model
+        from ..integrations.comfyui.ops import Int8LoadConfig, native_skip_patterns
+        from ..integrations.comfyui.sampling import install_sampling_wrapper
 
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         config = Int8LoadConfig(weight_format=weight_format, quantize_on_load=bool(quantize_on_load),
@@ -191,7 +190,8 @@ class HeadroomLoadClipInt8:
         import comfy.sd
         import folder_paths
 
-        from ..quant.comfy_ops import TEXT_ENCODER_SKIP_PATTERNS, Int8LoadConfig, load_int8_text_encoder
+        from ..integrations.comfyui.load import load_int8_text_encoder
+        from ..integrations.comfyui.ops import TEXT_ENCODER_SKIP_PATTERNS, Int8LoadConfig
 
         clip_type = getattr(comfy.sd.CLIPType, type.upper(), comfy.sd.CLIPType.STABLE_DIFFUSION)
         options = {}
@@ -271,7 +271,7 @@ def apply_lora(model, clip, lora_name: str, strength_model: float, strength_clip
     import comfy.lora_convert
     import folder_paths
 
-    from ..quant.comfy_ops import int8_layers
+    from ..quant.linear import int8_layers
     from ..quant.lora import LoraShapeError, patch_shape_problems
 
     _register_caches()

@@ -1,6 +1,6 @@
 """Quantized weights: INT8 math, the INT8 linear layer, skip rules, the dtype report, formats on disk."""
 
-from .int8 import (
+from ..kernels.int8 import (
     METHODS,
     dequantize_weight,
     quantize_activation,

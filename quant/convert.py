@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
+from .._version import __version__
 from .formats import (
     COMFY_INT8_FORMAT,
     COMFY_LEGACY_KEY,
     COMFY_QUANT_SUFFIX,
     FORMAT_VERSION,
-    FP8_DTYPES,
     INPUT_SCALE_SUFFIXES,
     META_BLOCK_SIZE,
     META_FORMAT_VERSION,
@@ -52,7 +52,7 @@ from .formats import (
     encode_comfy_quant,
     safetensors_files,
 )
-from .int8 import DEFAULT_BLOCK_SIZE, METHODS, QMAX, dequantize_weight, quantize_weight, scale_from_amax
+from ..kernels.int8 import DEFAULT_BLOCK_SIZE, FP8_DTYPES, METHODS, QMAX, dequantize_weight, quantize_weight, scale_from_amax
 from .safetensors_stream import (
     PICKLE_SUFFIXES,
     FormatError,
@@ -340,7 +340,7 @@ def quantize_streamed(
         if rows_hook is not None:
             rows = rows_hook(rows, start)
         if rotation:
-            from .rotation import rotate_weight
+            from ..kernels.rotation import rotate_weight
 
             rows = rotate_weight(rows, rotation)
         return rows
@@ -394,11 +394,7 @@ def _check_finite_copy(tensor: torch.Tensor, name: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 def _tool_version() -> str:
-    try:
-        from .. import __version__
-        return __version__
-    except ImportError:  # imported outside the package (should not happen)
-        return "unknown"
+    return __version__
 
 
 def _output_metadata(source: "_SourceInfo", plan: _Plan, report_quantized: list[str], method: str, block_size: int,
@@ -534,7 +530,7 @@ def _check_options(method: str, block_size: int, layout: str, device: str, rotat
                            "express block scales. Use --method rowwise (or tensorwise) with --layout comfy, or "
                            "--layout headroom for block")
     if rotate:
-        from .rotation import check_group
+        from ..kernels.rotation import check_group
 
         try:
             check_group(rotate, comfy=layout == "comfy")

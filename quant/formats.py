@@ -26,7 +26,7 @@ from types import MappingProxyType
 
 import torch
 
-from .int8 import DEFAULT_BLOCK_SIZE, block_size_of, method_of_scale
+from ..kernels.int8 import DEFAULT_BLOCK_SIZE, FP8_DTYPES, block_size_of, method_of_scale
 from .safetensors_stream import FormatError, Header, TensorInfo, read_header
 
 # Our header metadata keys (safetensors metadata maps str -> str; lists travel as JSON strings).
@@ -47,8 +47,6 @@ COMFY_LEGACY_KEY = "_quantization_metadata"
 COMFY_INT8_FORMAT = "int8_tensorwise"
 SCALE_SUFFIXES = ("weight_scale", "scale_weight")  # ours/ComfyUI/lightx2v, OneTrainer/old ComfyUI fp8
 INPUT_SCALE_SUFFIXES = ("input_scale", "scale_input")  # static activation scales: we quantize activations ourselves
-
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @dataclass

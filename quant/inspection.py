@@ -26,7 +26,7 @@ from .formats import (
     merge_infos,
     safetensors_files,
 )
-from .int8 import DEFAULT_BLOCK_SIZE
+from ..kernels.int8 import DEFAULT_BLOCK_SIZE
 from .safetensors_stream import FormatError, Header, read_header
 from .skip import resolve_patterns
 

@@ -1,11 +1,14 @@
-"""``Int8Linear``: a drop-in ``nn.Linear`` holding an int8 weight and float32 scales.
+"""``Int8Linear``: THE INT8 linear layer of every road - a drop-in ``nn.Linear`` holding an int8 weight and
+float32 scales. The demo, the converter's checks and ``quantize_model`` use it as it is; the ComfyUI road
+subclasses it only to take part in ComfyUI's layer machinery (integrations/comfyui/ops.py: its load-time
+decision and weight casting) and runs the same :meth:`Int8Linear.int8_forward`.
 
 * state_dict keys: ``weight`` (int8 ``[out, in]``), ``weight_scale`` (float32), ``bias`` (compute dtype);
   the granularity (rowwise/block/tensorwise) is read back from the scale's shape on load.
 * ``.to(device)`` moves everything; ``.to(dtype)`` casts only the bias - the int8 weight and the float32
   scale keep their dtypes, so a ``model.to(torch.bfloat16)`` never destroys the quantization.
 * forward goes through :func:`comfyui_headroom.kernels.int8_linear` (the dispatcher), plus optional
-  float LoRA side branches ``scale * (x A^T) B^T`` that never touch the int8 weight.
+  float LoRA side branches ``scale * (x A^T) B^T`` that never touch the int8 weight (:mod:`.lora`).
 * ``rotation_group`` > 0: the weight is stored Hadamard-rotated (``Q(W H)``, see :mod:`.rotation`); forward
   rotates the input first, ``dequantized_weight()`` un-rotates. The state dict then gains ``rotation_group``.
 """
@@ -15,7 +18,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .int8 import DEFAULT_BLOCK_SIZE, block_size_of, dequantize_weight, method_of_scale, quantize_weight
+from ..kernels import int8_linear
+from ..kernels.dispatch import choose_kernel, int8_linear_int8_input
+from ..kernels.hadamard import rotated_int8_linear
+from ..kernels.int8 import DEFAULT_BLOCK_SIZE, block_size_of, dequantize_weight, method_of_scale, quantize_weight
+from ..kernels.rotation import check_group, quantize_rotated, rotation_fits, unrotate_weight
+from .lora import apply_side_branches
 
 
 class Int8Linear(nn.Module):
@@ -81,8 +89,6 @@ class Int8Linear(nn.Module):
             device="meta",
         )
         if rotation_group:
-            from .rotation import quantize_rotated
-
             q, scale = quantize_rotated(weight, rotation_group, method, block_size)
             layer.rotation_group = rotation_group
         else:
@@ -123,8 +129,6 @@ class Int8Linear(nn.Module):
         return layer
 
     def _set_rotation(self, group: int) -> None:
-        from .rotation import check_group, rotation_fits
-
         if group and not rotation_fits(self.in_features, check_group(group)):
             raise ValueError(f"rotation group {group} does not divide in_features={self.in_features}")
         self.rotation_group = int(group)
@@ -132,33 +136,41 @@ class Int8Linear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight in the plain basis (un-rotated when the layer is rotated)."""
         if self.rotation_group:
-            from .rotation import unrotate_weight
-
             plain = dequantize_weight(self.weight, self.weight_scale, torch.float32, self.block_size)
             return unrotate_weight(plain, self.rotation_group).to(dtype)
         return dequantize_weight(self.weight, self.weight_scale, dtype, self.block_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        int8_linear = _kernel_entry or _load_kernel_entry()  # not an import per call: it costs ~1 us
-        if self.rotation_group:  # the weight lives in the rotated basis: the input is rotated to match
-            from ..kernels.hadamard import rotated_int8_linear
+        return self.int8_forward(x, self.weight, self.weight_scale, self.bias)
 
-            y = rotated_int8_linear(x, self.weight, self.weight_scale, self.bias, self.block_size, self.rotation_group)
+    def int8_forward(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+        """The layer's function on ``x`` with these tensors (this layer's own, or copies a caller brought to
+        ``x``'s device): the INT8 GEMM through the dispatcher - with the input rotated first when the weight
+        is stored rotated - plus the float LoRA side branches."""
+        if self.rotation_group:  # the weight lives in the rotated basis: the input is rotated to match
+            y = rotated_int8_linear(x, weight, scale, bias, self.block_size, self.rotation_group)
         else:
-            y = int8_linear(x, self.weight, self.weight_scale, self.bias, self.block_size)
-        for down, up, scale in self.lora:
-            d = down.to(device=x.device, dtype=x.dtype)
-            u = up.to(device=x.device, dtype=x.dtype)
-            y = y + scale * torch.nn.functional.linear(torch.nn.functional.linear(x, d), u)
+            y = int8_linear(x, weight, scale, bias, self.block_size)
+        if self.lora:
+            y = apply_side_branches(x, y, self.lora)
         return y
+
+    def takes_int8_input(self, x: torch.Tensor) -> bool:
+        """True when this layer would run ``x``'s rows through a W8A8 GEMM (Triton or ``_int_mm``) with
+        nothing else needing the float input: no LoRA branch, no rotation, no gradient, not inside
+        ``torch.compile`` (whose graphs call the layer's custom op instead). Then a producer
+        (:mod:`comfyui_headroom.kernels.producers`) may hand it INT8 rows for :meth:`forward_int8`."""
+        if self.lora or self.rotation_group or self.weight_scale is None:
+            return False
+        if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
+            return False
+        return choose_kernel(x, self.weight, self.weight_scale) in ("triton_w8a8", "int_mm")
 
     def forward_int8(self, rows, out_dtype: torch.dtype) -> torch.Tensor:
         """The layer on an input that a producer (:mod:`comfyui_headroom.kernels.producers`) already wrote in
         INT8: ``rows`` = ``(q int8 [M, K], scale float32 [M])`` -> ``[M, out]`` in ``out_dtype``. Only the GEMM
-        runs; callers check :func:`~comfyui_headroom.kernels.producers.takes_int8_input` first (no LoRA, no
-        rotation: both need the float input)."""
-        from ..kernels.dispatch import int8_linear_int8_input
-
+        runs; callers check :meth:`takes_int8_input` first (no LoRA, no rotation: both need the float input)."""
         if self.lora or self.rotation_group:
             raise ValueError("forward_int8: this layer has LoRA branches or a rotated weight, which need the float "
                              "input; call the layer on the float activation instead")
@@ -168,6 +180,8 @@ class Int8Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # Keep int8 weight and float32 scale dtypes under .to(dtype)/.half(); follow device moves.
+        if self._buffers.get("weight_scale") is None:  # a ComfyUI-road layer that stayed float
+            return super()._apply(fn, recurse)
         scale = self._buffers.pop("weight_scale")
         try:
             super()._apply(fn, recurse)
@@ -203,18 +217,6 @@ class Int8Linear(nn.Module):
                 f"bias={self.bias is not None}, method={self.method}{extra}")
 
 
-_kernel_entry = None
-
-
-def _load_kernel_entry():
-    """``kernels.int8_linear``, imported on first forward (kernels import quant: no top-level import)."""
-    global _kernel_entry
-    from ..kernels import int8_linear
-
-    _kernel_entry = int8_linear
-    return int8_linear
-
-
 def _normalise_scale(scale: torch.Tensor, out_features: int) -> torch.Tensor:
     """``[out, 1]`` -> ``[out]``; ``[1]`` -> ``[]``; other layouts unchanged."""
     if scale.ndim == 2 and scale.shape[1] == 1 and scale.shape[0] == out_features:
@@ -222,3 +224,15 @@ def _normalise_scale(scale: torch.Tensor, out_features: int) -> torch.Tensor:
     if scale.numel() == 1 and scale.ndim > 0 and not (scale.ndim == 1 and out_features == 1):
         return scale.reshape(())
     return scale
+
+
+def int8_layers(model: nn.Module) -> list[tuple[str, Int8Linear]]:
+    """``(name, layer)`` for every :class:`Int8Linear` of ``model`` that holds an INT8 weight (on the ComfyUI
+    road a layer that the load kept float is an ``Int8Linear`` subclass without a scale)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Int8Linear) and m.weight_scale is not None]
+
+
+def takes_int8_input(layer, x: torch.Tensor) -> bool:
+    """Whether ``layer`` is an :class:`Int8Linear` that can take a producer's INT8 rows for ``x``
+    (:meth:`Int8Linear.takes_int8_input`); False for any other module."""
+    return isinstance(layer, Int8Linear) and layer.takes_int8_input(x)

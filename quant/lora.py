@@ -239,7 +239,7 @@ def dequantize_int8_lora(tensors: Mapping[str, torch.Tensor], file_metadata: dic
     ``<name>.weight_scale`` / ``comfy_quant``), read by :func:`.formats.parse_int8_layer`.
     """
     from .formats import parse_int8_layer
-    from .int8 import dequantize_weight
+    from ..kernels.int8 import dequantize_weight
 
     out = dict(tensors)
     count = 0
@@ -252,7 +252,8 @@ def dequantize_int8_lora(tensors: Mapping[str, torch.Tensor], file_metadata: dic
             continue
         weight = dequantize_weight(layer.weight, layer.scale, torch.float32, layer.block_size)
         if layer.convrot:
-            from .rotation import unrotate_weight, rotation_group_of
+            from .rotation import rotation_group_of
+            from ..kernels.rotation import unrotate_weight
             from .formats import decode_comfy_quant
 
             quant_key = prefix + "comfy_quant"

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .int8 import DEFAULT_BLOCK_SIZE
+from ..kernels.int8 import DEFAULT_BLOCK_SIZE
 from .linear import Int8Linear
 from .report import DtypeReport, dtype_report, log_report
 from .skip import DEFAULT_MIN_FEATURES, decide, resolve_patterns

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from comfyui_headroom.quant.int8 import dequantize_weight, quantize_activation, quantize_weight, relative_error
+from comfyui_headroom.kernels.int8 import dequantize_weight, quantize_activation, quantize_weight, relative_error
 
 # Tolerances from issue #3: vs float64 on the quantized operands.
 TOL = {torch.bfloat16: 5e-3, torch.float16: 2e-3, torch.float32: 1e-5}

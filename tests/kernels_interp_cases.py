@@ -144,7 +144,7 @@ def test_int8linear_uses_forced_triton_kernel_on_cpu(gen):
 def _close_int8(rows, h: torch.Tensor) -> None:
     """A producer's INT8 vs per-row INT8 of the float64 value it should compute: scales equal to float32
     rounding, values within one step (a value within an ulp of a rounding edge may land either side)."""
-    from comfyui_headroom.quant.int8 import quantize_activation
+    from comfyui_headroom.kernels.int8 import quantize_activation
 
     q_ref, s_ref = quantize_activation(h.float())
     torch.testing.assert_close(rows.scale, s_ref, rtol=1e-5, atol=0)

@@ -38,7 +38,7 @@ def main() -> None:
 def check_producers(gen, bf16) -> None:
     """The producer kernels on widths that are not powers of two (masked lanes), against their torch paths."""
     from comfyui_headroom.kernels import producers, triton_producers
-    from comfyui_headroom.quant.int8 import quantize_activation
+    from comfyui_headroom.kernels.int8 import quantize_activation
 
     x = torch.randn(3, 37, 1000, generator=gen).to("cuda", bf16)
     y = torch.randn(3, 37, 1000, generator=gen).to("cuda", bf16)

@@ -17,7 +17,7 @@ from comfyui_headroom.quant.formats import (
     encode_comfy_quant,
     parse_int8_layer,
 )
-from comfyui_headroom.quant.int8 import dequantize_weight, quantize_weight, relative_error
+from comfyui_headroom.kernels.int8 import dequantize_weight, quantize_weight, relative_error
 from comfyui_headroom.quant.linear import Int8Linear
 from comfyui_headroom.quant.safetensors_stream import FormatError, TensorReader
 from testutil import comfyui_dir

@@ -16,15 +16,15 @@ GB = 1024 ** 3
 
 
 
-from comfyui_headroom.memory.hf_generate import (  # noqa: E402
+from comfyui_headroom.integrations.hunyuan3.generate import (  # noqa: E402
     GenerateRequest,
     GenerationOOM,
     decide_offload,
     generate,
     model_device,
 )
-from comfyui_headroom.quant.bnb import is_bnb_quantized  # noqa: E402
-from comfyui_headroom.quant.hf_loader import load_hf_model  # noqa: E402
+from comfyui_headroom.integrations.hunyuan3.bnb import is_bnb_quantized  # noqa: E402
+from comfyui_headroom.integrations.hunyuan3.loader import load_hf_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -22,17 +22,17 @@ FIXTURE = Path(__file__).parent / "fixtures" / "hunyuan3_fake"
 
 
 
-from comfyui_headroom.memory.hf_generate import GenerateRequest, GenerationOOM, generate  # noqa: E402
-from comfyui_headroom.memory.hf_placement import (  # noqa: E402
+from comfyui_headroom.integrations.hunyuan3.generate import GenerateRequest, GenerationOOM, generate  # noqa: E402
+from comfyui_headroom.integrations.hunyuan3.placement import (  # noqa: E402
     DeviceMapError,
     manual_device_map,
     max_memory_for_budget,
     plan_quantized_map,
     validate_device_map,
 )
-from comfyui_headroom.quant import hf_loader  # noqa: E402
-from comfyui_headroom.quant.bnb import HUNYUAN3_SKIP_PATTERNS, is_bnb_quantized  # noqa: E402
-from comfyui_headroom.quant.hf_loader import LoaderError, load_hf_model, save_quantized  # noqa: E402
+from comfyui_headroom.integrations.hunyuan3 import loader as hf_loader  # noqa: E402
+from comfyui_headroom.integrations.hunyuan3.bnb import HUNYUAN3_SKIP_PATTERNS, is_bnb_quantized  # noqa: E402
+from comfyui_headroom.integrations.hunyuan3.loader import LoaderError, load_hf_model, save_quantized  # noqa: E402
 
 STATUS_TAIL = re.compile(r"Peak VRAM (n/a|[\d.]+GB) \| Peak RAM [\d.]+GB$")
 GB = 1024 ** 3
@@ -96,7 +96,7 @@ def test_every_skip_pattern_kept_its_layer_and_every_other_linear_is_quantized(w
 def test_generate_image_and_status(int8):
     steps = []
     result = generate(int8, _request(width=60, height=68), on_step=lambda i, n: steps.append((i, n)))
-    from comfyui_headroom.memory.hf_generate import resolution_buckets
+    from comfyui_headroom.integrations.hunyuan3.generate import resolution_buckets
 
     assert result.image.size == (result.width, result.height)
     assert (result.width, result.height) in resolution_buckets(int8.model) and (result.width, result.height) != (60, 68)
@@ -281,7 +281,7 @@ def test_node_cache_reuses_and_reloads_when_the_folder_changes(fake_folder, tmp_
 def test_int8_park_in_one_host_buffer_keeps_the_function(int8):
     """The INT8 soft-unload routine (CUDA->pinned in production) on the CPU: every tensor, the int8
     weight's CB and the LLM.int8 scales land in one flat buffer, and the model computes the same."""
-    from comfyui_headroom.memory.hf_generate import move_bnb_int8_model
+    from comfyui_headroom.integrations.hunyuan3.generate import move_bnb_int8_model
 
     want = np.asarray(generate(int8, _request()).image)
     layer = int8.model.model.layers[0].mlp.experts[0].down_proj
@@ -296,7 +296,7 @@ def test_int8_park_in_one_host_buffer_keeps_the_function(int8):
 
 
 def test_bf16_stream_map_fits_layers_and_leaves_room_for_the_ring(int8):
-    from comfyui_headroom.memory.hf_placement import bf16_stream_map, unit_bytes, top_level_units
+    from comfyui_headroom.integrations.hunyuan3.placement import bf16_stream_map, unit_bytes, top_level_units
 
     model = int8.model
     units = top_level_units(model)
@@ -315,7 +315,7 @@ def test_accelerate_offload_is_taken_back_without_changing_the_model(fake_folder
     the CPU: every unit offloaded, execution device cuda:0, as accelerate does for "cpu" map entries)."""
     from accelerate import dispatch_model
 
-    from comfyui_headroom.memory.hf_placement import top_level_units, undo_accelerate_offload
+    from comfyui_headroom.integrations.hunyuan3.placement import top_level_units, undo_accelerate_offload
 
     loaded = load_hf_model(fake_folder, "bf16", trust_remote_code=True)
     model = loaded.model

@@ -10,7 +10,7 @@ import torch
 
 
 
-from comfyui_headroom.quant.bnb import (
+from comfyui_headroom.integrations.hunyuan3.bnb import (
     HUNYUAN3_SKIP_PATTERNS,
     SkipListMismatch,
     SkipPlan,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from comfyui_headroom.quant import dequantize_weight, quantize_activation, quantize_weight, relative_error
-from comfyui_headroom.quant.int8 import expand_scale, method_of_scale
+from comfyui_headroom.kernels.int8 import expand_scale, method_of_scale
 
 from testutil import outlier_weight
 

@@ -3,7 +3,7 @@
 import torch
 
 from comfyui_headroom.cli import main
-from comfyui_headroom.memory.cli_memory import gpu_info_lines
+from comfyui_headroom.cli.memory import gpu_info_lines
 
 
 def test_gpu_info_runs_and_says_what_it_found(capsys):

@@ -128,7 +128,7 @@ def test_force_unload_after_a_real_oom_returns_to_baseline():
         failure = err
     sys.last_value, sys.last_traceback = failure, failure.__traceback__
     assert torch.cuda.memory_allocated() >= baseline + 1024 ** 3
-    report = force_unload(keep=[kept], exc=failure, comfy=False)
+    report = force_unload(keep=[kept], exc=failure)
     after = torch.cuda.memory_allocated()
     assert abs(after - baseline) <= 0.02 * baseline, str(report)
     assert report.freed_bytes("cuda:0") >= 1024 ** 3
@@ -149,7 +149,7 @@ torch.cuda.synchronize()
 baseline = torch.cuda.memory_allocated()
 hidden_cache = [make_dit(depth=4, hidden=512, int8=True, dtype=torch.bfloat16).to(cuda)]  # forgotten by its owner
 assert torch.cuda.memory_allocated() > baseline
-report = force_unload(keep=[kept, x, expected], nuke_orphaned_tensors=True, comfy=False)
+report = force_unload(keep=[kept, x, expected], nuke_orphaned_tensors=True)
 after = torch.cuda.memory_allocated()
 assert abs(after - baseline) <= 0.02 * baseline, (after, baseline, str(report))
 assert report.orphans_freed > 0 and report.orphan_modules > 0, str(report)
@@ -185,7 +185,7 @@ def test_twenty_streaming_cycles_do_not_leak():
         peak = max(peak, torch.cuda.memory_allocated())
         streamer.disable()
         del model, streamer
-        force_unload(comfy=False, gc_passes=1)
+        force_unload(gc_passes=1)
         readings.append(torch.cuda.memory_allocated())
     # cycle 1 may leave lasting allocations (kernel workspaces); after that nothing may accumulate
     assert readings[-1] - readings[0] <= 0.01 * (peak - start), readings

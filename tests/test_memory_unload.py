@@ -10,6 +10,7 @@ from torch import nn
 
 from comfyui_headroom.memory import force_unload, register_cache, release_pinned, restore, soft_unload, unregister_cache
 from comfyui_headroom.memory.unload import find_orphans, free_tensors, soft_unload_handle
+from comfyui_headroom.integrations.comfyui.memory import unload_comfy_models
 from test_memory_models import make_dit
 
 
@@ -89,7 +90,7 @@ def test_registered_caches_are_cleared_and_failures_reported():
 
     bad = register_cache(broken, name="test-broken")
     try:
-        report = force_unload(comfy=False)
+        report = force_unload()
     finally:
         unregister_cache(ok)
         unregister_cache(bad)
@@ -112,22 +113,27 @@ def test_exception_frames_and_sys_last_refs_are_released():
     sys.last_value = kept
     sys.last_traceback = kept.__traceback__
     assert canary[0]() is not None  # the traceback keeps the frame's locals alive
-    report = force_unload(exc=kept, comfy=False)
+    report = force_unload(exc=kept)
     assert canary[0]() is None
     assert "sys.last_value" in report.exception_refs_cleared and "traceback of MemoryError" in report.exception_refs_cleared
     assert getattr(sys, "last_value", None) is None
 
 
-def test_comfy_model_management_is_called_when_loaded(monkeypatch):
+def test_comfy_host_unload_calls_model_management(monkeypatch):
     calls = []
     fake = types.ModuleType("comfy.model_management")
     fake.unload_all_models = lambda: calls.append("unload_all_models")
     fake.soft_empty_cache = lambda: calls.append("soft_empty_cache")
+    package = types.ModuleType("comfy")
+    package.model_management = fake
+    monkeypatch.setitem(sys.modules, "comfy", package)
     monkeypatch.setitem(sys.modules, "comfy.model_management", fake)
-    report = force_unload()
-    assert report.comfy_unloaded and calls == ["unload_all_models", "soft_empty_cache"]
-    monkeypatch.delitem(sys.modules, "comfy.model_management")
-    assert not force_unload().comfy_unloaded
+    report = force_unload(host_unload=unload_comfy_models)
+    assert report.host_unloaded == "ComfyUI models unloaded"
+    assert calls == ["unload_all_models", "soft_empty_cache"]
+    assert "ComfyUI models unloaded" in str(report)
+    assert force_unload().host_unloaded is None  # no host hook: ComfyUI is not touched
+    assert calls == ["unload_all_models", "soft_empty_cache"]
 
 
 def test_orphans_are_what_keep_does_not_reach():
@@ -145,7 +151,7 @@ def test_orphans_are_what_keep_does_not_reach():
 
 
 def test_report_without_cuda_is_readable():
-    report = force_unload(comfy=False)
+    report = force_unload()
     text = str(report)
     assert text.startswith("Force unload:")
     if not torch.cuda.is_available():

@@ -234,7 +234,7 @@ def test_budgets_below_the_critical_need_name_the_numbers():
 # ---------------------------------------------------------------------------------------- gpu_budgets_gb
 
 from comfyui_headroom.memory.budgets import check_budgets_cover, parse_gpu_budgets, plan_for_gpus  # noqa: E402
-from comfyui_headroom.memory.hf_placement import max_memory_for_budget, max_memory_for_budgets  # noqa: E402
+from comfyui_headroom.integrations.hunyuan3.placement import max_memory_for_budget, max_memory_for_budgets  # noqa: E402
 
 GiB = 1024 ** 3
 

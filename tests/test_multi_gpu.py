@@ -106,8 +106,8 @@ def test_hunyuan3_loader_spreads_over_both_gpus_with_gpu_budgets(tmp_path, mode)
     through our split; layers on cuda:0 and cuda:1, nothing left on the CPU, and it generates."""
     if mode == "int8" and importlib.util.find_spec("bitsandbytes") is None:
         pytest.skip("needs bitsandbytes")
-    from comfyui_headroom.memory.hf_generate import GenerateRequest, generate
-    from comfyui_headroom.quant.hf_loader import load_hf_model
+    from comfyui_headroom.integrations.hunyuan3.generate import GenerateRequest, generate
+    from comfyui_headroom.integrations.hunyuan3.loader import load_hf_model
 
     spec = importlib.util.spec_from_file_location("hunyuan3_build_fake", FIXTURE / "build_fake.py")
     module = importlib.util.module_from_spec(spec)

@@ -5,7 +5,7 @@ call runs the plan while the first call of a signature runs the normal path. The
 import torch
 
 from comfyui_headroom.kernels import configs, dispatch, launch, plans
-from comfyui_headroom.quant.int8 import quantize_weight
+from comfyui_headroom.kernels.int8 import quantize_weight
 
 BF16 = torch.bfloat16
 
@@ -106,7 +106,7 @@ def test_first_call_runs_the_normal_path_then_the_plan(monkeypatch):
 def test_int8_input_calls_are_planned_by_their_own_signature(monkeypatch):
     """Int8Linear.forward_int8's entry: first call normal path + build_int8_input, then the plan's run_int8."""
     from comfyui_headroom.kernels.backends import reference_int8
-    from comfyui_headroom.quant.int8 import quantize_activation
+    from comfyui_headroom.kernels.int8 import quantize_activation
 
     class Int8InputPlan(_FakePlan):
         def run_int8(self, qa, a_scale, weight, weight_scale, bias, out_dtype):

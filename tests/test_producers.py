@@ -14,7 +14,8 @@ from comfyui_headroom import kernels
 from comfyui_headroom.demo.model import DemoConfig, DemoDiT, DiTBlock
 from comfyui_headroom.kernels import producers
 from comfyui_headroom.quant import Int8Linear
-from comfyui_headroom.quant.int8 import quantize_activation
+from comfyui_headroom.quant.linear import takes_int8_input
+from comfyui_headroom.kernels.int8 import quantize_activation
 from comfyui_headroom.quant.replace import quantize_model
 
 BF16 = torch.bfloat16
@@ -96,13 +97,13 @@ def test_forward_int8_is_the_layers_gemm_on_its_own_quantization(gen):
 def test_takes_int8_input_only_where_a_w8a8_gemm_runs(gen):
     layer = Int8Linear.from_linear(torch.nn.Linear(64, 48).to(BF16))
     x = torch.randn(32, 64, generator=gen).to(BF16)
-    assert not producers.takes_int8_input(layer, x)  # CPU, automatic choice: the reference kernel
+    assert not takes_int8_input(layer, x)  # CPU, automatic choice: the reference kernel
     with kernels.force_kernel("int_mm"):
-        assert producers.takes_int8_input(layer, x)
-        assert not producers.takes_int8_input(torch.nn.Linear(64, 48), x)
-        assert not producers.takes_int8_input(layer, x[:4])  # M <= 16: _int_mm cannot, the reference runs
+        assert takes_int8_input(layer, x)
+        assert not takes_int8_input(torch.nn.Linear(64, 48), x)
+        assert not takes_int8_input(layer, x[:4])  # M <= 16: _int_mm cannot, the reference runs
         layer.lora.append((torch.zeros(2, 64), torch.zeros(48, 2), 1.0))
-        assert not producers.takes_int8_input(layer, x)
+        assert not takes_int8_input(layer, x)
 
 
 def _tiny_int8_block(device="cpu"):

@@ -12,7 +12,8 @@ from comfyui_headroom.quant import Int8Linear, relative_error
 from comfyui_headroom.quant import convert as convert_mod
 from comfyui_headroom.quant.convert import ConvertError, convert_file
 from comfyui_headroom.quant.formats import decode_comfy_quant, parse_int8_layer
-from comfyui_headroom.quant.rotation import quantize_rotated, rotation_group_of
+from comfyui_headroom.quant.rotation import rotation_group_of
+from comfyui_headroom.kernels.rotation import quantize_rotated
 
 DIM = 1024
 

@@ -12,7 +12,7 @@ import torch
 CHECK = textwrap.dedent("""
     import torch
     from comfyui_headroom.kernels.hadamard import rotate_quantize_rows
-    from comfyui_headroom.quant.rotation import rotate_quantize_activation_reference
+    from comfyui_headroom.kernels.rotation import rotate_quantize_activation_reference
 
     def check(device):
         gen = torch.Generator().manual_seed(7)

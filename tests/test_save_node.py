@@ -20,7 +20,7 @@ from torch import nn
 from comfyui_headroom.quant import Int8Linear, relative_error
 from comfyui_headroom.quant.convert import convert_source
 from comfyui_headroom.quant.formats import decode_comfy_quant, parse_int8_layer
-from comfyui_headroom.quant.int8 import quantize_weight
+from comfyui_headroom.kernels.int8 import quantize_weight
 from comfyui_headroom.quant.lora_bake import model_tensor_source
 from comfyui_headroom.quant.rotation import rotation_group_of
 
@@ -177,7 +177,7 @@ def test_save_node_in_real_comfyui_merges_comfys_lora_patches(tmp_path, gen):
     tensors, metadata = _read(files[0])
     before = load_file(str(tmp_path / "before.safetensors"))
     from comfyui_headroom.quant import dequantize_weight
-    from comfyui_headroom.quant.rotation import unrotate_weight
+    from comfyui_headroom.kernels.rotation import unrotate_weight
 
     fc2_float = unrotate_weight(dequantize_weight(before["blocks.0.fc2.weight"], before["blocks.0.fc2.weight_scale"]), 64)
     expected = {"blocks.0.qkv": before["blocks.0.qkv.weight"].float() + factors["blocks.0.qkv"],

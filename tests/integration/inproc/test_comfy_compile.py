@@ -15,7 +15,9 @@ import comfy.sample
 import comfy.sd
 from comfyui_models import flux_state_dict
 
-from comfyui_headroom.quant.comfy_ops import Int8LoadConfig, int8_layers, load_int8_diffusion_model
+from comfyui_headroom.integrations.comfyui.ops import Int8LoadConfig
+from comfyui_headroom.quant.linear import int8_layers
+from comfyui_headroom.integrations.comfyui.load import load_int8_diffusion_model
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,8 @@ comfy.cli_args.args.cpu = True
 import comfy.sd
 import torch
 from comfyui_headroom.memory import MemoryTracker
-from comfyui_headroom.quant.comfy_ops import Int8LoadConfig, load_int8_diffusion_model
+from comfyui_headroom.integrations.comfyui.ops import Int8LoadConfig
+from comfyui_headroom.integrations.comfyui.load import load_int8_diffusion_model
 with MemoryTracker() as tracker:
     patcher, record = load_int8_diffusion_model(sys.argv[1], Int8LoadConfig(float_dtype=torch.bfloat16))
 model_bytes = sum(t.numel() * t.element_size() for t in patcher.model.state_dict().values())

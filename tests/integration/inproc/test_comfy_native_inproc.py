@@ -16,8 +16,9 @@ import comfy.sd
 from comfyui_models import clip_l_state_dict, flux_lora_state_dict, flux_state_dict
 from testutil import outlier_weight
 
-from comfyui_headroom.quant.comfy_ops import Int8LoadConfig, int8_layers, load_int8_diffusion_model, \
-    load_int8_text_encoder
+from comfyui_headroom.integrations.comfyui.load import load_int8_diffusion_model, load_int8_text_encoder
+from comfyui_headroom.integrations.comfyui.ops import Int8LoadConfig
+from comfyui_headroom.quant.linear import int8_layers
 from comfyui_headroom.quant.lora import LoraShapeError, UnsupportedPatchError
 
 
@@ -280,7 +281,7 @@ def test_rotation_on_load_stores_rotated_int8_and_helps_outlier_layers(workdir, 
 
 
 def test_quantize_modulation_opt_in(flux_file, stock, inputs):
-    from comfyui_headroom.quant.comfy_ops import native_skip_patterns
+    from comfyui_headroom.integrations.comfyui.ops import native_skip_patterns
 
     patcher, record = load_int8_diffusion_model(flux_file, Int8LoadConfig(default_skips=native_skip_patterns(True)))
     dm = patcher.model.diffusion_model

@@ -79,7 +79,7 @@ def max_memory_for_budgets(gpu_budgets_gb, device_count: int | None = None, devi
     :func:`~comfyui_headroom.memory.budgets.parse_gpu_budgets`). ``device_count`` / ``device_totals``
     default to the CUDA devices present. ``external_vram_gb`` comes off every GPU's budget. ``need_bytes``:
     what must sit on the GPUs (critical layers); budgets summing below it raise :class:`PlanError`."""
-    from .budgets import check_budgets_cover, parse_gpu_budgets
+    from ...memory.budgets import check_budgets_cover, parse_gpu_budgets
 
     if device_count is None:
         device_count = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -41,8 +41,8 @@ from .bnb import (
     plan_skips,
     quantized_bytes_per_param,
 )
-from .report import DtypeReport, dtype_report
-from .skip import matching_pattern
+from ...quant.report import DtypeReport, dtype_report
+from ...quant.skip import matching_pattern
 
 log = logging.getLogger("comfyui_headroom")
 
@@ -354,7 +354,7 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
         kwargs["device_map"] = {"": "cpu"}
         notes.append("no CUDA device: loaded on the CPU")
     else:
-        from ..memory.hf_placement import (
+        from .placement import (
             manual_device_map,
             max_memory_for_budget,
             plan_quantized_map,
@@ -391,7 +391,7 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
             if device_map == "auto" and model_bytes <= budget_bytes:
                 kwargs["device_map"] = {"": device}  # fits: straight to the GPU, no streaming
             else:
-                from ..memory.hf_placement import bf16_stream_map
+                from .placement import bf16_stream_map
 
                 fixed = None
                 if isinstance(chosen, dict):
@@ -452,9 +452,9 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
         streamer = _start_streaming(model, **stream_plan)
         notes.append(f"BF16 streaming: {streamer.summary()}")
     if split_budgets is not None:
-        from ..memory import enable_multi_device
-        from ..memory.budgets import plan_for_gpus
-        from ..memory.hf_placement import LAYERS_PREFIX
+        from ...memory import enable_multi_device
+        from ...memory.budgets import plan_for_gpus
+        from .placement import LAYERS_PREFIX
 
         # Kept as the model's placement owner, like a streamer: soft unload leaves it alone, save refuses it.
         streamer = enable_multi_device(model, plan_for_gpus(model, split_budgets, blocks=LAYERS_PREFIX),
@@ -463,7 +463,7 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
     report = dtype_report(model, patterns, plan.keep)
     _check_report(model, plan, report)
 
-    from ..memory.hf_placement import describe_placement
+    from .placement import describe_placement
 
     placement = describe_placement(model)
     if streamer is not None:
@@ -495,7 +495,7 @@ def _multi_gpu_max_memory(gpu_budgets_gb: str, mode: str, device_map, external_v
     if device_map != "auto":
         raise LoaderError(f"gpu_budgets_gb={gpu_budgets_gb!r} places the model by itself: leave device_map at "
                           f"'auto' (got {device_map!r})")
-    from ..memory.hf_placement import max_memory_for_budgets
+    from .placement import max_memory_for_budgets
 
     try:
         return max_memory_for_budgets(gpu_budgets_gb, external_vram_gb=external_vram_gb)
@@ -622,7 +622,7 @@ def _from_pretrained_tracked(folder: Path, kwargs: dict, mode: str, plan: SkipPl
 
 
 def _tracker():
-    from ..memory.tracker import MemoryTracker
+    from ...memory.tracker import MemoryTracker
 
     return MemoryTracker()
 
@@ -646,7 +646,7 @@ def _take_back_offloaded(model, folder, kwargs, mode, plan, telemetry, notes):
     """BF16 streaming: the CPU-mapped layers were loaded straight into RAM (the GPU part straight to the GPU:
     peak RAM = the streamed part), then accelerate attached its offload hooks; take the tensors back for
     our streaming. Should that fail, load everything into RAM instead (correct, more peak RAM)."""
-    from ..memory.hf_placement import undo_accelerate_offload
+    from .placement import undo_accelerate_offload
 
     try:
         undo_accelerate_offload(model)
@@ -667,7 +667,7 @@ def _take_back_offloaded(model, folder, kwargs, mode, plan, telemetry, notes):
 
 def _start_streaming(model: nn.Module, budget_bytes: int, device: int, blocks_resident: int | None = None):
     """Hand the decoder layers to memory/'s block streaming (pinned, prefetched on a side stream)."""
-    from ..memory.streaming import enable_block_streaming
+    from ...memory.streaming import enable_block_streaming
 
     # The first N layers were loaded onto the GPU: keep exactly those resident ("first", not spread out).
     kwargs = ({"blocks_resident": blocks_resident, "order": "first"} if blocks_resident is not None

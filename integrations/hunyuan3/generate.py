@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .hf_placement import IDLE_MODULES
+from .placement import IDLE_MODULES
 
 log = logging.getLogger("comfyui_headroom")
 
@@ -260,7 +260,7 @@ def soft_unload_model(loaded) -> str:
         text = (f"soft unload: {nbytes / GB:.2f} GB to pinned RAM in {time.perf_counter() - t0:.2f}s; "
                 f"VRAM now {torch.cuda.memory_allocated(device) / GB:.2f} GB")
     else:
-        from .unload import soft_unload
+        from ...memory.unload import soft_unload
 
         handle = soft_unload(model)
         loaded.parked = ("headroom", device)
@@ -280,7 +280,7 @@ def restore_model(loaded) -> str:
         seconds = time.perf_counter() - t0
         text = f"restored {nbytes / GB:.2f} GB from pinned RAM in {seconds:.2f}s ({nbytes / GB / max(seconds, 1e-9):.1f} GB/s)"
     else:
-        from .unload import restore
+        from ...memory.unload import restore
 
         handle = restore(loaded.model, device)
         text = f"restored: {handle}"
@@ -294,7 +294,7 @@ def restore_model(loaded) -> str:
 
 def decide_offload(loaded, width: int, height: int, mode: str):
     """Seed 000 §5 on the current VRAM state (memory/estimate.should_offload); CPU-only: nothing to offload."""
-    from .estimate import OffloadDecision, should_offload
+    from ...memory.estimate import OffloadDecision, should_offload
 
     device = model_device(loaded.model)
     if device.type != "cuda":
@@ -306,14 +306,14 @@ def decide_offload(loaded, width: int, height: int, mode: str):
 
 def generate(loaded, request: GenerateRequest, on_step: Callable[[int, int], None] | None = None) -> GenerateResult:
     """One image; see the module docstring for the order of things."""
-    from .tracker import MemoryTracker
+    from ...memory.tracker import MemoryTracker
 
     if request.offload_mode not in OFFLOAD_MODES:
         raise ValueError(f"offload_mode must be one of {OFFLOAD_MODES}, got {request.offload_mode!r}")
     if request.post_action not in POST_ACTIONS:
         raise ValueError(f"post_action must be one of {POST_ACTIONS}, got {request.post_action!r}")
     notes = []
-    from ..quant.hf_loader import ensure_loaded
+    from .loader import ensure_loaded
 
     if ensure_loaded(loaded):
         notes.append("reloaded (the last run unloaded it)")
@@ -433,7 +433,7 @@ def _apply_budget_override(loaded, override_gb: float, device) -> str:
     if getattr(loaded.model, "is_loaded_in_8bit", False):
         return (f"budget override {override_gb:g} GB ignored: bitsandbytes INT8 layers cannot be streamed "
                 "(reload with a lower budget or use NF4)")
-    from .streaming import enable_block_streaming
+    from ...memory.streaming import enable_block_streaming
 
     streamer = enable_block_streaming(loaded.model, device, blocks="model.layers", budget_bytes=int(override_gb * GB))
     loaded._override_streamer = streamer

@@ -19,9 +19,9 @@ def register(subparsers) -> None:
 def describe(device_name: str | None = None, tokens=(1, 256, 4096)) -> dict:
     import torch
 
-    from .backends import HAS_TRITON, interpreting
-    from .configs import arch_of, w8a8_candidates, w8a16_candidates
-    from .dispatch import choose_kernel, forced_kernel, reload_env
+    from ..kernels.backends import HAS_TRITON, interpreting
+    from ..kernels.configs import arch_of, w8a8_candidates, w8a16_candidates
+    from ..kernels.dispatch import choose_kernel, forced_kernel, reload_env
 
     reload_env()  # a CLI reports the environment as it is now
 

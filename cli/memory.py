@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .estimate import GB, should_offload
-from .planner import default_budget_bytes
+from ..memory.estimate import GB, should_offload
+from ..memory.planner import default_budget_bytes
 
 
 def gpu_info_lines(width: int, height: int, loader_reserve_gb: float = 0.0) -> list[str]:

@@ -20,8 +20,8 @@ def install_sampling_wrapper(patcher, compute: str) -> None:
     """Force kernel ``compute`` ("auto" = the dispatcher decides) and track memory during ``patcher``'s runs."""
     import comfy.patcher_extension
 
-    from ..kernels.dispatch import force_kernel, forced_kernel, kernel_summary, reset_kernel_stats
-    from ..memory import MemoryTracker
+    from ...kernels.dispatch import force_kernel, forced_kernel, kernel_summary, reset_kernel_stats
+    from ...memory import MemoryTracker
 
     def outer_sample(executor, *args, **kwargs):
         previous = forced_kernel()

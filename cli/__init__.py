@@ -1,7 +1,9 @@
-"""Command line: ``headroom convert|inspect|demo|...`` (also ``python -m comfyui_headroom``).
+"""Command line: ``headroom convert|inspect|demo|gpu-info|kernels`` (also ``python -m comfyui_headroom``).
 
-Each subcommand lives next to the code it drives, in a module with a ``register(subparsers)`` function
-that adds its parser and sets ``func``; this file only collects them.
+The CLI is a face over the library: one module per subcommand here, each with a ``register(subparsers)``
+function that adds its parser and sets ``func``. The library never imports this package; it raises its own
+errors (``ConvertError``, ``FormatError``, ``ValueError`` ...), which the subcommands turn into
+:class:`UserError` - one line on stderr, exit code 2.
 """
 
 from __future__ import annotations
@@ -11,14 +13,8 @@ import importlib
 import logging
 import sys
 
-# Modules that contribute subcommands (relative to this package). A module that does not exist yet is
-# skipped; any other import error is raised.
-SUBCOMMAND_MODULES = (
-    ".quant.cli_convert",
-    ".demo.cli_demo",
-    ".memory.cli_memory",
-    ".kernels.cli_kernels",
-)
+# Modules that contribute subcommands (relative to this package), in the order --help lists them.
+SUBCOMMAND_MODULES = (".convert", ".demo", ".memory", ".kernels")
 
 
 class UserError(Exception):
@@ -29,14 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="headroom", description="INT8 / NF4 diffusion models under a VRAM budget.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
-        full = __package__ + name if __package__ else name.lstrip(".")
-        try:
-            module = importlib.import_module(name, __package__)
-        except ModuleNotFoundError as err:
-            if err.name and full.startswith(err.name):
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(name, __package__).register(sub)
     return parser
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .model import SIZES
+from ..demo.model import SIZES
 
 
 def register(subparsers) -> None:
@@ -38,8 +38,8 @@ def register(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..cli import UserError
-    from .run import DemoOptions, format_report, run_demo
+    from . import UserError
+    from ..demo.run import DemoOptions, format_report, run_demo
 
     options = DemoOptions(
         size=args.size, device=args.device, budget_gb=args.budget_gb,

@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .int8 import DEFAULT_BLOCK_SIZE, METHODS, dequantize_weight, quantize_weight
-from .linear import Int8Linear
-from .page_release import release_file_pages
-from .skip import DEFAULT_MIN_FEATURES, decide, resolve_patterns
+from ...kernels.int8 import DEFAULT_BLOCK_SIZE, FP8_DTYPES, METHODS, dequantize_weight, quantize_weight
+from ...quant.linear import Int8Linear
+from ...quant.page_release import release_file_pages
+from ...quant.skip import DEFAULT_MIN_FEATURES, decide, resolve_patterns
 
 log = logging.getLogger("comfyui_headroom")
 
@@ -69,7 +69,6 @@ TEXT_ENCODER_SKIP_PATTERNS: tuple[str, ...] = (
 )
 
 WEIGHT_FORMATS = ("auto", "rowwise", "block", "tensorwise")
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 class Int8LoadError(ValueError):
@@ -95,7 +94,7 @@ class Int8LoadConfig:
         if self.weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"weight_format must be one of {', '.join(WEIGHT_FORMATS)}; got {self.weight_format!r}")
         if self.rotation_group:
-            from .rotation import check_group
+            from ...kernels.rotation import check_group
 
             check_group(int(self.rotation_group))
 
@@ -193,7 +192,7 @@ def quantize_in_row_chunks(weight: torch.Tensor, method: str, block_size: int, d
 
     ``rotation_group > 0`` quantizes ``W H`` instead (the Hadamard rotation mixes inputs within a row, so it
     too works row chunk by row chunk)."""
-    from .rotation import rotate_weight
+    from ...kernels.rotation import rotate_weight
 
     def prepare(rows: torch.Tensor) -> torch.Tensor:
         rows = rows.to(device)
@@ -218,11 +217,9 @@ def _base_classes():
     """(Linear, Embedding) base classes subclassing ComfyUI's ``manual_cast`` ones."""
     import comfy.ops as comfy_ops
 
-    from ..kernels import int8_linear  # imported once here, not per forward call
-    from ..kernels.hadamard import rotated_int8_linear
-    from .formats import COMFY_QUANT_SUFFIX, comfy_legacy_layers, decode_comfy_quant, parse_int8_layer
-    from .lora import apply_side_branches
-    from .rotation import rotation_fits, rotation_group_of, unrotate_weight
+    from ...quant.formats import COMFY_QUANT_SUFFIX, comfy_legacy_layers, decode_comfy_quant, parse_int8_layer
+    from ...quant.rotation import rotation_group_of
+    from ...kernels.rotation import rotation_fits, unrotate_weight
 
     class HeadroomLinear(Int8Linear, comfy_ops.CastWeightBiasOp):
         """INT8 when the load decides so (``weight_scale`` set), else ComfyUI's float ``manual_cast.Linear``."""
@@ -397,29 +394,10 @@ def _base_classes():
             scale = self.weight_scale
             if scale.device != x.device:
                 scale = scale.to(x.device, non_blocking=True)
-            y = self._int8_matmul(x, weight, scale, bias)
+            y = self.int8_forward(x, weight, scale, bias)
             if stream is not None:
                 comfy_ops.uncast_bias_weight(self, weight, bias, stream)
             return y
-
-        def _int8_matmul(self, x, weight, scale, bias):
-            if self.rotation_group:  # fused rotate+quantize where the Triton W8A8 path runs (kernels/hadamard.py)
-                y = rotated_int8_linear(x, weight, scale, bias, self.block_size, self.rotation_group)
-            else:
-                y = int8_linear(x, weight, scale, bias, self.block_size)
-            if self.lora:
-                y = apply_side_branches(x, y, self.lora)
-            return y
-
-        def _apply(self, fn, recurse=True):
-            if self.weight_scale is None:
-                return nn.Module._apply(self, fn, recurse)
-            return Int8Linear._apply(self, fn, recurse)
-
-        def _save_to_state_dict(self, destination, prefix, keep_vars):
-            nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
-            if self.rotation_group:
-                destination[prefix + "rotation_group"] = torch.tensor(self.rotation_group, dtype=torch.int32)
 
         def extra_repr(self):
             if not self.is_int8:
@@ -463,105 +441,7 @@ def make_int8_ops(config: Int8LoadConfig | None = None, record: LoadLog | None =
     return ops
 
 
-def int8_layers(model: nn.Module):
-    """``(name, layer)`` for every INT8 layer of ours in ``model``."""
-    base = _base_classes()[0]
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, base) and m.weight_scale is not None]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Loading entry points used by the nodes
-# ---------------------------------------------------------------------------------------------------
-
-def _file_dtype_summary(path: str) -> tuple[dict, torch.dtype | None, int]:
-    """(metadata, dominant float dtype of 2-D weights, total bytes) from the header only."""
-    from .safetensors_stream import read_header
-
-    header = read_header(path)
-    counts: dict = {}
-    for name, info in header.tensors.items():
-        if name.endswith(".weight") and len(info.shape) == 2:
-            counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
-    dominant = max(counts, key=counts.get) if counts else None
-    return header.metadata, dominant, header.data_bytes
-
-
-def load_int8_diffusion_model(path: str, config: Int8LoadConfig, budget_bytes: int = 0,
-                              progress: Callable[[int, int], None] | None = None, blocks_resident: int = 0,
-                              devices: Sequence[str] = (), device_budgets: Sequence[int] = ()):
-    """``(Int8ModelPatcher, LoadLog)`` for the diffusion model at ``path``, through ComfyUI's loader.
-
-    ``blocks_resident`` > 0: headroom block streaming; ``devices`` (two or more): the blocks split over them when
-    ComfyUI loads the model (``device_budgets``: bytes per device, else evenly by bytes)."""
-    if devices and (blocks_resident or budget_bytes):
-        raise ValueError("devices: a split over several GPUs takes its budgets from gpu_budgets_gb (one per "
-                         "device; what fits on no device streams from pinned RAM), not from blocks_resident or "
-                         "gpu_budget_gb: leave those at 0")
-    import comfy.sd
-
-    metadata, dominant, _ = _file_dtype_summary(path)
-    config.file_metadata = metadata
-    record = LoadLog(progress=progress)
-    ops = make_int8_ops(config, record)
-    options: dict = {"custom_operations": ops}
-    if config.float_dtype is not None:
-        options["dtype"] = config.float_dtype
-    elif dominant in FP8_DTYPES or dominant == torch.int8:
-        # ComfyUI would pick the file's storage dtype for the layers it keeps; theirs must stay float.
-        from comfy import model_management
-
-        options["dtype"] = model_management.unet_dtype(supported_dtypes=[torch.bfloat16, torch.float16, torch.float32])
-    start = time.perf_counter()
-    base = comfy.sd.load_diffusion_model(path, model_options=options, disable_dynamic=True)
-    record.seconds = time.perf_counter() - start
-    reinit = (reload_int8_diffusion_model, (path, config, budget_bytes, blocks_resident, tuple(devices),
-                                            tuple(device_budgets)))
-    from .comfy_patcher import adopt_patcher
-
-    return adopt_patcher(base, budget_bytes, reinit, blocks_resident, devices, device_budgets), record
-
-
-def reload_int8_diffusion_model(path, config, budget_bytes=0, blocks_resident=0, devices=(), device_budgets=(),
-                                disable_dynamic=True):
-    """``cached_patcher_init`` target: ComfyUI calls it to build a fresh copy (multi-GPU, deep clones)."""
-    return load_int8_diffusion_model(path, config, budget_bytes, blocks_resident=blocks_resident, devices=devices,
-                                     device_budgets=device_budgets)[0]
-
-
-def load_int8_text_encoder(paths: Sequence[str], clip_type, config: Int8LoadConfig, model_options: dict | None = None,
-                           embedding_directory=None, progress: Callable[[int, int], None] | None = None):
-    """``(CLIP, LoadLog)``: ComfyUI's text encoder(s) with INT8 linear layers (``te_model_options`` hook)."""
-    import comfy.sd
-
-    metadata, _, _ = _file_dtype_summary(paths[0])
-    if tuple(config.default_skips) == NATIVE_SKIP_PATTERNS:
-        config = dataclasses.replace(config, default_skips=TEXT_ENCODER_SKIP_PATTERNS)
-    config.file_metadata = metadata
-    record = LoadLog(progress=progress)
-    options = dict(model_options or {})
-    options["custom_operations"] = make_int8_ops(config, record)
-    start = time.perf_counter()
-    clip = comfy.sd.load_clip(ckpt_paths=list(paths), embedding_directory=embedding_directory,
-                              clip_type=clip_type, model_options=options, disable_dynamic=True)
-    record.seconds = time.perf_counter() - start
-    from .comfy_patcher import adopt_patcher
-
-    clip.patcher = adopt_patcher(clip.patcher, 0, (reload_int8_text_encoder_patcher,
-                                                   (tuple(paths), clip_type, config, model_options, embedding_directory)))
-    return clip, record
-
-
-def reload_int8_text_encoder_patcher(paths, clip_type, config, model_options=None, embedding_directory=None,
-                                     disable_dynamic=True):
-    return load_int8_text_encoder(paths, clip_type, config, model_options, embedding_directory)[0].patcher
-
-
-def budget_from_gb(gb: float) -> int:
-    return 0 if not gb or gb <= 0 else int(gb * 2**30)
-
-
 __all__ = [
-    "FP8_DTYPES",
     "Int8LoadConfig",
     "Int8LoadError",
     "LoadLog",
@@ -571,9 +451,5 @@ __all__ = [
     "native_skip_patterns",
     "TEXT_ENCODER_SKIP_PATTERNS",
     "WEIGHT_FORMATS",
-    "budget_from_gb",
-    "int8_layers",
-    "load_int8_diffusion_model",
-    "load_int8_text_encoder",
     "make_int8_ops",
 ]

@@ -15,7 +15,8 @@ import logging
 
 import torch
 
-from .comfy_ops import FP8_DTYPES, int8_layers
+from ...kernels.int8 import FP8_DTYPES
+from ...quant.linear import int8_layers
 
 log = logging.getLogger("comfyui_headroom")
 
@@ -25,7 +26,7 @@ def patcher_class():
     """``Int8ModelPatcher``: ComfyUI's (non-dynamic) ModelPatcher, INT8-aware (built on first use)."""
     import comfy.model_patcher as mp
 
-    from .lora import LoraShapeError, UnsupportedPatchError, fits, low_rank_of, side_branches
+    from ...quant.lora import LoraShapeError, UnsupportedPatchError, fits, low_rank_of, side_branches
 
     class Int8ModelPatcher(mp.ModelPatcher):
         """Keeps ComfyUI's patch bookkeeping; INT8 weights get their LoRA patches as side branches.
@@ -112,7 +113,7 @@ def patcher_class():
         def load_streaming(self, device_to: torch.device) -> None:
             """Keep ``headroom_blocks_resident`` blocks on ``device_to``, stream the rest from pinned RAM
             (memory/streaming.py); everything outside the blocks goes to ``device_to``."""
-            from ..memory import enable_block_streaming
+            from ...memory import enable_block_streaming
 
             def place(dm) -> int:
                 streamer = getattr(dm, "_headroom_streamer", None)
@@ -128,8 +129,8 @@ def patcher_class():
             budgets through the planner, or evenly by bytes); the modules before the blocks go with the first
             block, those after with the last; inputs follow each block and the output returns to the first
             device. ComfyUI's accounting sees the model as loaded on ``device_to`` (its load device)."""
-            from ..memory import enable_multi_device
-            from ..memory.planner import plan_placement
+            from ...memory import enable_multi_device
+            from ...memory.planner import plan_placement
 
             def place(dm) -> int:
                 if getattr(dm, "_headroom_multi_device", None) is None:
@@ -175,11 +176,11 @@ def patcher_class():
                     module.lora = []
                     module._headroom_patches = None
                 if self._streaming():
-                    from ..memory import disable_block_streaming
+                    from ...memory import disable_block_streaming
 
                     disable_block_streaming(self.model.diffusion_model, device=device_to or self.offload_device)
                 if self._split():
-                    from ..memory import disable_multi_device
+                    from ...memory import disable_multi_device
 
                     disable_multi_device(self.model.diffusion_model, device=device_to or self.offload_device)
             return super().unpatch_model(device_to, unpatch_weights)

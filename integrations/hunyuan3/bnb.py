@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from .skip import ATTENTION_SKIP_PATTERNS, DEFAULT_SKIP_PATTERNS, matching_pattern
+from ...quant.skip import ATTENTION_SKIP_PATTERNS, DEFAULT_SKIP_PATTERNS, matching_pattern
 
 # The MoE router of every layer (``model.layers.N.mlp.gate.wg``, a float32 Linear): quantizing it
 # changes which experts fire. Not ``mlp.gate`` - as a substring that also names every

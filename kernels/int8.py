@@ -18,6 +18,7 @@ import math
 import torch
 
 METHODS = ("rowwise", "block", "tensorwise")
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # float weights stored in 8 bits (scaled or not)
 DEFAULT_BLOCK_SIZE = 128
 QMAX = 127.0
 

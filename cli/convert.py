@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
-from .int8 import DEFAULT_BLOCK_SIZE, METHODS
-from .safetensors_stream import FormatError
+from ..kernels.int8 import DEFAULT_BLOCK_SIZE, METHODS
+from ..quant.safetensors_stream import FormatError
 
 
 def register(subparsers) -> None:
@@ -51,14 +51,14 @@ def register(subparsers) -> None:
 
 
 def _user_error(err: Exception):
-    from ..cli import UserError
+    from . import UserError
 
     return UserError(str(err))
 
 
 def _bake_options(args: argparse.Namespace) -> dict:
     """--rotate / --lora as convert_path keywords (only when given: plain conversions pass nothing new)."""
-    from .lora_bake import parse_lora_args
+    from ..quant.lora_bake import parse_lora_args
 
     options = {}
     if args.rotate:
@@ -69,7 +69,7 @@ def _bake_options(args: argparse.Namespace) -> dict:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from .convert import ConvertError, convert_path, default_output
+    from ..quant.convert import ConvertError, convert_path, default_output
 
     dst = args.dst or default_output(args.src, args.method, args.layout)
     try:
@@ -87,7 +87,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from .inspection import inspect_path
+    from ..quant.inspection import inspect_path
 
     try:
         report = inspect_path(args.path)

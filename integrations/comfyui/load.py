@@ -1,0 +1,99 @@
+"""Loading ComfyUI models with headroom's INT8 layers: the entry points the loader nodes call.
+
+``comfy.sd.load_diffusion_model`` / ``comfy.sd.load_clip`` build ComfyUI's own model with the ``custom_operations``
+of :mod:`.ops`; the result is handed to :class:`~.patcher.Int8ModelPatcher` (:func:`.patcher.adopt_patcher`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ...kernels.int8 import FP8_DTYPES
+from ...quant.safetensors_stream import read_header
+from .ops import NATIVE_SKIP_PATTERNS, TEXT_ENCODER_SKIP_PATTERNS, Int8LoadConfig, LoadLog, make_int8_ops
+from .patcher import adopt_patcher
+
+
+def _file_dtype_summary(path: str) -> tuple[dict, torch.dtype | None, int]:
+    """(metadata, dominant float dtype of 2-D weights, total bytes) from the header only."""
+    header = read_header(path)
+    counts: dict = {}
+    for name, info in header.tensors.items():
+        if name.endswith(".weight") and len(info.shape) == 2:
+            counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
+    dominant = max(counts, key=counts.get) if counts else None
+    return header.metadata, dominant, header.data_bytes
+
+
+def load_int8_diffusion_model(path: str, config: Int8LoadConfig, budget_bytes: int = 0,
+                              progress: Callable[[int, int], None] | None = None, blocks_resident: int = 0,
+                              devices: Sequence[str] = (), device_budgets: Sequence[int] = ()):
+    """``(Int8ModelPatcher, LoadLog)`` for the diffusion model at ``path``, through ComfyUI's loader.
+
+    ``blocks_resident`` > 0: headroom block streaming; ``devices`` (two or more): the blocks split over them when
+    ComfyUI loads the model (``device_budgets``: bytes per device, else evenly by bytes)."""
+    if devices and (blocks_resident or budget_bytes):
+        raise ValueError("devices: a split over several GPUs takes its budgets from gpu_budgets_gb (one per "
+                         "device; what fits on no device streams from pinned RAM), not from blocks_resident or "
+                         "gpu_budget_gb: leave those at 0")
+    import comfy.sd
+
+    metadata, dominant, _ = _file_dtype_summary(path)
+    config.file_metadata = metadata
+    record = LoadLog(progress=progress)
+    ops = make_int8_ops(config, record)
+    options: dict = {"custom_operations": ops}
+    if config.float_dtype is not None:
+        options["dtype"] = config.float_dtype
+    elif dominant in FP8_DTYPES or dominant == torch.int8:
+        # ComfyUI would pick the file's storage dtype for the layers it keeps; theirs must stay float.
+        from comfy import model_management
+
+        options["dtype"] = model_management.unet_dtype(supported_dtypes=[torch.bfloat16, torch.float16, torch.float32])
+    start = time.perf_counter()
+    base = comfy.sd.load_diffusion_model(path, model_options=options, disable_dynamic=True)
+    record.seconds = time.perf_counter() - start
+    reinit = (reload_int8_diffusion_model, (path, config, budget_bytes, blocks_resident, tuple(devices),
+                                            tuple(device_budgets)))
+    return adopt_patcher(base, budget_bytes, reinit, blocks_resident, devices, device_budgets), record
+
+
+def reload_int8_diffusion_model(path, config, budget_bytes=0, blocks_resident=0, devices=(), device_budgets=(),
+                                disable_dynamic=True):
+    """``cached_patcher_init`` target: ComfyUI calls it to build a fresh copy (multi-GPU, deep clones)."""
+    return load_int8_diffusion_model(path, config, budget_bytes, blocks_resident=blocks_resident, devices=devices,
+                                     device_budgets=device_budgets)[0]
+
+
+def load_int8_text_encoder(paths: Sequence[str], clip_type, config: Int8LoadConfig, model_options: dict | None = None,
+                           embedding_directory=None, progress: Callable[[int, int], None] | None = None):
+    """``(CLIP, LoadLog)``: ComfyUI's text encoder(s) with INT8 linear layers (``te_model_options`` hook)."""
+    import comfy.sd
+
+    metadata, _, _ = _file_dtype_summary(paths[0])
+    if tuple(config.default_skips) == NATIVE_SKIP_PATTERNS:
+        config = dataclasses.replace(config, default_skips=TEXT_ENCODER_SKIP_PATTERNS)
+    config.file_metadata = metadata
+    record = LoadLog(progress=progress)
+    options = dict(model_options or {})
+    options["custom_operations"] = make_int8_ops(config, record)
+    start = time.perf_counter()
+    clip = comfy.sd.load_clip(ckpt_paths=list(paths), embedding_directory=embedding_directory,
+                              clip_type=clip_type, model_options=options, disable_dynamic=True)
+    record.seconds = time.perf_counter() - start
+    clip.patcher = adopt_patcher(clip.patcher, 0, (reload_int8_text_encoder_patcher,
+                                                   (tuple(paths), clip_type, config, model_options, embedding_directory)))
+    return clip, record
+
+
+def reload_int8_text_encoder_patcher(paths, clip_type, config, model_options=None, embedding_directory=None,
+                                     disable_dynamic=True):
+    return load_int8_text_encoder(paths, clip_type, config, model_options, embedding_directory)[0].patcher
+
+
+def budget_from_gb(gb: float) -> int:
+    return 0 if not gb or gb <= 0 else int(gb * 2**30)
