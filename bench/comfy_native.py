@@ -38,16 +38,15 @@ def main() -> None:
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = args.cpu
-    import torch
-    from safetensors.torch import save_file
-
     import comfy.model_management as mm
     import comfy.sd
-    from comfyui_models import flux_layout, flux_lora_state_dict
-    from comfyui_headroom.kernels.dispatch import force_kernel, kernel_summary, reset_kernel_stats
-    from comfyui_headroom.integrations.comfyui.ops import Int8LoadConfig
-    from comfyui_headroom.quant.linear import int8_layers
+    import torch
     from comfyui_headroom.integrations.comfyui.load import load_int8_diffusion_model
+    from comfyui_headroom.integrations.comfyui.ops import Int8LoadConfig
+    from comfyui_headroom.kernels.dispatch import force_kernel, kernel_summary, reset_kernel_stats
+    from comfyui_headroom.quant.linear import int8_layers
+    from comfyui_models import flux_layout, flux_lora_state_dict
+    from safetensors.torch import save_file
 
     dev = mm.get_torch_device()
     cuda = dev.type == "cuda"
@@ -69,7 +68,6 @@ def main() -> None:
     kitchen_path = None
     try:
         from comfy_kitchen.tensor import QuantizedTensor
-
         from comfyui_headroom.integrations.comfyui.ops import NATIVE_SKIP_PATTERNS
 
         out = {}

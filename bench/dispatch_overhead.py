@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from benchlib import import_package
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,10 +161,9 @@ def gpu(argv) -> int:
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
     pkg = import_package()
+    import triton
     from comfyui_headroom.kernels import int8_linear, reset_kernel_stats
     from comfyui_headroom.kernels.int8 import quantize_weight
-
-    import triton
 
     result = {"gpu": torch.cuda.get_device_name(0), "package": str(Path(pkg.__file__).resolve().parent),
               "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from benchlib import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,11 +85,10 @@ def main(argv=None) -> int:
         print("needs CUDA")
         return 2
     from accelerate.hooks import remove_hook_from_module  # noqa: F401
-    from transformers import AutoModelForCausalLM
-
     from comfyui_headroom.integrations.hunyuan3.generate import restore_model, soft_unload_model
-    from comfyui_headroom.integrations.hunyuan3.placement import manual_device_map
     from comfyui_headroom.integrations.hunyuan3.loader import load_hf_model
+    from comfyui_headroom.integrations.hunyuan3.placement import manual_device_map
+    from transformers import AutoModelForCausalLM
 
     folder = Path("/tmp/hy3_wide")
     t0 = time.perf_counter()

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from benchlib import PERFORMANCE_MD, graph_ms, import_package, median_ms, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,9 +74,9 @@ _graph_bench = graph_ms
 
 def measure_shape(m: int, k: int, n: int, gen: torch.Generator, peers: dict, quick: bool) -> dict:
     from comfyui_headroom.kernels import backends, choose_kernel, int8_linear
+    from comfyui_headroom.kernels.int8 import quantize_weight
     from comfyui_headroom.kernels.triton_quant import quantize_rows
     from comfyui_headroom.kernels.triton_w8a8 import w8a8_matmul
-    from comfyui_headroom.kernels.int8 import quantize_weight
 
     dev = "cuda"
     x = torch.randn(m, k, generator=gen).to(dev, torch.bfloat16)
@@ -145,10 +144,10 @@ def tune_rows(gen: torch.Generator) -> list[dict]:
     """Kernel-only times of a few tile configs: what the per-architecture defaults are chosen from."""
     from comfyui_headroom.kernels import configs
     from comfyui_headroom.kernels.configs import GemmConfig as G
+    from comfyui_headroom.kernels.int8 import quantize_weight
     from comfyui_headroom.kernels.triton_quant import quantize_rows
     from comfyui_headroom.kernels.triton_w8a8 import w8a8_matmul
     from comfyui_headroom.kernels.triton_w8a16 import w8a16_matmul
-    from comfyui_headroom.kernels.int8 import quantize_weight
 
     w8a8_rowwise = {
         "128x256x128 s3 w8 tma": G(128, 256, 128, 8, 8, 3, tma=True),
@@ -208,8 +207,8 @@ def asm_report(out_dir: str) -> str:
 
     import_package()
     from comfyui_headroom.kernels import triton_w8a8
-    from comfyui_headroom.kernels.triton_quant import quantize_rows
     from comfyui_headroom.kernels.int8 import quantize_weight
+    from comfyui_headroom.kernels.triton_quant import quantize_rows
 
     gen = torch.Generator().manual_seed(1)
     lines = []

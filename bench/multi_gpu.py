@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from benchlib import add_demo_model_args, emit, import_package, versions, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +126,13 @@ def _accelerate_split(model, devices):
 def run_demo(args) -> dict:
     import_package()
     from comfyui_headroom.demo.model import SIZES
-    from comfyui_headroom.demo.run import default_cache_dir, ensure_checkpoint, ensure_int8, load_bf16_model, load_int8_model
+    from comfyui_headroom.demo.run import (
+        default_cache_dir,
+        ensure_checkpoint,
+        ensure_int8,
+        load_bf16_model,
+        load_int8_model,
+    )
     from comfyui_headroom.demo.sampling import initial_noise
     from comfyui_headroom.memory import enable_multi_device
 
@@ -251,10 +256,10 @@ def run_comfy(args) -> dict:
     from safetensors.torch import save_file
 
     import_package()
-    from comfyui_models import flux_layout
-    from comfyui_headroom.memory import enable_multi_device
-    from comfyui_headroom.integrations.comfyui.ops import Int8LoadConfig
     from comfyui_headroom.integrations.comfyui.load import load_int8_diffusion_model
+    from comfyui_headroom.integrations.comfyui.ops import Int8LoadConfig
+    from comfyui_headroom.memory import enable_multi_device
+    from comfyui_models import flux_layout
 
     layout = flux_layout(hidden=args.hidden, depth=args.depth, single=args.single, context=4096)
     gen = torch.Generator().manual_seed(0)
@@ -325,9 +330,8 @@ def _comfy_sampler_split(path, devices, args, inputs) -> dict:
     loaded for one GPU. Times the whole sampling call (steps + ComfyUI's own work)."""
     import comfy.model_management
     import comfy.sample
-
-    from comfyui_headroom.integrations.comfyui.ops import Int8LoadConfig
     from comfyui_headroom.integrations.comfyui.load import load_int8_diffusion_model
+    from comfyui_headroom.integrations.comfyui.ops import Int8LoadConfig
 
     steps = 4
     latent = torch.zeros(1, 16, inputs["x"].shape[2], inputs["x"].shape[3])

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from benchlib import emit, graph_ms, import_package, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +34,8 @@ def outlier_weight(out_features, in_features, gen, outlier_channels=4, factor=40
 
 def weight_errors(w: torch.Tensor, groups=(64, 256)) -> dict:
     import_package()
-    from comfyui_headroom.quant import dequantize_weight, quantize_weight, relative_error
     from comfyui_headroom.kernels.rotation import quantize_rotated, unrotate_weight
+    from comfyui_headroom.quant import dequantize_weight, quantize_weight, relative_error
 
     out = {"rowwise": relative_error(dequantize_weight(*quantize_weight(w, "rowwise")), w),
            "block128": relative_error(dequantize_weight(*quantize_weight(w, "block")), w)}
@@ -113,10 +112,10 @@ FUSED_VARIANTS = ((16, 4), (32, 4), (64, 4), (64, 8), (128, 8))
 def run_speed(m: int = 4096, ks=(3072, 5120), groups=(256, 64)) -> dict:
     import_package()
     from comfyui_headroom.kernels.hadamard import rotate_quantize_rows
+    from comfyui_headroom.kernels.rotation import hadamard, rotate_quantize_activation_reference
     from comfyui_headroom.kernels.triton_quant import quantize_rows
     from comfyui_headroom.kernels.triton_w8a8 import w8a8_matmul
     from comfyui_headroom.quant import quantize_weight
-    from comfyui_headroom.kernels.rotation import hadamard, rotate_quantize_activation_reference
 
     device = torch.device("cuda")
     rows = []

@@ -38,8 +38,8 @@ def register(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from . import UserError
     from ..demo.run import DemoOptions, format_report, run_demo
+    from . import UserError
 
     options = DemoOptions(
         size=args.size, device=args.device, budget_gb=args.budget_gb,

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..units import GB
 from .model import SIZES, DemoConfig, DemoDiT, build_empty, make_state_dict
 from .sampling import SampleResult, cosine_similarity, decode, initial_noise, psnr_db, sample, save_png
 
@@ -112,11 +113,6 @@ def ensure_int8(src: Path, method: str, device: str = "cpu") -> tuple[Path, bool
 
 
 # ---------------------------------------------------------------------------------------------- models
-
-def config_of(path: Path) -> DemoConfig:
-    meta = json.loads(_read_metadata(path)["headroom_demo"])
-    return DemoConfig(**meta["config"])
-
 
 def load_bf16_model(path: Path, cfg: DemoConfig, device) -> DemoDiT:
     model = build_empty(cfg)
@@ -320,7 +316,7 @@ def run_demo(options: DemoOptions) -> dict:
         model, int8_layers, float_layers = load_int8_model(int8_path, cfg)
         return model
 
-    budget = int(options.budget_gb * 2**30) if options.budget_gb is not None else None
+    budget = int(options.budget_gb * GB) if options.budget_gb is not None else None
     int8 = _run_one(load_int8, device, budget, noise, steps, warmup, options.cuda_graphs)
     kernel, kernel_calls = _most_used_kernel()
     # bf16 runs under the same budget: --budget-gb, or the one the INT8 run got (its blocks are twice as
@@ -360,10 +356,10 @@ def run_demo(options: DemoOptions) -> dict:
         "kernel_calls": {k: v["calls"] for k, v in kernel_calls.items()},
         "int8_producers": int8.int8_producers,
         "cuda_graphs": options.cuda_graphs and device.type == "cuda",
-        "budget_gb": None if int8.budget_bytes is None else int8.budget_bytes / 2**30,
+        "budget_gb": None if int8.budget_bytes is None else int8.budget_bytes / GB,
         "budget_default": options.budget_gb is None,
-        "weights_vram_gb": int8.placement.weights_vram_bytes / 2**30,
-        "weights_vram_bf16_gb": bf16.placement.weights_vram_bytes / 2**30,
+        "weights_vram_gb": int8.placement.weights_vram_bytes / GB,
+        "weights_vram_bf16_gb": bf16.placement.weights_vram_bytes / GB,
         "blocks_resident": int8.placement.blocks_resident,
         "blocks_streamed": int8.placement.blocks_streamed,
         "blocks_resident_bf16": bf16.placement.blocks_resident,
@@ -375,10 +371,10 @@ def run_demo(options: DemoOptions) -> dict:
         "speedup": bf16_run.step_time_s / int8_run.step_time_s if int8_run.step_time_s else None,
         "cosine": cosine_similarity(int8_run.latent, bf16_run.latent),
         "psnr_db": psnr if math.isfinite(psnr) else None,  # None: the two images are identical
-        "peak_vram_gb": (int8.memory.peak_vram_bytes or 0) / 2**30,
-        "peak_ram_gb": int8.memory.peak_rss_bytes / 2**30,
+        "peak_vram_gb": (int8.memory.peak_vram_bytes or 0) / GB,
+        "peak_ram_gb": int8.memory.peak_rss_bytes / GB,
         "memory": str(int8.memory),
-        "peak_vram_bf16_gb": (bf16.memory.peak_vram_bytes or 0) / 2**30,
+        "peak_vram_bf16_gb": (bf16.memory.peak_vram_bytes or 0) / GB,
         "memory_bf16": str(bf16.memory),
         "image": str(image_path),
         "image_bf16": str(image_bf16_path),

@@ -36,8 +36,8 @@ import types
 import torch
 
 from .backends import BACKENDS, BACKENDS_INT8_INPUT, KERNELS, check_args, int_mm_supports
-from .support import HAS_TRITON, KernelUnsupported, interpreting
 from .configs import arch_of, capability
+from .support import HAS_TRITON, KernelUnsupported, interpreting
 
 log = logging.getLogger("comfyui_headroom.kernels")
 
@@ -143,10 +143,6 @@ def _facts(device: torch.device) -> tuple[bool, str]:
 
 def _triton_runs_on(device: torch.device) -> bool:
     return _facts(device)[0]
-
-
-def _arch(device: torch.device) -> str:
-    return _facts(device)[1]
 
 
 def can_run(name: str, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> bool:

@@ -159,9 +159,9 @@ def rotated_int8_linear(
 
 def rotated_int8_linear_eager(x, weight, weight_scale, bias, block_size: int, group: int) -> torch.Tensor:
     """:func:`rotated_int8_linear` without the custom-op wrapper (what the op runs)."""
-    from .rotation import rotate_activation
     from . import dispatch
     from .backends import check_args
+    from .rotation import rotate_activation
     from .support import KernelUnsupported, interpreting
 
     if (x.is_cuda or interpreting()) and x.shape[-1] % group == 0 and not _torch_rotation_is_faster(x, group):

@@ -16,9 +16,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from .int8 import dequantize_weight
 from . import backends
 from .dispatch import dispatch_and_run, run_kernel
+from .int8 import dequantize_weight
 
 NAMESPACE = "headroom"
 

@@ -26,8 +26,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .int8 import quantize_activation
 from .backends import _rows
+from .int8 import quantize_activation
 from .support import HAS_TRITON, KernelUnsupported, interpreting
 
 

@@ -14,9 +14,8 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 from ..quant.skip import DEFAULT_SKIP_PATTERNS
+from ..units import GB
 from .planner import DEFAULT_BUDGET_FRACTION, PlacementPlan, PlanError, plan_placement
-
-GB = 1024 ** 3
 
 
 def _gb(n: int) -> str:

@@ -15,7 +15,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 
-GB = 1024 ** 3
+from ..units import GB
 
 # Seed values (seed 000 §5, seed 001).
 DEFAULT_PER_MP_GB = 12.0

@@ -30,12 +30,12 @@ from typing import Sequence
 from torch import nn
 
 from ..quant.skip import DEFAULT_SKIP_PATTERNS, matching_pattern
+from ..units import GB
 from .blocks import resolve_blocks
 from .tensors import module_bytes, tensor_nbytes
 
 log = logging.getLogger("comfyui_headroom")
 
-GB = 1024 ** 3
 DEFAULT_BUDGET_FRACTION = 0.55
 DEFAULT_PREFETCH = 2  # blocks copied ahead: a ring of 3 slots absorbs jitter when copy ~ compute
 ORDERS = ("spread", "first")

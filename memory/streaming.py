@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..units import GB
 from .blocks import resolve_blocks
 from .planner import DEFAULT_PREFETCH, plan_placement
 from .tensors import FlatLayout, collect_tensor_refs, empty_host
@@ -260,8 +261,8 @@ class BlockStreamer:
     def summary(self) -> str:
         n = len(self.blocks)
         return (f"streaming {len(self._streamed)}/{n} blocks onto {self.device} "
-                f"({self.streamed_bytes / 1024 ** 3:.2f} GB from {'pinned' if self.pin_memory else 'pageable'} host "
-                f"memory, ring {len(self._slots)} x {self.ring_bytes / max(len(self._slots), 1) / 1024 ** 3:.2f} GB)")
+                f"({self.streamed_bytes / GB:.2f} GB from {'pinned' if self.pin_memory else 'pageable'} host "
+                f"memory, ring {len(self._slots)} x {self.ring_bytes / max(len(self._slots), 1) / GB:.2f} GB)")
 
     def __repr__(self) -> str:
         return f"<BlockStreamer {self.summary() if self._active else 'disabled'}>"

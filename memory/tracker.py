@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
-GB = 1024 ** 3
+from ..units import GB
 
 
 def _gb(nbytes: int | None) -> str:

@@ -24,11 +24,11 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from ..units import GB
 from .tensors import FlatLayout, collect_tensor_refs, empty_host, tensor_nbytes
 
 log = logging.getLogger("comfyui_headroom")
 
-GB = 1024 ** 3
 DEFAULT_CHUNK_BYTES = 1 << 30
 
 
@@ -211,10 +211,6 @@ def register_cache(clear_fn: Callable[[], object], name: str | None = None) -> s
 
 def unregister_cache(name: str) -> None:
     _CACHES.pop(name, None)
-
-
-def registered_caches() -> list[str]:
-    return list(_CACHES)
 
 
 def _vram() -> dict[str, dict[str, int]]:

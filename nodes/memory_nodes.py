@@ -9,12 +9,12 @@ import logging
 
 import torch
 
+from ..units import GB
+
 log = logging.getLogger("comfyui_headroom")
 
 CATEGORY = "headroom"
 ANY = "*"
-GB = 1024 ** 3
-
 
 def _ui(status: str, *outputs):
     return {"ui": {"text": [status]}, "result": (*outputs, status)}

@@ -117,10 +117,10 @@ class HeadroomLoadDiffusionModelInt8:
         import folder_paths
         import torch
 
-        from ..memory.budgets import parse_device_budgets, parse_devices
         from ..integrations.comfyui.load import budget_from_gb, load_int8_diffusion_model
         from ..integrations.comfyui.ops import Int8LoadConfig, native_skip_patterns
         from ..integrations.comfyui.sampling import install_sampling_wrapper
+        from ..memory.budgets import parse_device_budgets, parse_devices
 
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         config = Int8LoadConfig(weight_format=weight_format, quantize_on_load=bool(quantize_on_load),
@@ -157,6 +157,7 @@ class HeadroomLoadClipInt8:
     @classmethod
     def INPUT_TYPES(cls):
         import folder_paths
+
         import nodes
 
         base = nodes.CLIPLoader.INPUT_TYPES()

@@ -31,6 +31,16 @@ from pathlib import Path
 import torch
 
 from .._version import __version__
+from ..kernels.int8 import (
+    DEFAULT_BLOCK_SIZE,
+    FP8_DTYPES,
+    METHODS,
+    QMAX,
+    dequantize_weight,
+    quantize_weight,
+    scale_from_amax,
+)
+from ..units import format_gib
 from .formats import (
     COMFY_INT8_FORMAT,
     COMFY_LEGACY_KEY,
@@ -52,7 +62,6 @@ from .formats import (
     encode_comfy_quant,
     safetensors_files,
 )
-from ..kernels.int8 import DEFAULT_BLOCK_SIZE, FP8_DTYPES, METHODS, QMAX, dequantize_weight, quantize_weight, scale_from_amax
 from .safetensors_stream import (
     PICKLE_SUFFIXES,
     FormatError,
@@ -154,7 +163,7 @@ class ConvertReport:
             f"  layout {self.layout}, method {method}, {self.files} file(s), {self.seconds:.1f} s",
             f"  layers: {len(self.quantized)} quantized to INT8, {len(self.kept)} kept in float; "
             f"{self.copied_tensors} other tensors copied",
-            f"  size: {_gib(self.bytes_before)} -> {_gib(self.bytes_after)} ({self.reduction_pct:.1f} % smaller)",
+            f"  size: {format_gib(self.bytes_before)} -> {format_gib(self.bytes_after)} ({self.reduction_pct:.1f} % smaller)",
         ]
         if self.quantized:
             lines.append(f"  worst relative error: {self.worst_error:.4%} in {self.worst_layer}")
@@ -173,10 +182,6 @@ class ConvertReport:
         if self.skipped_files:
             lines.append(f"  not copied (pickle weights, refused for safety): {', '.join(self.skipped_files[:4])}")
         return "\n".join(lines)
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..kernels.int8 import DEFAULT_BLOCK_SIZE
+from ..units import format_gib
 from .convert import decision_prefix, plan_conversion
 from .formats import (
     COMFY_QUANT_SUFFIX,
@@ -26,7 +28,6 @@ from .formats import (
     merge_infos,
     safetensors_files,
 )
-from ..kernels.int8 import DEFAULT_BLOCK_SIZE
 from .safetensors_stream import FormatError, Header, read_header
 from .skip import resolve_patterns
 
@@ -96,18 +97,14 @@ class InspectReport:
                            for name, d in sorted(info.dtypes.items(), key=lambda kv: -kv[1]["bytes"]))
         lines.append(f"  dtypes      {dtypes}")
         lines.append(f"  parameters  {info.parameters:,}" + (f" in {len(info.files)} files" if len(info.files) > 1 else ""))
-        lines.append(f"  on disk     {_gib(info.total_bytes)}")
-        lines.append(f"  VRAM for weights (estimate): bf16 {_gib(self.vram.bf16_bytes)} | INT8 {_gib(self.vram.int8_bytes)}"
-                     f" | NF4 {_gib(self.vram.nf4_bytes)}")
+        lines.append(f"  on disk     {format_gib(info.total_bytes)}")
+        lines.append(f"  VRAM for weights (estimate): bf16 {format_gib(self.vram.bf16_bytes)} | INT8 {format_gib(self.vram.int8_bytes)}"
+                     f" | NF4 {format_gib(self.vram.nf4_bytes)}")
         for key in ("headroom.source_file", "headroom.tool_version"):
             if key in info.metadata:
                 lines.append(f"  {key.split('.', 1)[1].replace('_', ' '):<11} {info.metadata[key]}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _scale_keys(layer: str) -> list[str]:

@@ -238,8 +238,8 @@ def dequantize_int8_lora(tensors: Mapping[str, torch.Tensor], file_metadata: dic
     INT8 LoRA factors use the same layouts as INT8 checkpoints (``<name>.weight`` int8 +
     ``<name>.weight_scale`` / ``comfy_quant``), read by :func:`.formats.parse_int8_layer`.
     """
-    from .formats import parse_int8_layer
     from ..kernels.int8 import dequantize_weight
+    from .formats import parse_int8_layer
 
     out = dict(tensors)
     count = 0
@@ -252,9 +252,9 @@ def dequantize_int8_lora(tensors: Mapping[str, torch.Tensor], file_metadata: dic
             continue
         weight = dequantize_weight(layer.weight, layer.scale, torch.float32, layer.block_size)
         if layer.convrot:
-            from .rotation import rotation_group_of
             from ..kernels.rotation import unrotate_weight
             from .formats import decode_comfy_quant
+            from .rotation import rotation_group_of
 
             quant_key = prefix + "comfy_quant"
             config = decode_comfy_quant(tensors[quant_key]) if quant_key in tensors else {"convrot": True}

@@ -9,7 +9,6 @@ separately, on the unquantized layer (what quantization costs).
 from __future__ import annotations
 
 import torch
-
 from comfyui_headroom.kernels.int8 import dequantize_weight, quantize_activation, quantize_weight, relative_error
 
 # Tolerances from issue #3: vs float64 on the quantized operands.

@@ -13,8 +13,6 @@ import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_kernels_interp.py (TRITON_INTERPRET=1)"
 
-from kernels_check import check_quantize, check_vs_float_layer, check_w8a8, check_w8a16  # noqa: E402
-
 from comfyui_headroom import kernels  # noqa: E402
 from comfyui_headroom.kernels import configs  # noqa: E402
 from comfyui_headroom.kernels.configs import GemmConfig, QuantConfig  # noqa: E402
@@ -22,6 +20,7 @@ from comfyui_headroom.kernels.triton_quant import quantize_rows  # noqa: E402
 from comfyui_headroom.kernels.triton_w8a8 import _pick_config, w8a8_matmul  # noqa: E402
 from comfyui_headroom.kernels.triton_w8a16 import w8a16_matmul  # noqa: E402
 from comfyui_headroom.quant import Int8Linear  # noqa: E402
+from kernels_check import check_quantize, check_vs_float_layer, check_w8a8, check_w8a16  # noqa: E402
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 POINTER = GemmConfig(32, 32, 32, group_m=2, num_warps=4, num_stages=2)

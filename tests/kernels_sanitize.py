@@ -11,11 +11,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels_check import check_quantize, check_w8a8, check_w8a16  # noqa: E402
-
 from comfyui_headroom.kernels.triton_quant import quantize_rows  # noqa: E402
 from comfyui_headroom.kernels.triton_w8a8 import w8a8_matmul  # noqa: E402
 from comfyui_headroom.kernels.triton_w8a16 import w8a16_matmul  # noqa: E402
+from kernels_check import check_quantize, check_w8a8, check_w8a16  # noqa: E402
 
 
 def main() -> None:

@@ -9,14 +9,13 @@ import time
 import psutil
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from comfyui_headroom import cli
+from comfyui_headroom.kernels.int8 import dequantize_weight, quantize_weight, relative_error
 from comfyui_headroom.quant import convert as convert_mod
 from comfyui_headroom.quant.convert import ConvertError, convert_file, convert_folder, looks_like_embedding
 from comfyui_headroom.quant.formats import detect_format, parse_int8_layer
-from comfyui_headroom.kernels.int8 import dequantize_weight, quantize_weight, relative_error
 from comfyui_headroom.quant.safetensors_stream import StreamingWriter, TensorInfo, TensorReader, read_header
+from safetensors.torch import load_file, save_file
 
 
 def _dit_state_dict(gen, blocks=2, dim=1024, dtype=torch.bfloat16):

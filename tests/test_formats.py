@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
+from comfyui_headroom.kernels.int8 import dequantize_weight, quantize_weight, relative_error
 from comfyui_headroom.quant.convert import convert_file
 from comfyui_headroom.quant.formats import (
     COMFY_LEGACY_KEY,
@@ -17,9 +16,9 @@ from comfyui_headroom.quant.formats import (
     encode_comfy_quant,
     parse_int8_layer,
 )
-from comfyui_headroom.kernels.int8 import dequantize_weight, quantize_weight, relative_error
 from comfyui_headroom.quant.linear import Int8Linear
 from comfyui_headroom.quant.safetensors_stream import FormatError, TensorReader
+from safetensors.torch import load_file, save_file
 from testutil import comfyui_dir
 
 PREFIX = "blocks.0.attn.qkv."

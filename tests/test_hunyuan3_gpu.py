@@ -16,6 +16,7 @@ GB = 1024 ** 3
 
 
 
+from comfyui_headroom.integrations.hunyuan3.bnb import is_bnb_quantized  # noqa: E402
 from comfyui_headroom.integrations.hunyuan3.generate import (  # noqa: E402
     GenerateRequest,
     GenerationOOM,
@@ -23,7 +24,6 @@ from comfyui_headroom.integrations.hunyuan3.generate import (  # noqa: E402
     generate,
     model_device,
 )
-from comfyui_headroom.integrations.hunyuan3.bnb import is_bnb_quantized  # noqa: E402
 from comfyui_headroom.integrations.hunyuan3.loader import load_hf_model  # noqa: E402
 
 

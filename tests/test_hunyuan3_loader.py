@@ -22,7 +22,10 @@ FIXTURE = Path(__file__).parent / "fixtures" / "hunyuan3_fake"
 
 
 
+from comfyui_headroom.integrations.hunyuan3 import loader as hf_loader  # noqa: E402
+from comfyui_headroom.integrations.hunyuan3.bnb import HUNYUAN3_SKIP_PATTERNS, is_bnb_quantized  # noqa: E402
 from comfyui_headroom.integrations.hunyuan3.generate import GenerateRequest, GenerationOOM, generate  # noqa: E402
+from comfyui_headroom.integrations.hunyuan3.loader import LoaderError, load_hf_model, save_quantized  # noqa: E402
 from comfyui_headroom.integrations.hunyuan3.placement import (  # noqa: E402
     DeviceMapError,
     manual_device_map,
@@ -30,9 +33,6 @@ from comfyui_headroom.integrations.hunyuan3.placement import (  # noqa: E402
     plan_quantized_map,
     validate_device_map,
 )
-from comfyui_headroom.integrations.hunyuan3 import loader as hf_loader  # noqa: E402
-from comfyui_headroom.integrations.hunyuan3.bnb import HUNYUAN3_SKIP_PATTERNS, is_bnb_quantized  # noqa: E402
-from comfyui_headroom.integrations.hunyuan3.loader import LoaderError, load_hf_model, save_quantized  # noqa: E402
 
 STATUS_TAIL = re.compile(r"Peak VRAM (n/a|[\d.]+GB) \| Peak RAM [\d.]+GB$")
 GB = 1024 ** 3
@@ -296,7 +296,7 @@ def test_int8_park_in_one_host_buffer_keeps_the_function(int8):
 
 
 def test_bf16_stream_map_fits_layers_and_leaves_room_for_the_ring(int8):
-    from comfyui_headroom.integrations.hunyuan3.placement import bf16_stream_map, unit_bytes, top_level_units
+    from comfyui_headroom.integrations.hunyuan3.placement import bf16_stream_map, top_level_units, unit_bytes
 
     model = int8.model
     units = top_level_units(model)
@@ -314,7 +314,6 @@ def test_accelerate_offload_is_taken_back_without_changing_the_model(fake_folder
     """What the BF16 loader does after from_pretrained put layers in RAM behind accelerate's hooks (simulated on
     the CPU: every unit offloaded, execution device cuda:0, as accelerate does for "cpu" map entries)."""
     from accelerate import dispatch_model
-
     from comfyui_headroom.integrations.hunyuan3.placement import top_level_units, undo_accelerate_offload
 
     loaded = load_hf_model(fake_folder, "bf16", trust_remote_code=True)

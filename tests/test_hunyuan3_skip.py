@@ -6,10 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-
-
-
 from comfyui_headroom.integrations.hunyuan3.bnb import (
     HUNYUAN3_SKIP_PATTERNS,
     SkipListMismatch,

@@ -4,10 +4,8 @@ import math
 
 import pytest
 import torch
-
-from comfyui_headroom.quant import dequantize_weight, quantize_activation, quantize_weight, relative_error
 from comfyui_headroom.kernels.int8 import expand_scale, method_of_scale
-
+from comfyui_headroom.quant import dequantize_weight, quantize_activation, quantize_weight, relative_error
 from testutil import outlier_weight
 
 

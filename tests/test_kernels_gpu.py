@@ -172,10 +172,10 @@ def test_direct_launches_match_jitfunction_run(gen):
     the direct path is really taken."""
     from comfyui_headroom.kernels import launch
     from comfyui_headroom.kernels.hadamard import rotate_quantize_rows
-    from comfyui_headroom.kernels.triton_quant import quantize_rows
-    from comfyui_headroom.kernels.triton_w8a16 import w8a16_matmul
-    from comfyui_headroom.kernels.triton_w8a8 import w8a8_matmul
     from comfyui_headroom.kernels.int8 import quantize_weight
+    from comfyui_headroom.kernels.triton_quant import quantize_rows
+    from comfyui_headroom.kernels.triton_w8a8 import w8a8_matmul
+    from comfyui_headroom.kernels.triton_w8a16 import w8a16_matmul
 
     def run_all(x, qw, sw, bias):
         qa, sa = quantize_rows(x)
@@ -217,8 +217,8 @@ def test_launch_plans_give_the_normal_paths_results(gen):
     with new data give bit-identical results to the normal path (forced kernel = no plan) and count as
     triton_w8a8; M <= 16 (W8A16) is never planned."""
     from comfyui_headroom.kernels import dispatch, force_kernel, int8_linear, kernel_summary, reset_kernel_stats
-    from comfyui_headroom.kernels.plans import LinearPlan, signature
     from comfyui_headroom.kernels.int8 import quantize_weight
+    from comfyui_headroom.kernels.plans import LinearPlan, signature
 
     qw, sw = quantize_weight((torch.randn(1024, 3072, generator=gen) * 0.02).to(DEV), "rowwise")
     bias = torch.randn(1024, generator=gen).to(DEV, BF16)

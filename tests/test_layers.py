@@ -21,20 +21,26 @@ COMFYUI_MODULES = {"comfy", "comfy_extras", "comfy_api", "comfy_execution", "com
                    "latent_preview", "server", "execution", "node_helpers", "comfyui_version"}
 
 # Who may import whom (units: top-level packages, the two roads under integrations/ each its own).
+# ``_version`` and ``units`` are ground modules that import nothing of ours: every layer may use them.
+GROUND = {"_version", "units"}
 MAY_IMPORT: dict[str, set[str]] = {
     "_version": set(),
+    "units": set(),
     "kernels": set(),
-    "quant": {"kernels", "_version"},
+    "quant": {"kernels"},
     "memory": {"kernels", "quant"},
     "integrations": set(),
     "integrations.comfyui": {"kernels", "quant", "memory"},
     "integrations.hunyuan3": {"kernels", "quant", "memory"},
     "demo": {"kernels", "quant", "memory"},
-    "nodes": {"kernels", "quant", "memory", "integrations.comfyui", "integrations.hunyuan3", "_version"},
-    "cli": {"kernels", "quant", "memory", "demo", "_version"},
-    "__init__": {"nodes", "_version"},
+    "nodes": {"kernels", "quant", "memory", "integrations.comfyui", "integrations.hunyuan3"},
+    "cli": {"kernels", "quant", "memory", "demo"},
+    "__init__": {"nodes"},
     "__main__": {"cli"},
 }
+for _unit, _allowed in MAY_IMPORT.items():
+    if _unit not in GROUND:
+        _allowed |= GROUND
 COMFYUI_ALLOWED = {"integrations.comfyui", "nodes"}
 
 

@@ -9,11 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
-
+from comfyui_headroom.kernels.int8 import quantize_weight
+from comfyui_headroom.kernels.rotation import quantize_rotated
 from comfyui_headroom.quant import Int8Linear, relative_error
 from comfyui_headroom.quant.formats import encode_comfy_quant
-from comfyui_headroom.kernels.int8 import quantize_weight
 from comfyui_headroom.quant.lora import (
     LoraShapeError,
     PreparedCache,
@@ -24,7 +23,7 @@ from comfyui_headroom.quant.lora import (
     side_branches,
 )
 from comfyui_headroom.quant.rotation import comfy_quant_config
-from comfyui_headroom.kernels.rotation import quantize_rotated
+from torch import nn
 
 
 def adapter(up, down, alpha=None, mid=None, dora=None, reshape=None, name="lora"):

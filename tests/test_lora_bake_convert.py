@@ -5,13 +5,12 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from comfyui_headroom import cli
+from comfyui_headroom.kernels.int8 import dequantize_weight, quantize_weight, relative_error
 from comfyui_headroom.quant import convert as convert_mod
 from comfyui_headroom.quant.convert import ConvertError, convert_file, convert_folder
 from comfyui_headroom.quant.formats import parse_int8_layer
-from comfyui_headroom.kernels.int8 import dequantize_weight, quantize_weight, relative_error
+from safetensors.torch import load_file, save_file
 
 DIM = 1024
 LINEARS = {"blocks.0.attn.qkv": (3 * DIM, DIM), "blocks.0.mlp.fc1": (2 * DIM, DIM), "blocks.1.mlp.fc2": (DIM, 2 * DIM),

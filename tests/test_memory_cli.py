@@ -1,7 +1,6 @@
 """`headroom gpu-info` (memory/cli_memory.py)."""
 
 import torch
-
 from comfyui_headroom.cli import main
 from comfyui_headroom.cli.memory import gpu_info_lines
 

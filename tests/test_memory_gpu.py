@@ -6,8 +6,6 @@ import sys
 
 import pytest
 import torch
-from torch import nn
-
 from comfyui_headroom.memory import (
     enable_block_streaming,
     force_unload,
@@ -16,6 +14,7 @@ from comfyui_headroom.memory import (
     soft_unload,
 )
 from test_memory_models import make_dit
+from torch import nn
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

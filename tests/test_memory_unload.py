@@ -6,12 +6,11 @@ import weakref
 
 import pytest
 import torch
-from torch import nn
-
+from comfyui_headroom.integrations.comfyui.memory import unload_comfy_models
 from comfyui_headroom.memory import force_unload, register_cache, release_pinned, restore, soft_unload, unregister_cache
 from comfyui_headroom.memory.unload import find_orphans, free_tensors, soft_unload_handle
-from comfyui_headroom.integrations.comfyui.memory import unload_comfy_models
 from test_memory_models import make_dit
+from torch import nn
 
 
 def _inside_any(tensor, buffers):

@@ -7,18 +7,17 @@ be checked here (real cross-device copies, speed) is listed in docs/multi_gpu.md
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from comfyui_headroom.memory import (
     PlanError,
     disable_multi_device,
     enable_block_streaming,
     enable_multi_device,
     module_bytes,
+    multi_device,
     plan_placement,
 )
-from comfyui_headroom.memory import multi_device
 from test_memory_models import TinyCausalLM, make_dit
+from torch import nn
 
 CPU2 = [torch.device("cpu"), torch.device("cpu")]
 
@@ -233,8 +232,8 @@ def test_budgets_below_the_critical_need_name_the_numbers():
 
 # ---------------------------------------------------------------------------------------- gpu_budgets_gb
 
-from comfyui_headroom.memory.budgets import check_budgets_cover, parse_gpu_budgets, plan_for_gpus  # noqa: E402
 from comfyui_headroom.integrations.hunyuan3.placement import max_memory_for_budget, max_memory_for_budgets  # noqa: E402
+from comfyui_headroom.memory.budgets import check_budgets_cover, parse_gpu_budgets, plan_for_gpus  # noqa: E402
 
 GiB = 1024 ** 3
 

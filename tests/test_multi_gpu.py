@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from comfyui_headroom.demo.model import DemoConfig, DemoDiT
 from comfyui_headroom.memory import MemoryTracker, enable_multi_device
 from comfyui_headroom.quant.replace import quantize_model

@@ -3,7 +3,6 @@ call runs the plan while the first call of a signature runs the normal path. The
 (tests/test_kernels_gpu.py) checks planned outputs against the normal path on the H100."""
 
 import torch
-
 from comfyui_headroom.kernels import configs, dispatch, launch, plans
 from comfyui_headroom.kernels.int8 import quantize_weight
 

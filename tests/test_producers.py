@@ -9,13 +9,12 @@ tests/kernels_interp_cases.py).
 import pytest
 import torch
 import torch.nn.functional as F
-
 from comfyui_headroom import kernels
 from comfyui_headroom.demo.model import DemoConfig, DemoDiT, DiTBlock
 from comfyui_headroom.kernels import producers
+from comfyui_headroom.kernels.int8 import quantize_activation
 from comfyui_headroom.quant import Int8Linear
 from comfyui_headroom.quant.linear import takes_int8_input
-from comfyui_headroom.kernels.int8 import quantize_activation
 from comfyui_headroom.quant.replace import quantize_model
 
 BF16 = torch.bfloat16

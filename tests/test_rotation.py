@@ -2,12 +2,18 @@
 
 import pytest
 import torch
-from torch import nn
-from testutil import outlier_weight
-
+from comfyui_headroom.kernels.rotation import (
+    check_group,
+    hadamard,
+    quantize_rotated,
+    rotate_activation,
+    rotate_weight,
+    unrotate_weight,
+)
 from comfyui_headroom.quant import Int8Linear, dequantize_weight, quantize_weight, relative_error
 from comfyui_headroom.quant.rotation import comfy_quant_config, rotation_group_of
-from comfyui_headroom.kernels.rotation import check_group, hadamard, quantize_rotated, rotate_activation, rotate_weight, unrotate_weight
+from testutil import outlier_weight
+from torch import nn
 
 
 @pytest.mark.parametrize("group", [16, 32, 64, 128, 256])

@@ -4,16 +4,15 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from testutil import outlier_weight
-
 from comfyui_headroom import cli
+from comfyui_headroom.kernels.rotation import quantize_rotated
 from comfyui_headroom.quant import Int8Linear, relative_error
 from comfyui_headroom.quant import convert as convert_mod
 from comfyui_headroom.quant.convert import ConvertError, convert_file
 from comfyui_headroom.quant.formats import decode_comfy_quant, parse_int8_layer
 from comfyui_headroom.quant.rotation import rotation_group_of
-from comfyui_headroom.kernels.rotation import quantize_rotated
+from safetensors.torch import load_file, save_file
+from testutil import outlier_weight
 
 DIM = 1024
 

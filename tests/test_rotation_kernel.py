@@ -102,9 +102,8 @@ def test_fused_rotate_quantize_kernel_on_gpu():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_rotated_int8linear_forward_on_gpu():
-    from testutil import outlier_weight
-
     from comfyui_headroom.quant import Int8Linear, relative_error
+    from testutil import outlier_weight
 
     gen = torch.Generator().manual_seed(3)
     lin = torch.nn.Linear(1024, 768)

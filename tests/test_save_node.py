@@ -13,16 +13,15 @@ import textwrap
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-from torch import nn
-
+from comfyui_headroom.kernels.int8 import quantize_weight
 from comfyui_headroom.quant import Int8Linear, relative_error
 from comfyui_headroom.quant.convert import convert_source
 from comfyui_headroom.quant.formats import decode_comfy_quant, parse_int8_layer
-from comfyui_headroom.kernels.int8 import quantize_weight
 from comfyui_headroom.quant.lora_bake import model_tensor_source
 from comfyui_headroom.quant.rotation import rotation_group_of
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 DIM = 1024
 
@@ -176,8 +175,8 @@ def test_save_node_in_real_comfyui_merges_comfys_lora_patches(tmp_path, gen):
     assert len(files) == 1, os.listdir(tmp_path / "output")
     tensors, metadata = _read(files[0])
     before = load_file(str(tmp_path / "before.safetensors"))
-    from comfyui_headroom.quant import dequantize_weight
     from comfyui_headroom.kernels.rotation import unrotate_weight
+    from comfyui_headroom.quant import dequantize_weight
 
     fc2_float = unrotate_weight(dequantize_weight(before["blocks.0.fc2.weight"], before["blocks.0.fc2.weight_scale"]), 64)
     expected = {"blocks.0.qkv": before["blocks.0.qkv.weight"].float() + factors["blocks.0.qkv"],

@@ -14,6 +14,7 @@ import torch
 
 from ...kernels.int8 import FP8_DTYPES
 from ...quant.safetensors_stream import read_header
+from ...units import GB
 from .ops import NATIVE_SKIP_PATTERNS, TEXT_ENCODER_SKIP_PATTERNS, Int8LoadConfig, LoadLog, make_int8_ops
 from .patcher import adopt_patcher
 
@@ -96,4 +97,4 @@ def reload_int8_text_encoder_patcher(paths, clip_type, config, model_options=Non
 
 
 def budget_from_gb(gb: float) -> int:
-    return 0 if not gb or gb <= 0 else int(gb * 2**30)
+    return 0 if not gb or gb <= 0 else int(gb * GB)

@@ -40,6 +40,7 @@ from ...kernels.int8 import DEFAULT_BLOCK_SIZE, FP8_DTYPES, METHODS, dequantize_
 from ...quant.linear import Int8Linear
 from ...quant.page_release import release_file_pages
 from ...quant.skip import DEFAULT_MIN_FEATURES, decide, resolve_patterns
+from ...units import GB
 
 log = logging.getLogger("comfyui_headroom")
 
@@ -140,14 +141,14 @@ class LoadLog:
             self.progress(self.loaded_layers, max(self.linear_layers, self.loaded_layers))
 
     def summary(self) -> str:
-        parts = [f"{self.int8_layers} INT8 linear layers ({self.int8_bytes / 2**30:.2f} GB)"]
+        parts = [f"{self.int8_layers} INT8 linear layers ({self.int8_bytes / GB:.2f} GB)"]
         if self.from_file:
             formats = sorted(set(self.from_file.values()))
             parts.append(f"{len(self.from_file)} read as INT8 ({', '.join(formats)})")
         if self.quantized_on_load:
             rotated = f", {len(self.rotated_on_load)} of them Hadamard-rotated" if self.rotated_on_load else ""
             parts.append(f"{len(self.quantized_on_load)} quantized while loading{rotated}")
-        parts.append(f"{len(self.kept_float)} kept float ({self.float_linear_bytes / 2**30:.2f} GB)")
+        parts.append(f"{len(self.kept_float)} kept float ({self.float_linear_bytes / GB:.2f} GB)")
         if self.missing:
             parts.append(f"{len(self.missing)} missing in file")
         return ", ".join(parts)
@@ -217,9 +218,9 @@ def _base_classes():
     """(Linear, Embedding) base classes subclassing ComfyUI's ``manual_cast`` ones."""
     import comfy.ops as comfy_ops
 
+    from ...kernels.rotation import rotation_fits, unrotate_weight
     from ...quant.formats import COMFY_QUANT_SUFFIX, comfy_legacy_layers, decode_comfy_quant, parse_int8_layer
     from ...quant.rotation import rotation_group_of
-    from ...kernels.rotation import rotation_fits, unrotate_weight
 
     class HeadroomLinear(Int8Linear, comfy_ops.CastWeightBiasOp):
         """INT8 when the load decides so (``weight_scale`` set), else ComfyUI's float ``manual_cast.Linear``."""

@@ -26,11 +26,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ...units import GB
 from .placement import IDLE_MODULES
 
 log = logging.getLogger("comfyui_headroom")
 
-GB = 1024 ** 3
 POST_ACTIONS = ("keep", "soft_unload", "unload")
 OFFLOAD_MODES = ("disabled", "smart", "always")
 VRAM_TOLERANCE = 0.02  # after an OOM, VRAM must be back within 2 % of where it was

@@ -31,6 +31,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ...quant.report import DtypeReport, dtype_report
+from ...quant.skip import matching_pattern
+from ...units import GB
 from .bnb import (
     SkipPlan,
     bnb_config,
@@ -41,8 +44,6 @@ from .bnb import (
     plan_skips,
     quantized_bytes_per_param,
 )
-from ...quant.report import DtypeReport, dtype_report
-from ...quant.skip import matching_pattern
 
 log = logging.getLogger("comfyui_headroom")
 
@@ -54,8 +55,6 @@ QUANTIZATION_METHODS = {
 }
 # The versions Tencent's code runs under (checked on an H100; see docs/hunyuan3.md).
 TENCENT_PIP_COMMAND = 'pip install "transformers==4.57.1" "huggingface-hub==0.36.0" "diffusers>=0.35,<0.36"'
-GB = 1024 ** 3
-
 
 class LoaderError(ValueError):
     """A load that cannot work as asked; the message says what to change."""

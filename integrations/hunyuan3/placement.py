@@ -22,7 +22,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-GB = 1024 ** 3
+from ...units import GB
+
 DEFAULT_BUDGET_FRACTION = 0.55
 # Modules the denoising loop needs at every step (stay on the GPU first).
 STEP_MODULES = ("timestep_emb", "patch_embed", "time_embed", "final_layer", "time_embed_2", "model.wte", "model.ln_f")

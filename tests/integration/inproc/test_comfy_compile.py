@@ -6,18 +6,16 @@ break to what ComfyUI's stock model has, and they are traced as our custom op ra
 Then ComfyUI's "TorchCompileModel" node (inductor) samples with our model and matches the eager result.
 """
 
-import pytest
-import torch
-from safetensors.torch import save_file
-
 import comfy.model_management as mm
 import comfy.sample
 import comfy.sd
-from comfyui_models import flux_state_dict
-
+import pytest
+import torch
+from comfyui_headroom.integrations.comfyui.load import load_int8_diffusion_model
 from comfyui_headroom.integrations.comfyui.ops import Int8LoadConfig
 from comfyui_headroom.quant.linear import int8_layers
-from comfyui_headroom.integrations.comfyui.load import load_int8_diffusion_model
+from comfyui_models import flux_state_dict
+from safetensors.torch import save_file
 
 
 @pytest.fixture(scope="module")

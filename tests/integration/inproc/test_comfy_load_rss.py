@@ -14,10 +14,8 @@ import sys
 
 import pytest
 import torch
-
-from comfyui_models import flux_layout, flux_tensor
-
 from comfyui_headroom.quant.safetensors_stream import StreamingWriter, TensorInfo
+from comfyui_models import flux_layout, flux_tensor
 
 GB = 2**30
 TARGET_GB = float(os.environ.get("HEADROOM_RSS_TEST_GB", "1.9"))

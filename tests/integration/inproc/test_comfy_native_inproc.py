@@ -6,20 +6,18 @@ against ours, on a tiny Flux whose block linears are 1024+ wide so they really b
 
 import json
 
-import pytest
-import torch
-from safetensors.torch import load_file, save_file
-
 import comfy.lora
 import comfy.model_management as mm
 import comfy.sd
-from comfyui_models import clip_l_state_dict, flux_lora_state_dict, flux_state_dict
-from testutil import outlier_weight
-
+import pytest
+import torch
 from comfyui_headroom.integrations.comfyui.load import load_int8_diffusion_model, load_int8_text_encoder
 from comfyui_headroom.integrations.comfyui.ops import Int8LoadConfig
 from comfyui_headroom.quant.linear import int8_layers
 from comfyui_headroom.quant.lora import LoraShapeError, UnsupportedPatchError
+from comfyui_models import clip_l_state_dict, flux_lora_state_dict, flux_state_dict
+from safetensors.torch import load_file, save_file
+from testutil import outlier_weight
 
 
 def rel(a, b):
