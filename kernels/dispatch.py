@@ -45,6 +45,8 @@ log = logging.getLogger("comfyui_headroom.kernels")
 # W8A8 (quantization included) at M = 1 and 16 on every shape, and loses to it by 1.5-3x at M = 256.
 SMALL_M = 16
 ALIASES = {"triton": "triton_w8a8", "w8a8": "triton_w8a8", "w8a16": "triton_w8a16", "auto": None, "": None}
+# The names a user picks a kernel by (a node's ``compute`` input, ``HEADROOM_FORCE_KERNEL``): "auto" = the dispatcher.
+COMPUTE_CHOICES = ("auto", "triton", "int_mm", "w8a16", "reference")
 
 
 def _shared_state() -> types.ModuleType:
@@ -81,7 +83,7 @@ def normalise_kernel_name(name: str | None) -> str | None:
     if key in KERNELS:
         return key
     raise ValueError(
-        f"unknown INT8 kernel {name!r}; choose one of auto, triton (w8a8), w8a16, int_mm, reference"
+        f"unknown INT8 kernel {name!r}; choose one of {', '.join(COMPUTE_CHOICES)} (triton = w8a8)"
     )
 
 

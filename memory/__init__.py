@@ -5,9 +5,9 @@ Public API (see docs/memory.md):
 * :class:`MemoryTracker` - peak VRAM per device, peak RSS, wall time of a run.
 * :func:`estimate_inference_vram_gb`, :func:`should_offload`, :func:`record_run` - seed 000's smart offload.
 * :func:`plan_placement`, :func:`default_budget_bytes` - what lives where under a VRAM budget.
-* :func:`enable_block_streaming` / :func:`disable_block_streaming` - the streaming entry point.
+* :func:`enable_block_streaming` / :func:`disable_block_streaming` / :func:`streamer_of` - block streaming.
 * :func:`graph_blocks` - replay blocks from CUDA graphs (also ``enable_block_streaming(..., cuda_graphs=True)``).
-* :func:`enable_multi_device` / :func:`disable_multi_device` - one model split across several devices.
+* :func:`enable_multi_device` / :func:`disable_multi_device` / :func:`split_of` - one model split across devices.
 * :func:`soft_unload`, :func:`restore` - park a model in pinned RAM and back.
 * :func:`force_unload`, :func:`register_cache` - give VRAM back (also after an OOM).
 """
@@ -24,9 +24,9 @@ from .estimate import (
     record_run,
     should_offload,
 )
-from .multi_device import MultiDeviceSplit, disable_multi_device, enable_multi_device
+from .multi_device import MultiDeviceSplit, disable_multi_device, enable_multi_device, split_of
 from .planner import PlacementPlan, PlanError, default_budget_bytes, plan_placement
-from .streaming import BlockStreamer, disable_block_streaming, enable_block_streaming
+from .streaming import BlockStreamer, disable_block_streaming, enable_block_streaming, streamer_of
 from .tensors import UnsupportedModuleError, module_bytes
 from .tracker import MemoryReport, MemoryTracker
 from .unload import (
@@ -75,5 +75,7 @@ __all__ = [
     "restore",
     "should_offload",
     "soft_unload",
+    "split_of",
+    "streamer_of",
     "unregister_cache",
 ]

@@ -255,6 +255,11 @@ def enable_multi_device(model: nn.Module, plan_or_devices: PlacementPlan | Seque
     return split
 
 
+def split_of(model: nn.Module) -> "MultiDeviceSplit | None":
+    """The :class:`MultiDeviceSplit` that :func:`enable_multi_device` attached to ``model``, or None."""
+    return getattr(model, _ATTR, None)
+
+
 def disable_multi_device(model_or_split, device=None) -> None:
     """Undo :func:`enable_multi_device` (see :meth:`MultiDeviceSplit.disable`)."""
     split = model_or_split if isinstance(model_or_split, MultiDeviceSplit) else getattr(model_or_split, _ATTR, None)

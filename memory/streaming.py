@@ -348,6 +348,11 @@ def _move_rest(module: nn.Module, block_ids: set[int], device) -> None:
             child.to(device)
 
 
+def streamer_of(model: nn.Module) -> "BlockStreamer | None":
+    """The :class:`BlockStreamer` that :func:`enable_block_streaming` attached to ``model``, or None."""
+    return getattr(model, _ATTR, None)
+
+
 def disable_block_streaming(model_or_streamer, device=None) -> None:
     """Undo :func:`enable_block_streaming` (see :meth:`BlockStreamer.disable`)."""
     streamer = model_or_streamer if isinstance(model_or_streamer, BlockStreamer) else getattr(model_or_streamer, _ATTR, None)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-# Hadamard group sizes a node offers ("none" = no rotation); quant/rotation.py checks them.
-ROTATIONS = ["none", "256", "64", "16", "128"]
+from ..kernels.rotation import COMFY_ROTATION_GROUPS, ROTATION_GROUPS
+
+# Hadamard group sizes a node offers ("none" = no rotation): those stock ComfyUI reads first, largest first, then
+# the ones only headroom reads (kernels/rotation.py owns the list and checks a group).
+ROTATIONS = ["none"] + [str(g) for g in sorted(COMFY_ROTATION_GROUPS, reverse=True)] + \
+    [str(g) for g in sorted(set(ROTATION_GROUPS) - set(COMFY_ROTATION_GROUPS), reverse=True)]
 
 
 def skip_list(text: str) -> list[str]:

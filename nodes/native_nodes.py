@@ -1,7 +1,7 @@
 """ComfyUI-native road: INT8 loaders for models ComfyUI already supports, and LoRA on them.
 
-Thin nodes: parse inputs, call :mod:`..quant.comfy_ops` / :mod:`..quant.lora`, format a status line.
-ComfyUI is imported inside the functions only (the package imports without it).
+Thin nodes: parse inputs, call :mod:`..integrations.comfyui` (load, ops, sampling) / :mod:`..quant.lora`, format a
+status line. ComfyUI is imported inside the functions only (the package imports without it).
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from collections import OrderedDict
 
 import torch
 
+from ..integrations.comfyui.ops import WEIGHT_FORMATS
+from ..integrations.comfyui.sampling import COMPUTE_CHOICES
 from .inputs import ROTATIONS, rotation_group, skip_list
 
 log = logging.getLogger("comfyui_headroom")
 
 CATEGORY = "headroom"
-COMPUTE_CHOICES = ["auto", "triton", "int_mm", "w8a16", "reference"]
-WEIGHT_FORMATS = ["auto", "rowwise", "block", "tensorwise"]
 
 TIP_SKIP = ("Extra substrings (comma or newline separated) naming layers to keep in full precision, on top of "
             "the defaults (embeddings, norms, modulation, input/output and final layers). A trailing $ anchors "
@@ -60,14 +60,14 @@ class HeadroomLoadDiffusionModelInt8:
                 "unet_name": (folder_paths.get_filename_list("diffusion_models"), {
                     "tooltip": "A diffusion model from ComfyUI's diffusion_models folder: INT8 (headroom, ComfyUI "
                                "int8_tensorwise incl. convrot, lightx2v, OneTrainer) or bf16/fp16/fp8."}),
-                "weight_format": (WEIGHT_FORMATS, {"default": "auto", "tooltip":
+                "weight_format": (list(WEIGHT_FORMATS), {"default": "auto", "tooltip":
                     "Granularity used when quantizing while loading: auto = rowwise (fastest, one scale per "
                     "output channel), block (one scale per 128 inputs, most accurate), tensorwise. INT8 files "
                     "keep the format they were written in."}),
                 "quantize_on_load": ("BOOLEAN", {"default": True, "tooltip":
                     "Quantize bf16/fp16/fp8 linear layers to INT8 while loading, one layer at a time (no "
                     "second full copy in RAM). Off: only layers already INT8 in the file are INT8."}),
-                "compute": (COMPUTE_CHOICES, {"default": "auto", "tooltip":
+                "compute": (list(COMPUTE_CHOICES), {"default": "auto", "tooltip":
                     "INT8 kernel during sampling: auto picks per GPU and shape; triton = W8A8 Triton; int_mm = "
                     "cuBLAS INT8 (torch._int_mm); w8a16 = weight-only; reference = dequantize + matmul."}),
                 "skip_patterns": ("STRING", {"default": "", "multiline": True, "tooltip": TIP_SKIP}),
@@ -167,7 +167,7 @@ class HeadroomLoadClipInt8:
                 "clip_name": (folder_paths.get_filename_list("text_encoders"), {
                     "tooltip": "A text encoder from ComfyUI's text_encoders folder (float, fp8 or INT8)."}),
                 "type": (clip_type[0], {"tooltip": "The model family the text encoder is for (as in CLIPLoader)."}),
-                "weight_format": (WEIGHT_FORMATS, {"default": "auto", "tooltip":
+                "weight_format": (list(WEIGHT_FORMATS), {"default": "auto", "tooltip":
                     "Granularity for layers quantized while loading (auto = rowwise)."}),
                 "skip_patterns": ("STRING", {"default": "", "multiline": True, "tooltip": TIP_SKIP}),
             },

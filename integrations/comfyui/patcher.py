@@ -16,17 +16,82 @@ import logging
 import torch
 
 from ...kernels.int8 import FP8_DTYPES
+from ...memory import disable_block_streaming, disable_multi_device, enable_block_streaming, enable_multi_device, \
+    split_of, streamer_of
+from ...memory.planner import plan_placement
 from ...quant.linear import int8_layers
+from ...quant.lora import LoraShapeError, UnsupportedPatchError, fits, low_rank_of, side_branches
 
 log = logging.getLogger("comfyui_headroom")
+
+
+def int8_modules(model) -> dict:
+    """``{"<layer>.weight": layer}`` for the INT8 layers of ``model``: the keys ComfyUI's patches use."""
+    return {f"{n}.weight": m for n, m in int8_layers(model)}
+
+
+def patch_problems(modules: dict, patches: dict, strength_patch: float, strength_model: float) -> list[str]:
+    """Why each patch in ``patches`` (ComfyUI's ``add_patches`` input) that lands on an INT8 layer cannot become a
+    side branch there (empty when all can): a patch type other than LoRA/LoCon, or a shape that does not fit."""
+    problems = []
+    for k, value in patches.items():
+        key, offset, function = (k, None, None) if isinstance(k, str) else (k[0], k[1], k[2] if len(k) > 2 else None)
+        module = modules.get(key)
+        if module is None:
+            continue
+        try:
+            low = low_rank_of((strength_patch, value, strength_model, offset, function), key)
+            problem = fits(low, module.out_features, module.in_features)
+            if problem:
+                problems.append(f"{key}: {problem}")
+        except UnsupportedPatchError as err:
+            problems.append(str(err))
+    return problems
+
+
+def attach_side_branches(modules: dict, patches: dict, device, dtype: torch.dtype) -> None:
+    """Give every INT8 layer the float side branches of its patches (none: no branches); refuses, naming the
+    layers, patches that cannot be side branches."""
+    problems = []
+    for key, module in modules.items():
+        layer_patches = patches.get(key)
+        if not layer_patches:
+            module.lora = []
+            continue
+        try:
+            module.lora = side_branches(layer_patches, key, module.out_features, module.in_features, device, dtype)
+        except (UnsupportedPatchError, LoraShapeError) as err:
+            module.lora = []
+            problems.append(str(err))
+        module._headroom_patches = patches
+    if problems:
+        raise UnsupportedPatchError(
+            "Load Diffusion Model (INT8): patches on INT8 layers that cannot be applied as side branches: "
+            + "; ".join(problems[:8]))
+
+
+def drop_lowvram_patches(modules: dict) -> None:
+    """Remove the ``LowVramPatch`` (merge on the fly) that ComfyUI attaches to patched weights it leaves on the
+    CPU: for INT8 weights the side branches already carry those patches."""
+    for key, module in modules.items():
+        if module.weight_function:
+            module.weight_function = [f for f in module.weight_function
+                                      if not (getattr(f, "is_lowvram_patch", False) and f.key == key)]
+
+
+def inference_lora_dtype(model) -> torch.dtype:
+    """The dtype LoRA side branches compute in: the model's inference dtype where it is a float one ComfyUI
+    computes in (not fp8), else float32."""
+    getter = getattr(model, "get_dtype_inference", None)
+    dtype = getter() if getter is not None else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype not in FP8_DTYPES \
+        else torch.float32
 
 
 @functools.lru_cache(maxsize=None)
 def patcher_class():
     """``Int8ModelPatcher``: ComfyUI's (non-dynamic) ModelPatcher, INT8-aware (built on first use)."""
     import comfy.model_patcher as mp
-
-    from ...quant.lora import LoraShapeError, UnsupportedPatchError, fits, low_rank_of, side_branches
 
     class Int8ModelPatcher(mp.ModelPatcher):
         """Keeps ComfyUI's patch bookkeeping; INT8 weights get their LoRA patches as side branches.
@@ -54,24 +119,10 @@ def patcher_class():
             return n
 
         def _int8_modules(self) -> dict:
-            return {f"{n}.weight": m for n, m in int8_layers(self.model)}
+            return int8_modules(self.model)
 
         def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
-            modules = self._int8_modules()
-            problems = []
-            for k, value in patches.items():
-                key, offset, function = (k, None, None) if isinstance(k, str) else \
-                    (k[0], k[1], k[2] if len(k) > 2 else None)
-                module = modules.get(key)
-                if module is None:
-                    continue
-                try:
-                    low = low_rank_of((strength_patch, value, strength_model, offset, function), key)
-                    problem = fits(low, module.out_features, module.in_features)
-                    if problem:
-                        problems.append(f"{key}: {problem}")
-                except UnsupportedPatchError as err:
-                    problems.append(str(err))
+            problems = patch_problems(self._int8_modules(), patches, strength_patch, strength_model)
             if problems:
                 raise UnsupportedPatchError(
                     "Load Diffusion Model (INT8) / Load CLIP (INT8): this patch cannot be applied to INT8 layers "
@@ -113,10 +164,8 @@ def patcher_class():
         def load_streaming(self, device_to: torch.device) -> None:
             """Keep ``headroom_blocks_resident`` blocks on ``device_to``, stream the rest from pinned RAM
             (memory/streaming.py); everything outside the blocks goes to ``device_to``."""
-            from ...memory import enable_block_streaming
-
             def place(dm) -> int:
-                streamer = getattr(dm, "_headroom_streamer", None)
+                streamer = streamer_of(dm)
                 if streamer is None:
                     streamer = enable_block_streaming(dm, device_to, blocks_resident=self.headroom_blocks_resident)
                 log.info("headroom: %s", streamer.summary())
@@ -129,11 +178,8 @@ def patcher_class():
             budgets through the planner, or evenly by bytes); the modules before the blocks go with the first
             block, those after with the last; inputs follow each block and the output returns to the first
             device. ComfyUI's accounting sees the model as loaded on ``device_to`` (its load device)."""
-            from ...memory import enable_multi_device
-            from ...memory.planner import plan_placement
-
             def place(dm) -> int:
-                if getattr(dm, "_headroom_multi_device", None) is None:
+                if split_of(dm) is None:
                     target = list(self.headroom_devices)
                     if self.headroom_device_budgets:
                         target = plan_placement(dm, list(self.headroom_device_budgets), devices=target)
@@ -164,11 +210,11 @@ def patcher_class():
 
         def _streaming(self) -> bool:
             dm = getattr(self.model, "diffusion_model", None)
-            return getattr(dm, "_headroom_streamer", None) is not None
+            return dm is not None and streamer_of(dm) is not None
 
         def _split(self) -> bool:
             dm = getattr(self.model, "diffusion_model", None)
-            return getattr(dm, "_headroom_multi_device", None) is not None
+            return dm is not None and split_of(dm) is not None
 
         def unpatch_model(self, device_to=None, unpatch_weights=True):
             if unpatch_weights:
@@ -176,49 +222,19 @@ def patcher_class():
                     module.lora = []
                     module._headroom_patches = None
                 if self._streaming():
-                    from ...memory import disable_block_streaming
-
                     disable_block_streaming(self.model.diffusion_model, device=device_to or self.offload_device)
                 if self._split():
-                    from ...memory import disable_multi_device
-
                     disable_multi_device(self.model.diffusion_model, device=device_to or self.offload_device)
             return super().unpatch_model(device_to, unpatch_weights)
 
-        def _lora_dtype(self) -> torch.dtype:
-            getter = getattr(self.model, "get_dtype_inference", None)
-            dtype = getter() if getter is not None else None
-            return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point and \
-                dtype not in FP8_DTYPES else torch.float32
-
         def _attach_side_branches(self, device_to) -> None:
-            self._drop_own_lowvram_patches()
+            modules = self._int8_modules()
+            drop_lowvram_patches(modules)
             device = None if self.headroom_lora_offload else device_to
-            dtype = self._lora_dtype()
-            problems = []
-            for key, module in self._int8_modules().items():
-                patches = self.patches.get(key)
-                if not patches:
-                    module.lora = []
-                    continue
-                try:
-                    module.lora = side_branches(patches, key, module.out_features, module.in_features, device, dtype)
-                except (UnsupportedPatchError, LoraShapeError) as err:
-                    module.lora = []
-                    problems.append(str(err))
-                module._headroom_patches = self.patches
-            if problems:
-                raise UnsupportedPatchError(
-                    "Load Diffusion Model (INT8): patches on INT8 layers that cannot be applied as side branches: "
-                    + "; ".join(problems[:8]))
+            attach_side_branches(modules, self.patches, device, inference_lora_dtype(self.model))
 
         def _drop_own_lowvram_patches(self) -> None:
-            # ComfyUI attaches a LowVramPatch (merge on the fly) to patched weights it leaves on the CPU; for
-            # INT8 weights the side branches already carry those patches.
-            for key, module in self._int8_modules().items():
-                if module.weight_function:
-                    module.weight_function = [f for f in module.weight_function
-                                              if not (getattr(f, "is_lowvram_patch", False) and f.key == key)]
+            drop_lowvram_patches(self._int8_modules())
 
     return Int8ModelPatcher
 

@@ -11,6 +11,11 @@ from __future__ import annotations
 import logging
 import weakref
 
+from ...kernels.dispatch import COMPUTE_CHOICES, force_kernel, forced_kernel, kernel_summary, reset_kernel_stats
+from ...memory import MemoryTracker
+
+__all__ = ["COMPUTE_CHOICES", "install_sampling_wrapper", "last_run_of"]
+
 log = logging.getLogger("comfyui_headroom")
 
 _LAST_RUN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -19,9 +24,6 @@ _LAST_RUN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def install_sampling_wrapper(patcher, compute: str) -> None:
     """Force kernel ``compute`` ("auto" = the dispatcher decides) and track memory during ``patcher``'s runs."""
     import comfy.patcher_extension
-
-    from ...kernels.dispatch import force_kernel, forced_kernel, kernel_summary, reset_kernel_stats
-    from ...memory import MemoryTracker
 
     def outer_sample(executor, *args, **kwargs):
         previous = forced_kernel()
