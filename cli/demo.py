@@ -30,7 +30,8 @@ def register(subparsers) -> None:
     parser.add_argument("--cache-dir", default=None,
                         help="where the demo checkpoints live (default $HEADROOM_CACHE/demo or "
                              "~/.cache/comfyui-headroom/demo)")
-    parser.add_argument("--out", default=None, help="folder for the PNG images (default: current folder)")
+    parser.add_argument("--out", default=None, help="folder for the PNG images (default: the cache folder, see "
+                                                     "--cache-dir); the report prints where they went")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="on a GPU, run the blocks eagerly instead of replaying them from CUDA graphs")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")

@@ -229,3 +229,20 @@ def test_demo_on_gpu_uses_producers_and_cuda_graphs(tmp_path):
     eager = run_demo(DemoOptions(size="tiny", device="cuda", steps=3, cache_dir=str(tmp_path / "cache"),
                                  out_dir=str(tmp_path / "out"), cuda_graphs=False))
     assert eager["cuda_graphs"] is False and abs(eager["cosine"] - report["cosine"]) < 1e-4
+
+
+def test_demo_writes_its_images_to_the_cache_folder_not_the_current_one(tmp_path, monkeypatch):
+    """Without --out the PNGs go next to the cached checkpoints (a checkout must not fill up with them), the report
+    says where, and on a CPU the step-time line says why INT8 is not faster there."""
+    from comfyui_headroom.demo.run import DemoOptions, format_report, run_demo
+
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    cache = tmp_path / "cache"
+    report = run_demo(DemoOptions(size="tiny", device="cpu", steps=2, cache_dir=str(cache)))
+    assert list(work.iterdir()) == []
+    assert os.path.dirname(report["image"]) == str(cache) and os.path.exists(report["image"])
+    text = format_report(report)
+    assert f"image      : {report['image']}" in text
+    assert "reference path, not meant to be faster" in text.splitlines()[6]
