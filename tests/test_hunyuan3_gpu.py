@@ -66,22 +66,42 @@ def large_bucket_folder(tmp_path_factory):
     return module.build_fake_model_folder(tmp_path_factory.mktemp("hy3gpu") / "fake1024", image_base_size=1024)
 
 
+def _fill_free_cached_memory(limit_bytes: int) -> list[torch.Tensor]:
+    """Tensors that take every free block the caching allocator holds, up to ``limit_bytes`` reserved: with the
+    process capped there, the next sizeable allocation must fail, whatever earlier tests left in the cache
+    (holes in their segments would otherwise serve it: in one pytest process this test then did not OOM)."""
+    ballast, chunk = [], 1 << 30
+    while chunk >= 1 << 16:
+        try:
+            ballast.append(torch.empty(chunk, dtype=torch.uint8, device="cuda"))
+        except torch.cuda.OutOfMemoryError:
+            chunk //= 2
+        if torch.cuda.memory_reserved() > limit_bytes:
+            break
+    return ballast
+
+
 def test_oom_is_caught_and_vram_returns(large_bucket_folder):
     loaded = load_hf_model(large_bucket_folder, "int8", budget_gb=2.0, trust_remote_code=True)
     generate(loaded, _request())  # warm-up: kernels, workspaces
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
-    before = torch.cuda.memory_allocated()
     total = torch.cuda.get_device_properties(0).total_memory
-    # The allocator may not grow past what it holds now: a 2048x512 run (VAE activations alone are
-    # 2048*512*16 channels * 2 bytes = 32 MB) cannot fit in the holes of the weight segments.
-    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + 1024) / total)
+    # The allocator may not grow past what it holds now, and what it holds is filled: a 2048x512 run (VAE
+    # activations alone are 2048*512*16 channels * 2 bytes = 32 MB) then has nowhere to go.
+    limit = torch.cuda.memory_reserved() + (1 << 20)
+    torch.cuda.set_per_process_memory_fraction(limit / total)
+    ballast = []
     try:
+        ballast = _fill_free_cached_memory(limit)
+        before = torch.cuda.memory_allocated()
         with pytest.raises(GenerationOOM) as info:
             generate(loaded, _request(width=2048, height=512))
+        after = torch.cuda.memory_allocated()
     finally:
+        ballast.clear()
         torch.cuda.set_per_process_memory_fraction(1.0)
-    after = torch.cuda.memory_allocated()
+        torch.cuda.empty_cache()
     # Nothing the failed run held may stay allocated. The recovery may free more than the run took (caches the
     # warm-up left behind): ending below the baseline is no leak (seen on the H100: -3.4 %).
     assert after - before <= 0.02 * before, (before, after)
