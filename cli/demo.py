@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..demo.model import SIZES
+from ..demo.config import SIZES
 
 
 def register(subparsers) -> None:
