@@ -92,10 +92,6 @@ def snap_size(model: nn.Module, width: int, height: int) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------ helpers
 
 
-def is_quantized_model(model: nn.Module) -> bool:
-    return bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
-
-
 def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         if p.device.type != "meta":

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -733,18 +731,3 @@ def folder_fingerprint(folder) -> str:
             parts.append(f"{p.name}:{st.st_size}:{int(st.st_mtime_ns)}")
     return "|".join(parts)
 
-
-def env_summary() -> dict:
-    import transformers
-
-    info = {"transformers": transformers.__version__, "torch": torch.__version__}
-    try:
-        import bitsandbytes
-
-        info["bitsandbytes"] = bitsandbytes.__version__
-    except ImportError:
-        info["bitsandbytes"] = None
-    info["cuda"] = torch.cuda.is_available()
-    info["pid"] = os.getpid()
-    info["time"] = time.time()
-    return info

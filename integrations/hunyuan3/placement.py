@@ -25,8 +25,6 @@ from torch import nn
 from ...units import GB
 
 DEFAULT_BUDGET_FRACTION = 0.55
-# Modules the denoising loop needs at every step (stay on the GPU first).
-STEP_MODULES = ("timestep_emb", "patch_embed", "time_embed", "final_layer", "time_embed_2", "model.wte", "model.ln_f")
 # Float modules the denoising loop does not touch (the vision tower and aligner only see input images,
 # lm_head only picks the size in "auto" mode, the VAE runs once at the end): first to leave the GPU.
 IDLE_MODULES = ("vision_model", "vision_aligner", "lm_head", "vae")
