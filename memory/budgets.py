@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 from ..quant.skip import DEFAULT_SKIP_PATTERNS
 from ..units import GB
-from .planner import DEFAULT_BUDGET_FRACTION, PlacementPlan, PlanError, plan_placement
+from .planner import PlacementPlan, PlanError, default_budget_bytes, plan_placement
 
 
 def _gb(n: int) -> str:
@@ -60,7 +60,7 @@ def parse_gpu_budgets(text, device_count: int, device_totals: Mapping[int, int] 
         if not total:
             raise ValueError(f"gpu_budgets_gb={text!r}: cuda:{i} budget 0 means 55 % of the card, but its total VRAM "
                              "is unknown; give the budget in GB")
-        budgets[i] = int(total * DEFAULT_BUDGET_FRACTION)
+        budgets[i] = default_budget_bytes(total)
     return budgets
 
 

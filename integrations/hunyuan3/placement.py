@@ -22,9 +22,9 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ...memory.planner import default_budget_bytes
 from ...units import GB
 
-DEFAULT_BUDGET_FRACTION = 0.55
 # Float modules the denoising loop does not touch (the vision tower and aligner only see input images,
 # lm_head only picks the size in "auto" mode, the VAE runs once at the end): first to leave the GPU.
 IDLE_MODULES = ("vision_model", "vision_aligner", "lm_head", "vae")
@@ -43,7 +43,7 @@ def resolve_budget(budget_gb: float, total_bytes: int | None) -> int:
         return int(budget_gb * GB)
     if not total_bytes:
         raise ValueError("GPU budget 0 (auto) needs a CUDA device to size 55 % of; set a budget in GB")
-    return int(total_bytes * DEFAULT_BUDGET_FRACTION)
+    return default_budget_bytes(total_bytes)
 
 
 def cpu_allowance_bytes(reserve_gb: float = 4.0) -> int:
