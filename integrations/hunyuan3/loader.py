@@ -13,7 +13,7 @@ One function, :func:`load_hf_model`, does what seed 000's loaders did, with the 
   dequantized to bf16;
 - the generation config's custom fields are restored (``generate_image`` reads them);
 - Tencent's code under transformers 5.x is refused at load time with the pip command that works;
-- load telemetry: wall time, peak process RSS, peak VRAM, dtype report, placement plan.
+- load telemetry: wall time, peak process RSS, peak VRAM, dtype report, placement summary.
 
 No ComfyUI import here: the nodes call this, and so can a script.
 """

@@ -10,7 +10,7 @@
 - :func:`plan_quantized_map`: for bitsandbytes, a map that never puts a quantized layer on the CPU
   (transformers rejects that): idle float modules go to the CPU first, then whole decoder layers,
   which then stay in float there.
-- :func:`describe_placement`: bytes and modules per device after a load (the "placement plan").
+- :func:`describe_placement`: bytes and modules per device after a load (:class:`PlacementSummary`).
 """
 
 from __future__ import annotations
@@ -271,8 +271,9 @@ def _float_extra(model, unit, quantized, bytes_per_param, dtype_bytes) -> int:
 
 
 @dataclass
-class PlacementPlan:
-    """Bytes and units per device after a load."""
+class PlacementSummary:
+    """Where a loaded model's weights are: bytes and units per device (a report, not a plan to execute;
+    memory/planner.PlacementPlan is the plan)."""
 
     devices: dict[str, int] = field(default_factory=dict)
     units: dict[str, str] = field(default_factory=dict)  # unit -> device
@@ -288,9 +289,9 @@ class PlacementPlan:
         return {"devices": dict(self.devices), "units": dict(self.units), "offloaded_by": self.offloaded_by}
 
 
-def describe_placement(model: nn.Module, layers_prefix: str = LAYERS_PREFIX) -> PlacementPlan:
+def describe_placement(model: nn.Module, layers_prefix: str = LAYERS_PREFIX) -> PlacementSummary:
     """Where each unit's tensors are now (accelerate-offloaded tensors are on "meta": counted as CPU)."""
-    plan = PlacementPlan()
+    summary = PlacementSummary()
     hf_map = getattr(model, "hf_device_map", None) or {}
     try:
         units = top_level_units(model, layers_prefix)
@@ -305,12 +306,12 @@ def describe_placement(model: nn.Module, layers_prefix: str = LAYERS_PREFIX) -> 
                 dev = "cpu"
             devices[dev] = devices.get(dev, 0) + t.numel() * t.element_size()
         for dev, b in devices.items():
-            plan.devices[dev] = plan.devices.get(dev, 0) + b
+            summary.devices[dev] = summary.devices.get(dev, 0) + b
         if devices:
-            plan.units[unit] = max(devices, key=devices.get)
+            summary.units[unit] = max(devices, key=devices.get)
     if any(str(v) in ("cpu", "disk") for v in hf_map.values()) and len(set(map(str, hf_map.values()))) > 1:
-        plan.offloaded_by = "accelerate"
-    return plan
+        summary.offloaded_by = "accelerate"
+    return summary
 
 
 def _summarize(units: Sequence[str]) -> str:
