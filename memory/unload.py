@@ -257,8 +257,12 @@ class ForceUnloadReport:
         return f"Force unload: {vram}; " + "; ".join(extra)
 
 
-def _clear_exception_refs(exc: BaseException | None) -> list[str]:
-    """Drop references that keep the frames of a failed run (and their tensors) alive."""
+def clear_exception_refs(exc: BaseException | None) -> list[str]:
+    """Drop references that keep the frames of a failed run (and their tensors) alive: ``sys.last_*`` and the
+    tracebacks of ``exc``, of the exception being handled and of their chained causes. Returns what it cleared.
+
+    After an OOM every tensor that was a local variable of the failed run stays allocated until its frame goes;
+    force unload and the generators' OOM recovery both call this before collecting garbage."""
     cleared = []
     for attr in ("last_exc", "last_value", "last_traceback", "last_type"):
         if getattr(sys, attr, None) is not None:
@@ -356,7 +360,7 @@ def force_unload(keep: Iterable[object] = (), exc: BaseException | None = None,
             report.host_unloaded = host_unload()
         except Exception as err:
             log.warning("headroom force unload: the host's unload failed: %s", err)
-    report.exception_refs_cleared = _clear_exception_refs(exc)
+    report.exception_refs_cleared = clear_exception_refs(exc)
     exc = None  # our own reference must not pin the frames either
     for _ in range(gc_passes):
         report.gc_collected += gc.collect()

@@ -383,10 +383,16 @@ def generate(loaded, request: GenerateRequest, on_step: Callable[[int, int], Non
 
 def _recover_from_oom(loaded, parked, device, before, width, height, request, decision, err) -> str:
     """Free what the failed run held (its frames pin activations), put parked modules back, measure."""
+    from ...memory.unload import clear_exception_refs
+
     err_text = str(err).splitlines()[0][:200]
     _undo_budget_override(loaded)
-    _drop_frames(err)
-    err = None
+    clear_exception_refs(err)
+    err = None  # our own reference must not pin the frames either
+    for _ in range(2):
+        gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     if parked:
         unpark_modules(loaded.model, parked, device)
     after = vram_allocated(device)
@@ -401,24 +407,6 @@ def _recover_from_oom(loaded, parked, device, before, width, height, request, de
         msg += f" WARNING: VRAM did not return within {VRAM_TOLERANCE:.0%} ({drift:+.1%}); run Force Unload."
     log.error("%s", msg)
     return msg
-
-
-def _drop_frames(err: BaseException) -> None:
-    """The failed run's frames hold its activations: clear them, collect, give the cache back."""
-    import sys
-    import traceback
-
-    tb = err.__traceback__
-    if tb is not None:
-        traceback.clear_frames(tb)
-    err.__traceback__ = None
-    for name in ("last_exc", "last_value", "last_traceback", "last_type"):
-        if hasattr(sys, name):
-            setattr(sys, name, None)
-    for _ in range(2):
-        gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _apply_budget_override(loaded, override_gb: float, device) -> str:
