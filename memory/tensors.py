@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..quant.bnb_layers import is_bnb_int8
+
 ALIGN = 256  # bytes; every tensor starts at a multiple of this inside a flat buffer
 
 
@@ -56,10 +58,6 @@ class TensorRef:
             setattr(self.owner, self.attr, tensor)
 
 
-def _is_bnb_int8(module: nn.Module) -> bool:
-    return type(module).__name__ == "Linear8bitLt" or type(getattr(module, "weight", None)).__name__ == "Int8Params"
-
-
 def _quant_state_refs(quant_state, prefix: str, seen: set[int]) -> list[TensorRef]:
     if quant_state is None or id(quant_state) in seen:
         return []
@@ -78,7 +76,7 @@ def collect_tensor_refs(module: nn.Module, prefix: str = "") -> list[TensorRef]:
     seen_tensors: set[int] = set()
     seen_states: set[int] = set()
     for mod_name, mod in module.named_modules(prefix=prefix):
-        if _is_bnb_int8(mod):
+        if is_bnb_int8(mod):
             raise UnsupportedModuleError(
                 f"{mod_name or type(module).__name__}: bitsandbytes LLM.int8 layers (Linear8bitLt) cannot be "
                 "streamed or soft-unloaded; convert the model to our Int8Linear (headroom convert) or use NF4")

@@ -16,7 +16,6 @@ GB = 1024 ** 3
 
 
 
-from comfyui_headroom.integrations.hunyuan3.bnb import is_bnb_quantized  # noqa: E402
 from comfyui_headroom.integrations.hunyuan3.generate import (  # noqa: E402
     GenerateRequest,
     GenerationOOM,
@@ -25,6 +24,7 @@ from comfyui_headroom.integrations.hunyuan3.generate import (  # noqa: E402
     model_device,
 )
 from comfyui_headroom.integrations.hunyuan3.loader import load_hf_model  # noqa: E402
+from comfyui_headroom.quant.bnb_layers import is_bnb_quantized  # noqa: E402
 
 
 @pytest.fixture(scope="module")

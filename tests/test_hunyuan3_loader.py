@@ -23,7 +23,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "hunyuan3_fake"
 
 
 from comfyui_headroom.integrations.hunyuan3 import loader as hf_loader  # noqa: E402
-from comfyui_headroom.integrations.hunyuan3.bnb import HUNYUAN3_SKIP_PATTERNS, is_bnb_quantized  # noqa: E402
+from comfyui_headroom.integrations.hunyuan3.bnb import HUNYUAN3_SKIP_PATTERNS  # noqa: E402
 from comfyui_headroom.integrations.hunyuan3.generate import GenerateRequest, GenerationOOM, generate  # noqa: E402
 from comfyui_headroom.integrations.hunyuan3.loader import LoaderError, load_hf_model, save_quantized  # noqa: E402
 from comfyui_headroom.integrations.hunyuan3.placement import (  # noqa: E402
@@ -33,6 +33,7 @@ from comfyui_headroom.integrations.hunyuan3.placement import (  # noqa: E402
     plan_quantized_map,
     validate_device_map,
 )
+from comfyui_headroom.quant.bnb_layers import is_bnb_quantized  # noqa: E402
 
 STATUS_TAIL = re.compile(r"Peak VRAM (n/a|[\d.]+GB) \| Peak RAM [\d.]+GB$")
 GB = 1024 ** 3

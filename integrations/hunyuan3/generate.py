@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ...quant.bnb_layers import is_bnb_quantized
 from ...units import GB
 from .placement import IDLE_MODULES
 
@@ -143,16 +144,12 @@ def park_idle_modules(model: nn.Module, names, device: torch.device) -> list[str
         return moved
     for name in names:
         module = getattr(model, name, None)
-        if not isinstance(module, nn.Module) or any(_is_bnb(m) for m in module.modules()):
+        if not isinstance(module, nn.Module) or any(is_bnb_quantized(m) for m in module.modules()):
             continue
         if next(module.parameters(), torch.empty(0)).device.type == "cuda":
             module.to("cpu")
             moved.append(name)
     return moved
-
-
-def _is_bnb(module: nn.Module) -> bool:
-    return type(module).__name__ in ("Linear8bitLt", "Linear4bit")
 
 
 def unpark_modules(model: nn.Module, names, device: torch.device) -> None:

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ...quant.bnb_layers import is_bnb_quantized
 from ...quant.report import DtypeReport, dtype_report
 from ...quant.skip import matching_pattern
 from ...units import GB
@@ -38,7 +39,6 @@ from .bnb import (
     bnb_int8_dequantize,
     bnb_skip_modules,
     hunyuan3_skip_patterns,
-    is_bnb_quantized,
     plan_skips,
     quantized_bytes_per_param,
 )
