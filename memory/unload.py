@@ -3,7 +3,8 @@
 Soft unload packs the model's tensors into a few large flat host buffers (pinned on CUDA), re-points the
 modules at views of them and lets the GPU copies go; :func:`restore` copies each flat buffer back in one
 transfer and re-points the modules at views of the new GPU buffers. Modules, ``Parameter`` objects and hooks
-stay the same objects, so INT8 (Int8Linear), bf16 and bitsandbytes 4-bit layers come back bit-identical. The
+stay the same objects, so INT8 (Int8Linear), bf16 and bitsandbytes 4-bit and LLM.int8 layers come back
+bit-identical (LLM.int8's scales and weight aliases travel too: ``memory/tensors.py``). The
 pinned buffers are kept (per model) and reused by the next soft unload while the layout is unchanged;
 :func:`release_pinned` gives them back.
 
@@ -114,7 +115,7 @@ def soft_unload(model: nn.Module, pin_memory: bool | None = None, chunk_bytes: i
     if getattr(model, "_headroom_multi_device", None) is not None:  # restore would put it all on one device
         raise ValueError(f"{type(model).__name__} is split across devices; call disable_multi_device(model) "
                          "before soft_unload")
-    refs = collect_tensor_refs(model)
+    refs = collect_tensor_refs(model, bnb_int8=True)
     if not refs:
         raise ValueError(f"{type(model).__name__} has no parameters or buffers to unload")
     device = _model_device(refs)

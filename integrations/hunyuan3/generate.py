@@ -19,13 +19,13 @@ from __future__ import annotations
 import gc
 import inspect
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from ...memory.unload import clear_exception_refs, restore, soft_unload
 from ...quant.bnb_layers import is_bnb_quantized
 from ...units import GB
 from .placement import IDLE_MODULES
@@ -160,124 +160,29 @@ def unpark_modules(model: nn.Module, names, device: torch.device) -> None:
 # ------------------------------------------------------------------------------------ soft unload
 
 
-def _int8_model_slots(model: nn.Module):
-    """(owner, attribute, kind, tensor) for every tensor of a model with LLM.int8 layers, including the
-    scales bitsandbytes keeps outside the parameters (``weight.SCB``, ``state.SCB``)."""
-    slots = []
-    for module in model.modules():
-        for name, p in module._parameters.items():
-            if p is not None:
-                slots.append((p, "data", "param", p.data))
-                if isinstance(getattr(p, "SCB", None), torch.Tensor):
-                    slots.append((p, "SCB", "attr", p.SCB))
-        for name, b in module._buffers.items():
-            if b is not None:
-                slots.append((module._buffers, name, "item", b))
-        state = getattr(module, "state", None)
-        if type(module).__name__ == "Linear8bitLt" and isinstance(getattr(state, "SCB", None), torch.Tensor):
-            slots.append((state, "SCB", "attr", state.SCB))
-    return slots
-
-
-def _set_slot(owner, attr, kind, value) -> None:
-    if kind == "item":
-        owner[attr] = value
-    else:  # "param" sets .data (the Parameter object stays), "attr" a plain attribute
-        setattr(owner, attr, value)
-
-
-def move_bnb_int8_model(model: nn.Module, device, host_buffer: torch.Tensor | None = None):
-    """Move every tensor of a model holding bitsandbytes LLM.int8 layers; returns (bytes, host buffer).
-
-    ``model.to()`` is allowed since bitsandbytes 0.48, but it goes through ``Module._apply``, which swaps
-    ``param.data`` and leaves each ``Linear8bitLt.state.CB`` (the int8 weight, after the first forward)
-    and ``state.SCB`` on the old device: the VRAM would stay taken and the next forward would put the stale
-    tensors back. So: move parameters, buffers and scales ourselves and re-point the layer state.
-    To the CPU, everything lands in one flat host buffer (page-locked with CUDA: one allocation, copies at
-    PCIe speed), reused by the next unload when the sizes match.
-    """
-    device = torch.device(device)
-    slots = _int8_model_slots(model)
-    cb_owners = [(m, m.weight.CB is not None if hasattr(m.weight, "CB") else False, m.state.CB is not None)
-                 for m in model.modules() if type(m).__name__ == "Linear8bitLt"]
-    moved: dict[int, torch.Tensor] = {}
-    nbytes = 0
-    if device.type == "cpu":
-        offsets, total = {}, 0
-        for *_, t in slots:
-            if id(t) not in offsets:  # a tensor shared by two owners is stored once
-                offsets[id(t)] = total
-                total += (t.numel() * t.element_size() + 63) // 64 * 64
-        if host_buffer is None or host_buffer.numel() != total:
-            host_buffer = torch.empty(total, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
-        for owner, attr, kind, t in slots:
-            if id(t) not in moved:
-                n = t.numel() * t.element_size()
-                off = offsets[id(t)]
-                view = host_buffer[off:off + n].view(t.dtype).view(t.shape)
-                view.copy_(t, non_blocking=True)
-                moved[id(t)] = view
-                nbytes += n
-            _set_slot(owner, attr, kind, moved[id(t)])
-    else:
-        for owner, attr, kind, t in slots:
-            if id(t) not in moved:
-                moved[id(t)] = t.to(device, non_blocking=True)
-                nbytes += t.numel() * t.element_size()
-            _set_slot(owner, attr, kind, moved[id(t)])
-    for module, weight_cb, state_cb in cb_owners:  # CB *is* the int8 weight: point it at the moved one
-        if weight_cb:
-            module.weight.CB = module.weight.data
-        if state_cb:
-            module.state.CB = module.weight.data
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()  # the copies above are asynchronous in both directions
-    return nbytes, host_buffer
-
-
 def soft_unload_model(loaded) -> str:
-    """Park the model in pinned RAM. bitsandbytes INT8 goes through :func:`move_bnb_int8_model` (its
-    layer state must move too); NF4 / BF16 through memory/unload.soft_unload (flat pinned chunks)."""
+    """Park the model in pinned RAM (memory/unload.soft_unload: flat pinned chunks; bitsandbytes LLM.int8
+    scales and weight aliases travel with them); the next run restores it at PCIe speed."""
     model = loaded.model
     device = model_device(model)
     if device.type != "cuda":
         return "soft unload: model already in RAM"
     if getattr(loaded, "streamer", None) is not None:
         return "soft unload skipped: a streamed model keeps its resident part (use unload to free it)"
-    t0 = time.perf_counter()
-    if getattr(model, "is_loaded_in_8bit", False):
-        nbytes, loaded._host_buffer = move_bnb_int8_model(model, "cpu", getattr(loaded, "_host_buffer", None))
-        gc.collect()
-        torch.cuda.empty_cache()
-        loaded.parked = ("bnb_int8", device)
-        text = (f"soft unload: {nbytes / GB:.2f} GB to pinned RAM in {time.perf_counter() - t0:.2f}s; "
-                f"VRAM now {torch.cuda.memory_allocated(device) / GB:.2f} GB")
-    else:
-        from ...memory.unload import soft_unload
-
-        handle = soft_unload(model)
-        loaded.parked = ("headroom", device)
-        text = f"soft unload: {handle}"
+    handle = soft_unload(model)
+    loaded.parked = device
+    text = f"soft unload: {handle}; VRAM now {torch.cuda.memory_allocated(device) / GB:.2f} GB"
     log.info("%s", text)
     return text
 
 
 def restore_model(loaded) -> str:
-    parked = getattr(loaded, "parked", None)
-    if not parked:
+    """Bring a soft-unloaded model back to the device it left; "" when it was not parked."""
+    if loaded.parked is None:
         return ""
-    how, device = parked
-    t0 = time.perf_counter()
-    if how == "bnb_int8":
-        nbytes, _ = move_bnb_int8_model(loaded.model, device)
-        seconds = time.perf_counter() - t0
-        text = f"restored {nbytes / GB:.2f} GB from pinned RAM in {seconds:.2f}s ({nbytes / GB / max(seconds, 1e-9):.1f} GB/s)"
-    else:
-        from ...memory.unload import restore
-
-        handle = restore(loaded.model, device)
-        text = f"restored: {handle}"
+    handle = restore(loaded.model, loaded.parked)
     loaded.parked = None
+    text = f"restored: {handle}"
     log.info("%s", text)
     return text
 
@@ -380,8 +285,6 @@ def generate(loaded, request: GenerateRequest, on_step: Callable[[int, int], Non
 
 def _recover_from_oom(loaded, parked, device, before, width, height, request, decision, err) -> str:
     """Free what the failed run held (its frames pin activations), put parked modules back, measure."""
-    from ...memory.unload import clear_exception_refs
-
     err_text = str(err).splitlines()[0][:200]
     _undo_budget_override(loaded)
     clear_exception_refs(err)

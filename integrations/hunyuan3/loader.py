@@ -83,7 +83,7 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
     streamer: Any = None  # BF16: the block streamer, when part of the model is streamed
     fingerprint: str = ""
-    parked: Any = None  # set while soft-unloaded: (how, device)
+    parked: torch.device | None = None  # set while soft-unloaded: the device to restore it to
     on_unload: Any = None  # called by post_action "unload" (the node's cache drops the model)
     load_args: dict = field(default_factory=dict)  # how to load it again after an unload
     cache_key: Any = None  # the node cache's key (nodes/hunyuan3_nodes.py)
