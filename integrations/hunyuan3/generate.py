@@ -167,8 +167,8 @@ def soft_unload_model(loaded) -> str:
     device = model_device(model)
     if device.type != "cuda":
         return "soft unload: model already in RAM"
-    if getattr(loaded, "streamer", None) is not None:
-        return "soft unload skipped: a streamed model keeps its resident part (use unload to free it)"
+    if loaded.placement_owner is not None:
+        return "soft unload skipped: a streamed or split model keeps its placement (use unload to free it)"
     handle = soft_unload(model)
     loaded.parked = device
     text = f"soft unload: {handle}; VRAM now {torch.cuda.memory_allocated(device) / GB:.2f} GB"
@@ -198,7 +198,7 @@ def decide_offload(loaded, width: int, height: int, mode: str):
     if device.type != "cuda":
         return OffloadDecision(False, "no CUDA device: the model runs on the CPU", "no_cuda", mode)
     free, total = torch.cuda.mem_get_info(device)
-    return should_offload(width, height, free, total, loader_reserve_gb=getattr(loaded, "reserve_gb", 0.0) or 0.0,
+    return should_offload(width, height, free, total, loader_reserve_gb=loaded.reserve_gb or 0.0,
                           mode=mode, quantized=loaded.mode in ("int8", "nf4"))
 
 
@@ -311,8 +311,8 @@ def _recover_from_oom(loaded, parked, device, before, width, height, request, de
 
 def _apply_budget_override(loaded, override_gb: float, device) -> str:
     """Per-run budget lower than the decoder layers' VRAM: stream the surplus layers for this run only."""
-    loaded._override_streamer = None
-    if not override_gb or device.type != "cuda" or getattr(loaded, "streamer", None) is not None:
+    loaded.budget_override_streamer = None
+    if not override_gb or device.type != "cuda" or loaded.placement_owner is not None:
         return ""
     if getattr(loaded.model, "is_loaded_in_8bit", False):
         return (f"budget override {override_gb:g} GB ignored: bitsandbytes INT8 layers cannot be streamed "
@@ -320,15 +320,15 @@ def _apply_budget_override(loaded, override_gb: float, device) -> str:
     from ...memory.streaming import enable_block_streaming
 
     streamer = enable_block_streaming(loaded.model, device, blocks="model.layers", budget_bytes=int(override_gb * GB))
-    loaded._override_streamer = streamer
+    loaded.budget_override_streamer = streamer
     return f"budget override {override_gb:g} GB: {streamer.summary()}"
 
 
 def _undo_budget_override(loaded) -> None:
-    streamer = getattr(loaded, "_override_streamer", None)
+    streamer = loaded.budget_override_streamer
     if streamer is not None:
         streamer.disable()
-        loaded._override_streamer = None
+        loaded.budget_override_streamer = None
 
 
 def _post_action(loaded, action: str) -> str:
@@ -336,8 +336,7 @@ def _post_action(loaded, action: str) -> str:
         return ""
     if action == "soft_unload":
         return soft_unload_model(loaded)
-    on_unload = getattr(loaded, "on_unload", None)
-    if on_unload is not None:
-        on_unload()
+    if loaded.on_unload is not None:
+        loaded.on_unload()
     loaded.release()
     return "unloaded"

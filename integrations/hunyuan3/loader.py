@@ -24,7 +24,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -42,6 +42,11 @@ from .bnb import (
     plan_skips,
     quantized_bytes_per_param,
 )
+from .placement import PlacementSummary
+
+if TYPE_CHECKING:
+    from ...memory.multi_device import MultiDeviceSplit
+    from ...memory.streaming import BlockStreamer
 
 log = logging.getLogger("comfyui_headroom")
 
@@ -62,18 +67,20 @@ class MapRejected(RuntimeError):
     """bitsandbytes refused a device map that puts quantized layers on the CPU."""
 
 
-@dataclass
+@dataclass(slots=True)
 class LoadedModel:
-    """A loaded model plus everything the generators and the status line need."""
+    """A loaded model plus everything the generators and the status line need.
 
-    model: nn.Module
+    Only the fields below exist (slots): whoever needs more state on it declares a field here."""
+
+    model: nn.Module | None  # None once released (post_action "unload"); ensure_loaded loads it again
     path: str
     mode: str
     budget_bytes: int | None
     reserve_gb: float
     external_vram_gb: float
     dtype_report: DtypeReport
-    placement: Any
+    placement: PlacementSummary
     skip_plan: SkipPlan | None = None
     quantization_method: str | None = None  # what the folder said (pre-quantized), None for float folders
     critical_layers: str = ""  # what happened to the critical layers
@@ -81,22 +88,31 @@ class LoadedModel:
     restored_generation_fields: list[str] = field(default_factory=list)
     telemetry: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    streamer: Any = None  # BF16: the block streamer, when part of the model is streamed
+    streamer: BlockStreamer | None = None  # BF16 on one GPU: streams the decoder layers beyond the budget
+    split: MultiDeviceSplit | None = None  # BF16 with gpu_budgets_gb: the layers split over the GPUs
+    budget_override_streamer: BlockStreamer | None = None  # generate: this run's budget_override_gb only
     fingerprint: str = ""
     parked: torch.device | None = None  # set while soft-unloaded: the device to restore it to
-    on_unload: Any = None  # called by post_action "unload" (the node's cache drops the model)
+    on_unload: Callable[[], None] | None = None  # called by post_action "unload" (the node's cache drops it)
     load_args: dict = field(default_factory=dict)  # how to load it again after an unload
     cache_key: Any = None  # the node cache's key (nodes/hunyuan3_nodes.py)
+
+    @property
+    def placement_owner(self) -> BlockStreamer | MultiDeviceSplit | None:
+        """The streamer or split that decides where the weights are, if any: soft unload, save and a per-run
+        budget leave such a model alone."""
+        return self.streamer if self.streamer is not None else self.split
 
     def release(self) -> None:
         """Drop the weights (post_action "unload"); ComfyUI may still cache this object, so the next run
         reloads through :func:`ensure_loaded`."""
-        if self.streamer is not None:
+        owner = self.placement_owner
+        if owner is not None:
             try:
-                self.streamer.disable()
+                owner.disable()
             except Exception:  # the weights go anyway
                 pass
-            self.streamer = None
+        self.streamer = self.split = None
         self.model = None
         self.parked = None
         import gc
@@ -444,7 +460,7 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
     restored = restore_generation_config(model, folder)
     if hasattr(model, "load_tokenizer") and any((folder / n).exists() for n in ("tokenizer.json", "tokenizer_config.json")):
         model.load_tokenizer(str(folder))  # Tencent's code: the tokenizer travels with the model
-    streamer = None
+    streamer = split = None
     if stream_plan is not None:
         streamer = _start_streaming(model, **stream_plan)
         notes.append(f"BF16 streaming: {streamer.summary()}")
@@ -453,10 +469,9 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
         from ...memory.budgets import plan_for_gpus
         from .placement import LAYERS_PREFIX
 
-        # Kept as the model's placement owner, like a streamer: soft unload leaves it alone, save refuses it.
-        streamer = enable_multi_device(model, plan_for_gpus(model, split_budgets, blocks=LAYERS_PREFIX),
-                                       blocks=LAYERS_PREFIX)
-        notes.append(f"BF16 {streamer.summary()}")
+        split = enable_multi_device(model, plan_for_gpus(model, split_budgets, blocks=LAYERS_PREFIX),
+                                    blocks=LAYERS_PREFIX)
+        notes.append(f"BF16 {split.summary()}")
     report = dtype_report(model, patterns, plan.keep)
     _check_report(model, plan, report)
 
@@ -464,7 +479,9 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
 
     placement = describe_placement(model)
     if streamer is not None:
-        placement.offloaded_by = "headroom-multi-device" if split_budgets is not None else "headroom-streaming"
+        placement.offloaded_by = "headroom-streaming"
+    elif split is not None:
+        placement.offloaded_by = "headroom-multi-device"
     log.info("%s", placement)
     if reserve_gb is None:
         # seed 000's loader reserve: VRAM promised to others, added to the inference estimate in smart mode
@@ -476,7 +493,7 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
     loaded = LoadedModel(model=model, path=str(folder), mode=mode, load_args=load_args, budget_bytes=budget_bytes,
                          reserve_gb=reserve_gb, external_vram_gb=external_vram_gb, dtype_report=report, placement=placement, skip_plan=plan,
                          quantization_method=method, critical_layers=critical_note, tencent_code=tencent,
-                         restored_generation_fields=restored, telemetry=telemetry, notes=notes, streamer=streamer,
+                         restored_generation_fields=restored, telemetry=telemetry, notes=notes, streamer=streamer, split=split,
                          fingerprint=folder_fingerprint(folder))
     # What the generators read (seed 000 kept the reserve on the model as ``_loader_reserve_gb``).
     model._loader_reserve_gb = reserve_gb
@@ -506,7 +523,7 @@ def ensure_loaded(loaded: LoadedModel) -> bool:
         return False
     fresh = load_hf_model(**loaded.load_args)
     for name in ("model", "budget_bytes", "reserve_gb", "dtype_report", "placement", "skip_plan", "critical_layers",
-                 "telemetry", "notes", "streamer", "fingerprint", "restored_generation_fields"):
+                 "telemetry", "notes", "streamer", "split", "fingerprint", "restored_generation_fields"):
         setattr(loaded, name, getattr(fresh, name))
     return True
 
@@ -687,8 +704,8 @@ def save_quantized(loaded: LoadedModel, out_dir, overwrite: bool = False) -> Pat
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise LoaderError(f"{out} exists and is not empty; pick a new folder or pass overwrite=True")
-    if loaded.streamer is not None:
-        raise LoaderError("a streamed model cannot be saved; load it without streaming first")
+    if loaded.placement_owner is not None:
+        raise LoaderError("a streamed or split model cannot be saved; load it on one GPU without streaming first")
     model = loaded.model
     if loaded.mode == "nf4":
         method = "bitsandbytes_nf4"
