@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from ..quant.skip import DEFAULT_SKIP_PATTERNS
 from ..units import GB
 from .planner import PlacementPlan, PlanError, default_budget_bytes, plan_placement
 
@@ -73,7 +72,7 @@ def check_budgets_cover(budgets: Mapping[int, int], need_bytes: int, what: str =
                         "on the GPUs: raise the budgets")
 
 
-def plan_for_gpus(model, budgets: Mapping[int, int], *, blocks=None, critical: Sequence[str] = DEFAULT_SKIP_PATTERNS,
+def plan_for_gpus(model, budgets: Mapping[int, int], *, blocks=None, critical: Sequence[str] = (),
                   device_totals: Mapping[int, int] | None = None) -> PlacementPlan:
     """The split of ``model`` over ``cuda:i`` under ``budgets`` (see :func:`plan_placement`)."""
     order = sorted(budgets)

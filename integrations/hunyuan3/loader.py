@@ -31,7 +31,7 @@ from torch import nn
 
 from ...quant.bnb_layers import is_bnb_quantized
 from ...quant.report import DtypeReport, dtype_report
-from ...quant.skip import matching_pattern
+from ...quant.skip import DEFAULT_SKIP_PATTERNS, matching_pattern
 from ...units import GB
 from .bnb import (
     SkipPlan,
@@ -594,8 +594,9 @@ def _start_streaming_or_split(model: nn.Module, plan: _LoadPlan, device: int):
         from ...memory.budgets import plan_for_gpus
         from .placement import LAYERS_PREFIX
 
-        split = enable_multi_device(model, plan_for_gpus(model, plan.gpu_budgets, blocks=LAYERS_PREFIX),
-                                    blocks=LAYERS_PREFIX)
+        # HunyuanImage-3's critical modules (seed 000's list) are the planner's critical patterns.
+        gpu_plan = plan_for_gpus(model, plan.gpu_budgets, blocks=LAYERS_PREFIX, critical=DEFAULT_SKIP_PATTERNS)
+        split = enable_multi_device(model, gpu_plan, blocks=LAYERS_PREFIX)
         plan.notes.append(f"BF16 {split.summary()}")
     return streamer, split
 
