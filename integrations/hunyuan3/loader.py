@@ -1,11 +1,11 @@
 """Budget loaders for transformers models with remote code (HunyuanImage-3): INT8 / NF4 / BF16.
 
 One function, :func:`load_hf_model`, does what seed 000's loaders did, with the failure modes fixed:
-- skip list resolved against the real module tree (``quant/bnb.py``), verified again after loading
+- skip list resolved against the real module tree (``bnb.py``), verified again after loading
   through the dtype report (no "colourful noise" from a VAE that slipped into INT8);
 - ``device_map="auto"`` + ``max_memory`` from the budget with ``llm_int8_enable_fp32_cpu_offload=False``;
   when the quantized model does not fit the budget, an explicit map that keeps every quantized layer on
-  the GPU (``memory/hf_placement.py``) instead of bitsandbytes' "Some modules are dispatched on the CPU";
+  the GPU (``placement.py``) instead of bitsandbytes' "Some modules are dispatched on the CPU";
 - BF16: the part that does not fit is streamed by our block streaming (pinned, prefetched), not by
   accelerate's synchronous hooks;
 - pre-quantized folders (``quantization_method``: ``bitsandbytes_int8_full`` / ``bitsandbytes_int8`` /
