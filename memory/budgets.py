@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from ..quant.skip import DEFAULT_SKIP_PATTERNS
 from ..units import GB
-from .planner import DEFAULT_BUDGET_FRACTION, PlacementPlan, PlanError, plan_placement
+from .planner import PlacementPlan, PlanError, default_budget_bytes, plan_placement
 
 
 def _gb(n: int) -> str:
@@ -60,7 +59,7 @@ def parse_gpu_budgets(text, device_count: int, device_totals: Mapping[int, int] 
         if not total:
             raise ValueError(f"gpu_budgets_gb={text!r}: cuda:{i} budget 0 means 55 % of the card, but its total VRAM "
                              "is unknown; give the budget in GB")
-        budgets[i] = int(total * DEFAULT_BUDGET_FRACTION)
+        budgets[i] = default_budget_bytes(total)
     return budgets
 
 
@@ -73,7 +72,7 @@ def check_budgets_cover(budgets: Mapping[int, int], need_bytes: int, what: str =
                         "on the GPUs: raise the budgets")
 
 
-def plan_for_gpus(model, budgets: Mapping[int, int], *, blocks=None, critical: Sequence[str] = DEFAULT_SKIP_PATTERNS,
+def plan_for_gpus(model, budgets: Mapping[int, int], *, blocks=None, critical: Sequence[str] = (),
                   device_totals: Mapping[int, int] | None = None) -> PlacementPlan:
     """The split of ``model`` over ``cuda:i`` under ``budgets`` (see :func:`plan_placement`)."""
     order = sorted(budgets)

@@ -35,7 +35,6 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..quant.skip import DEFAULT_SKIP_PATTERNS
 from .blocks import resolve_blocks
 from .planner import PlacementPlan, collect_units
 
@@ -210,8 +209,7 @@ class MultiDeviceSplit:
 
 
 def enable_multi_device(model: nn.Module, plan_or_devices: PlacementPlan | Sequence, *, blocks=None,
-                        critical: Sequence[str] = DEFAULT_SKIP_PATTERNS, output_device="first",
-                        non_blocking: bool = True) -> MultiDeviceSplit:
+                        output_device="first", non_blocking: bool = True) -> MultiDeviceSplit:
     """Split ``model`` across devices and run it so (see module docstring); returns the :class:`MultiDeviceSplit`.
 
     ``plan_or_devices``: a :class:`PlacementPlan` from ``plan_placement(model, budgets, devices=[...])`` (made
@@ -227,7 +225,7 @@ def enable_multi_device(model: nn.Module, plan_or_devices: PlacementPlan | Seque
         raise RuntimeError(f"{type(model).__name__} is block-streaming; a model is split across devices or "
                            "streamed, not both (yet): call disable_block_streaming(model) first")
     _, names, mods = resolve_blocks(model, blocks)
-    units = collect_units(model, names, mods, critical)
+    units = collect_units(model, names, mods, critical=())  # a split needs names, kinds and bytes: never "critical"
     plan = plan_or_devices if isinstance(plan_or_devices, PlacementPlan) else None
     if plan is not None:
         devices, slot_of = _from_plan(plan, names, units)

@@ -7,7 +7,8 @@ Rules:
 * "The rest" (everything that is not a block: embeddings, norms, final layer, VAE ...) is resident. Units
   registered before the blocks go with the first block's device, the others with the last block's device
   (the device that runs the tail of the chain) - critical layers stay with the blocks that use them.
-* Blocks that a ``critical`` pattern names are never streamed.
+* Blocks that a ``critical`` pattern names are never streamed. The patterns are the caller's (its skip list, say):
+  memory knows no model family's names, so by default no block is critical.
 * Devices are filled in order with consecutive blocks; what fits nowhere is streamed from pinned host memory
   onto the device that runs the end of the chain, which also holds the ring of ``prefetch + 1`` GPU slots
   (each as large as the largest streamed block).
@@ -29,7 +30,7 @@ from typing import Sequence
 
 from torch import nn
 
-from ..quant.skip import DEFAULT_SKIP_PATTERNS, matching_pattern
+from ..quant.skip import matching_pattern
 from ..units import GB
 from .blocks import resolve_blocks
 from .tensors import module_bytes, tensor_nbytes
@@ -239,7 +240,7 @@ def _totals_list(totals, names: list[str]) -> list[int] | None:
     return [int(totals)] * len(names)
 
 
-def plan_placement(model_or_blocks, budgets=None, critical: Sequence[str] = DEFAULT_SKIP_PATTERNS,
+def plan_placement(model_or_blocks, budgets=None, critical: Sequence[str] = (),
                    blocks_resident: int | None = None, *, blocks=None, devices: Sequence | None = None,
                    device_totals=None, prefetch: int = DEFAULT_PREFETCH, order: str = "spread") -> PlacementPlan:
     """Plan where every module lives under per-device budgets (bytes). See the module docstring.
@@ -247,7 +248,8 @@ def plan_placement(model_or_blocks, budgets=None, critical: Sequence[str] = DEFA
     ``budgets``: ``{device: bytes}``, a list aligned with ``devices``, one number (each device), or None
     (55 % of ``device_totals``). ``device_totals``: total VRAM per device (dict, list or one number) -
     used for the default budget and for clamping budgets above the card. ``prefetch``: blocks copied
-    ahead (ring of ``prefetch + 1`` slots). ``order``: "spread" or "first" (module docstring).
+    ahead (ring of ``prefetch + 1`` slots). ``order``: "spread" or "first" (module docstring). ``critical``:
+    the caller's substring patterns; a block they name is never streamed, a unit they name is flagged critical.
     """
     if prefetch < 1:
         raise ValueError(f"prefetch must be >= 1, got {prefetch}")

@@ -9,11 +9,14 @@ What counts as a module's tensors:
 * parameters and buffers (``Int8Linear``: ``weight`` int8 + ``weight_scale`` fp32 buffers, ``bias`` param;
   bf16 / fp16 / fp32 layers);
 * bitsandbytes 4-bit (NF4 / FP4) ``Params4bit`` weights *and* the tensors of their ``quant_state``
-  (``absmax``, ``code``, ``offset`` and the nested ``state2`` tensors).
+  (``absmax``, ``code``, ``offset`` and the nested ``state2`` tensors);
+* bitsandbytes LLM.int8 (``Linear8bitLt`` / ``Int8Params``), only when the caller asks
+  (``collect_tensor_refs(..., bnb_int8=True)``, what soft unload does): the row scales ``SCB`` (on the weight
+  before the first forward, on ``layer.state`` after it), and the weight's aliases ``weight.CB`` /
+  ``state.CB``, which follow the weight wherever it is re-pointed. Streaming refuses these layers with a clear
+  error: its hot path (:meth:`FlatLayout.fast_point_to`) does not follow aliases.
 
-Not supported (a clear error is raised): bitsandbytes LLM.int8 ``Linear8bitLt`` / ``Int8Params`` (their
-``CB``/``SCB`` live in several aliased places). Plain tensor attributes that a module keeps outside its
-parameters/buffers are not moved.
+Plain tensor attributes that a module keeps outside its parameters/buffers are not moved.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from ..quant.bnb_layers import is_bnb_int8
 
 ALIGN = 256  # bytes; every tensor starts at a multiple of this inside a flat buffer
 
@@ -38,6 +43,7 @@ class TensorRef:
     attr: str
     kind: str  # "param" | "buffer" | "attr"
     name: str  # dotted name, for messages
+    aliases: tuple = ()  # (owner, attr) pairs holding this same tensor (LLM.int8's CB): re-pointed with it
 
     def get(self) -> torch.Tensor:
         if self.kind == "param":
@@ -54,10 +60,9 @@ class TensorRef:
             self.owner._buffers[self.attr] = tensor
         else:
             setattr(self.owner, self.attr, tensor)
-
-
-def _is_bnb_int8(module: nn.Module) -> bool:
-    return type(module).__name__ == "Linear8bitLt" or type(getattr(module, "weight", None)).__name__ == "Int8Params"
+        for owner, attr in self.aliases:
+            if getattr(owner, attr, None) is not None:  # an alias that is unset now stays unset
+                setattr(owner, attr, tensor)
 
 
 def _quant_state_refs(quant_state, prefix: str, seen: set[int]) -> list[TensorRef]:
@@ -72,28 +77,59 @@ def _quant_state_refs(quant_state, prefix: str, seen: set[int]) -> list[TensorRe
     return refs
 
 
-def collect_tensor_refs(module: nn.Module, prefix: str = "") -> list[TensorRef]:
-    """All tensors of ``module`` (recursively), each once, in a stable order."""
+def _int8_weight_aliases(layer: nn.Module) -> tuple:
+    """Where LLM.int8 holds its int8 weight a second time: ``weight.CB`` until the first forward, ``state.CB``
+    after it (and each forward copies ``state.CB`` back into ``weight.data``, so a stale one would undo a move)."""
+    owners = [layer.weight, getattr(layer, "state", None)]
+    return tuple((owner, "CB") for owner in owners if owner is not None)
+
+
+def _int8_scale_refs(layer: nn.Module, prefix: str, seen: set[int]) -> list[TensorRef]:
+    """LLM.int8's row scales ``SCB``: on the weight until the first forward, on ``layer.state`` after it; one
+    tensor held by both is one ref whose alias follows it."""
+    weight_scb = getattr(layer.weight, "SCB", None)
+    state = getattr(layer, "state", None)
+    state_scb = getattr(state, "SCB", None)
+    refs = []
+    if isinstance(weight_scb, torch.Tensor) and id(weight_scb) not in seen:
+        seen.add(id(weight_scb))
+        aliases = ((state, "SCB"),) if state_scb is weight_scb else ()
+        refs.append(TensorRef(layer.weight, "SCB", "attr", f"{prefix}weight.SCB", aliases))
+    if isinstance(state_scb, torch.Tensor) and id(state_scb) not in seen:
+        seen.add(id(state_scb))
+        refs.append(TensorRef(state, "SCB", "attr", f"{prefix}state.SCB"))
+    return refs
+
+
+def collect_tensor_refs(module: nn.Module, prefix: str = "", *, bnb_int8: bool = False) -> list[TensorRef]:
+    """All tensors of ``module`` (recursively), each once, in a stable order.
+
+    ``bnb_int8=True``: bitsandbytes LLM.int8 layers too (see the module docstring; soft unload asks for them);
+    without it they raise :class:`UnsupportedModuleError`."""
     refs: list[TensorRef] = []
     seen_tensors: set[int] = set()
     seen_states: set[int] = set()
     for mod_name, mod in module.named_modules(prefix=prefix):
-        if _is_bnb_int8(mod):
+        int8 = is_bnb_int8(mod)
+        if int8 and not bnb_int8:
             raise UnsupportedModuleError(
                 f"{mod_name or type(module).__name__}: bitsandbytes LLM.int8 layers (Linear8bitLt) cannot be "
-                "streamed or soft-unloaded; convert the model to our Int8Linear (headroom convert) or use NF4")
+                "streamed or split across devices; convert the model to our Int8Linear (headroom convert) or use NF4")
         for attr, param in mod._parameters.items():
             if param is None or id(param) in seen_tensors:
                 continue
             seen_tensors.add(id(param))
             name = f"{mod_name}.{attr}" if mod_name else attr
-            refs.append(TensorRef(mod, attr, "param", name))
+            aliases = _int8_weight_aliases(mod) if int8 and attr == "weight" else ()
+            refs.append(TensorRef(mod, attr, "param", name, aliases))
             refs += _quant_state_refs(param.__dict__.get("quant_state"), name, seen_states)
         for attr, buf in mod._buffers.items():
             if buf is None or id(buf) in seen_tensors:
                 continue
             seen_tensors.add(id(buf))
             refs.append(TensorRef(mod, attr, "buffer", f"{mod_name}.{attr}" if mod_name else attr))
+        if int8:
+            refs += _int8_scale_refs(mod, f"{mod_name}." if mod_name else "", seen_tensors)
     return refs
 
 
@@ -162,7 +198,8 @@ class FlatLayout:
 
     def fast_point_to(self, views: list[torch.Tensor]) -> None:
         """``point_to`` for hot paths (block streaming): the Parameter objects and buffer dicts are looked up
-        once and cached, so replacing a module's Parameter object afterwards is not seen."""
+        once and cached, so replacing a module's Parameter object afterwards is not seen. Aliases are not
+        followed (streaming never collects LLM.int8 layers, the only ones that have them)."""
         targets = self.__dict__.get("_targets")
         if targets is None:
             targets = []

@@ -3,7 +3,8 @@
 Soft unload packs the model's tensors into a few large flat host buffers (pinned on CUDA), re-points the
 modules at views of them and lets the GPU copies go; :func:`restore` copies each flat buffer back in one
 transfer and re-points the modules at views of the new GPU buffers. Modules, ``Parameter`` objects and hooks
-stay the same objects, so INT8 (Int8Linear), bf16 and bitsandbytes 4-bit layers come back bit-identical. The
+stay the same objects, so INT8 (Int8Linear), bf16 and bitsandbytes 4-bit and LLM.int8 layers come back
+bit-identical (LLM.int8's scales and weight aliases travel too: ``memory/tensors.py``). The
 pinned buffers are kept (per model) and reused by the next soft unload while the layout is unchanged;
 :func:`release_pinned` gives them back.
 
@@ -114,7 +115,7 @@ def soft_unload(model: nn.Module, pin_memory: bool | None = None, chunk_bytes: i
     if getattr(model, "_headroom_multi_device", None) is not None:  # restore would put it all on one device
         raise ValueError(f"{type(model).__name__} is split across devices; call disable_multi_device(model) "
                          "before soft_unload")
-    refs = collect_tensor_refs(model)
+    refs = collect_tensor_refs(model, bnb_int8=True)
     if not refs:
         raise ValueError(f"{type(model).__name__} has no parameters or buffers to unload")
     device = _model_device(refs)
@@ -257,8 +258,12 @@ class ForceUnloadReport:
         return f"Force unload: {vram}; " + "; ".join(extra)
 
 
-def _clear_exception_refs(exc: BaseException | None) -> list[str]:
-    """Drop references that keep the frames of a failed run (and their tensors) alive."""
+def clear_exception_refs(exc: BaseException | None) -> list[str]:
+    """Drop references that keep the frames of a failed run (and their tensors) alive: ``sys.last_*`` and the
+    tracebacks of ``exc``, of the exception being handled and of their chained causes. Returns what it cleared.
+
+    After an OOM every tensor that was a local variable of the failed run stays allocated until its frame goes;
+    force unload and the generators' OOM recovery both call this before collecting garbage."""
     cleared = []
     for attr in ("last_exc", "last_value", "last_traceback", "last_type"):
         if getattr(sys, attr, None) is not None:
@@ -356,7 +361,7 @@ def force_unload(keep: Iterable[object] = (), exc: BaseException | None = None,
             report.host_unloaded = host_unload()
         except Exception as err:
             log.warning("headroom force unload: the host's unload failed: %s", err)
-    report.exception_refs_cleared = _clear_exception_refs(exc)
+    report.exception_refs_cleared = clear_exception_refs(exc)
     exc = None  # our own reference must not pin the frames either
     for _ in range(gc_passes):
         report.gc_collected += gc.collect()

@@ -1,8 +1,9 @@
 """HunyuanImage-3 nodes (category ``headroom/hunyuan3``): budget loaders and generators.
 
-Thin: the loading is ``quant/hf_loader.load_hf_model``, the run ``memory/hf_generate.generate``. ComfyUI
-is imported inside functions only. Model folders live under ``models/hunyuan3/`` (registered here as the
-``hunyuan3`` folder type); a folder is listed when it has a config.json.
+Thin: the loading is ``integrations/hunyuan3/loader.load_hf_model``, the run
+``integrations/hunyuan3/generate.generate``. ComfyUI is imported inside functions only. Model folders live under
+``models/hunyuan3/`` (registered here as the ``hunyuan3`` folder type); a folder is listed when it has a
+config.json.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .bnb_layers import is_bnb_4bit_weight, is_bnb_quantized
 from .skip import matching_pattern
 
 log = logging.getLogger("comfyui_headroom")
@@ -71,13 +72,13 @@ def _tensors(module: nn.Module):
 def dtype_report(module: nn.Module, skip_patterns=(), skipped: dict | None = None) -> DtypeReport:
     """Count parameters and buffers per dtype; flag quantized layers that ``skip_patterns`` name.
 
-    A layer counts as quantized when it holds an int8 ``weight`` (ours) or is a bitsandbytes
-    ``Linear8bitLt``/``Linear4bit``.
+    A layer counts as quantized when it holds an int8 ``weight`` (ours) or is a bitsandbytes layer
+    (``bnb_layers.is_bnb_quantized``: LLM.int8 or 4-bit).
     """
     report = DtypeReport(skipped=dict(skipped or {}))
     for name, t in _tensors(module):
         key = str(t.dtype).replace("torch.", "")
-        if t.__class__.__name__ == "Params4bit":
+        if is_bnb_4bit_weight(t):
             key = "nf4/fp4"
         stats = report.dtypes.setdefault(key, DtypeStats())
         stats.parameters += t.numel()
@@ -93,7 +94,7 @@ def dtype_report(module: nn.Module, skip_patterns=(), skipped: dict | None = Non
 
 
 def _is_quantized_layer(module: nn.Module) -> bool:
-    if type(module).__name__ in ("Linear8bitLt", "Linear4bit", "LinearNF4", "LinearFP4"):
+    if is_bnb_quantized(module):
         return True
     weight = getattr(module, "weight", None)
     return isinstance(weight, torch.Tensor) and weight.dtype == torch.int8

@@ -16,7 +16,6 @@ GB = 1024 ** 3
 
 
 
-from comfyui_headroom.integrations.hunyuan3.bnb import is_bnb_quantized  # noqa: E402
 from comfyui_headroom.integrations.hunyuan3.generate import (  # noqa: E402
     GenerateRequest,
     GenerationOOM,
@@ -25,6 +24,7 @@ from comfyui_headroom.integrations.hunyuan3.generate import (  # noqa: E402
     model_device,
 )
 from comfyui_headroom.integrations.hunyuan3.loader import load_hf_model  # noqa: E402
+from comfyui_headroom.quant.bnb_layers import is_bnb_quantized  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -136,9 +136,9 @@ def test_bf16_gpu_budgets_split_path_matches_resident(fake_folder):
     del resident
     torch.cuda.empty_cache()
     file_bytes = sum(f.stat().st_size for f in Path(fake_folder).glob("*.safetensors"))
-    split = load_hf_model(fake_folder, "bf16", trust_remote_code=True, gpu_budgets_gb=f"{0.8 * file_bytes / GB:.4f}")
-    assert split.placement.offloaded_by == "headroom-multi-device" and split.streamer is not None
-    assert [str(d) for d in split.streamer.devices] == ["cuda:0"]
-    got = generate(split, _request(post_action="soft_unload"))
+    spread = load_hf_model(fake_folder, "bf16", trust_remote_code=True, gpu_budgets_gb=f"{0.8 * file_bytes / GB:.4f}")
+    assert spread.placement.offloaded_by == "headroom-multi-device" and spread.split is not None
+    assert [str(d) for d in spread.split.devices] == ["cuda:0"]
+    got = generate(spread, _request(post_action="soft_unload"))
     assert "soft unload skipped" in got.status  # the split owns the placement, as a streamer does
     assert np.array_equal(np.asarray(want), np.asarray(got.image))

@@ -23,7 +23,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "hunyuan3_fake"
 
 
 from comfyui_headroom.integrations.hunyuan3 import loader as hf_loader  # noqa: E402
-from comfyui_headroom.integrations.hunyuan3.bnb import HUNYUAN3_SKIP_PATTERNS, is_bnb_quantized  # noqa: E402
+from comfyui_headroom.integrations.hunyuan3.bnb import HUNYUAN3_SKIP_PATTERNS  # noqa: E402
 from comfyui_headroom.integrations.hunyuan3.generate import GenerateRequest, GenerationOOM, generate  # noqa: E402
 from comfyui_headroom.integrations.hunyuan3.loader import LoaderError, load_hf_model, save_quantized  # noqa: E402
 from comfyui_headroom.integrations.hunyuan3.placement import (  # noqa: E402
@@ -33,6 +33,7 @@ from comfyui_headroom.integrations.hunyuan3.placement import (  # noqa: E402
     plan_quantized_map,
     validate_device_map,
 )
+from comfyui_headroom.quant.bnb_layers import is_bnb_quantized  # noqa: E402
 
 STATUS_TAIL = re.compile(r"Peak VRAM (n/a|[\d.]+GB) \| Peak RAM [\d.]+GB$")
 GB = 1024 ** 3
@@ -278,21 +279,29 @@ def test_node_cache_reuses_and_reloads_when_the_folder_changes(fake_folder, tmp_
     assert "reloaded" in status and nodes.CACHE.loaded is third and third.model is not None
 
 
-def test_int8_park_in_one_host_buffer_keeps_the_function(int8):
-    """The INT8 soft-unload routine (CUDA->pinned in production) on the CPU: every tensor, the int8
-    weight's CB and the LLM.int8 scales land in one flat buffer, and the model computes the same."""
-    from comfyui_headroom.integrations.hunyuan3.generate import move_bnb_int8_model
+def test_int8_soft_unload_parks_in_flat_host_buffers_and_keeps_the_function(int8):
+    """memory's soft unload on LLM.int8 layers (CUDA->pinned in production) on the CPU: every tensor, the int8
+    weight's CB and the LLM.int8 scales land in the flat host buffers, and the model computes the same."""
+    from comfyui_headroom.memory.unload import restore, soft_unload
+
+    def inside(tensor, buffers):
+        return any(b.data_ptr() <= tensor.data_ptr() < b.data_ptr() + b.numel() for b in buffers)
 
     want = np.asarray(generate(int8, _request()).image)
     layer = int8.model.model.layers[0].mlp.experts[0].down_proj
-    nbytes, buffer = move_bnb_int8_model(int8.model, "cpu")
-    assert nbytes > 0 and buffer.numel() >= nbytes
-    base = buffer.data_ptr()
-    assert base <= layer.weight.data_ptr() < base + buffer.numel()
+    handle = soft_unload(int8.model, pin_memory=False)
+    buffers = [chunk.host for chunk in handle.chunks]
+    assert handle.nbytes > 0 and sum(b.numel() for b in buffers) >= handle.nbytes
+    assert inside(layer.weight, buffers)
     assert layer.state.CB is None or layer.state.CB.data_ptr() == layer.weight.data_ptr()
+    scales = layer.state.SCB if layer.state.SCB is not None else layer.weight.SCB
+    assert inside(scales, buffers)
     assert np.array_equal(want, np.asarray(generate(int8, _request()).image))
-    nbytes2, buffer2 = move_bnb_int8_model(int8.model, "cpu", buffer)
-    assert buffer2 is buffer and nbytes2 == nbytes  # reused
+    restore(int8.model)
+    again = soft_unload(int8.model, pin_memory=False)
+    assert again is handle and again.reused and again.nbytes == handle.nbytes  # reused
+    assert [chunk.host.data_ptr() for chunk in again.chunks] == [b.data_ptr() for b in buffers]
+    restore(int8.model)
 
 
 def test_bf16_stream_map_fits_layers_and_leaves_room_for_the_ring(int8):

@@ -6,6 +6,7 @@ import random
 import pytest
 
 from comfyui_headroom.memory import PlanError, default_budget_bytes, module_bytes, plan_placement
+from comfyui_headroom.quant.skip import DEFAULT_SKIP_PATTERNS
 from test_memory_models import TinyCausalLM, TinyFlux, make_dit
 
 
@@ -164,12 +165,13 @@ def test_random_uneven_budgets_keep_the_invariants(dit, n_devices):
 
 def test_transformers_layout_and_auto_detection():
     lm = TinyCausalLM(depth=4)
-    plan = plan_placement(lm, 10 ** 9, blocks_resident=1)
+    plan = plan_placement(lm, 10 ** 9, DEFAULT_SKIP_PATTERNS, blocks_resident=1)
     assert plan.block_names == [f"model.layers.{i}" for i in range(4)]
     names = {u.name: u for u in plan.units}
     assert names["model.wte"].kind == "head" and names["model.ln_f"].kind == "tail" and names["lm_head"].kind == "tail"
-    assert names["lm_head"].critical and names["model.wte"].critical  # default skip patterns
-    explicit = plan_placement(lm, 10 ** 9, blocks="model.layers", blocks_resident=1)
+    assert names["lm_head"].critical and names["model.wte"].critical  # the caller's patterns: the default skip list
+    assert not any(u.critical for u in plan_placement(lm, 10 ** 9, blocks_resident=1).units)  # memory has no list
+    explicit = plan_placement(lm, 10 ** 9, DEFAULT_SKIP_PATTERNS, blocks="model.layers", blocks_resident=1)
     assert explicit.as_dict() == plan.as_dict()
 
 

@@ -71,6 +71,33 @@ def test_changed_weights_are_carried_and_shapes_change_rebuilds(gen):
     assert not handle.reused
 
 
+def test_bnb_int8_layers_round_trip_with_their_scales_and_weight_aliases(gen):
+    """LLM.int8 keeps its int8 weight a second time (weight.CB before the first forward, state.CB after it) and
+    its scales outside the parameters (weight.SCB / state.SCB): all of it lands in the flat buffers and back."""
+    import copy
+
+    bnb = pytest.importorskip("bitsandbytes")
+    model = nn.ModuleDict({"used": bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False),
+                           "unused": bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False)}).to("cpu")  # quantizes
+    used, unused = model["used"], model["unused"]
+    reference = copy.deepcopy(unused)
+    x = torch.randn(4, 64, generator=gen).half()
+    with torch.no_grad():
+        expected = used(x)  # its first forward moves CB / SCB from the weight onto used.state
+    assert used.state.CB is not None and unused.weight.CB is not None and unused.state.CB is None
+    handle = soft_unload(model, pin_memory=False)
+    hosts = [c.host for c in handle.chunks]
+    assert _inside_any(used.weight, hosts) and _inside_any(used.state.SCB, hosts)
+    assert used.state.CB.data_ptr() == used.weight.data_ptr()
+    assert _inside_any(unused.weight, hosts) and _inside_any(unused.weight.SCB, hosts)
+    assert unused.weight.CB.data_ptr() == unused.weight.data_ptr() and unused.state.CB is None  # unset stays unset
+    restore(model)
+    assert not _inside_any(used.weight, hosts) and used.state.CB.data_ptr() == used.weight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(used(x), expected)
+        assert torch.equal(unused(x), reference(x))
+
+
 def test_restore_errors():
     model = make_dit(depth=1)
     with pytest.raises(ValueError, match="not soft-unloaded"):

@@ -11,7 +11,6 @@ checks the list with the installed transformers' own matcher, so a mismatch fail
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -149,18 +148,6 @@ def quantized_bytes_per_param(mode: str) -> float:
     return {"int8": 1.0 + 4 / 4096, "nf4": 0.5 + 4 / 64 / 256 * 4}[mode]
 
 
-def is_bnb_quantized(module: nn.Module) -> bool:
-    return type(module).__name__ in ("Linear8bitLt", "Linear4bit", "LinearNF4", "LinearFP4")
-
-
 def bnb_int8_dequantize(weight_int8: torch.Tensor, scb: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
     """LLM.int8 row-wise layout on disk: ``W = int8 * SCB[:, None] / 127``."""
     return (weight_int8.float() * (scb.float()[:, None] / 127.0)).to(dtype)
-
-
-_LAYER_INDEX = re.compile(r"\.layers\.(\d+)(\.|$)")
-
-
-def layer_index(name: str) -> int | None:
-    match = _LAYER_INDEX.search(name)
-    return int(match.group(1)) if match else None

@@ -19,13 +19,14 @@ from __future__ import annotations
 import gc
 import inspect
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from ...memory.unload import clear_exception_refs, restore, soft_unload
+from ...quant.bnb_layers import is_bnb_quantized
 from ...units import GB
 from .placement import IDLE_MODULES
 
@@ -92,10 +93,6 @@ def snap_size(model: nn.Module, width: int, height: int) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------ helpers
 
 
-def is_quantized_model(model: nn.Module) -> bool:
-    return bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
-
-
 def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         if p.device.type != "meta":
@@ -147,16 +144,12 @@ def park_idle_modules(model: nn.Module, names, device: torch.device) -> list[str
         return moved
     for name in names:
         module = getattr(model, name, None)
-        if not isinstance(module, nn.Module) or any(_is_bnb(m) for m in module.modules()):
+        if not isinstance(module, nn.Module) or any(is_bnb_quantized(m) for m in module.modules()):
             continue
         if next(module.parameters(), torch.empty(0)).device.type == "cuda":
             module.to("cpu")
             moved.append(name)
     return moved
-
-
-def _is_bnb(module: nn.Module) -> bool:
-    return type(module).__name__ in ("Linear8bitLt", "Linear4bit")
 
 
 def unpark_modules(model: nn.Module, names, device: torch.device) -> None:
@@ -167,124 +160,29 @@ def unpark_modules(model: nn.Module, names, device: torch.device) -> None:
 # ------------------------------------------------------------------------------------ soft unload
 
 
-def _int8_model_slots(model: nn.Module):
-    """(owner, attribute, kind, tensor) for every tensor of a model with LLM.int8 layers, including the
-    scales bitsandbytes keeps outside the parameters (``weight.SCB``, ``state.SCB``)."""
-    slots = []
-    for module in model.modules():
-        for name, p in module._parameters.items():
-            if p is not None:
-                slots.append((p, "data", "param", p.data))
-                if isinstance(getattr(p, "SCB", None), torch.Tensor):
-                    slots.append((p, "SCB", "attr", p.SCB))
-        for name, b in module._buffers.items():
-            if b is not None:
-                slots.append((module._buffers, name, "item", b))
-        state = getattr(module, "state", None)
-        if type(module).__name__ == "Linear8bitLt" and isinstance(getattr(state, "SCB", None), torch.Tensor):
-            slots.append((state, "SCB", "attr", state.SCB))
-    return slots
-
-
-def _set_slot(owner, attr, kind, value) -> None:
-    if kind == "item":
-        owner[attr] = value
-    else:  # "param" sets .data (the Parameter object stays), "attr" a plain attribute
-        setattr(owner, attr, value)
-
-
-def move_bnb_int8_model(model: nn.Module, device, host_buffer: torch.Tensor | None = None):
-    """Move every tensor of a model holding bitsandbytes LLM.int8 layers; returns (bytes, host buffer).
-
-    ``model.to()`` is allowed since bitsandbytes 0.48, but it goes through ``Module._apply``, which swaps
-    ``param.data`` and leaves each ``Linear8bitLt.state.CB`` (the int8 weight, after the first forward)
-    and ``state.SCB`` on the old device: the VRAM would stay taken and the next forward would put the stale
-    tensors back. So: move parameters, buffers and scales ourselves and re-point the layer state.
-    To the CPU, everything lands in one flat host buffer (page-locked with CUDA: one allocation, copies at
-    PCIe speed), reused by the next unload when the sizes match.
-    """
-    device = torch.device(device)
-    slots = _int8_model_slots(model)
-    cb_owners = [(m, m.weight.CB is not None if hasattr(m.weight, "CB") else False, m.state.CB is not None)
-                 for m in model.modules() if type(m).__name__ == "Linear8bitLt"]
-    moved: dict[int, torch.Tensor] = {}
-    nbytes = 0
-    if device.type == "cpu":
-        offsets, total = {}, 0
-        for *_, t in slots:
-            if id(t) not in offsets:  # a tensor shared by two owners is stored once
-                offsets[id(t)] = total
-                total += (t.numel() * t.element_size() + 63) // 64 * 64
-        if host_buffer is None or host_buffer.numel() != total:
-            host_buffer = torch.empty(total, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
-        for owner, attr, kind, t in slots:
-            if id(t) not in moved:
-                n = t.numel() * t.element_size()
-                off = offsets[id(t)]
-                view = host_buffer[off:off + n].view(t.dtype).view(t.shape)
-                view.copy_(t, non_blocking=True)
-                moved[id(t)] = view
-                nbytes += n
-            _set_slot(owner, attr, kind, moved[id(t)])
-    else:
-        for owner, attr, kind, t in slots:
-            if id(t) not in moved:
-                moved[id(t)] = t.to(device, non_blocking=True)
-                nbytes += t.numel() * t.element_size()
-            _set_slot(owner, attr, kind, moved[id(t)])
-    for module, weight_cb, state_cb in cb_owners:  # CB *is* the int8 weight: point it at the moved one
-        if weight_cb:
-            module.weight.CB = module.weight.data
-        if state_cb:
-            module.state.CB = module.weight.data
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()  # the copies above are asynchronous in both directions
-    return nbytes, host_buffer
-
-
 def soft_unload_model(loaded) -> str:
-    """Park the model in pinned RAM. bitsandbytes INT8 goes through :func:`move_bnb_int8_model` (its
-    layer state must move too); NF4 / BF16 through memory/unload.soft_unload (flat pinned chunks)."""
+    """Park the model in pinned RAM (memory/unload.soft_unload: flat pinned chunks; bitsandbytes LLM.int8
+    scales and weight aliases travel with them); the next run restores it at PCIe speed."""
     model = loaded.model
     device = model_device(model)
     if device.type != "cuda":
         return "soft unload: model already in RAM"
-    if getattr(loaded, "streamer", None) is not None:
-        return "soft unload skipped: a streamed model keeps its resident part (use unload to free it)"
-    t0 = time.perf_counter()
-    if getattr(model, "is_loaded_in_8bit", False):
-        nbytes, loaded._host_buffer = move_bnb_int8_model(model, "cpu", getattr(loaded, "_host_buffer", None))
-        gc.collect()
-        torch.cuda.empty_cache()
-        loaded.parked = ("bnb_int8", device)
-        text = (f"soft unload: {nbytes / GB:.2f} GB to pinned RAM in {time.perf_counter() - t0:.2f}s; "
-                f"VRAM now {torch.cuda.memory_allocated(device) / GB:.2f} GB")
-    else:
-        from ...memory.unload import soft_unload
-
-        handle = soft_unload(model)
-        loaded.parked = ("headroom", device)
-        text = f"soft unload: {handle}"
+    if loaded.placement_owner is not None:
+        return "soft unload skipped: a streamed or split model keeps its placement (use unload to free it)"
+    handle = soft_unload(model)
+    loaded.parked = device
+    text = f"soft unload: {handle}; VRAM now {torch.cuda.memory_allocated(device) / GB:.2f} GB"
     log.info("%s", text)
     return text
 
 
 def restore_model(loaded) -> str:
-    parked = getattr(loaded, "parked", None)
-    if not parked:
+    """Bring a soft-unloaded model back to the device it left; "" when it was not parked."""
+    if loaded.parked is None:
         return ""
-    how, device = parked
-    t0 = time.perf_counter()
-    if how == "bnb_int8":
-        nbytes, _ = move_bnb_int8_model(loaded.model, device)
-        seconds = time.perf_counter() - t0
-        text = f"restored {nbytes / GB:.2f} GB from pinned RAM in {seconds:.2f}s ({nbytes / GB / max(seconds, 1e-9):.1f} GB/s)"
-    else:
-        from ...memory.unload import restore
-
-        handle = restore(loaded.model, device)
-        text = f"restored: {handle}"
+    handle = restore(loaded.model, loaded.parked)
     loaded.parked = None
+    text = f"restored: {handle}"
     log.info("%s", text)
     return text
 
@@ -300,7 +198,7 @@ def decide_offload(loaded, width: int, height: int, mode: str):
     if device.type != "cuda":
         return OffloadDecision(False, "no CUDA device: the model runs on the CPU", "no_cuda", mode)
     free, total = torch.cuda.mem_get_info(device)
-    return should_offload(width, height, free, total, loader_reserve_gb=getattr(loaded, "reserve_gb", 0.0) or 0.0,
+    return should_offload(width, height, free, total, loader_reserve_gb=loaded.reserve_gb or 0.0,
                           mode=mode, quantized=loaded.mode in ("int8", "nf4"))
 
 
@@ -389,8 +287,12 @@ def _recover_from_oom(loaded, parked, device, before, width, height, request, de
     """Free what the failed run held (its frames pin activations), put parked modules back, measure."""
     err_text = str(err).splitlines()[0][:200]
     _undo_budget_override(loaded)
-    _drop_frames(err)
-    err = None
+    clear_exception_refs(err)
+    err = None  # our own reference must not pin the frames either
+    for _ in range(2):
+        gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     if parked:
         unpark_modules(loaded.model, parked, device)
     after = vram_allocated(device)
@@ -407,28 +309,10 @@ def _recover_from_oom(loaded, parked, device, before, width, height, request, de
     return msg
 
 
-def _drop_frames(err: BaseException) -> None:
-    """The failed run's frames hold its activations: clear them, collect, give the cache back."""
-    import sys
-    import traceback
-
-    tb = err.__traceback__
-    if tb is not None:
-        traceback.clear_frames(tb)
-    err.__traceback__ = None
-    for name in ("last_exc", "last_value", "last_traceback", "last_type"):
-        if hasattr(sys, name):
-            setattr(sys, name, None)
-    for _ in range(2):
-        gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _apply_budget_override(loaded, override_gb: float, device) -> str:
     """Per-run budget lower than the decoder layers' VRAM: stream the surplus layers for this run only."""
-    loaded._override_streamer = None
-    if not override_gb or device.type != "cuda" or getattr(loaded, "streamer", None) is not None:
+    loaded.budget_override_streamer = None
+    if not override_gb or device.type != "cuda" or loaded.placement_owner is not None:
         return ""
     if getattr(loaded.model, "is_loaded_in_8bit", False):
         return (f"budget override {override_gb:g} GB ignored: bitsandbytes INT8 layers cannot be streamed "
@@ -436,15 +320,15 @@ def _apply_budget_override(loaded, override_gb: float, device) -> str:
     from ...memory.streaming import enable_block_streaming
 
     streamer = enable_block_streaming(loaded.model, device, blocks="model.layers", budget_bytes=int(override_gb * GB))
-    loaded._override_streamer = streamer
+    loaded.budget_override_streamer = streamer
     return f"budget override {override_gb:g} GB: {streamer.summary()}"
 
 
 def _undo_budget_override(loaded) -> None:
-    streamer = getattr(loaded, "_override_streamer", None)
+    streamer = loaded.budget_override_streamer
     if streamer is not None:
         streamer.disable()
-        loaded._override_streamer = None
+        loaded.budget_override_streamer = None
 
 
 def _post_action(loaded, action: str) -> str:
@@ -452,8 +336,7 @@ def _post_action(loaded, action: str) -> str:
         return ""
     if action == "soft_unload":
         return soft_unload_model(loaded)
-    on_unload = getattr(loaded, "on_unload", None)
-    if on_unload is not None:
-        on_unload()
+    if loaded.on_unload is not None:
+        loaded.on_unload()
     loaded.release()
     return "unloaded"

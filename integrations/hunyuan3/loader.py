@@ -1,11 +1,11 @@
 """Budget loaders for transformers models with remote code (HunyuanImage-3): INT8 / NF4 / BF16.
 
 One function, :func:`load_hf_model`, does what seed 000's loaders did, with the failure modes fixed:
-- skip list resolved against the real module tree (``quant/bnb.py``), verified again after loading
+- skip list resolved against the real module tree (``bnb.py``), verified again after loading
   through the dtype report (no "colourful noise" from a VAE that slipped into INT8);
 - ``device_map="auto"`` + ``max_memory`` from the budget with ``llm_int8_enable_fp32_cpu_offload=False``;
   when the quantized model does not fit the budget, an explicit map that keeps every quantized layer on
-  the GPU (``memory/hf_placement.py``) instead of bitsandbytes' "Some modules are dispatched on the CPU";
+  the GPU (``placement.py``) instead of bitsandbytes' "Some modules are dispatched on the CPU";
 - BF16: the part that does not fit is streamed by our block streaming (pinned, prefetched), not by
   accelerate's synchronous hooks;
 - pre-quantized folders (``quantization_method``: ``bitsandbytes_int8_full`` / ``bitsandbytes_int8`` /
@@ -13,7 +13,7 @@ One function, :func:`load_hf_model`, does what seed 000's loaders did, with the 
   dequantized to bf16;
 - the generation config's custom fields are restored (``generate_image`` reads them);
 - Tencent's code under transformers 5.x is refused at load time with the pip command that works;
-- load telemetry: wall time, peak process RSS, peak VRAM, dtype report, placement plan.
+- load telemetry: wall time, peak process RSS, peak VRAM, dtype report, placement summary.
 
 No ComfyUI import here: the nodes call this, and so can a script.
 """
@@ -22,17 +22,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
 
+from ...quant.bnb_layers import is_bnb_quantized
 from ...quant.report import DtypeReport, dtype_report
-from ...quant.skip import matching_pattern
+from ...quant.skip import DEFAULT_SKIP_PATTERNS, matching_pattern
 from ...units import GB
 from .bnb import (
     SkipPlan,
@@ -40,10 +39,14 @@ from .bnb import (
     bnb_int8_dequantize,
     bnb_skip_modules,
     hunyuan3_skip_patterns,
-    is_bnb_quantized,
     plan_skips,
     quantized_bytes_per_param,
 )
+from .placement import PlacementSummary
+
+if TYPE_CHECKING:
+    from ...memory.multi_device import MultiDeviceSplit
+    from ...memory.streaming import BlockStreamer
 
 log = logging.getLogger("comfyui_headroom")
 
@@ -64,18 +67,20 @@ class MapRejected(RuntimeError):
     """bitsandbytes refused a device map that puts quantized layers on the CPU."""
 
 
-@dataclass
+@dataclass(slots=True)
 class LoadedModel:
-    """A loaded model plus everything the generators and the status line need."""
+    """A loaded model plus everything the generators and the status line need.
 
-    model: nn.Module
+    Only the fields below exist (slots): whoever needs more state on it declares a field here."""
+
+    model: nn.Module | None  # None once released (post_action "unload"); ensure_loaded loads it again
     path: str
     mode: str
     budget_bytes: int | None
     reserve_gb: float
     external_vram_gb: float
     dtype_report: DtypeReport
-    placement: Any
+    placement: PlacementSummary
     skip_plan: SkipPlan | None = None
     quantization_method: str | None = None  # what the folder said (pre-quantized), None for float folders
     critical_layers: str = ""  # what happened to the critical layers
@@ -83,22 +88,31 @@ class LoadedModel:
     restored_generation_fields: list[str] = field(default_factory=list)
     telemetry: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    streamer: Any = None  # BF16: the block streamer, when part of the model is streamed
+    streamer: BlockStreamer | None = None  # BF16 on one GPU: streams the decoder layers beyond the budget
+    split: MultiDeviceSplit | None = None  # BF16 with gpu_budgets_gb: the layers split over the GPUs
+    budget_override_streamer: BlockStreamer | None = None  # generate: this run's budget_override_gb only
     fingerprint: str = ""
-    parked: Any = None  # set while soft-unloaded: (how, device)
-    on_unload: Any = None  # called by post_action "unload" (the node's cache drops the model)
+    parked: torch.device | None = None  # set while soft-unloaded: the device to restore it to
+    on_unload: Callable[[], None] | None = None  # called by post_action "unload" (the node's cache drops it)
     load_args: dict = field(default_factory=dict)  # how to load it again after an unload
     cache_key: Any = None  # the node cache's key (nodes/hunyuan3_nodes.py)
+
+    @property
+    def placement_owner(self) -> BlockStreamer | MultiDeviceSplit | None:
+        """The streamer or split that decides where the weights are, if any: soft unload, save and a per-run
+        budget leave such a model alone."""
+        return self.streamer if self.streamer is not None else self.split
 
     def release(self) -> None:
         """Drop the weights (post_action "unload"); ComfyUI may still cache this object, so the next run
         reloads through :func:`ensure_loaded`."""
-        if self.streamer is not None:
+        owner = self.placement_owner
+        if owner is not None:
             try:
-                self.streamer.disable()
+                owner.disable()
             except Exception:  # the weights go anyway
                 pass
-            self.streamer = None
+        self.streamer = self.split = None
         self.model = None
         self.parked = None
         import gc
@@ -281,6 +295,27 @@ def cuda_device_info(device: int = 0) -> tuple[int, int] | None:
     return free, total
 
 
+@dataclass
+class _LoadPlan:
+    """One load's decisions, all made before a weight is read: what stays float, where the weights go, what
+    runs after ``from_pretrained``. The planning steps of :func:`load_hf_model` fill it in order."""
+
+    mode: str  # int8 | nf4 | bf16 (a pre-quantized folder's own)
+    method: str | None  # the folder's quantization_method, None for a float folder
+    patterns: list[str]  # skip patterns: what they name stays full precision
+    skips: SkipPlan
+    critical_note: str = ""  # what happens to the critical layers of a pre-quantized folder
+    dequantize: list[str] = field(default_factory=list)  # INT8-Full: critical layers to dequantize after loading
+    device_map: str | dict = "auto"  # from_pretrained's device_map ...
+    max_memory: dict | None = None  # ... and max_memory
+    fp32_offload: bool = False  # an explicit map puts unquantized modules on the CPU
+    budget_bytes: int | None = None  # VRAM for weights (all GPUs together)
+    gpu_budgets: dict[int, int] | None = None  # gpu_budgets_gb given: {gpu index: bytes}
+    stream_resident: int | None = None  # BF16 on one GPU: stream the decoder layers after the first N
+    split: bool = False  # BF16 over several GPUs: split the decoder layers over ``gpu_budgets`` after loading
+    notes: list[str] = field(default_factory=list)
+
+
 def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vram_gb: float = 0.0,
                   trust_remote_code: bool = False, attn_implementation: str | None = "sdpa",
                   device_map: str | dict = "auto", gpu_layers: int | None = None,
@@ -301,173 +336,18 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
     if mode not in MODES:
         raise LoaderError(f"mode must be one of {MODES}, got {mode!r}")
     folder = Path(path)
-    raw_config = check_model_folder(folder, trust_remote_code)
-    method = detect_quantization_method(folder, raw_config)
-    if method:
-        disk_mode = QUANTIZATION_METHODS[method]
-        if mode != disk_mode:
-            log.info("%s is pre-quantized (%s): loading as %s, not %s", folder, method, disk_mode, mode)
-        mode = disk_mode
-
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    skeleton = build_skeleton(folder, config, trust_remote_code, attn_implementation)
-    check_transformers_version(skeleton, folder)
-    tencent = is_tencent_code(skeleton)
-
+    method, mode = _resolve_mode(folder, mode, trust_remote_code)
+    config, skeleton = _checked_skeleton(folder, trust_remote_code, attn_implementation)
     patterns = list(skip_patterns) if skip_patterns is not None else hunyuan3_skip_patterns(skip, keep_attention)
-    plan = bnb_skip_modules(skeleton, patterns) if mode != "bf16" else plan_skips([], patterns)
-    critical_note = ""
-    full_critical: list[str] = []
-    if method:
-        plan, critical_note, full_critical = _plan_for_prequantized(folder, skeleton, method, patterns, plan)
+    plan = _plan_skips(folder, skeleton, mode, method, patterns)
+    _plan_placement(plan, skeleton, budget_gb, external_vram_gb, device_map, gpu_layers, device, gpu_budgets_gb)
 
-    multi_gpu_memory = _multi_gpu_max_memory(gpu_budgets_gb, mode, device_map, external_vram_gb)
-    info = cuda_device_info(device)
-    budget_bytes = None
-    kwargs: dict[str, Any] = dict(trust_remote_code=trust_remote_code, dtype=torch.bfloat16, low_cpu_mem_usage=True)
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    notes: list[str] = []
-    fp32_offload = False
-    stream_plan: dict | None = None
+    kwargs = _from_pretrained_kwargs(plan, config, trust_remote_code, attn_implementation)
+    model, telemetry = _load_weights(folder, plan, kwargs, device, gpu_budgets_gb)
+    restored = _finish_model(model, folder, skeleton, plan)
+    streamer, split = _start_streaming_or_split(model, plan, device)
+    report = _verified_dtype_report(model, plan)
 
-    split_budgets = None  # BF16 over several GPUs: {gpu index: bytes} for our split after loading
-    if multi_gpu_memory is not None and mode == "bf16":
-        # Our placement, not accelerate's hooks: load into RAM, then split the decoder layers over the GPUs
-        # (memory/multi_device.py); layers that fit on no GPU stream from pinned RAM onto the last one.
-        kwargs["device_map"] = {"": "cpu"}
-        split_budgets = {k: v for k, v in multi_gpu_memory.items() if k != "cpu"}
-        budget_bytes = sum(split_budgets.values())
-        notes.append("BF16 loaded into RAM, then split over " + ", ".join(
-            f"cuda:{k} <= {v / GB:.1f} GB" for k, v in split_budgets.items()) + " by headroom")
-    elif multi_gpu_memory is not None:
-        kwargs["device_map"] = "auto"
-        kwargs["max_memory"] = multi_gpu_memory
-        budget_bytes = sum(v for k, v in multi_gpu_memory.items() if k != "cpu")
-        notes.append("spread over " + ", ".join(f"cuda:{k} <= {v / GB:.1f} GB" for k, v in multi_gpu_memory.items()
-                                                 if k != "cpu") + " by accelerate's device_map='auto'")
-    elif info is None:
-        # No CUDA (CI, CPU-only machines): everything on the CPU; bitsandbytes uses its CPU backend.
-        kwargs["device_map"] = {"": "cpu"}
-        notes.append("no CUDA device: loaded on the CPU")
-    else:
-        from .placement import (
-            manual_device_map,
-            max_memory_for_budget,
-            plan_quantized_map,
-            resolve_budget,
-            validate_device_map,
-        )
-
-        _free, total = info
-        budget_bytes = resolve_budget(budget_gb, total) - int(external_vram_gb * GB)
-        if budget_bytes <= 0:
-            raise LoaderError(f"GPU budget {budget_gb} GB minus external VRAM {external_vram_gb} GB leaves nothing "
-                              "for weights; raise the budget or lower external_vram_gb")
-        quantized = set(plan.quantize)
-        bpp = quantized_bytes_per_param(mode) if mode != "bf16" else 2.0
-        if isinstance(device_map, dict):
-            validate_device_map(device_map, skeleton)
-            chosen = dict(device_map)
-        elif device_map == "manual":
-            if gpu_layers is None:
-                raise LoaderError("device_map='manual' needs gpu_layers (how many decoder layers stay on the GPU)")
-            chosen = manual_device_map(skeleton, gpu_layers, device)
-        elif device_map == "auto":
-            qplan = plan_quantized_map(skeleton, budget_bytes, lambda n: n in quantized, bpp, device)
-            notes.extend(qplan.notes)
-            chosen = "auto" if not qplan.needs_fp32_cpu_offload else qplan.device_map
-        else:
-            raise LoaderError(f"device_map must be 'auto', 'manual' or a dict, got {device_map!r}")
-
-        if mode == "bf16":
-            # Our streaming, not accelerate's hooks: everything that is not a decoder layer and as many layers
-            # as the budget holds load straight to the GPU, the rest straight into RAM, streamed from pinned
-            # memory afterwards (memory/streaming.py). A manual map decides the resident layers itself.
-            model_bytes = sum(t.numel() * t.element_size() for t in skeleton.parameters())
-            if device_map == "auto" and model_bytes <= budget_bytes:
-                kwargs["device_map"] = {"": device}  # fits: straight to the GPU, no streaming
-            else:
-                from .placement import bf16_stream_map
-
-                fixed = None
-                if isinstance(chosen, dict):
-                    fixed = sum(1 for u, d in chosen.items() if u.startswith("model.layers.") and d != "cpu")
-                load_map, resident = bf16_stream_map(skeleton, budget_bytes, device, gpu_layers=fixed)
-                kwargs["device_map"] = load_map
-                if any(d == "cpu" for d in load_map.values()):
-                    stream_plan = {"budget_bytes": budget_bytes, "device": device, "blocks_resident": resident}
-                    notes.append(f"BF16 model {model_bytes / GB:.2f} GB, budget {budget_bytes / GB:.2f} GB: "
-                                 f"{resident} decoder layers on the GPU, the others stream from pinned RAM")
-        elif chosen == "auto":
-            kwargs["device_map"] = "auto"
-            kwargs["max_memory"] = max_memory_for_budget(budget_bytes / GB, device, total)
-        else:
-            cpu_quantized = [u for u, d in chosen.items() if d == "cpu" and any(q == u or q.startswith(u + ".") for q in quantized)]
-            if cpu_quantized:
-                notes.append(f"{len(cpu_quantized)} modules with quantizable layers are mapped to the CPU; they stay "
-                             f"in bf16 there (bitsandbytes keeps CPU-offloaded layers unquantized): "
-                             f"{', '.join(cpu_quantized[:4])}{' ...' if len(cpu_quantized) > 4 else ''}")
-                plan = _drop_from_quantize(plan, cpu_quantized)
-            fp32_offload = any(d == "cpu" for d in chosen.values())
-            kwargs["device_map"] = chosen
-
-    if mode != "bf16":
-        _apply_quantization_kwargs(kwargs, config, method, mode, plan, fp32_offload)
-    else:
-        kwargs["config"] = config
-
-    try:
-        model, telemetry = _from_pretrained_tracked(folder, kwargs, mode, plan)
-        if stream_plan is not None:
-            model = _take_back_offloaded(model, folder, kwargs, mode, plan, telemetry, notes)
-    except MapRejected:
-        if multi_gpu_memory is not None:
-            raise LoaderError(f"{folder}: the {mode.upper()} model does not fit gpu_budgets_gb={gpu_budgets_gb!r} "
-                              "(bitsandbytes refuses quantized layers on the CPU): raise the budgets or use NF4") \
-                from None
-        if kwargs.get("device_map") != "auto":
-            raise LoaderError(f"{folder}: bitsandbytes rejected the device map (quantized layers on the CPU). "
-                              "Raise the budget, use NF4, or set device_map='manual' with fewer gpu_layers") from None
-        # transformers sized the model differently from our plan (it keeps 10 % aside): our plan said it
-        # fits, so place everything on the GPU explicitly.
-        notes.append("transformers' auto map spilled to the CPU; loaded with the planned all-GPU map instead")
-        kwargs.pop("max_memory", None)
-        kwargs["device_map"] = {"": device}
-        model, telemetry = _from_pretrained_tracked(folder, kwargs, mode, plan)
-    if full_critical:
-        dtypes = {n: skeleton.get_submodule(n).weight.dtype for n in full_critical}
-        dequantized = dequantize_critical_layers(model, folder, full_critical, dtypes)
-        critical_note += f": {dequantized} layers dequantized INT8 -> bf16"
-    log.info("%s", critical_note or "no pre-quantized layers")
-
-    restored = restore_generation_config(model, folder)
-    if hasattr(model, "load_tokenizer") and any((folder / n).exists() for n in ("tokenizer.json", "tokenizer_config.json")):
-        model.load_tokenizer(str(folder))  # Tencent's code: the tokenizer travels with the model
-    streamer = None
-    if stream_plan is not None:
-        streamer = _start_streaming(model, **stream_plan)
-        notes.append(f"BF16 streaming: {streamer.summary()}")
-    if split_budgets is not None:
-        from ...memory import enable_multi_device
-        from ...memory.budgets import plan_for_gpus
-        from .placement import LAYERS_PREFIX
-
-        # Kept as the model's placement owner, like a streamer: soft unload leaves it alone, save refuses it.
-        streamer = enable_multi_device(model, plan_for_gpus(model, split_budgets, blocks=LAYERS_PREFIX),
-                                       blocks=LAYERS_PREFIX)
-        notes.append(f"BF16 {streamer.summary()}")
-    report = dtype_report(model, patterns, plan.keep)
-    _check_report(model, plan, report)
-
-    from .placement import describe_placement
-
-    placement = describe_placement(model)
-    if streamer is not None:
-        placement.offloaded_by = "headroom-multi-device" if split_budgets is not None else "headroom-streaming"
-    log.info("%s", placement)
     if reserve_gb is None:
         # seed 000's loader reserve: VRAM promised to others, added to the inference estimate in smart mode
         reserve_gb = float(external_vram_gb)
@@ -475,16 +355,70 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
                      trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
                      device_map=device_map, gpu_layers=gpu_layers, skip=skip, keep_attention=keep_attention,
                      device=device, skip_patterns=skip_patterns, gpu_budgets_gb=gpu_budgets_gb)
-    loaded = LoadedModel(model=model, path=str(folder), mode=mode, load_args=load_args, budget_bytes=budget_bytes,
-                         reserve_gb=reserve_gb, external_vram_gb=external_vram_gb, dtype_report=report, placement=placement, skip_plan=plan,
-                         quantization_method=method, critical_layers=critical_note, tencent_code=tencent,
-                         restored_generation_fields=restored, telemetry=telemetry, notes=notes, streamer=streamer,
+    loaded = LoadedModel(model=model, path=str(folder), mode=mode, load_args=load_args,
+                         budget_bytes=plan.budget_bytes, reserve_gb=reserve_gb, external_vram_gb=external_vram_gb,
+                         dtype_report=report, placement=_placement_summary(model, streamer, split),
+                         skip_plan=plan.skips, quantization_method=method, critical_layers=plan.critical_note,
+                         tencent_code=is_tencent_code(skeleton), restored_generation_fields=restored,
+                         telemetry=telemetry, notes=plan.notes, streamer=streamer, split=split,
                          fingerprint=folder_fingerprint(folder))
     # What the generators read (seed 000 kept the reserve on the model as ``_loader_reserve_gb``).
     model._loader_reserve_gb = reserve_gb
-    model._headroom_budget_bytes = budget_bytes
+    model._headroom_budget_bytes = plan.budget_bytes
     log.info("%s", loaded.summary())
     return loaded
+
+
+# -- the steps of load_hf_model, in order
+
+
+def _resolve_mode(folder: Path, mode: str, trust_remote_code: bool) -> tuple[str | None, str]:
+    """Check the folder (a local transformers folder; consent for its code); a pre-quantized folder decides
+    the mode itself. Returns (its quantization_method or None, the mode to load in)."""
+    method = detect_quantization_method(folder, check_model_folder(folder, trust_remote_code))
+    if method:
+        disk_mode = QUANTIZATION_METHODS[method]
+        if mode != disk_mode:
+            log.info("%s is pre-quantized (%s): loading as %s, not %s", folder, method, disk_mode, mode)
+        mode = disk_mode
+    return method, mode
+
+
+def _checked_skeleton(folder: Path, trust_remote_code: bool, attn_implementation: str | None):
+    """The config and the model on the meta device (names and shapes for planning); Tencent's code is refused
+    here where it could not run. Returns (config, skeleton)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    skeleton = build_skeleton(folder, config, trust_remote_code, attn_implementation)
+    check_transformers_version(skeleton, folder)
+    return config, skeleton
+
+
+def _plan_skips(folder: Path, skeleton: nn.Module, mode: str, method: str | None, patterns: list[str]) -> _LoadPlan:
+    """Which Linear layers stay float: resolved against the skeleton (and, pre-quantized, against the files)."""
+    skips = bnb_skip_modules(skeleton, patterns) if mode != "bf16" else plan_skips([], patterns)
+    plan = _LoadPlan(mode=mode, method=method, patterns=patterns, skips=skips)
+    if method:
+        plan.skips, plan.critical_note, plan.dequantize = _plan_for_prequantized(folder, skeleton, method, skips)
+    return plan
+
+
+def _plan_placement(plan: _LoadPlan, skeleton: nn.Module, budget_gb: float, external_vram_gb: float, device_map,
+                    gpu_layers: int | None, device: int, gpu_budgets_gb: str) -> None:
+    """Where the weights go (several GPUs, no GPU, or one GPU under its budget); bad combinations fail here,
+    before a weight is read."""
+    multi_gpu_memory = _multi_gpu_max_memory(gpu_budgets_gb, plan.mode, device_map, external_vram_gb)
+    if multi_gpu_memory is not None:
+        _plan_several_gpus(plan, multi_gpu_memory)
+        return
+    info = cuda_device_info(device)
+    if info is None:
+        # No CUDA (CI, CPU-only machines): everything on the CPU; bitsandbytes uses its CPU backend.
+        plan.device_map = {"": "cpu"}
+        plan.notes.append("no CUDA device: loaded on the CPU")
+        return
+    _plan_one_gpu(plan, skeleton, info[1], budget_gb, external_vram_gb, device_map, gpu_layers, device)
 
 
 def _multi_gpu_max_memory(gpu_budgets_gb: str, mode: str, device_map, external_vram_gb: float) -> dict | None:
@@ -502,13 +436,198 @@ def _multi_gpu_max_memory(gpu_budgets_gb: str, mode: str, device_map, external_v
         raise LoaderError(str(err)) from None
 
 
+def _plan_several_gpus(plan: _LoadPlan, max_memory: dict) -> None:
+    """INT8/NF4: accelerate spreads the model over the GPUs by ``max_memory``. BF16: our placement, not
+    accelerate's hooks - load into RAM, then split the decoder layers over the GPUs (memory/multi_device.py);
+    layers that fit on no GPU stream from pinned RAM onto the last one."""
+    plan.gpu_budgets = {k: v for k, v in max_memory.items() if k != "cpu"}
+    plan.budget_bytes = sum(plan.gpu_budgets.values())
+    per_gpu = ", ".join(f"cuda:{k} <= {v / GB:.1f} GB" for k, v in plan.gpu_budgets.items())
+    if plan.mode == "bf16":
+        plan.device_map = {"": "cpu"}
+        plan.split = True
+        plan.notes.append(f"BF16 loaded into RAM, then split over {per_gpu} by headroom")
+    else:
+        plan.device_map, plan.max_memory = "auto", max_memory
+        plan.notes.append(f"spread over {per_gpu} by accelerate's device_map='auto'")
+
+
+def _plan_one_gpu(plan: _LoadPlan, skeleton: nn.Module, total: int, budget_gb: float, external_vram_gb: float,
+                  device_map, gpu_layers: int | None, device: int) -> None:
+    """One GPU: the budget (minus VRAM held by others), then the map - BF16 beyond it streams, INT8/NF4 keep
+    every quantized layer on the GPU (bitsandbytes cannot offload them)."""
+    from .placement import max_memory_for_budget, resolve_budget
+
+    plan.budget_bytes = resolve_budget(budget_gb, total) - int(external_vram_gb * GB)
+    if plan.budget_bytes <= 0:
+        raise LoaderError(f"GPU budget {budget_gb} GB minus external VRAM {external_vram_gb} GB leaves nothing "
+                          "for weights; raise the budget or lower external_vram_gb")
+    chosen = _choose_device_map(plan, skeleton, device_map, gpu_layers, device)
+    if plan.mode == "bf16":
+        _plan_bf16_streaming(plan, skeleton, chosen, device_map, device)
+    elif chosen == "auto":
+        plan.device_map = "auto"
+        plan.max_memory = max_memory_for_budget(plan.budget_bytes / GB, device, total)
+    else:
+        _plan_explicit_quantized_map(plan, chosen)
+
+
+def _choose_device_map(plan: _LoadPlan, skeleton: nn.Module, device_map, gpu_layers: int | None,
+                       device: int) -> str | dict:
+    """The caller's map (validated), seed 000's manual map, or "auto" - a map that keeps quantized layers on
+    the GPU when the budget is too small for all of it."""
+    from .placement import manual_device_map, plan_quantized_map, validate_device_map
+
+    if isinstance(device_map, dict):
+        validate_device_map(device_map, skeleton)
+        return dict(device_map)
+    if device_map == "manual":
+        if gpu_layers is None:
+            raise LoaderError("device_map='manual' needs gpu_layers (how many decoder layers stay on the GPU)")
+        return manual_device_map(skeleton, gpu_layers, device)
+    if device_map == "auto":
+        quantized = set(plan.skips.quantize)
+        bpp = quantized_bytes_per_param(plan.mode) if plan.mode != "bf16" else 2.0
+        qplan = plan_quantized_map(skeleton, plan.budget_bytes, lambda n: n in quantized, bpp, device)
+        plan.notes.extend(qplan.notes)
+        return "auto" if not qplan.needs_fp32_cpu_offload else qplan.device_map
+    raise LoaderError(f"device_map must be 'auto', 'manual' or a dict, got {device_map!r}")
+
+
+def _plan_bf16_streaming(plan: _LoadPlan, skeleton: nn.Module, chosen: str | dict, device_map, device: int) -> None:
+    """Our streaming, not accelerate's hooks: everything that is not a decoder layer and as many layers as the
+    budget holds load straight to the GPU, the rest straight into RAM, streamed from pinned memory afterwards
+    (memory/streaming.py). A map (manual, or the auto plan's) decides the resident layers itself."""
+    from .placement import bf16_stream_map
+
+    model_bytes = sum(t.numel() * t.element_size() for t in skeleton.parameters())
+    if device_map == "auto" and model_bytes <= plan.budget_bytes:
+        plan.device_map = {"": device}  # fits: straight to the GPU, no streaming
+        return
+    fixed = None
+    if isinstance(chosen, dict):
+        fixed = sum(1 for u, d in chosen.items() if u.startswith("model.layers.") and d != "cpu")
+    load_map, resident = bf16_stream_map(skeleton, plan.budget_bytes, device, gpu_layers=fixed)
+    plan.device_map = load_map
+    if any(d == "cpu" for d in load_map.values()):
+        plan.stream_resident = resident
+        plan.notes.append(f"BF16 model {model_bytes / GB:.2f} GB, budget {plan.budget_bytes / GB:.2f} GB: "
+                          f"{resident} decoder layers on the GPU, the others stream from pinned RAM")
+
+
+def _plan_explicit_quantized_map(plan: _LoadPlan, chosen: dict) -> None:
+    """INT8/NF4 with a map that puts modules on the CPU: the quantizable layers there stay unquantized (bitsandbytes'
+    fp32 CPU offload), which the skip plan then says."""
+    cpu_quantized = [u for u, d in chosen.items()
+                     if d == "cpu" and any(q == u or q.startswith(u + ".") for q in plan.skips.quantize)]
+    if cpu_quantized:
+        plan.notes.append(f"{len(cpu_quantized)} modules with quantizable layers are mapped to the CPU; they stay "
+                          f"in bf16 there (bitsandbytes keeps CPU-offloaded layers unquantized): "
+                          f"{', '.join(cpu_quantized[:4])}{' ...' if len(cpu_quantized) > 4 else ''}")
+        plan.skips = _drop_from_quantize(plan.skips, cpu_quantized)
+    plan.fp32_offload = any(d == "cpu" for d in chosen.values())
+    plan.device_map = chosen
+
+
+def _from_pretrained_kwargs(plan: _LoadPlan, config, trust_remote_code: bool, attn_implementation: str | None) -> dict:
+    """``from_pretrained``'s arguments for the plan (placement, then the bitsandbytes config)."""
+    kwargs: dict[str, Any] = dict(trust_remote_code=trust_remote_code, dtype=torch.bfloat16, low_cpu_mem_usage=True,
+                                  device_map=plan.device_map)
+    if plan.max_memory is not None:
+        kwargs["max_memory"] = plan.max_memory
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if plan.mode != "bf16":
+        _apply_quantization_kwargs(kwargs, config, plan.method, plan.mode, plan.skips, plan.fp32_offload)
+    else:
+        kwargs["config"] = config
+    return kwargs
+
+
+def _load_weights(folder: Path, plan: _LoadPlan, kwargs: dict, device: int, gpu_budgets_gb: str):
+    """``from_pretrained`` as planned; returns (model, load telemetry). bitsandbytes refusing the map becomes
+    advice - or, for transformers' own "auto" map that spilled where our plan said all fits, an all-GPU load."""
+    try:
+        model, telemetry = _from_pretrained_tracked(folder, kwargs)
+        if plan.stream_resident is not None:
+            model = _take_back_offloaded(model, folder, kwargs, telemetry, plan.notes)
+        return model, telemetry
+    except MapRejected:
+        if plan.gpu_budgets is not None:
+            raise LoaderError(f"{folder}: the {plan.mode.upper()} model does not fit gpu_budgets_gb={gpu_budgets_gb!r} "
+                              "(bitsandbytes refuses quantized layers on the CPU): raise the budgets or use NF4") \
+                from None
+        if kwargs.get("device_map") != "auto":
+            raise LoaderError(f"{folder}: bitsandbytes rejected the device map (quantized layers on the CPU). "
+                              "Raise the budget, use NF4, or set device_map='manual' with fewer gpu_layers") from None
+    # transformers sized the model differently from our plan (it keeps 10 % aside): our plan said it fits, so
+    # place everything on the GPU explicitly.
+    plan.notes.append("transformers' auto map spilled to the CPU; loaded with the planned all-GPU map instead")
+    kwargs.pop("max_memory", None)
+    kwargs["device_map"] = {"": device}
+    return _from_pretrained_tracked(folder, kwargs)
+
+
+def _finish_model(model: nn.Module, folder: Path, skeleton: nn.Module, plan: _LoadPlan) -> list[str]:
+    """After ``from_pretrained``: INT8-Full's critical layers dequantized, the generation config's custom fields
+    and the tokenizer back on the model. Returns the restored generation-config fields."""
+    if plan.dequantize:
+        dtypes = {n: skeleton.get_submodule(n).weight.dtype for n in plan.dequantize}
+        dequantized = dequantize_critical_layers(model, folder, plan.dequantize, dtypes)
+        plan.critical_note += f": {dequantized} layers dequantized INT8 -> bf16"
+    log.info("%s", plan.critical_note or "no pre-quantized layers")
+    restored = restore_generation_config(model, folder)
+    if hasattr(model, "load_tokenizer") and any((folder / n).exists() for n in ("tokenizer.json", "tokenizer_config.json")):
+        model.load_tokenizer(str(folder))  # Tencent's code: the tokenizer travels with the model
+    return restored
+
+
+def _start_streaming_or_split(model: nn.Module, plan: _LoadPlan, device: int):
+    """BF16 beyond the budget: our block streaming on one GPU, or the split over several; returns
+    (streamer, split), None where the plan has neither."""
+    streamer = split = None
+    if plan.stream_resident is not None:
+        streamer = _start_streaming(model, device, plan.stream_resident)
+        plan.notes.append(f"BF16 streaming: {streamer.summary()}")
+    if plan.split:
+        from ...memory import enable_multi_device
+        from ...memory.budgets import plan_for_gpus
+        from .placement import LAYERS_PREFIX
+
+        # HunyuanImage-3's critical modules (seed 000's list) are the planner's critical patterns.
+        gpu_plan = plan_for_gpus(model, plan.gpu_budgets, blocks=LAYERS_PREFIX, critical=DEFAULT_SKIP_PATTERNS)
+        split = enable_multi_device(model, gpu_plan, blocks=LAYERS_PREFIX)
+        plan.notes.append(f"BF16 {split.summary()}")
+    return streamer, split
+
+
+def _verified_dtype_report(model: nn.Module, plan: _LoadPlan) -> DtypeReport:
+    """The dtype report, checked: every kept layer float, every planned layer quantized - else the load is wrong."""
+    report = dtype_report(model, plan.patterns, plan.skips.keep)
+    _check_report(model, plan.skips, report)
+    return report
+
+
+def _placement_summary(model: nn.Module, streamer, split) -> PlacementSummary:
+    """Where the weights are now, and who moves them."""
+    from .placement import describe_placement
+
+    placement = describe_placement(model)
+    if streamer is not None:
+        placement.offloaded_by = "headroom-streaming"
+    elif split is not None:
+        placement.offloaded_by = "headroom-multi-device"
+    log.info("%s", placement)
+    return placement
+
+
 def ensure_loaded(loaded: LoadedModel) -> bool:
     """Reload a model whose weights were released by an "unload"; True when it reloaded."""
     if loaded.model is not None:
         return False
     fresh = load_hf_model(**loaded.load_args)
     for name in ("model", "budget_bytes", "reserve_gb", "dtype_report", "placement", "skip_plan", "critical_layers",
-                 "telemetry", "notes", "streamer", "fingerprint", "restored_generation_fields"):
+                 "telemetry", "notes", "streamer", "split", "fingerprint", "restored_generation_fields"):
         setattr(loaded, name, getattr(fresh, name))
     return True
 
@@ -540,7 +659,7 @@ def _drop_from_quantize(plan: SkipPlan, cpu_units: Sequence[str]) -> SkipPlan:
     return SkipPlan(keep=keep, quantize=quantize, modules_to_not_convert=sorted(set(plan.modules_to_not_convert) | set(cpu_units)))
 
 
-def _plan_for_prequantized(folder: Path, skeleton, method: str, patterns, plan: SkipPlan):
+def _plan_for_prequantized(folder: Path, skeleton, method: str, plan: SkipPlan):
     """Make the skip list agree with what is on disk and say what happens to the critical layers."""
     if method == "bitsandbytes_nf4":
         qc = read_json(folder / "config.json").get("quantization_config") or {}
@@ -598,7 +717,7 @@ def dequantize_critical_layers(model: nn.Module, folder: Path, names: Sequence[s
     return done
 
 
-def _from_pretrained_tracked(folder: Path, kwargs: dict, mode: str, plan: SkipPlan):
+def _from_pretrained_tracked(folder: Path, kwargs: dict):
     """``from_pretrained`` inside a MemoryTracker; bitsandbytes' map rejection becomes advice."""
     from transformers import AutoModelForCausalLM
 
@@ -641,7 +760,7 @@ def _check_report(model: nn.Module, plan: SkipPlan, report: DtypeReport) -> None
 # ------------------------------------------------------------------------------ BF16 streaming
 
 
-def _take_back_offloaded(model, folder, kwargs, mode, plan, telemetry, notes):
+def _take_back_offloaded(model, folder, kwargs, telemetry, notes):
     """BF16 streaming: the CPU-mapped layers were loaded straight into RAM (the GPU part straight to the GPU:
     peak RAM = the streamed part), then accelerate attached its offload hooks; take the tensors back for
     our streaming. Should that fail, load everything into RAM instead (correct, more peak RAM)."""
@@ -659,19 +778,18 @@ def _take_back_offloaded(model, folder, kwargs, mode, plan, telemetry, notes):
         gc.collect()
         torch.cuda.empty_cache()
         kwargs = dict(kwargs, device_map={"": "cpu"})
-        model, again = _from_pretrained_tracked(folder, kwargs, mode, plan)
+        model, again = _from_pretrained_tracked(folder, kwargs)
         telemetry.update(again)
         return model
 
 
-def _start_streaming(model: nn.Module, budget_bytes: int, device: int, blocks_resident: int | None = None):
+def _start_streaming(model: nn.Module, device: int, blocks_resident: int):
     """Hand the decoder layers to memory/'s block streaming (pinned, prefetched on a side stream)."""
     from ...memory.streaming import enable_block_streaming
 
     # The first N layers were loaded onto the GPU: keep exactly those resident ("first", not spread out).
-    kwargs = ({"blocks_resident": blocks_resident, "order": "first"} if blocks_resident is not None
-              else {"budget_bytes": budget_bytes})
-    return enable_block_streaming(model, torch.device("cuda", device), blocks="model.layers", **kwargs)
+    return enable_block_streaming(model, torch.device("cuda", device), blocks="model.layers",
+                                  blocks_resident=blocks_resident, order="first")
 
 
 # ------------------------------------------------------------------------------ saving
@@ -689,8 +807,8 @@ def save_quantized(loaded: LoadedModel, out_dir, overwrite: bool = False) -> Pat
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise LoaderError(f"{out} exists and is not empty; pick a new folder or pass overwrite=True")
-    if loaded.streamer is not None:
-        raise LoaderError("a streamed model cannot be saved; load it without streaming first")
+    if loaded.placement_owner is not None:
+        raise LoaderError("a streamed or split model cannot be saved; load it on one GPU without streaming first")
     model = loaded.model
     if loaded.mode == "nf4":
         method = "bitsandbytes_nf4"
@@ -733,18 +851,3 @@ def folder_fingerprint(folder) -> str:
             parts.append(f"{p.name}:{st.st_size}:{int(st.st_mtime_ns)}")
     return "|".join(parts)
 
-
-def env_summary() -> dict:
-    import transformers
-
-    info = {"transformers": transformers.__version__, "torch": torch.__version__}
-    try:
-        import bitsandbytes
-
-        info["bitsandbytes"] = bitsandbytes.__version__
-    except ImportError:
-        info["bitsandbytes"] = None
-    info["cuda"] = torch.cuda.is_available()
-    info["pid"] = os.getpid()
-    info["time"] = time.time()
-    return info

@@ -10,7 +10,7 @@
 - :func:`plan_quantized_map`: for bitsandbytes, a map that never puts a quantized layer on the CPU
   (transformers rejects that): idle float modules go to the CPU first, then whole decoder layers,
   which then stay in float there.
-- :func:`describe_placement`: bytes and modules per device after a load (the "placement plan").
+- :func:`describe_placement`: bytes and modules per device after a load (:class:`PlacementSummary`).
 """
 
 from __future__ import annotations
@@ -22,11 +22,9 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ...memory.planner import default_budget_bytes
 from ...units import GB
 
-DEFAULT_BUDGET_FRACTION = 0.55
-# Modules the denoising loop needs at every step (stay on the GPU first).
-STEP_MODULES = ("timestep_emb", "patch_embed", "time_embed", "final_layer", "time_embed_2", "model.wte", "model.ln_f")
 # Float modules the denoising loop does not touch (the vision tower and aligner only see input images,
 # lm_head only picks the size in "auto" mode, the VAE runs once at the end): first to leave the GPU.
 IDLE_MODULES = ("vision_model", "vision_aligner", "lm_head", "vae")
@@ -45,7 +43,7 @@ def resolve_budget(budget_gb: float, total_bytes: int | None) -> int:
         return int(budget_gb * GB)
     if not total_bytes:
         raise ValueError("GPU budget 0 (auto) needs a CUDA device to size 55 % of; set a budget in GB")
-    return int(total_bytes * DEFAULT_BUDGET_FRACTION)
+    return default_budget_bytes(total_bytes)
 
 
 def cpu_allowance_bytes(reserve_gb: float = 4.0) -> int:
@@ -273,8 +271,9 @@ def _float_extra(model, unit, quantized, bytes_per_param, dtype_bytes) -> int:
 
 
 @dataclass
-class PlacementPlan:
-    """Bytes and units per device after a load."""
+class PlacementSummary:
+    """Where a loaded model's weights are: bytes and units per device (a report, not a plan to execute;
+    memory/planner.PlacementPlan is the plan)."""
 
     devices: dict[str, int] = field(default_factory=dict)
     units: dict[str, str] = field(default_factory=dict)  # unit -> device
@@ -290,9 +289,9 @@ class PlacementPlan:
         return {"devices": dict(self.devices), "units": dict(self.units), "offloaded_by": self.offloaded_by}
 
 
-def describe_placement(model: nn.Module, layers_prefix: str = LAYERS_PREFIX) -> PlacementPlan:
+def describe_placement(model: nn.Module, layers_prefix: str = LAYERS_PREFIX) -> PlacementSummary:
     """Where each unit's tensors are now (accelerate-offloaded tensors are on "meta": counted as CPU)."""
-    plan = PlacementPlan()
+    summary = PlacementSummary()
     hf_map = getattr(model, "hf_device_map", None) or {}
     try:
         units = top_level_units(model, layers_prefix)
@@ -307,12 +306,12 @@ def describe_placement(model: nn.Module, layers_prefix: str = LAYERS_PREFIX) -> 
                 dev = "cpu"
             devices[dev] = devices.get(dev, 0) + t.numel() * t.element_size()
         for dev, b in devices.items():
-            plan.devices[dev] = plan.devices.get(dev, 0) + b
+            summary.devices[dev] = summary.devices.get(dev, 0) + b
         if devices:
-            plan.units[unit] = max(devices, key=devices.get)
+            summary.units[unit] = max(devices, key=devices.get)
     if any(str(v) in ("cpu", "disk") for v in hf_map.values()) and len(set(map(str, hf_map.values()))) > 1:
-        plan.offloaded_by = "accelerate"
-    return plan
+        summary.offloaded_by = "accelerate"
+    return summary
 
 
 def _summarize(units: Sequence[str]) -> str:
