@@ -26,7 +26,7 @@ from types import MappingProxyType
 
 import torch
 
-from ..kernels.int8 import DEFAULT_BLOCK_SIZE, FP8_DTYPES, block_size_of, method_of_scale
+from ..kernels.int8 import DEFAULT_BLOCK_SIZE, FP8_DTYPES, block_size_of, method_of_scale, normalise_scale
 from .safetensors_stream import FormatError, Header, TensorInfo, read_header
 
 # Our header metadata keys (safetensors metadata maps str -> str; lists travel as JSON strings).
@@ -93,24 +93,6 @@ def _parse_legacy(raw: str) -> Mapping[str, dict]:
 
 def is_headroom_metadata(file_metadata: Mapping[str, str] | None) -> bool:
     return bool(file_metadata) and META_FORMAT_VERSION in file_metadata
-
-
-def normalise_scale(scale: torch.Tensor, weight_shape: tuple[int, int], name: str) -> torch.Tensor:
-    """Any stored INT8 scale -> float32 ``[]``, ``[out]`` or ``[out, nblocks]``; ValueError when it cannot fit."""
-    out_features, in_features = weight_shape
-    scale = scale.to(torch.float32)
-    if scale.numel() == 1:
-        # One value: tensorwise - except a [1] / [1, 1] scale of a one-row weight, which is its row scale.
-        return scale.reshape(()) if out_features != 1 or scale.ndim == 0 else scale.reshape(1)
-    if scale.ndim == 1 and scale.shape[0] == out_features:
-        return scale
-    if scale.ndim == 2 and scale.shape[0] == out_features:
-        if scale.shape[1] == 1:
-            return scale.reshape(out_features)
-        block_size_of(in_features, scale)  # raises when the block count does not fit in_features
-        return scale
-    raise ValueError(f"INT8 scale '{name}' has shape {tuple(scale.shape)}, which does not fit the weight "
-                     f"[{out_features}, {in_features}] (expected [], [out], [out, 1] or [out, nblocks])")
 
 
 def _find_scale_key(tensors: Mapping, prefix: str) -> str | None:
