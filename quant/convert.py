@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 
-from .._version import __version__
 from ..kernels.int8 import (
     DEFAULT_BLOCK_SIZE,
     FP8_DTYPES,
@@ -42,25 +41,16 @@ from ..kernels.int8 import (
 )
 from ..units import format_gib
 from .formats import (
-    COMFY_INT8_FORMAT,
-    COMFY_LEGACY_KEY,
-    COMFY_QUANT_SUFFIX,
-    FORMAT_VERSION,
-    INPUT_SCALE_SUFFIXES,
-    META_BLOCK_SIZE,
-    META_FORMAT_VERSION,
-    META_LAYOUT,
-    META_METHOD,
-    META_QUANTIZED,
-    META_SKIP_REASONS,
-    META_SKIPPED,
-    META_SOURCE_FILE,
-    META_SOURCE_HASH,
-    META_TOOL_VERSION,
-    SCALE_SUFFIXES,
+    FP8_MARKER_KEY,
+    Int8Format,
+    checkpoint_files,
+    conversion_metadata,
     describe_header,
-    encode_comfy_quant,
-    safetensors_files,
+    find_scale_key,
+    get_format,
+    layout_names,
+    quantization_keys,
+    registered_formats,
 )
 from .safetensors_stream import (
     PICKLE_SUFFIXES,
@@ -75,10 +65,8 @@ from .safetensors_stream import (
 )
 from .skip import DEFAULT_MIN_FEATURES, decide, resolve_patterns
 
-LAYOUTS = ("headroom", "comfy")
 CHUNK_ELEMENTS = 8 * 2**20  # float32 elements quantized at once (32 MB; temporaries ~5x that)
 KEPT_FP8_DTYPE = torch.bfloat16  # an fp8 layer that stays in float is dequantized to this
-FP8_MARKER_KEY = "scaled_fp8"  # old ComfyUI scaled-fp8 files carry this marker tensor
 
 # Parts of a layer name that mark an embedding / positional table (embeddings are 2-D like Linear weights).
 # Matched against each dot-separated component, split on "_": e.g. "pos_embed", "tok_embeddings",
@@ -194,7 +182,7 @@ class _Job:
 
     key: str
     action: str  # "copy" | "quantize" | "dequantize" (fp8 kept in float)
-    outputs: list[str]
+    outputs: list[str]  # what it writes: the tensor itself, or a quantized layer's tensors in its format
     fp8_scale_key: str | None = None
     rotation: int = 0  # > 0: quantize W H (block Hadamard of this size, see rotation.py)
 
@@ -207,28 +195,11 @@ class _Plan:
     kept: dict[str, str]
 
 
-def _scale_shape(method: str, layout: str, out_features: int, in_features: int, block_size: int) -> tuple[int, ...]:
-    if method == "tensorwise":
-        return ()
-    if method == "rowwise":
-        # ComfyUI's int8_tensorwise multiplies the int8 weight by the scale as stored: a row scale must be [out, 1].
-        return (out_features, 1) if layout == "comfy" else (out_features,)
-    return (out_features, math.ceil(in_features / block_size))
-
-
-def _comfy_config(rotation: int = 0) -> dict:
-    if rotation:  # rotated layers carry ComfyUI's convrot entry in both layouts: one marker every reader knows
-        from .rotation import comfy_quant_config
-
-        return comfy_quant_config(rotation, comfy=False)
-    return {"format": COMFY_INT8_FORMAT}
-
-
-def _fp8_scale_key(tensors: Mapping[str, TensorInfo], layer: str) -> str | None:
-    for suffix in SCALE_SUFFIXES:
-        if f"{layer}.{suffix}" in tensors:
-            return f"{layer}.{suffix}"
-    return None
+def layout_format(layout: str) -> Int8Format:
+    """The registered format that writes ``layout``; ConvertError listing the choices otherwise."""
+    if layout not in layout_names():
+        raise ConvertError(f"unknown layout '{layout}'; choose one of {', '.join(layout_names())}")
+    return get_format(layout)
 
 
 def plan_conversion(
@@ -249,12 +220,11 @@ def plan_conversion(
     as ``vae.<layer>``, so the ``vae`` pattern keeps a diffusers VAE folder in float).
     """
     tensors_in: Mapping[str, TensorInfo] = infos.tensors if isinstance(infos, Header) else infos
+    fmt = layout_format(layout)
     fp8_layers = {k[: -len(".weight")] for k, i in tensors_in.items() if k.endswith(".weight") and i.dtype in FP8_DTYPES}
     dropped = [FP8_MARKER_KEY] if FP8_MARKER_KEY in tensors_in else []
     for layer in fp8_layers:
-        for suffix in SCALE_SUFFIXES + INPUT_SCALE_SUFFIXES + (COMFY_QUANT_SUFFIX,):
-            if f"{layer}.{suffix}" in tensors_in:
-                dropped.append(f"{layer}.{suffix}")
+        dropped += quantization_keys(tensors_in, layer + ".")
     dropped_set = set(dropped)
     jobs, tensors, kept = [], {}, {}
     for key, info in tensors_in.items():
@@ -271,21 +241,15 @@ def plan_conversion(
                 reason = decision.reason if decision.skip else None
             if reason is None:
                 rotation = rotate if rotate and in_features % rotate == 0 else 0
-                outputs = [key, f"{layer}.weight_scale"]
-                tensors[key] = TensorInfo(torch.int8, info.shape)
-                tensors[f"{layer}.weight_scale"] = TensorInfo(
-                    torch.float32, _scale_shape(method, layout, out_features, in_features, block_size))
-                if layout == "comfy" or rotation:
-                    quant_key = f"{layer}.{COMFY_QUANT_SUFFIX}"
-                    outputs.append(quant_key)
-                    tensors[quant_key] = TensorInfo(torch.uint8, tuple(encode_comfy_quant(_comfy_config(rotation)).shape))
-                jobs.append(_Job(key, "quantize", outputs, _fp8_scale_key(tensors_in, layer) if is_fp8 else None,
-                                 rotation))
+                outputs = fmt.layer_infos(f"{layer}.", info.shape, method, block_size, rotation)
+                tensors.update(outputs)
+                jobs.append(_Job(key, "quantize", list(outputs),
+                                 find_scale_key(tensors_in, f"{layer}.") if is_fp8 else None, rotation))
                 continue
             kept[layer] = reason
         if is_fp8 and layer in fp8_layers:
             tensors[key] = TensorInfo(KEPT_FP8_DTYPE, info.shape)
-            jobs.append(_Job(key, "dequantize", [key], _fp8_scale_key(tensors_in, layer)))
+            jobs.append(_Job(key, "dequantize", [key], find_scale_key(tensors_in, f"{layer}.")))
         else:
             tensors[key] = info
             jobs.append(_Job(key, "copy", [key]))
@@ -398,28 +362,15 @@ def _check_finite_copy(tensor: torch.Tensor, name: str) -> None:
 # One file
 # ---------------------------------------------------------------------------------------------------------
 
-def _tool_version() -> str:
-    return __version__
-
-
-def _output_metadata(source: "_SourceInfo", plan: _Plan, report_quantized: list[str], method: str, block_size: int,
-                     layout: str) -> dict[str, str]:
-    metadata = {k: v for k, v in source.metadata.items() if k != COMFY_LEGACY_KEY and not k.startswith("headroom.")}
-    metadata.setdefault("format", "pt")
-    metadata.update({
-        META_FORMAT_VERSION: FORMAT_VERSION,
-        META_METHOD: method,
-        META_BLOCK_SIZE: str(block_size),
-        META_LAYOUT: layout,
-        META_QUANTIZED: json.dumps(report_quantized),
-        META_SKIPPED: json.dumps(sorted(plan.kept)),
-        META_SKIP_REASONS: json.dumps(plan.kept, sort_keys=True),
-        META_SOURCE_FILE: source.name,
-        META_TOOL_VERSION: _tool_version(),
-    })
-    if source.sha256:
-        metadata[META_SOURCE_HASH] = source.sha256
-    return metadata
+def _output_metadata(source: "_SourceInfo", plan: _Plan, method: str, block_size: int, layout: str, rotate: int,
+                     lora) -> dict[str, str]:
+    """Ours (formats/metadata.py) on top of the source's metadata, less what any format reads from a header: that
+    described the input, not the output."""
+    kept = {k: v for k, v in source.metadata.items() if not any(f.owns_header_key(k) for f in registered_formats())}
+    quantized = [j.key[: -len(".weight")] for j in plan.jobs if j.action == "quantize"]
+    return conversion_metadata(kept, method=method, block_size=block_size, layout=layout, quantized=quantized,
+                               kept=plan.kept, source_file=source.name, source_hash=source.sha256,
+                               rotation_group=rotate, loras=[f.spec.label for f in lora.files] if lora else ())
 
 
 def refuse_quantized_input(header: Header) -> None:
@@ -429,9 +380,9 @@ def refuse_quantized_input(header: Header) -> None:
         raise ConvertError(f"{header.path} is already quantized ({info.format} INT8, {info.method}, "
                            f"{len(info.quantized_layers)} layers); nothing to convert - see `headroom inspect {header.path}`")
     for key, tensor in header.tensors.items():  # packed 4-bit / other ComfyUI formats: weight stored as uint8
-        layer = key[: -len(".weight")]
+        prefix = key[: -len("weight")]
         packed = key.endswith(".weight") and not tensor.dtype.is_floating_point and tensor.dtype not in FP8_DTYPES
-        if packed and any(f"{layer}.{s}" in header.tensors for s in SCALE_SUFFIXES + (COMFY_QUANT_SUFFIX,)):
+        if packed and quantization_keys(header.tensors, prefix):
             raise ConvertError(f"{header.path} is already quantized ('{key}' is {str(tensor.dtype).replace('torch.', '')} "
                                f"with a scale: a packed 4-bit or other format headroom cannot re-quantize); convert "
                                f"from the bf16/fp16 original - see `headroom inspect {header.path}`")
@@ -462,12 +413,8 @@ def _write(source: _SourceInfo, reader: Mapping[str, torch.Tensor], dst: Path, m
     merged into each weight chunk by chunk before it is quantized.
     """
     plan = plan_conversion(source.infos, method, block_size, patterns, layout, name_prefix, rotate=rotate)
-    quantized_layers = [j.key[: -len(".weight")] for j in plan.jobs if j.action == "quantize"]
-    metadata = _output_metadata(source, plan, quantized_layers, method, block_size, layout)
-    if rotate:
-        metadata["headroom.rotation_group"] = str(rotate)
-    if lora:
-        metadata["headroom.loras"] = json.dumps([f.spec.label for f in lora.files])
+    fmt = layout_format(layout)
+    metadata = _output_metadata(source, plan, method, block_size, layout, rotate, lora)
     report = ConvertReport(source.label, str(dst), layout, method, block_size, kept=dict(plan.kept),
                            dropped_keys=list(plan.dropped), files=1)
     writer = StreamingWriter(dst, plan.tensors, metadata)
@@ -482,14 +429,13 @@ def _write(source: _SourceInfo, reader: Mapping[str, torch.Tensor], dst: Path, m
                 hook = (lambda rows, start, key=job.key: lora.merge_rows(key, rows, start)) if merging else None
                 q, scale, error = quantize_streamed(tensor, method, block_size, job.key, fp8_scale, device,
                                                     rotation=job.rotation, rows_hook=hook)
-                report.quantized[job.key[: -len(".weight")]] = error
+                layer = job.key[: -len(".weight")]
+                report.quantized[layer] = error
                 if job.rotation:
-                    report.rotated.append(job.key[: -len(".weight")])
-                writer.write(job.outputs[0], q)
-                writer.write(job.outputs[1], scale.reshape(plan.tensors[job.outputs[1]].shape))
-                if len(job.outputs) > 2:
-                    writer.write(job.outputs[2], encode_comfy_quant(_comfy_config(job.rotation)))
-                del q
+                    report.rotated.append(layer)
+                for name, out in fmt.layer_tensors(f"{layer}.", q, scale, method, block_size, job.rotation).items():
+                    writer.write(name, out)
+                del q, out
             elif job.action == "dequantize":
                 kept = _dequantized(tensor, fp8_scale, job.key)
                 writer.write(job.key, lora.merge_full(job.key, kept) if merging else kept)
@@ -528,22 +474,10 @@ def _check_options(method: str, block_size: int, layout: str, device: str, rotat
         raise ConvertError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
     if block_size < 1:
         raise ConvertError(f"block size must be a positive integer, got {block_size}")
-    if layout not in LAYOUTS:
-        raise ConvertError(f"unknown layout '{layout}'; choose one of {', '.join(LAYOUTS)}")
-    if layout == "comfy" and method == "block":
-        raise ConvertError("ComfyUI's int8_tensorwise layout has one scale per tensor or per output row: it cannot "
-                           "express block scales. Use --method rowwise (or tensorwise) with --layout comfy, or "
-                           "--layout headroom for block")
-    if rotate:
-        from ..kernels.rotation import check_group
-
-        try:
-            check_group(rotate, comfy=layout == "comfy")
-        except ValueError as err:
-            raise ConvertError(f"--rotate {rotate}: {err}") from None
-        if layout == "comfy" and method != "rowwise":
-            raise ConvertError("ComfyUI's rotated (convrot) INT8 is per output channel only: use --method rowwise "
-                               "with --layout comfy --rotate, or --layout headroom")
+    try:
+        layout_format(layout).check_write(method, rotate)
+    except ValueError as err:
+        raise ConvertError(str(err)) from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConvertError(f"--device {device} requested but CUDA is not available; use --device cpu")
 
@@ -744,9 +678,7 @@ def convert_folder(
     src, dst = Path(src), Path(dst)
     _check_options(method, block_size, layout, device, rotate)
     _check_paths(src, dst, overwrite)
-    shards = safetensors_files(src)
-    if not shards:
-        raise FormatError(f"{src} is a folder without any .safetensors file")
+    shards = checkpoint_files(src)
     headers = {shard: read_header(shard) for shard in shards}
     for header in headers.values():
         refuse_quantized_input(header)
@@ -826,7 +758,7 @@ def convert_path(src: str | os.PathLike, dst: str | os.PathLike, **options) -> C
 def default_output(src: str | os.PathLike, method: str, layout: str) -> Path:
     """``model.safetensors`` -> ``model-int8-rowwise.safetensors`` (``-int8-comfy`` for the ComfyUI layout)."""
     src = Path(src)
-    tag = "comfy" if layout == "comfy" else method
+    tag = layout_format(layout).output_tag(method)
     if src.is_dir():
         return src.with_name(f"{src.name}-int8-{tag}")
     return src.with_name(f"{src.stem}-int8-{tag}.safetensors")

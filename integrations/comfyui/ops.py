@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ...kernels.int8 import DEFAULT_BLOCK_SIZE, FP8_DTYPES, METHODS, dequantize_weight, quantize_weight
+from ...kernels.int8 import DEFAULT_BLOCK_SIZE, FP8_DTYPES, METHODS, quantize_weight
 from ...quant.linear import Int8Linear
 from ...quant.page_release import release_file_pages
 from ...quant.skip import DEFAULT_MIN_FEATURES, decide, resolve_patterns
@@ -218,9 +218,8 @@ def _base_classes():
     """(Linear, Embedding) base classes subclassing ComfyUI's ``manual_cast`` ones."""
     import comfy.ops as comfy_ops
 
-    from ...kernels.rotation import rotation_fits, unrotate_weight
-    from ...quant.formats import COMFY_QUANT_SUFFIX, comfy_legacy_layers, decode_comfy_quant, parse_int8_layer
-    from ...quant.rotation import rotation_group_of
+    from ...kernels.rotation import dequantize_unrotated, rotation_fits
+    from ...quant.formats import COMFY_QUANT_SUFFIX, layer_comfy_format, parse_int8_layer
 
     class HeadroomLinear(Int8Linear, comfy_ops.CastWeightBiasOp):
         """INT8 when the load decides so (``weight_scale`` set), else ComfyUI's float ``manual_cast.Linear``."""
@@ -259,34 +258,23 @@ def _base_classes():
                                   unexpected_keys, error_msgs):
             cfg, record = self._config, self._log
             name = _module_name(self._name_prefix, prefix)
-            quant_raw = state_dict.get(prefix + COMFY_QUANT_SUFFIX)
             try:
                 layer = parse_int8_layer(state_dict, prefix, cfg.file_metadata)
             except ValueError as err:
                 raise Int8LoadError(f"layer '{name}': {err}") from None
             bias = state_dict.pop(prefix + "bias", None)
-            if layer is not None:
-                config = decode_comfy_quant(quant_raw) if quant_raw is not None else \
-                    comfy_legacy_layers(cfg.file_metadata).get(prefix[:-1], {})
-                group = 0
-                if layer.convrot:
-                    try:
-                        group = rotation_group_of(config if config else {"convrot": True})
-                    except ValueError as err:
-                        raise Int8LoadError(f"layer '{name}' is Hadamard-rotated (convrot) with {err}; "
-                                            f"headroom refuses to compute with a rotated weight it cannot "
-                                            f"un-rotate. Re-export it with convrot_groupsize 16, 64 or 256.") from None
+            if layer is not None:  # its format read the rotation group (and refused one it cannot undo)
                 for key in layer.consumed_keys:
                     state_dict.pop(key, None)
-                self._become_int8(layer.weight, layer.scale, layer.block_size, group)
-                record.from_file[name] = layer.source_format + ("+convrot" if group else "")
+                self._become_int8(layer.weight, layer.scale, layer.block_size, layer.rotation_group)
+                record.from_file[name] = layer.source_format + ("+convrot" if layer.rotation_group else "")
             else:
                 weight = state_dict.pop(prefix + "weight", None)
                 if weight is None:
                     record.missing.append(name)
                     missing_keys.append(prefix + "weight")
                     weight = torch.zeros(self.out_features, self.in_features, dtype=self.float_dtype)
-                self._load_float_or_quantize(weight, state_dict, prefix, name, quant_raw)
+                self._load_float_or_quantize(weight, state_dict, prefix, name)
             self._load_bias(bias, prefix, missing_keys)
             record.step()
 
@@ -302,12 +290,12 @@ def _base_classes():
             self.weight_scale_comfy_model_dtype = torch.float32
             self._log.int8_bytes += self.weight.numel() + self.weight_scale.numel() * 4
 
-        def _load_float_or_quantize(self, weight, state_dict, prefix, name, quant_raw):
+        def _load_float_or_quantize(self, weight, state_dict, prefix, name):
             cfg, record = self._config, self._log
-            if quant_raw is not None:
-                fmt = decode_comfy_quant(quant_raw).get("format")
+            fmt = layer_comfy_format(state_dict, prefix)
+            if fmt is not None:
                 state_dict.pop(prefix + COMFY_QUANT_SUFFIX, None)
-                if fmt not in (None, "float8_e4m3fn", "float8_e5m2"):
+                if fmt not in ("float8_e4m3fn", "float8_e5m2"):
                     raise Int8LoadError(f"layer '{name}' is stored as ComfyUI '{fmt}', which headroom cannot "
                                         f"convert to INT8; load this file with ComfyUI's UNETLoader instead")
             source = weight
@@ -355,11 +343,8 @@ def _base_classes():
             """ComfyUI hands us ``weight`` cast to float: for an INT8 layer that is the raw int8 values."""
             if not self.is_int8:
                 return weight
-            plain = dequantize_weight(weight.round().to(torch.int8), self.weight_scale.to(weight.device),
-                                      torch.float32, self.block_size)
-            if self.rotation_group:
-                plain = unrotate_weight(plain, self.rotation_group)
-            return plain.to(weight.dtype)
+            return dequantize_unrotated(weight.round().to(torch.int8), self.weight_scale.to(weight.device),
+                                        self.rotation_group, weight.dtype, self.block_size)
 
         def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
             if return_weight or not self.is_int8:
@@ -406,22 +391,17 @@ def _base_classes():
             return Int8Linear.extra_repr(self)
 
     class HeadroomEmbedding(comfy_ops.manual_cast.Embedding):
-        """ComfyUI's embedding; an INT8 table in the file is dequantized: embeddings stay float."""
+        """ComfyUI's embedding; an INT8 table in the file is dequantized (un-rotated): embeddings stay float."""
 
         _config: Int8LoadConfig = Int8LoadConfig()
 
         def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                                   unexpected_keys, error_msgs):
-            quant_raw = state_dict.get(prefix + COMFY_QUANT_SUFFIX)
             layer = parse_int8_layer(state_dict, prefix, self._config.file_metadata)
             if layer is not None:
-                table = dequantize_weight(layer.weight, layer.scale, torch.float32, layer.block_size)
-                if layer.convrot:
-                    config = decode_comfy_quant(quant_raw) if quant_raw is not None else {"convrot": True}
-                    table = unrotate_weight(table, rotation_group_of(config))
                 for key in layer.consumed_keys:
                     state_dict.pop(key, None)
-                state_dict[prefix + "weight"] = table
+                state_dict[prefix + "weight"] = layer.dequantized()
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                           unexpected_keys, error_msgs)
 
