@@ -19,7 +19,6 @@ conversion leaves neither OUT nor a temporary file behind, and the input is neve
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -30,16 +29,9 @@ from pathlib import Path
 
 import torch
 
-from ..kernels.int8 import (
-    DEFAULT_BLOCK_SIZE,
-    FP8_DTYPES,
-    METHODS,
-    QMAX,
-    dequantize_weight,
-    quantize_weight,
-    scale_from_amax,
-)
+from ..kernels.int8 import DEFAULT_BLOCK_SIZE, FP8_DTYPES, METHODS
 from ..units import format_gib
+from .chunked import CHUNK_ELEMENTS, WeightError, check_finite, float_rows, quantize_streamed, rows_per_chunk
 from .formats import (
     FP8_MARKER_KEY,
     Int8Format,
@@ -65,7 +57,6 @@ from .safetensors_stream import (
 )
 from .skip import DEFAULT_MIN_FEATURES, decide, resolve_patterns
 
-CHUNK_ELEMENTS = 8 * 2**20  # float32 elements quantized at once (32 MB; temporaries ~5x that)
 KEPT_FP8_DTYPE = torch.bfloat16  # an fp8 layer that stays in float is dequantized to this
 
 # Parts of a layer name that mark an embedding / positional table (embeddings are 2-D like Linear weights).
@@ -260,92 +251,13 @@ def plan_conversion(
 # Quantizing one weight in chunks of rows
 # ---------------------------------------------------------------------------------------------------------
 
-def _float_rows(weight: torch.Tensor, start: int, stop: int, fp8_scale: torch.Tensor | None, device) -> torch.Tensor:
-    rows = weight[start:stop].to(device=device).float()
-    if fp8_scale is not None:
-        scale = fp8_scale.to(device=device, dtype=torch.float32)
-        if scale.numel() > 1:
-            scale = scale.reshape(-1)[start:stop].reshape(-1, 1)
-        rows = rows * scale
-    return rows
-
-
-def _check_finite(rows: torch.Tensor, name: str) -> None:
-    """ConvertError naming ``name`` when ``rows`` holds NaN or inf (aminmax propagates both; one cheap pass)."""
-    if rows.dtype in FP8_DTYPES:
-        rows = rows.float()
-    low, high = torch.aminmax(rows)
-    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
-        bad = "NaN" if bool(torch.isnan(low) or torch.isnan(high)) else "inf"
-        raise ConvertError(f"tensor '{name}' contains {bad} values; the source checkpoint is damaged "
-                           f"(re-download or re-export it)")
-
-
-def _rows_per_chunk(in_features: int) -> int:
-    return max(1, CHUNK_ELEMENTS // max(1, in_features))
-
-
-def quantize_streamed(
-    weight: torch.Tensor,
-    method: str,
-    block_size: int,
-    name: str,
-    fp8_scale: torch.Tensor | None = None,
-    device: str = "cpu",
-    rotation: int = 0,
-    rows_hook=None,
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Quantize a (possibly memory-mapped, possibly fp8) ``[out, in]`` weight chunk by chunk.
-
-    Returns ``(int8 [out, in], float32 scale, relative error)``; bit-identical to
-    :func:`.int8.quantize_weight` on the whole tensor. Raises ConvertError on NaN/inf.
-    """
-    out_features, in_features = weight.shape
-    step = _rows_per_chunk(in_features)
-
-    def rows_at(start: int) -> torch.Tensor:
-        """Float32 rows ``start:start+step``; ``rows_hook`` (LoRA merge) then rotation, when asked."""
-        rows = _float_rows(weight, start, min(start + step, out_features), fp8_scale, device)
-        if rows_hook is not None:
-            rows = rows_hook(rows, start)
-        if rotation:
-            from ..kernels.rotation import rotate_weight
-
-            rows = rotate_weight(rows, rotation)
-        return rows
-
-    global_scale = None
-    if method == "tensorwise":  # one scale for all rows: find the global absmax first
-        amax = torch.zeros((), dtype=torch.float32, device=device)
-        for start in range(0, out_features, step):
-            rows = rows_at(start)
-            _check_finite(rows, name)
-            amax = torch.maximum(amax, rows.abs().amax())
-        global_scale = scale_from_amax(amax)
-    qweight = torch.empty(out_features, in_features, dtype=torch.int8)
-    scales, err2, ref2 = [], 0.0, 0.0
-    for start in range(0, out_features, step):
-        rows = rows_at(start)
-        if global_scale is None:
-            _check_finite(rows, name)
-            q, scale = quantize_weight(rows, method, block_size)
-            scales.append(scale.cpu())
-        else:
-            q, scale = torch.round(rows / global_scale).clamp_(-QMAX, QMAX).to(torch.int8), global_scale
-        ref2 += float(torch.linalg.vector_norm(rows)) ** 2
-        err2 += float(torch.linalg.vector_norm(dequantize_weight(q, scale, torch.float32, block_size).sub_(rows))) ** 2
-        qweight[start:start + step] = q.cpu()
-    scale = global_scale.cpu().float() if global_scale is not None else torch.cat(scales, dim=0)
-    error = math.sqrt(err2 / ref2) if ref2 > 0 else math.sqrt(err2)
-    return qweight, scale, error
-
-
 def _dequantized(weight: torch.Tensor, fp8_scale: torch.Tensor | None, name: str) -> torch.Tensor:
+    """An fp8 weight kept in float: KEPT_FP8_DTYPE, computed a chunk of rows at a time."""
     out = torch.empty(weight.shape, dtype=KEPT_FP8_DTYPE)
-    step = _rows_per_chunk(weight.shape[1])
+    step = rows_per_chunk(weight.shape[1], CHUNK_ELEMENTS)
     for start in range(0, weight.shape[0], step):
-        rows = _float_rows(weight, start, start + step, fp8_scale, "cpu")
-        _check_finite(rows, name)
+        rows = float_rows(weight, start, start + step, fp8_scale, "cpu", name)
+        check_finite(rows, name)
         out[start:start + step] = rows.to(KEPT_FP8_DTYPE)
     return out
 
@@ -355,7 +267,7 @@ def _check_finite_copy(tensor: torch.Tensor, name: str) -> None:
         return
     flat = tensor.reshape(-1)
     for start in range(0, flat.numel(), CHUNK_ELEMENTS):
-        _check_finite(flat[start:start + CHUNK_ELEMENTS], name)
+        check_finite(flat[start:start + CHUNK_ELEMENTS], name)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -428,7 +340,8 @@ def _write(source: _SourceInfo, reader: Mapping[str, torch.Tensor], dst: Path, m
             if job.action == "quantize":
                 hook = (lambda rows, start, key=job.key: lora.merge_rows(key, rows, start)) if merging else None
                 q, scale, error = quantize_streamed(tensor, method, block_size, job.key, fp8_scale, device,
-                                                    rotation=job.rotation, rows_hook=hook)
+                                                    rotation=job.rotation, rows_hook=hook,
+                                                    chunk_elements=CHUNK_ELEMENTS)
                 layer = job.key[: -len(".weight")]
                 report.quantized[layer] = error
                 if job.rotation:
@@ -449,6 +362,9 @@ def _write(source: _SourceInfo, reader: Mapping[str, torch.Tensor], dst: Path, m
             if progress_bar is not None:
                 progress_bar.update(source.infos[job.key].nbytes)
         writer.close()
+    except WeightError as err:  # NaN/inf or a misfit fp8 scale in the input: one line for the user
+        writer.abort()
+        raise ConvertError(str(err)) from None
     except BaseException:
         writer.abort()
         raise

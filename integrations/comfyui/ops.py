@@ -36,7 +36,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ...kernels.int8 import DEFAULT_BLOCK_SIZE, FP8_DTYPES, METHODS, quantize_weight
+from ...kernels.int8 import DEFAULT_BLOCK_SIZE, FP8_DTYPES, METHODS
+from ...quant.chunked import WeightError, float_rows, quantize_streamed
+from ...quant.formats import find_scale_key, quantization_keys
 from ...quant.linear import Int8Linear
 from ...quant.page_release import release_file_pages
 from ...quant.skip import DEFAULT_MIN_FEATURES, decide, resolve_patterns
@@ -162,64 +164,13 @@ def _module_name(config_prefix: str, prefix: str) -> str:
     return config_prefix + (prefix[:-1] if prefix.endswith(".") else prefix)
 
 
-def _fp8_to_float(weight: torch.Tensor, state_dict: dict, prefix: str, name: str) -> torch.Tensor:
-    """An fp8 weight (scaled or not) as float32; pops its scale keys."""
-    scale = None
-    for suffix in ("weight_scale", "scale_weight"):
-        value = state_dict.pop(prefix + suffix, None)
-        if value is not None:
-            scale = value.float()
-    for suffix in ("input_scale", "scale_input"):
-        state_dict.pop(prefix + suffix, None)
-    w = weight.float()
-    if scale is not None:
-        if scale.numel() == 1:
-            w = w * scale.reshape(())
-        elif scale.numel() == w.shape[0]:
-            w = w * scale.reshape(-1, 1)
-        else:
-            raise Int8LoadError(f"{name}: fp8 scale of shape {tuple(scale.shape)} does not fit weight "
-                                f"{tuple(w.shape)}; re-export the file or load it with ComfyUI's UNETLoader")
-    return w
-
-
-CHUNK_BYTES = 64 * 2**20  # float32 working set per quantization step
-
-
-def quantize_in_row_chunks(weight: torch.Tensor, method: str, block_size: int, device: torch.device,
-                           rotation_group: int = 0):
-    """:func:`.int8.quantize_weight` a few rows at a time (row and block scales are per row, so the result is
-    identical) - the float32 temporaries of a 100M-parameter layer would otherwise cost GBs of RAM.
-
-    ``rotation_group > 0`` quantizes ``W H`` instead (the Hadamard rotation mixes inputs within a row, so it
-    too works row chunk by row chunk)."""
-    from ...kernels.rotation import rotate_weight
-
-    def prepare(rows: torch.Tensor) -> torch.Tensor:
-        rows = rows.to(device)
-        return rotate_weight(rows, rotation_group) if rotation_group else rows
-
-    out_features, in_features = weight.shape
-    rows = max(1, CHUNK_BYTES // (4 * in_features))
-    if method == "tensorwise" or rows >= out_features:
-        q, scale = quantize_weight(prepare(weight), method, block_size)
-        return q.to("cpu"), scale.to("cpu")
-    q = torch.empty(out_features, in_features, dtype=torch.int8)
-    scales = []
-    for start in range(0, out_features, rows):
-        part_q, part_scale = quantize_weight(prepare(weight[start:start + rows]), method, block_size)
-        q[start:start + rows] = part_q.to("cpu")
-        scales.append(part_scale.to("cpu"))
-    return q, torch.cat(scales)
-
-
 @functools.lru_cache(maxsize=None)
 def _base_classes():
     """(Linear, Embedding) base classes subclassing ComfyUI's ``manual_cast`` ones."""
     import comfy.ops as comfy_ops
 
     from ...kernels.rotation import dequantize_unrotated, rotation_fits
-    from ...quant.formats import COMFY_QUANT_SUFFIX, layer_comfy_format, parse_int8_layer
+    from ...quant.formats import layer_comfy_format, parse_int8_layer
 
     class HeadroomLinear(Int8Linear, comfy_ops.CastWeightBiasOp):
         """INT8 when the load decides so (``weight_scale`` set), else ComfyUI's float ``manual_cast.Linear``."""
@@ -293,15 +244,14 @@ def _base_classes():
         def _load_float_or_quantize(self, weight, state_dict, prefix, name):
             cfg, record = self._config, self._log
             fmt = layer_comfy_format(state_dict, prefix)
-            if fmt is not None:
-                state_dict.pop(prefix + COMFY_QUANT_SUFFIX, None)
-                if fmt not in ("float8_e4m3fn", "float8_e5m2"):
-                    raise Int8LoadError(f"layer '{name}' is stored as ComfyUI '{fmt}', which headroom cannot "
-                                        f"convert to INT8; load this file with ComfyUI's UNETLoader instead")
-            source = weight
-            if weight.dtype in FP8_DTYPES:
-                weight = _fp8_to_float(weight, state_dict, prefix, name)
-            elif not weight.is_floating_point():
+            if fmt not in (None, "float8_e4m3fn", "float8_e5m2"):
+                raise Int8LoadError(f"layer '{name}' is stored as ComfyUI '{fmt}', which headroom cannot "
+                                    f"convert to INT8; load this file with ComfyUI's UNETLoader instead")
+            scale_key = find_scale_key(state_dict, prefix)
+            fp8_scale = state_dict[scale_key] if scale_key and weight.dtype in FP8_DTYPES else None
+            for key in quantization_keys(state_dict, prefix):  # a float weight no longer needs them
+                state_dict.pop(key)
+            if not weight.is_floating_point():
                 raise Int8LoadError(f"layer '{name}': weight has dtype {weight.dtype}; expected float, fp8 or int8")
             if tuple(weight.shape) != (self.out_features, self.in_features):
                 raise Int8LoadError(f"layer '{name}': weight {tuple(weight.shape)} does not fit "
@@ -311,20 +261,25 @@ def _base_classes():
                                   cfg.block_size, cfg.min_features)
             else:
                 decision = None
-            if decision is not None and not decision.skip:
-                group = cfg.rotation_group if rotation_fits(self.in_features, cfg.rotation_group) else 0
-                q, scale = quantize_in_row_chunks(weight, cfg.method, cfg.block_size, cfg.device_for_quantization(),
-                                                  group)
-                self._become_int8(q, scale, cfg.block_size, group, copy=False)
-                record.quantized_on_load.append(name)
-                if group:
-                    record.rotated_on_load.append(name)
-            else:
-                reason = decision.reason if decision is not None else "quantize_on_load off"
-                self.weight = nn.Parameter(weight.to(self.float_dtype, copy=True), requires_grad=False)
-                record.kept_float[name] = reason
-                record.float_linear_bytes += self.weight.numel() * self.weight.element_size()
-            record.released_bytes += release_file_pages(source)
+            try:
+                if decision is not None and not decision.skip:
+                    group = cfg.rotation_group if rotation_fits(self.in_features, cfg.rotation_group) else 0
+                    q, scale, _ = quantize_streamed(weight, cfg.method, cfg.block_size, f"{name}.weight", fp8_scale,
+                                                    cfg.device_for_quantization(), rotation=group, measure_error=False)
+                    self._become_int8(q, scale, cfg.block_size, group, copy=False)
+                    record.quantized_on_load.append(name)
+                    if group:
+                        record.rotated_on_load.append(name)
+                else:
+                    reason = decision.reason if decision is not None else "quantize_on_load off"
+                    plain = float_rows(weight, scale=fp8_scale, name=f"{name}.weight") \
+                        if weight.dtype in FP8_DTYPES else weight
+                    self.weight = nn.Parameter(plain.to(self.float_dtype, copy=True), requires_grad=False)
+                    record.kept_float[name] = reason
+                    record.float_linear_bytes += self.weight.numel() * self.weight.element_size()
+            except WeightError as err:  # NaN/inf, or an fp8 scale that does not fit: the message names the tensor
+                raise Int8LoadError(str(err)) from None
+            record.released_bytes += release_file_pages(weight)
 
         def _load_bias(self, bias, prefix, missing_keys):
             if bias is None:
