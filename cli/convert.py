@@ -7,6 +7,7 @@ import json
 import sys
 
 from ..kernels.int8 import DEFAULT_BLOCK_SIZE, METHODS
+from ..quant.formats import writable_formats
 from ..quant.safetensors_stream import FormatError
 
 
@@ -27,8 +28,9 @@ def register(subparsers) -> None:
     convert.add_argument("--no-default-skips", action="store_true",
                          help="do not apply the built-in skip patterns (vae, final_layer, embeddings...)")
     convert.add_argument("--device", default="cpu", help="where to quantize: cpu or cuda (default cpu)")
-    convert.add_argument("--layout", choices=("headroom", "comfy"), default="headroom",
-                         help="headroom (ours) or comfy (ComfyUI's int8_tensorwise, loads in stock ComfyUI)")
+    layouts = writable_formats()
+    convert.add_argument("--layout", choices=[f.name for f in layouts], default="headroom",
+                         help=" or ".join(f"{f.name} ({f.summary})" for f in layouts))
     convert.add_argument("--rotate", nargs="?", type=int, const=256, default=0, metavar="GROUP",
                          help="Hadamard-rotate weights in groups of GROUP inputs before quantizing (ComfyUI's convrot; "
                               "default group 256; 16/64/256 load in stock ComfyUI, 32/128 in headroom only): much "

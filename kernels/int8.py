@@ -72,6 +72,37 @@ def method_of_scale(scale: torch.Tensor, out_features: int | None = None) -> str
     raise ValueError(f"cannot interpret an INT8 scale of shape {tuple(scale.shape)}")
 
 
+def scale_shape(method: str, out_features: int, in_features: int, block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[int, ...]:
+    """The shape of our float32 scale for ``method``: ``()``, ``(out,)`` or ``(out, ceil(in / block_size))``."""
+    if method == "tensorwise":
+        return ()
+    if method == "rowwise":
+        return (out_features,)
+    if method == "block":
+        return (out_features, math.ceil(in_features / block_size))
+    raise ValueError(f"unknown INT8 method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def normalise_scale(scale: torch.Tensor, weight_shape: tuple[int, int], name: str = "weight_scale") -> torch.Tensor:
+    """Any stored INT8 scale -> float32 ``[]``, ``[out]`` or ``[out, nblocks]``; ValueError naming ``name`` when it
+    cannot fit the ``[out, in]`` weight. Files store a row scale as ``[out]`` or ``[out, 1]`` (ComfyUI) and one value
+    as ``[]``, ``[1]`` or ``[1, 1]``; everything that reads a scale goes through here."""
+    out_features, in_features = weight_shape
+    scale = scale.to(torch.float32)
+    if scale.numel() == 1:
+        # One value: tensorwise - except a [1] / [1, 1] scale of a one-row weight, which is its row scale.
+        return scale.reshape(()) if out_features != 1 or scale.ndim == 0 else scale.reshape(1)
+    if scale.ndim == 1 and scale.shape[0] == out_features:
+        return scale
+    if scale.ndim == 2 and scale.shape[0] == out_features:
+        if scale.shape[1] == 1:
+            return scale.reshape(out_features)
+        block_size_of(in_features, scale)  # raises when the block count does not fit in_features
+        return scale
+    raise ValueError(f"INT8 scale '{name}' has shape {tuple(scale.shape)}, which does not fit the weight "
+                     f"[{out_features}, {in_features}] (expected [], [out], [out, 1] or [out, nblocks])")
+
+
 def block_size_of(in_features: int, scale: torch.Tensor, default: int = DEFAULT_BLOCK_SIZE) -> int:
     """The block size implied by a block scale ``[out, nblocks]`` (the default when it is consistent)."""
     blocks = scale.shape[-1]

@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from .int8 import quantize_activation, quantize_weight
+from .int8 import DEFAULT_BLOCK_SIZE, dequantize_weight, quantize_activation, quantize_weight
 
 DEFAULT_ROTATION_GROUP = 256
 COMFY_ROTATION_GROUPS = (16, 64, 256)  # powers of 4: what comfy-kitchen can build
@@ -94,6 +94,14 @@ def rotate_weight(weight: torch.Tensor, group: int) -> torch.Tensor:
 def unrotate_weight(weight: torch.Tensor, group: int) -> torch.Tensor:
     """Inverse of :func:`rotate_weight` (``H`` is its own inverse), float32."""
     return rotate_weight(weight, group)
+
+
+def dequantize_unrotated(qweight: torch.Tensor, scale: torch.Tensor, group: int, dtype: torch.dtype = torch.float32,
+                         block_size: int = DEFAULT_BLOCK_SIZE) -> torch.Tensor:
+    """int8 + scale -> the float weight in the plain basis: un-rotated (in float32) when ``group`` > 0."""
+    if not group:
+        return dequantize_weight(qweight, scale, dtype, block_size)
+    return unrotate_weight(dequantize_weight(qweight, scale, torch.float32, block_size), group).to(dtype)
 
 
 def rotate_activation(x: torch.Tensor, group: int) -> torch.Tensor:

@@ -20,7 +20,6 @@ log = logging.getLogger("comfyui_headroom")
 CATEGORY = "headroom"
 METHODS = ["rowwise", "block", "tensorwise"]
 DESTINATIONS = ["diffusion_models", "output"]
-LAYOUTS = ["headroom", "comfy"]
 DIFFUSION_PREFIX = "diffusion_model."
 
 
@@ -76,6 +75,9 @@ class HeadroomSaveInt8Model:
 
     @classmethod
     def INPUT_TYPES(cls):
+        from ..quant.formats import writable_formats
+
+        layouts = writable_formats()
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The diffusion model to save, with the LoRAs / patches applied in "
@@ -92,8 +94,8 @@ class HeadroomSaveInt8Model:
                 "rotate": (ROTATIONS, {"default": "none", "tooltip":
                     "Hadamard-rotate the weights in groups of this many inputs (ComfyUI's convrot): much lower "
                     "INT8 error on layers with outlier channels. 128 is readable by headroom only."}),
-                "layout": (LAYOUTS, {"default": "headroom", "tooltip":
-                    "headroom: our layout; comfy: ComfyUI's int8_tensorwise (stock ComfyUI loads it; no block)."}),
+                "layout": ([f.name for f in layouts], {"default": "headroom", "tooltip":
+                    "; ".join(f"{f.name}: {f.summary}" for f in layouts)}),
                 "skip_patterns": ("STRING", {"default": "", "multiline": True, "tooltip":
                     "Extra substrings (comma or newline separated) naming layers to keep in full precision."}),
             },

@@ -19,7 +19,6 @@ conversion leaves neither OUT nor a temporary file behind, and the input is neve
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -30,37 +29,20 @@ from pathlib import Path
 
 import torch
 
-from .._version import __version__
-from ..kernels.int8 import (
-    DEFAULT_BLOCK_SIZE,
-    FP8_DTYPES,
-    METHODS,
-    QMAX,
-    dequantize_weight,
-    quantize_weight,
-    scale_from_amax,
-)
+from ..kernels.int8 import DEFAULT_BLOCK_SIZE, FP8_DTYPES, METHODS
 from ..units import format_gib
+from .chunked import CHUNK_ELEMENTS, WeightError, check_finite, float_rows, quantize_streamed, rows_per_chunk
 from .formats import (
-    COMFY_INT8_FORMAT,
-    COMFY_LEGACY_KEY,
-    COMFY_QUANT_SUFFIX,
-    FORMAT_VERSION,
-    INPUT_SCALE_SUFFIXES,
-    META_BLOCK_SIZE,
-    META_FORMAT_VERSION,
-    META_LAYOUT,
-    META_METHOD,
-    META_QUANTIZED,
-    META_SKIP_REASONS,
-    META_SKIPPED,
-    META_SOURCE_FILE,
-    META_SOURCE_HASH,
-    META_TOOL_VERSION,
-    SCALE_SUFFIXES,
+    FP8_MARKER_KEY,
+    Int8Format,
+    checkpoint_files,
+    conversion_metadata,
     describe_header,
-    encode_comfy_quant,
-    safetensors_files,
+    find_scale_key,
+    get_format,
+    layout_names,
+    quantization_keys,
+    registered_formats,
 )
 from .safetensors_stream import (
     PICKLE_SUFFIXES,
@@ -75,10 +57,7 @@ from .safetensors_stream import (
 )
 from .skip import DEFAULT_MIN_FEATURES, decide, resolve_patterns
 
-LAYOUTS = ("headroom", "comfy")
-CHUNK_ELEMENTS = 8 * 2**20  # float32 elements quantized at once (32 MB; temporaries ~5x that)
 KEPT_FP8_DTYPE = torch.bfloat16  # an fp8 layer that stays in float is dequantized to this
-FP8_MARKER_KEY = "scaled_fp8"  # old ComfyUI scaled-fp8 files carry this marker tensor
 
 # Parts of a layer name that mark an embedding / positional table (embeddings are 2-D like Linear weights).
 # Matched against each dot-separated component, split on "_": e.g. "pos_embed", "tok_embeddings",
@@ -194,7 +173,7 @@ class _Job:
 
     key: str
     action: str  # "copy" | "quantize" | "dequantize" (fp8 kept in float)
-    outputs: list[str]
+    outputs: list[str]  # what it writes: the tensor itself, or a quantized layer's tensors in its format
     fp8_scale_key: str | None = None
     rotation: int = 0  # > 0: quantize W H (block Hadamard of this size, see rotation.py)
 
@@ -207,28 +186,11 @@ class _Plan:
     kept: dict[str, str]
 
 
-def _scale_shape(method: str, layout: str, out_features: int, in_features: int, block_size: int) -> tuple[int, ...]:
-    if method == "tensorwise":
-        return ()
-    if method == "rowwise":
-        # ComfyUI's int8_tensorwise multiplies the int8 weight by the scale as stored: a row scale must be [out, 1].
-        return (out_features, 1) if layout == "comfy" else (out_features,)
-    return (out_features, math.ceil(in_features / block_size))
-
-
-def _comfy_config(rotation: int = 0) -> dict:
-    if rotation:  # rotated layers carry ComfyUI's convrot entry in both layouts: one marker every reader knows
-        from .rotation import comfy_quant_config
-
-        return comfy_quant_config(rotation, comfy=False)
-    return {"format": COMFY_INT8_FORMAT}
-
-
-def _fp8_scale_key(tensors: Mapping[str, TensorInfo], layer: str) -> str | None:
-    for suffix in SCALE_SUFFIXES:
-        if f"{layer}.{suffix}" in tensors:
-            return f"{layer}.{suffix}"
-    return None
+def layout_format(layout: str) -> Int8Format:
+    """The registered format that writes ``layout``; ConvertError listing the choices otherwise."""
+    if layout not in layout_names():
+        raise ConvertError(f"unknown layout '{layout}'; choose one of {', '.join(layout_names())}")
+    return get_format(layout)
 
 
 def plan_conversion(
@@ -249,12 +211,11 @@ def plan_conversion(
     as ``vae.<layer>``, so the ``vae`` pattern keeps a diffusers VAE folder in float).
     """
     tensors_in: Mapping[str, TensorInfo] = infos.tensors if isinstance(infos, Header) else infos
+    fmt = layout_format(layout)
     fp8_layers = {k[: -len(".weight")] for k, i in tensors_in.items() if k.endswith(".weight") and i.dtype in FP8_DTYPES}
     dropped = [FP8_MARKER_KEY] if FP8_MARKER_KEY in tensors_in else []
     for layer in fp8_layers:
-        for suffix in SCALE_SUFFIXES + INPUT_SCALE_SUFFIXES + (COMFY_QUANT_SUFFIX,):
-            if f"{layer}.{suffix}" in tensors_in:
-                dropped.append(f"{layer}.{suffix}")
+        dropped += quantization_keys(tensors_in, layer + ".")
     dropped_set = set(dropped)
     jobs, tensors, kept = [], {}, {}
     for key, info in tensors_in.items():
@@ -271,21 +232,15 @@ def plan_conversion(
                 reason = decision.reason if decision.skip else None
             if reason is None:
                 rotation = rotate if rotate and in_features % rotate == 0 else 0
-                outputs = [key, f"{layer}.weight_scale"]
-                tensors[key] = TensorInfo(torch.int8, info.shape)
-                tensors[f"{layer}.weight_scale"] = TensorInfo(
-                    torch.float32, _scale_shape(method, layout, out_features, in_features, block_size))
-                if layout == "comfy" or rotation:
-                    quant_key = f"{layer}.{COMFY_QUANT_SUFFIX}"
-                    outputs.append(quant_key)
-                    tensors[quant_key] = TensorInfo(torch.uint8, tuple(encode_comfy_quant(_comfy_config(rotation)).shape))
-                jobs.append(_Job(key, "quantize", outputs, _fp8_scale_key(tensors_in, layer) if is_fp8 else None,
-                                 rotation))
+                outputs = fmt.layer_infos(f"{layer}.", info.shape, method, block_size, rotation)
+                tensors.update(outputs)
+                jobs.append(_Job(key, "quantize", list(outputs),
+                                 find_scale_key(tensors_in, f"{layer}.") if is_fp8 else None, rotation))
                 continue
             kept[layer] = reason
         if is_fp8 and layer in fp8_layers:
             tensors[key] = TensorInfo(KEPT_FP8_DTYPE, info.shape)
-            jobs.append(_Job(key, "dequantize", [key], _fp8_scale_key(tensors_in, layer)))
+            jobs.append(_Job(key, "dequantize", [key], find_scale_key(tensors_in, f"{layer}.")))
         else:
             tensors[key] = info
             jobs.append(_Job(key, "copy", [key]))
@@ -296,92 +251,13 @@ def plan_conversion(
 # Quantizing one weight in chunks of rows
 # ---------------------------------------------------------------------------------------------------------
 
-def _float_rows(weight: torch.Tensor, start: int, stop: int, fp8_scale: torch.Tensor | None, device) -> torch.Tensor:
-    rows = weight[start:stop].to(device=device).float()
-    if fp8_scale is not None:
-        scale = fp8_scale.to(device=device, dtype=torch.float32)
-        if scale.numel() > 1:
-            scale = scale.reshape(-1)[start:stop].reshape(-1, 1)
-        rows = rows * scale
-    return rows
-
-
-def _check_finite(rows: torch.Tensor, name: str) -> None:
-    """ConvertError naming ``name`` when ``rows`` holds NaN or inf (aminmax propagates both; one cheap pass)."""
-    if rows.dtype in FP8_DTYPES:
-        rows = rows.float()
-    low, high = torch.aminmax(rows)
-    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
-        bad = "NaN" if bool(torch.isnan(low) or torch.isnan(high)) else "inf"
-        raise ConvertError(f"tensor '{name}' contains {bad} values; the source checkpoint is damaged "
-                           f"(re-download or re-export it)")
-
-
-def _rows_per_chunk(in_features: int) -> int:
-    return max(1, CHUNK_ELEMENTS // max(1, in_features))
-
-
-def quantize_streamed(
-    weight: torch.Tensor,
-    method: str,
-    block_size: int,
-    name: str,
-    fp8_scale: torch.Tensor | None = None,
-    device: str = "cpu",
-    rotation: int = 0,
-    rows_hook=None,
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Quantize a (possibly memory-mapped, possibly fp8) ``[out, in]`` weight chunk by chunk.
-
-    Returns ``(int8 [out, in], float32 scale, relative error)``; bit-identical to
-    :func:`.int8.quantize_weight` on the whole tensor. Raises ConvertError on NaN/inf.
-    """
-    out_features, in_features = weight.shape
-    step = _rows_per_chunk(in_features)
-
-    def rows_at(start: int) -> torch.Tensor:
-        """Float32 rows ``start:start+step``; ``rows_hook`` (LoRA merge) then rotation, when asked."""
-        rows = _float_rows(weight, start, min(start + step, out_features), fp8_scale, device)
-        if rows_hook is not None:
-            rows = rows_hook(rows, start)
-        if rotation:
-            from ..kernels.rotation import rotate_weight
-
-            rows = rotate_weight(rows, rotation)
-        return rows
-
-    global_scale = None
-    if method == "tensorwise":  # one scale for all rows: find the global absmax first
-        amax = torch.zeros((), dtype=torch.float32, device=device)
-        for start in range(0, out_features, step):
-            rows = rows_at(start)
-            _check_finite(rows, name)
-            amax = torch.maximum(amax, rows.abs().amax())
-        global_scale = scale_from_amax(amax)
-    qweight = torch.empty(out_features, in_features, dtype=torch.int8)
-    scales, err2, ref2 = [], 0.0, 0.0
-    for start in range(0, out_features, step):
-        rows = rows_at(start)
-        if global_scale is None:
-            _check_finite(rows, name)
-            q, scale = quantize_weight(rows, method, block_size)
-            scales.append(scale.cpu())
-        else:
-            q, scale = torch.round(rows / global_scale).clamp_(-QMAX, QMAX).to(torch.int8), global_scale
-        ref2 += float(torch.linalg.vector_norm(rows)) ** 2
-        err2 += float(torch.linalg.vector_norm(dequantize_weight(q, scale, torch.float32, block_size).sub_(rows))) ** 2
-        qweight[start:start + step] = q.cpu()
-    scale = global_scale.cpu().float() if global_scale is not None else torch.cat(scales, dim=0)
-    error = math.sqrt(err2 / ref2) if ref2 > 0 else math.sqrt(err2)
-    return qweight, scale, error
-
-
 def _dequantized(weight: torch.Tensor, fp8_scale: torch.Tensor | None, name: str) -> torch.Tensor:
+    """An fp8 weight kept in float: KEPT_FP8_DTYPE, computed a chunk of rows at a time."""
     out = torch.empty(weight.shape, dtype=KEPT_FP8_DTYPE)
-    step = _rows_per_chunk(weight.shape[1])
+    step = rows_per_chunk(weight.shape[1], CHUNK_ELEMENTS)
     for start in range(0, weight.shape[0], step):
-        rows = _float_rows(weight, start, start + step, fp8_scale, "cpu")
-        _check_finite(rows, name)
+        rows = float_rows(weight, start, start + step, fp8_scale, "cpu", name)
+        check_finite(rows, name)
         out[start:start + step] = rows.to(KEPT_FP8_DTYPE)
     return out
 
@@ -391,35 +267,22 @@ def _check_finite_copy(tensor: torch.Tensor, name: str) -> None:
         return
     flat = tensor.reshape(-1)
     for start in range(0, flat.numel(), CHUNK_ELEMENTS):
-        _check_finite(flat[start:start + CHUNK_ELEMENTS], name)
+        check_finite(flat[start:start + CHUNK_ELEMENTS], name)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # One file
 # ---------------------------------------------------------------------------------------------------------
 
-def _tool_version() -> str:
-    return __version__
-
-
-def _output_metadata(source: "_SourceInfo", plan: _Plan, report_quantized: list[str], method: str, block_size: int,
-                     layout: str) -> dict[str, str]:
-    metadata = {k: v for k, v in source.metadata.items() if k != COMFY_LEGACY_KEY and not k.startswith("headroom.")}
-    metadata.setdefault("format", "pt")
-    metadata.update({
-        META_FORMAT_VERSION: FORMAT_VERSION,
-        META_METHOD: method,
-        META_BLOCK_SIZE: str(block_size),
-        META_LAYOUT: layout,
-        META_QUANTIZED: json.dumps(report_quantized),
-        META_SKIPPED: json.dumps(sorted(plan.kept)),
-        META_SKIP_REASONS: json.dumps(plan.kept, sort_keys=True),
-        META_SOURCE_FILE: source.name,
-        META_TOOL_VERSION: _tool_version(),
-    })
-    if source.sha256:
-        metadata[META_SOURCE_HASH] = source.sha256
-    return metadata
+def _output_metadata(source: "_SourceInfo", plan: _Plan, method: str, block_size: int, layout: str, rotate: int,
+                     lora) -> dict[str, str]:
+    """Ours (formats/metadata.py) on top of the source's metadata, less what any format reads from a header: that
+    described the input, not the output."""
+    kept = {k: v for k, v in source.metadata.items() if not any(f.owns_header_key(k) for f in registered_formats())}
+    quantized = [j.key[: -len(".weight")] for j in plan.jobs if j.action == "quantize"]
+    return conversion_metadata(kept, method=method, block_size=block_size, layout=layout, quantized=quantized,
+                               kept=plan.kept, source_file=source.name, source_hash=source.sha256,
+                               rotation_group=rotate, loras=[f.spec.label for f in lora.files] if lora else ())
 
 
 def refuse_quantized_input(header: Header) -> None:
@@ -429,9 +292,9 @@ def refuse_quantized_input(header: Header) -> None:
         raise ConvertError(f"{header.path} is already quantized ({info.format} INT8, {info.method}, "
                            f"{len(info.quantized_layers)} layers); nothing to convert - see `headroom inspect {header.path}`")
     for key, tensor in header.tensors.items():  # packed 4-bit / other ComfyUI formats: weight stored as uint8
-        layer = key[: -len(".weight")]
+        prefix = key[: -len("weight")]
         packed = key.endswith(".weight") and not tensor.dtype.is_floating_point and tensor.dtype not in FP8_DTYPES
-        if packed and any(f"{layer}.{s}" in header.tensors for s in SCALE_SUFFIXES + (COMFY_QUANT_SUFFIX,)):
+        if packed and quantization_keys(header.tensors, prefix):
             raise ConvertError(f"{header.path} is already quantized ('{key}' is {str(tensor.dtype).replace('torch.', '')} "
                                f"with a scale: a packed 4-bit or other format headroom cannot re-quantize); convert "
                                f"from the bf16/fp16 original - see `headroom inspect {header.path}`")
@@ -462,12 +325,8 @@ def _write(source: _SourceInfo, reader: Mapping[str, torch.Tensor], dst: Path, m
     merged into each weight chunk by chunk before it is quantized.
     """
     plan = plan_conversion(source.infos, method, block_size, patterns, layout, name_prefix, rotate=rotate)
-    quantized_layers = [j.key[: -len(".weight")] for j in plan.jobs if j.action == "quantize"]
-    metadata = _output_metadata(source, plan, quantized_layers, method, block_size, layout)
-    if rotate:
-        metadata["headroom.rotation_group"] = str(rotate)
-    if lora:
-        metadata["headroom.loras"] = json.dumps([f.spec.label for f in lora.files])
+    fmt = layout_format(layout)
+    metadata = _output_metadata(source, plan, method, block_size, layout, rotate, lora)
     report = ConvertReport(source.label, str(dst), layout, method, block_size, kept=dict(plan.kept),
                            dropped_keys=list(plan.dropped), files=1)
     writer = StreamingWriter(dst, plan.tensors, metadata)
@@ -481,15 +340,15 @@ def _write(source: _SourceInfo, reader: Mapping[str, torch.Tensor], dst: Path, m
             if job.action == "quantize":
                 hook = (lambda rows, start, key=job.key: lora.merge_rows(key, rows, start)) if merging else None
                 q, scale, error = quantize_streamed(tensor, method, block_size, job.key, fp8_scale, device,
-                                                    rotation=job.rotation, rows_hook=hook)
-                report.quantized[job.key[: -len(".weight")]] = error
+                                                    rotation=job.rotation, rows_hook=hook,
+                                                    chunk_elements=CHUNK_ELEMENTS)
+                layer = job.key[: -len(".weight")]
+                report.quantized[layer] = error
                 if job.rotation:
-                    report.rotated.append(job.key[: -len(".weight")])
-                writer.write(job.outputs[0], q)
-                writer.write(job.outputs[1], scale.reshape(plan.tensors[job.outputs[1]].shape))
-                if len(job.outputs) > 2:
-                    writer.write(job.outputs[2], encode_comfy_quant(_comfy_config(job.rotation)))
-                del q
+                    report.rotated.append(layer)
+                for name, out in fmt.layer_tensors(f"{layer}.", q, scale, method, block_size, job.rotation).items():
+                    writer.write(name, out)
+                del q, out
             elif job.action == "dequantize":
                 kept = _dequantized(tensor, fp8_scale, job.key)
                 writer.write(job.key, lora.merge_full(job.key, kept) if merging else kept)
@@ -503,6 +362,9 @@ def _write(source: _SourceInfo, reader: Mapping[str, torch.Tensor], dst: Path, m
             if progress_bar is not None:
                 progress_bar.update(source.infos[job.key].nbytes)
         writer.close()
+    except WeightError as err:  # NaN/inf or a misfit fp8 scale in the input: one line for the user
+        writer.abort()
+        raise ConvertError(str(err)) from None
     except BaseException:
         writer.abort()
         raise
@@ -528,22 +390,10 @@ def _check_options(method: str, block_size: int, layout: str, device: str, rotat
         raise ConvertError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
     if block_size < 1:
         raise ConvertError(f"block size must be a positive integer, got {block_size}")
-    if layout not in LAYOUTS:
-        raise ConvertError(f"unknown layout '{layout}'; choose one of {', '.join(LAYOUTS)}")
-    if layout == "comfy" and method == "block":
-        raise ConvertError("ComfyUI's int8_tensorwise layout has one scale per tensor or per output row: it cannot "
-                           "express block scales. Use --method rowwise (or tensorwise) with --layout comfy, or "
-                           "--layout headroom for block")
-    if rotate:
-        from ..kernels.rotation import check_group
-
-        try:
-            check_group(rotate, comfy=layout == "comfy")
-        except ValueError as err:
-            raise ConvertError(f"--rotate {rotate}: {err}") from None
-        if layout == "comfy" and method != "rowwise":
-            raise ConvertError("ComfyUI's rotated (convrot) INT8 is per output channel only: use --method rowwise "
-                               "with --layout comfy --rotate, or --layout headroom")
+    try:
+        layout_format(layout).check_write(method, rotate)
+    except ValueError as err:
+        raise ConvertError(str(err)) from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConvertError(f"--device {device} requested but CUDA is not available; use --device cpu")
 
@@ -744,9 +594,7 @@ def convert_folder(
     src, dst = Path(src), Path(dst)
     _check_options(method, block_size, layout, device, rotate)
     _check_paths(src, dst, overwrite)
-    shards = safetensors_files(src)
-    if not shards:
-        raise FormatError(f"{src} is a folder without any .safetensors file")
+    shards = checkpoint_files(src)
     headers = {shard: read_header(shard) for shard in shards}
     for header in headers.values():
         refuse_quantized_input(header)
@@ -826,7 +674,7 @@ def convert_path(src: str | os.PathLike, dst: str | os.PathLike, **options) -> C
 def default_output(src: str | os.PathLike, method: str, layout: str) -> Path:
     """``model.safetensors`` -> ``model-int8-rowwise.safetensors`` (``-int8-comfy`` for the ComfyUI layout)."""
     src = Path(src)
-    tag = "comfy" if layout == "comfy" else method
+    tag = layout_format(layout).output_tag(method)
     if src.is_dir():
         return src.with_name(f"{src.name}-int8-{tag}")
     return src.with_name(f"{src.stem}-int8-{tag}.safetensors")

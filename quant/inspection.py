@@ -20,15 +20,15 @@ from ..kernels.int8 import DEFAULT_BLOCK_SIZE
 from ..units import format_gib
 from .convert import decision_prefix, plan_conversion
 from .formats import (
-    COMFY_QUANT_SUFFIX,
-    INPUT_SCALE_SUFFIXES,
-    SCALE_SUFFIXES,
+    FP8_MARKER_KEY,
+    checkpoint_files,
     FileInfo,
     describe_header,
+    layer_format,
     merge_infos,
-    safetensors_files,
+    quantization_keys,
 )
-from .safetensors_stream import FormatError, Header, read_header
+from .safetensors_stream import Header, read_header
 from .skip import resolve_patterns
 
 NF4_BLOCK = 64
@@ -107,13 +107,9 @@ class InspectReport:
         return "\n".join(lines)
 
 
-def _scale_keys(layer: str) -> list[str]:
-    return [f"{layer}.{s}" for s in SCALE_SUFFIXES + INPUT_SCALE_SUFFIXES + (COMFY_QUANT_SUFFIX,)]
-
-
 def _estimate(header: Header, info: FileInfo, name_prefix: str) -> tuple[VramEstimate, int, int]:
     estimate = VramEstimate()
-    overhead: set[str] = {"scaled_fp8"}
+    overhead: set[str] = {FP8_MARKER_KEY}
     if info.is_quantized:
         quantized = {f"{layer}.weight" for layer in info.quantized_layers}
         would_q = would_k = 0
@@ -122,14 +118,13 @@ def _estimate(header: Header, info: FileInfo, name_prefix: str) -> tuple[VramEst
         quantized = {job.key for job in plan.jobs if job.action == "quantize"}
         would_q, would_k = len(quantized), len(plan.kept)
     for key in quantized:
-        layer = key[: -len(".weight")]
-        overhead.update(_scale_keys(layer))
-        rows = header.tensors[key].shape[0]
-        scale = header.tensors.get(f"{layer}.weight_scale") or header.tensors.get(f"{layer}.scale_weight")
-        if info.is_quantized and scale is not None:
-            estimate.int8_scale_bytes += scale.numel * 4
-        else:
-            estimate.int8_scale_bytes += rows * 4
+        prefix = key[: -len("weight")]
+        overhead.update(quantization_keys(header.tensors, prefix))
+        scale_key = None
+        if info.is_quantized:  # the file's own scale, where its format keeps it; else one per output row
+            scale_key = layer_format(header.tensors, prefix, header.metadata).scale_key(header.tensors, prefix)
+        scales = header.tensors[scale_key].numel if scale_key else header.tensors[key].shape[0]
+        estimate.int8_scale_bytes += 4 * scales
     for key, tensor in header.tensors.items():
         if key in quantized:
             estimate.quantizable_parameters += tensor.numel
@@ -141,13 +136,7 @@ def _estimate(header: Header, info: FileInfo, name_prefix: str) -> tuple[VramEst
 def inspect_path(path: str | os.PathLike) -> InspectReport:
     """Describe a safetensors file or a folder of them (headers only)."""
     path = Path(path)
-    if path.is_dir():
-        files = safetensors_files(path)
-        if not files:
-            raise FormatError(f"{path} is a folder without any .safetensors file")
-        pairs = [(f, read_header(f)) for f in files]
-    else:
-        pairs = [(path, read_header(path))]
+    pairs = [(f, read_header(f)) for f in checkpoint_files(path)]
     infos, total, would_q, would_k = [], VramEstimate(), 0, 0
     for file, header in pairs:
         info = describe_header(header)

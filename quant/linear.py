@@ -21,8 +21,15 @@ from torch import nn
 from ..kernels import int8_linear
 from ..kernels.dispatch import choose_kernel, int8_linear_int8_input
 from ..kernels.hadamard import rotated_int8_linear
-from ..kernels.int8 import DEFAULT_BLOCK_SIZE, block_size_of, dequantize_weight, method_of_scale, quantize_weight
-from ..kernels.rotation import check_group, quantize_rotated, rotation_fits, unrotate_weight
+from ..kernels.int8 import (
+    DEFAULT_BLOCK_SIZE,
+    block_size_of,
+    method_of_scale,
+    normalise_scale,
+    quantize_weight,
+    scale_shape,
+)
+from ..kernels.rotation import check_group, dequantize_unrotated, quantize_rotated, rotation_fits
 from .lora import apply_side_branches
 
 
@@ -54,14 +61,8 @@ class Int8Linear(nn.Module):
         self.rotation_group = 0  # > 0: weight holds Q(W H) with H a block Hadamard of this size (quant/rotation.py)
 
     def _empty_scale(self, method: str, device) -> torch.Tensor:
-        if method == "tensorwise":
-            return torch.ones((), dtype=torch.float32, device=device)
-        if method == "rowwise":
-            return torch.ones(self.out_features, dtype=torch.float32, device=device)
-        if method == "block":
-            blocks = -(-self.in_features // self.block_size)
-            return torch.ones(self.out_features, blocks, dtype=torch.float32, device=device)
-        raise ValueError(f"unknown INT8 method {method!r}")
+        shape = scale_shape(method, self.out_features, self.in_features, self.block_size)
+        return torch.ones(shape, dtype=torch.float32, device=device)
 
     @property
     def method(self) -> str:
@@ -119,7 +120,7 @@ class Int8Linear(nn.Module):
         layer = cls(in_features, out_features, bias=bias is not None, block_size=block_size,
                     compute_dtype=compute_dtype, device="meta")
         layer.weight = weight
-        layer.weight_scale = _normalise_scale(weight_scale.float(), out_features)
+        layer.weight_scale = normalise_scale(weight_scale, (out_features, in_features))
         if layer.method == "block":
             layer.block_size = block_size_of(in_features, layer.weight_scale, block_size)
         if bias is not None:
@@ -135,10 +136,7 @@ class Int8Linear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight in the plain basis (un-rotated when the layer is rotated)."""
-        if self.rotation_group:
-            plain = dequantize_weight(self.weight, self.weight_scale, torch.float32, self.block_size)
-            return unrotate_weight(plain, self.rotation_group).to(dtype)
-        return dequantize_weight(self.weight, self.weight_scale, dtype, self.block_size)
+        return dequantize_unrotated(self.weight, self.weight_scale, self.rotation_group, dtype, self.block_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.int8_forward(x, self.weight, self.weight_scale, self.bias)
@@ -202,7 +200,7 @@ class Int8Linear(nn.Module):
         # Accept any scale layout: resize our buffer to the incoming one before the copy.
         key = prefix + "weight_scale"
         if key in state_dict:
-            incoming = _normalise_scale(state_dict[key].float(), self.out_features)
+            incoming = normalise_scale(state_dict[key], (self.out_features, self.in_features), key)
             state_dict[key] = incoming
             if incoming.shape != self.weight_scale.shape:
                 self.weight_scale = torch.empty_like(incoming, device=self.weight_scale.device)
@@ -215,15 +213,6 @@ class Int8Linear(nn.Module):
         extra += f", rotation_group={self.rotation_group}" if self.rotation_group else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, method={self.method}{extra}")
-
-
-def _normalise_scale(scale: torch.Tensor, out_features: int) -> torch.Tensor:
-    """``[out, 1]`` -> ``[out]``; ``[1]`` -> ``[]``; other layouts unchanged."""
-    if scale.ndim == 2 and scale.shape[1] == 1 and scale.shape[0] == out_features:
-        return scale.reshape(out_features)
-    if scale.numel() == 1 and scale.ndim > 0 and not (scale.ndim == 1 and out_features == 1):
-        return scale.reshape(())
-    return scale
 
 
 def int8_layers(model: nn.Module) -> list[tuple[str, Int8Linear]]:

@@ -238,7 +238,6 @@ def dequantize_int8_lora(tensors: Mapping[str, torch.Tensor], file_metadata: dic
     INT8 LoRA factors use the same layouts as INT8 checkpoints (``<name>.weight`` int8 +
     ``<name>.weight_scale`` / ``comfy_quant``), read by :func:`.formats.parse_int8_layer`.
     """
-    from ..kernels.int8 import dequantize_weight
     from .formats import parse_int8_layer
 
     out = dict(tensors)
@@ -250,18 +249,9 @@ def dequantize_int8_lora(tensors: Mapping[str, torch.Tensor], file_metadata: dic
         layer = parse_int8_layer(tensors, prefix, file_metadata)
         if layer is None:
             continue
-        weight = dequantize_weight(layer.weight, layer.scale, torch.float32, layer.block_size)
-        if layer.convrot:
-            from ..kernels.rotation import unrotate_weight
-            from .formats import decode_comfy_quant
-            from .rotation import rotation_group_of
-
-            quant_key = prefix + "comfy_quant"
-            config = decode_comfy_quant(tensors[quant_key]) if quant_key in tensors else {"convrot": True}
-            weight = unrotate_weight(weight, rotation_group_of(config))
         for consumed in layer.consumed_keys:
             out.pop(consumed, None)
-        out[key] = weight.to(dtype)
+        out[key] = layer.dequantized(dtype)
         count += 1
     return out, count
 

@@ -147,6 +147,30 @@ def test_convrot_flag_and_unknown_comfy_format(gen):
         parse_int8_layer(state, PREFIX)
 
 
+def test_rotation_group_is_read_by_the_format(gen):
+    """The format that reads a rotated layer says its group (nested under params too, or from an old header), and
+    refuses a group it cannot undo, naming the tensor; dequantized() un-rotates."""
+    from comfyui_headroom.kernels.rotation import quantize_rotated
+
+    weight = torch.randn(256, 512, generator=gen)
+    q, scale = quantize_rotated(weight, 64, "rowwise")
+    nested = {"format": "int8_tensorwise", "params": {"convrot": True, "convrot_groupsize": 64}}
+    state = {PREFIX + "weight": q, PREFIX + "weight_scale": scale[:, None],
+             PREFIX + "comfy_quant": encode_comfy_quant(nested)}
+    parsed = parse_int8_layer(state, PREFIX)
+    assert (parsed.source_format, parsed.rotation_group, parsed.convrot) == ("comfy", 64, True)
+    assert relative_error(parsed.dequantized(), weight) < 0.02
+    assert relative_error(dequantize_weight(parsed.weight, parsed.scale), weight) > 0.5  # still rotated on disk
+    legacy = {COMFY_LEGACY_KEY: json.dumps({"layers": {PREFIX[:-1]: {"format": "int8_tensorwise", "convrot": True}}})}
+    plain_state = {k: v for k, v in state.items() if not k.endswith("comfy_quant")}
+    assert parse_int8_layer(plain_state, PREFIX, legacy).rotation_group == 256  # ComfyUI's default group
+    assert parse_int8_layer(plain_state, PREFIX).rotation_group == 0
+    state[PREFIX + "comfy_quant"] = encode_comfy_quant({"format": "int8_tensorwise", "convrot": True,
+                                                        "convrot_groupsize": 48})
+    with pytest.raises(ValueError, match=r"'blocks\.0\.attn\.qkv\.weight' is Hadamard-rotated \(convrot\).*un-rotate"):
+        parse_int8_layer(state, PREFIX)
+
+
 def test_float_and_fp8_layers_are_not_int8(gen):
     state = {PREFIX + "weight": torch.randn(8, 8, generator=gen).to(torch.float8_e4m3fn),
              PREFIX + "weight_scale": torch.tensor(0.5),

@@ -42,6 +42,7 @@ def _layer(tensors, metadata, name):
     group = 0
     if parsed.convrot:
         group = rotation_group_of(decode_comfy_quant(tensors[name + ".comfy_quant"]))
+    assert parsed.rotation_group == group  # the format read the group once
     return Int8Linear.from_quantized(parsed.weight, parsed.scale, block_size=parsed.block_size,
                                      compute_dtype=torch.float32, rotation_group=group)
 

@@ -57,6 +57,7 @@ def _read(path):
 def _plain_weight(tensors, metadata, name):
     parsed = parse_int8_layer(tensors, name + ".", metadata)
     group = rotation_group_of(decode_comfy_quant(tensors[name + ".comfy_quant"])) if parsed.convrot else 0
+    assert parsed.rotation_group == group  # the format read the group once
     return Int8Linear.from_quantized(parsed.weight, parsed.scale, block_size=parsed.block_size,
                                      rotation_group=group).dequantized_weight()
 

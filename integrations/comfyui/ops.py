@@ -5,11 +5,12 @@ with *our* layer classes (as ComfyUI-GGUF does). :func:`make_int8_ops` returns s
 
 * ``Linear`` decides per layer, while the state dict is loaded, what it becomes:
   - the file already holds an INT8 weight (ours, ComfyUI ``int8_tensorwise`` incl. per-channel scales and
-    the Hadamard-rotated ``convrot`` variant, lightx2v/OneTrainer): kept as is, read by
-    :func:`.formats.parse_int8_layer`; a rotated weight keeps ``rotation_group`` so the input is rotated
-    to match (never computed as if plain);
+    the Hadamard-rotated ``convrot`` variant, lightx2v/OneTrainer: any registered format): kept as is, read by
+    :func:`...quant.formats.parse_int8_layer`; a rotated weight keeps the ``rotation_group`` its format read,
+    so the input is rotated to match (never computed as if plain);
   - a float / fp8 weight that no skip rule protects, with ``quantize_on_load``: quantized right there, one
-    layer at a time, and the source pages of the memory-mapped file are handed back
+    layer at a time and a few rows at a time (:func:`...quant.chunked.quantize_streamed`, the converter's own),
+    and the source pages of the memory-mapped file are handed back
     (:mod:`.page_release`) - no second full copy in RAM (seed 003); with ``rotation_group`` the weight is
     Hadamard-rotated first (QuaRot, :mod:`.rotation`) and its input is rotated to match at run time;
   - otherwise it stays a float layer that behaves exactly like ComfyUI's ``manual_cast.Linear``.
@@ -21,22 +22,30 @@ on the CPU, the forward copies it over with ComfyUI's ``cast_bias_weight`` (offl
 memory) - int8 bytes, never a float copy. LoRA on it runs as float side branches that
 ``Int8ModelPatcher`` (:mod:`.comfy_patcher`) builds from the patcher's patches (see :mod:`.lora`).
 
-Nothing here imports ComfyUI at module level: the classes are built on first use.
+Nothing here imports ComfyUI at module level: the classes are built on first use (:func:`_base_classes`); what a
+layer does while loading is plain functions of the layer (:func:`_load_linear` and its helpers).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ...kernels.int8 import DEFAULT_BLOCK_SIZE, FP8_DTYPES, METHODS, dequantize_weight, quantize_weight
+from ...kernels.int8 import DEFAULT_BLOCK_SIZE, FP8_DTYPES, METHODS
+from ...kernels.rotation import dequantize_unrotated, rotation_fits
+from ...quant.chunked import WeightError, float_rows, quantize_streamed
+from ...quant.formats import (
+    Int8LayerTensors,
+    find_scale_key,
+    layer_comfy_format,
+    parse_int8_layer,
+    quantization_keys,
+)
 from ...quant.linear import Int8Linear
 from ...quant.page_release import release_file_pages
 from ...quant.skip import DEFAULT_MIN_FEATURES, decide, resolve_patterns
@@ -155,72 +164,177 @@ class LoadLog:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The layer classes (built once, on first use, because they subclass ComfyUI's)
+# What one Linear becomes while its state dict loads (functions of the layer: no ComfyUI import needed)
 # ---------------------------------------------------------------------------------------------------
 
 def _module_name(config_prefix: str, prefix: str) -> str:
     return config_prefix + (prefix[:-1] if prefix.endswith(".") else prefix)
 
 
-def _fp8_to_float(weight: torch.Tensor, state_dict: dict, prefix: str, name: str) -> torch.Tensor:
-    """An fp8 weight (scaled or not) as float32; pops its scale keys."""
-    scale = None
-    for suffix in ("weight_scale", "scale_weight"):
-        value = state_dict.pop(prefix + suffix, None)
-        if value is not None:
-            scale = value.float()
-    for suffix in ("input_scale", "scale_input"):
-        state_dict.pop(prefix + suffix, None)
-    w = weight.float()
-    if scale is not None:
-        if scale.numel() == 1:
-            w = w * scale.reshape(())
-        elif scale.numel() == w.shape[0]:
-            w = w * scale.reshape(-1, 1)
+def _init_unloaded(layer, in_features: int, out_features: int, bias: bool, dtype) -> None:
+    """A layer without tensors yet: the state dict decides what it becomes (:func:`_load_linear`)."""
+    nn.Module.__init__(layer)
+    layer.in_features = in_features
+    layer.out_features = out_features
+    layer.block_size = layer._config.block_size
+    layer.rotation_group = 0
+    layer.lora = []
+    layer.float_dtype = dtype if dtype is not None else torch.float32
+    layer.expects_bias = bool(bias)
+    layer.register_parameter("weight", None)
+    layer.register_parameter("bias", None)
+    layer.register_buffer("weight_scale", None)
+    layer.weight_function = []
+    layer.bias_function = []
+    layer._headroom_patches = None
+    layer._log.linear_layers += 1
+
+
+def _load_linear(layer, state_dict: dict, prefix: str, missing_keys: list) -> None:
+    """The file's INT8 layer kept as it is, or a float / fp8 weight quantized right here or kept float."""
+    record = layer._log
+    name = _module_name(layer._name_prefix, prefix)
+    stored = _take_int8_layer(state_dict, prefix, name, layer._config.file_metadata)
+    bias = state_dict.pop(prefix + "bias", None)
+    if stored is not None:
+        _hold_int8(layer, stored.weight, stored.scale, stored.block_size, stored.rotation_group)
+        record.from_file[name] = stored.source_format + ("+convrot" if stored.rotation_group else "")
+    else:
+        weight, fp8_scale = _take_float_weight(state_dict, prefix, name)
+        if weight is None:
+            record.missing.append(name)
+            missing_keys.append(prefix + "weight")
+            weight = torch.zeros(layer.out_features, layer.in_features, dtype=layer.float_dtype)
+        _quantize_or_keep_float(layer, weight, fp8_scale, name)
+    _load_bias(layer, bias, prefix, missing_keys)
+    record.step()
+
+
+def _take_int8_layer(state_dict: dict, prefix: str, name: str, file_metadata) -> Int8LayerTensors | None:
+    """The INT8 layer the file holds at ``prefix`` in any registered format, its keys taken out of the state dict;
+    None when the weight there is not int8. Int8LoadError naming the layer when it cannot be used as it is (e.g. a
+    rotation headroom cannot undo: never computed as if plain)."""
+    try:
+        stored = parse_int8_layer(state_dict, prefix, file_metadata)
+    except ValueError as err:
+        raise Int8LoadError(f"layer '{name}': {err}") from None
+    if stored is not None:
+        for key in stored.consumed_keys:
+            state_dict.pop(key, None)
+    return stored
+
+
+def _take_float_weight(state_dict: dict, prefix: str, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(weight, fp8 scale)`` of a layer that is not INT8 in the file, the keys that described its quantization
+    taken out; Int8LoadError for a ComfyUI format (nvfp4, ...) headroom cannot convert."""
+    fmt = layer_comfy_format(state_dict, prefix)
+    if fmt not in (None, "float8_e4m3fn", "float8_e5m2"):
+        raise Int8LoadError(f"layer '{name}' is stored as ComfyUI '{fmt}', which headroom cannot "
+                            f"convert to INT8; load this file with ComfyUI's UNETLoader instead")
+    weight = state_dict.pop(prefix + "weight", None)
+    scale_key = find_scale_key(state_dict, prefix)
+    fp8_scale = state_dict[scale_key] if scale_key and weight is not None and weight.dtype in FP8_DTYPES else None
+    for key in quantization_keys(state_dict, prefix):
+        state_dict.pop(key)
+    return weight, fp8_scale
+
+
+def _quantize_or_keep_float(layer, weight: torch.Tensor, fp8_scale: torch.Tensor | None, name: str) -> None:
+    """Quantize ``weight`` here, a few rows at a time (rotated where the config asks and the width fits), unless
+    the config or a skip rule keeps it float; the file's pages are handed back either way (seed 003)."""
+    cfg, record = layer._config, layer._log
+    if not weight.is_floating_point():
+        raise Int8LoadError(f"layer '{name}': weight has dtype {weight.dtype}; expected float, fp8 or int8")
+    if tuple(weight.shape) != (layer.out_features, layer.in_features):
+        raise Int8LoadError(f"layer '{name}': weight {tuple(weight.shape)} does not fit "
+                            f"[{layer.out_features}, {layer.in_features}]")
+    decision = None
+    if cfg.quantize_on_load:
+        decision = decide(name, layer.in_features, layer.out_features, cfg.patterns, cfg.method, cfg.block_size,
+                          cfg.min_features)
+    try:
+        if decision is not None and not decision.skip:
+            group = cfg.rotation_group if rotation_fits(layer.in_features, cfg.rotation_group) else 0
+            q, scale, _ = quantize_streamed(weight, cfg.method, cfg.block_size, f"{name}.weight", fp8_scale,
+                                            cfg.device_for_quantization(), rotation=group, measure_error=False)
+            _hold_int8(layer, q, scale, cfg.block_size, group, copy=False)
+            record.quantized_on_load.append(name)
+            if group:
+                record.rotated_on_load.append(name)
         else:
-            raise Int8LoadError(f"{name}: fp8 scale of shape {tuple(scale.shape)} does not fit weight "
-                                f"{tuple(w.shape)}; re-export the file or load it with ComfyUI's UNETLoader")
-    return w
+            plain = float_rows(weight, scale=fp8_scale, name=f"{name}.weight") if weight.dtype in FP8_DTYPES else weight
+            layer.weight = nn.Parameter(plain.to(layer.float_dtype, copy=True), requires_grad=False)
+            record.kept_float[name] = decision.reason if decision is not None else "quantize_on_load off"
+            record.float_linear_bytes += layer.weight.numel() * layer.weight.element_size()
+    except WeightError as err:  # NaN/inf, or an fp8 scale that does not fit: the message names the tensor
+        raise Int8LoadError(str(err)) from None
+    record.released_bytes += release_file_pages(weight)
 
 
-CHUNK_BYTES = 64 * 2**20  # float32 working set per quantization step
+def _hold_int8(layer, weight: torch.Tensor, scale: torch.Tensor, block_size: int, group: int, copy: bool = True):
+    """Make ``layer`` an INT8 layer holding ``weight`` (its file pages handed back once copied)."""
+    data = weight.detach().to("cpu")
+    layer.weight = nn.Parameter(data.clone() if copy else data, requires_grad=False)
+    release_file_pages(weight)
+    layer.weight_scale = scale.detach().to("cpu", torch.float32).clone()
+    layer.block_size = int(block_size)
+    if group:
+        layer._set_rotation(group)
+    layer.weight_comfy_model_dtype = torch.int8
+    layer.weight_scale_comfy_model_dtype = torch.float32
+    layer._log.int8_bytes += layer.weight.numel() + layer.weight_scale.numel() * 4
 
 
-def quantize_in_row_chunks(weight: torch.Tensor, method: str, block_size: int, device: torch.device,
-                           rotation_group: int = 0):
-    """:func:`.int8.quantize_weight` a few rows at a time (row and block scales are per row, so the result is
-    identical) - the float32 temporaries of a 100M-parameter layer would otherwise cost GBs of RAM.
+def _load_bias(layer, bias: torch.Tensor | None, prefix: str, missing_keys: list) -> None:
+    if bias is None:
+        if not layer.expects_bias:
+            return
+        missing_keys.append(prefix + "bias")
+        bias = torch.zeros(layer.out_features)
+    dtype = layer.float_dtype if layer.float_dtype.is_floating_point and \
+        layer.float_dtype not in FP8_DTYPES else torch.bfloat16
+    layer.bias = nn.Parameter(bias.to(dtype, copy=True), requires_grad=False)
+    release_file_pages(bias)
 
-    ``rotation_group > 0`` quantizes ``W H`` instead (the Hadamard rotation mixes inputs within a row, so it
-    too works row chunk by row chunk)."""
-    from ...kernels.rotation import rotate_weight
 
-    def prepare(rows: torch.Tensor) -> torch.Tensor:
-        rows = rows.to(device)
-        return rotate_weight(rows, rotation_group) if rotation_group else rows
+def _int8_forward(layer, x: torch.Tensor, comfy_ops) -> torch.Tensor:
+    """The INT8 forward under ComfyUI's memory management: a weight that its partial loading left on another
+    device comes over as int8 bytes (with a patched bias) through ComfyUI's caster."""
+    if layer.weight_function:
+        raise RuntimeError(
+            f"INT8 layer got weight functions {[type(f).__name__ for f in layer.weight_function]} from a "
+            f"model patcher; headroom's INT8 layers apply LoRAs as side branches only. Load the model "
+            f"with 'Load Diffusion Model (INT8)' and apply LoRAs to its output.")
+    stream = None
+    if layer.weight.device == x.device and not layer.bias_function:
+        weight, bias = layer.weight, layer.bias
+    else:
+        weight, bias, stream = comfy_ops.cast_bias_weight(layer, x, dtype=torch.int8, bias_dtype=x.dtype,
+                                                          offloadable=True)
+    scale = layer.weight_scale
+    if scale.device != x.device:
+        scale = scale.to(x.device, non_blocking=True)
+    y = layer.int8_forward(x, weight, scale, bias)
+    if stream is not None:
+        comfy_ops.uncast_bias_weight(layer, weight, bias, stream)
+    return y
 
-    out_features, in_features = weight.shape
-    rows = max(1, CHUNK_BYTES // (4 * in_features))
-    if method == "tensorwise" or rows >= out_features:
-        q, scale = quantize_weight(prepare(weight), method, block_size)
-        return q.to("cpu"), scale.to("cpu")
-    q = torch.empty(out_features, in_features, dtype=torch.int8)
-    scales = []
-    for start in range(0, out_features, rows):
-        part_q, part_scale = quantize_weight(prepare(weight[start:start + rows]), method, block_size)
-        q[start:start + rows] = part_q.to("cpu")
-        scales.append(part_scale.to("cpu"))
-    return q, torch.cat(scales)
 
+MERGE_REFUSED = (
+    "An INT8 layer loaded by 'Load Diffusion Model (INT8)' / 'Load CLIP (INT8)' was asked to merge a weight patch "
+    "({in_features}->{out_features}). INT8 layers take LoRAs as float side branches through headroom's model "
+    "patcher; the model seems to be driven by a different ModelPatcher here. Apply LoRAs with 'LoRA Loader (INT8)' "
+    "or ComfyUI's LoraLoader directly on the loader's output.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The layer classes (built once, on first use, because they subclass ComfyUI's)
+# ---------------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
 def _base_classes():
     """(Linear, Embedding) base classes subclassing ComfyUI's ``manual_cast`` ones."""
     import comfy.ops as comfy_ops
-
-    from ...kernels.rotation import rotation_fits, unrotate_weight
-    from ...quant.formats import COMFY_QUANT_SUFFIX, comfy_legacy_layers, decode_comfy_quant, parse_int8_layer
-    from ...quant.rotation import rotation_group_of
 
     class HeadroomLinear(Int8Linear, comfy_ops.CastWeightBiasOp):
         """INT8 when the load decides so (``weight_scale`` set), else ComfyUI's float ``manual_cast.Linear``."""
@@ -231,21 +345,7 @@ def _base_classes():
         _name_prefix = ""
 
         def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
-            nn.Module.__init__(self)
-            self.in_features = in_features
-            self.out_features = out_features
-            self.block_size = self._config.block_size
-            self.rotation_group = 0
-            self.lora = []
-            self.float_dtype = dtype if dtype is not None else torch.float32
-            self.expects_bias = bool(bias)
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-            self.register_buffer("weight_scale", None)
-            self.weight_function = []
-            self.bias_function = []
-            self._headroom_patches = None
-            self._log.linear_layers += 1
+            _init_unloaded(self, in_features, out_features, bias, dtype)
 
         @property
         def is_int8(self) -> bool:
@@ -254,151 +354,33 @@ def _base_classes():
         def reset_parameters(self):
             return None
 
-        # -- loading ---------------------------------------------------------------------------------
         def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                                   unexpected_keys, error_msgs):
-            cfg, record = self._config, self._log
-            name = _module_name(self._name_prefix, prefix)
-            quant_raw = state_dict.get(prefix + COMFY_QUANT_SUFFIX)
-            try:
-                layer = parse_int8_layer(state_dict, prefix, cfg.file_metadata)
-            except ValueError as err:
-                raise Int8LoadError(f"layer '{name}': {err}") from None
-            bias = state_dict.pop(prefix + "bias", None)
-            if layer is not None:
-                config = decode_comfy_quant(quant_raw) if quant_raw is not None else \
-                    comfy_legacy_layers(cfg.file_metadata).get(prefix[:-1], {})
-                group = 0
-                if layer.convrot:
-                    try:
-                        group = rotation_group_of(config if config else {"convrot": True})
-                    except ValueError as err:
-                        raise Int8LoadError(f"layer '{name}' is Hadamard-rotated (convrot) with {err}; "
-                                            f"headroom refuses to compute with a rotated weight it cannot "
-                                            f"un-rotate. Re-export it with convrot_groupsize 16, 64 or 256.") from None
-                for key in layer.consumed_keys:
-                    state_dict.pop(key, None)
-                self._become_int8(layer.weight, layer.scale, layer.block_size, group)
-                record.from_file[name] = layer.source_format + ("+convrot" if group else "")
-            else:
-                weight = state_dict.pop(prefix + "weight", None)
-                if weight is None:
-                    record.missing.append(name)
-                    missing_keys.append(prefix + "weight")
-                    weight = torch.zeros(self.out_features, self.in_features, dtype=self.float_dtype)
-                self._load_float_or_quantize(weight, state_dict, prefix, name, quant_raw)
-            self._load_bias(bias, prefix, missing_keys)
-            record.step()
-
-        def _become_int8(self, weight, scale, block_size, group, copy=True):
-            data = weight.detach().to("cpu")
-            self.weight = nn.Parameter(data.clone() if copy else data, requires_grad=False)
-            release_file_pages(weight)
-            self.weight_scale = scale.detach().to("cpu", torch.float32).clone()
-            self.block_size = int(block_size)
-            if group:
-                self._set_rotation(group)
-            self.weight_comfy_model_dtype = torch.int8
-            self.weight_scale_comfy_model_dtype = torch.float32
-            self._log.int8_bytes += self.weight.numel() + self.weight_scale.numel() * 4
-
-        def _load_float_or_quantize(self, weight, state_dict, prefix, name, quant_raw):
-            cfg, record = self._config, self._log
-            if quant_raw is not None:
-                fmt = decode_comfy_quant(quant_raw).get("format")
-                state_dict.pop(prefix + COMFY_QUANT_SUFFIX, None)
-                if fmt not in (None, "float8_e4m3fn", "float8_e5m2"):
-                    raise Int8LoadError(f"layer '{name}' is stored as ComfyUI '{fmt}', which headroom cannot "
-                                        f"convert to INT8; load this file with ComfyUI's UNETLoader instead")
-            source = weight
-            if weight.dtype in FP8_DTYPES:
-                weight = _fp8_to_float(weight, state_dict, prefix, name)
-            elif not weight.is_floating_point():
-                raise Int8LoadError(f"layer '{name}': weight has dtype {weight.dtype}; expected float, fp8 or int8")
-            if tuple(weight.shape) != (self.out_features, self.in_features):
-                raise Int8LoadError(f"layer '{name}': weight {tuple(weight.shape)} does not fit "
-                                    f"[{self.out_features}, {self.in_features}]")
-            if cfg.quantize_on_load:
-                decision = decide(name, self.in_features, self.out_features, cfg.patterns, cfg.method,
-                                  cfg.block_size, cfg.min_features)
-            else:
-                decision = None
-            if decision is not None and not decision.skip:
-                group = cfg.rotation_group if rotation_fits(self.in_features, cfg.rotation_group) else 0
-                q, scale = quantize_in_row_chunks(weight, cfg.method, cfg.block_size, cfg.device_for_quantization(),
-                                                  group)
-                self._become_int8(q, scale, cfg.block_size, group, copy=False)
-                record.quantized_on_load.append(name)
-                if group:
-                    record.rotated_on_load.append(name)
-            else:
-                reason = decision.reason if decision is not None else "quantize_on_load off"
-                self.weight = nn.Parameter(weight.to(self.float_dtype, copy=True), requires_grad=False)
-                record.kept_float[name] = reason
-                record.float_linear_bytes += self.weight.numel() * self.weight.element_size()
-            record.released_bytes += release_file_pages(source)
-
-        def _load_bias(self, bias, prefix, missing_keys):
-            if bias is None:
-                if self.expects_bias:
-                    missing_keys.append(prefix + "bias")
-                    bias = torch.zeros(self.out_features)
-                else:
-                    return
-            dtype = self.float_dtype if self.float_dtype.is_floating_point and \
-                self.float_dtype not in FP8_DTYPES else torch.bfloat16
-            self.bias = nn.Parameter(bias.to(dtype, copy=True), requires_grad=False)
-            release_file_pages(bias)
+            _load_linear(self, state_dict, prefix, missing_keys)
 
         # -- ComfyUI's patch hooks: INT8 weights are never merged ------------------------------------
         def convert_weight(self, weight, inplace=False, **kwargs):
             """ComfyUI hands us ``weight`` cast to float: for an INT8 layer that is the raw int8 values."""
             if not self.is_int8:
                 return weight
-            plain = dequantize_weight(weight.round().to(torch.int8), self.weight_scale.to(weight.device),
-                                      torch.float32, self.block_size)
-            if self.rotation_group:
-                plain = unrotate_weight(plain, self.rotation_group)
-            return plain.to(weight.dtype)
+            return dequantize_unrotated(weight.round().to(torch.int8), self.weight_scale.to(weight.device),
+                                        self.rotation_group, weight.dtype, self.block_size)
 
         def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
-            if return_weight or not self.is_int8:
-                if return_weight:
-                    return weight
-                self.weight = nn.Parameter(weight.to(self.weight.dtype), requires_grad=False)
-                return None
-            raise RuntimeError(
-                f"An INT8 layer loaded by 'Load Diffusion Model (INT8)' / 'Load CLIP (INT8)' was asked to merge a "
-                f"weight patch ({self.in_features}->{self.out_features}). INT8 layers take LoRAs as float side "
-                f"branches through headroom's model patcher; the model seems to be driven by a different "
-                f"ModelPatcher here. Apply LoRAs with 'LoRA Loader (INT8)' or ComfyUI's LoraLoader directly on "
-                f"the loader's output.")
+            if return_weight:
+                return weight
+            if self.is_int8:
+                raise RuntimeError(MERGE_REFUSED.format(in_features=self.in_features, out_features=self.out_features))
+            self.weight = nn.Parameter(weight.to(self.weight.dtype), requires_grad=False)
+            return None
 
-        # -- forward ---------------------------------------------------------------------------------
         def forward(self, x, *args, **kwargs):
             comfy_ops.run_every_op()
-            if not self.is_int8:
-                if self.comfy_cast_weights or self.weight_function or self.bias_function:
-                    return comfy_ops.manual_cast.Linear.forward_comfy_cast_weights(self, x)
-                return torch.nn.functional.linear(x, self.weight, self.bias)
-            if self.weight_function:
-                raise RuntimeError(
-                    f"INT8 layer got weight functions {[type(f).__name__ for f in self.weight_function]} from a "
-                    f"model patcher; headroom's INT8 layers apply LoRAs as side branches only. Load the model "
-                    f"with 'Load Diffusion Model (INT8)' and apply LoRAs to its output.")
-            stream = None
-            if self.weight.device == x.device and not self.bias_function:
-                weight, bias = self.weight, self.bias
-            else:  # partially loaded: ComfyUI's caster brings the int8 bytes (and a patched bias)
-                weight, bias, stream = comfy_ops.cast_bias_weight(self, x, dtype=torch.int8, bias_dtype=x.dtype,
-                                                                  offloadable=True)
-            scale = self.weight_scale
-            if scale.device != x.device:
-                scale = scale.to(x.device, non_blocking=True)
-            y = self.int8_forward(x, weight, scale, bias)
-            if stream is not None:
-                comfy_ops.uncast_bias_weight(self, weight, bias, stream)
-            return y
+            if self.is_int8:
+                return _int8_forward(self, x, comfy_ops)
+            if self.comfy_cast_weights or self.weight_function or self.bias_function:
+                return comfy_ops.manual_cast.Linear.forward_comfy_cast_weights(self, x)
+            return torch.nn.functional.linear(x, self.weight, self.bias)
 
         def extra_repr(self):
             if not self.is_int8:
@@ -406,22 +388,15 @@ def _base_classes():
             return Int8Linear.extra_repr(self)
 
     class HeadroomEmbedding(comfy_ops.manual_cast.Embedding):
-        """ComfyUI's embedding; an INT8 table in the file is dequantized: embeddings stay float."""
+        """ComfyUI's embedding; an INT8 table in the file is dequantized (un-rotated): embeddings stay float."""
 
         _config: Int8LoadConfig = Int8LoadConfig()
 
         def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                                   unexpected_keys, error_msgs):
-            quant_raw = state_dict.get(prefix + COMFY_QUANT_SUFFIX)
-            layer = parse_int8_layer(state_dict, prefix, self._config.file_metadata)
-            if layer is not None:
-                table = dequantize_weight(layer.weight, layer.scale, torch.float32, layer.block_size)
-                if layer.convrot:
-                    config = decode_comfy_quant(quant_raw) if quant_raw is not None else {"convrot": True}
-                    table = unrotate_weight(table, rotation_group_of(config))
-                for key in layer.consumed_keys:
-                    state_dict.pop(key, None)
-                state_dict[prefix + "weight"] = table
+            stored = _take_int8_layer(state_dict, prefix, _module_name("", prefix), self._config.file_metadata)
+            if stored is not None:
+                state_dict[prefix + "weight"] = stored.dequantized()
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                           unexpected_keys, error_msgs)
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ...quant.bnb_layers import is_bnb_quantized
+from ...quant.formats import safetensors_files
 from ...quant.report import DtypeReport, dtype_report
 from ...quant.skip import DEFAULT_SKIP_PATTERNS, matching_pattern
 from ...units import GB
@@ -163,10 +164,6 @@ def check_model_folder(path, trust_remote_code: bool) -> dict:
         raise LoaderError(f"{folder} ships its own Python code ({module}); loading it runs that code. Turn on "
                           "trust_remote_code only for folders from a source you trust")
     return config
-
-
-def safetensors_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob("*.safetensors"))
 
 
 def safetensors_metadata(folder: Path) -> dict:

@@ -1,0 +1,50 @@
+"""``comfy_legacy``: older ComfyUI files, read only. The header metadata ``_quantization_metadata`` holds JSON
+``{"layers": {"<layer>": {"format": "int8_tensorwise"}}}``; each layer has ``<p>weight`` + ``<p>weight_scale``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Container, Mapping
+from types import MappingProxyType
+
+from ..safetensors_stream import FormatError
+from .comfy import ComfyConfigFormat
+
+COMFY_LEGACY_KEY = "_quantization_metadata"
+
+
+def comfy_legacy_layers(file_metadata: Mapping[str, str] | None) -> Mapping[str, dict]:
+    """``{layer: config}`` (read-only) from an old ComfyUI header's ``_quantization_metadata`` (empty when absent)."""
+    raw = (file_metadata or {}).get(COMFY_LEGACY_KEY)
+    return _parse_legacy(raw) if raw else MappingProxyType({})
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_legacy(raw: str) -> Mapping[str, dict]:
+    # Cached (hence read-only): a loader asks once per layer, and the JSON names every layer of the model.
+    try:
+        layers = json.loads(raw).get("layers", {})
+    except (ValueError, AttributeError):
+        raise FormatError(f"header metadata '{COMFY_LEGACY_KEY}' is not valid JSON") from None
+    return MappingProxyType(layers if isinstance(layers, dict) else {})
+
+
+def _layer_name(prefix: str) -> str:
+    return prefix[:-1] if prefix.endswith(".") else prefix
+
+
+class ComfyLegacyFormat(ComfyConfigFormat):
+    name = "comfy_legacy"
+    priority = 20  # per layer, but from the header: after a layer's own comfy_quant tensor
+    summary = "older ComfyUI files: the header's _quantization_metadata names the INT8 layers"
+
+    def owns_layer(self, keys: Container[str], prefix: str, file_metadata: Mapping[str, str] | None) -> bool:
+        return _layer_name(prefix) in comfy_legacy_layers(file_metadata)
+
+    def owns_header_key(self, key: str) -> bool:
+        return key == COMFY_LEGACY_KEY
+
+    def layer_config(self, tensors, prefix, file_metadata) -> dict:
+        return comfy_legacy_layers(file_metadata)[_layer_name(prefix)]

@@ -1,0 +1,159 @@
+"""Describing a checkpoint from its safetensors headers alone (no tensor data): :func:`detect_format`."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ...kernels.int8 import FP8_DTYPES, block_size_of, method_of_scale
+from ..safetensors_stream import FormatError, Header, TensorInfo, read_header
+from .metadata import META_SKIPPED, is_headroom_metadata, recorded_block_size
+from .registry import layer_format
+
+
+@dataclass
+class FileInfo:
+    """What a checkpoint is, read from safetensors headers only (no tensor data)."""
+
+    path: str
+    format: str  # "float" | "mixed" | a format's label: "headroom", "comfy", "comfy_legacy", "plain_int8"...
+    method: str | None  # "rowwise" | "block" | "tensorwise" | "mixed" | None (nothing quantized)
+    block_size: int | None
+    dtypes: dict[str, dict[str, int]]  # dtype -> {"tensors", "parameters", "bytes"}
+    quantized_layers: list[str]
+    skipped_layers: list[str]  # our metadata's list, else float 2-D ``.weight`` layers next to INT8 ones
+    fp8_layers: list[str]
+    total_bytes: int  # size on disk
+    files: list[str] = field(default_factory=list)
+    parameters: int = 0
+    int8_parameters: int = 0
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_quantized(self) -> bool:
+        return bool(self.quantized_layers)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _layer_format_and_scale(header: Header, layer: str, weight: TensorInfo) -> tuple[str, str | None, int | None]:
+    """(format label, method, block size) of the INT8 layer ``layer`` from its header entries alone."""
+    prefix = layer + "."
+    fmt = layer_format(header.tensors, prefix, header.metadata)
+    key = fmt.scale_key(header.tensors, prefix)
+    if key is None:
+        return fmt.file_label, None, None
+    stored = header.tensors[key]
+    try:  # a meta tensor: the format's own reading of the scale, without its data
+        scale = fmt.our_scale(torch.empty(stored.shape, dtype=stored.dtype, device="meta"), weight.shape, key)
+    except ValueError:
+        return fmt.file_label, None, None
+    method = method_of_scale(scale, weight.shape[0])
+    if method != "block":
+        return fmt.file_label, method, None
+    return fmt.file_label, method, block_size_of(weight.shape[1], scale, recorded_block_size(header.metadata))
+
+
+def describe_header(header: Header) -> FileInfo:
+    """A :class:`FileInfo` for one parsed header."""
+    dtypes: dict[str, dict[str, int]] = {}
+    quantized, formats, methods, block_sizes, fp8, float_linear = [], Counter(), Counter(), set(), [], []
+    parameters = int8_parameters = 0
+    for name, info in header.tensors.items():
+        key = str(info.dtype).replace("torch.", "")
+        entry = dtypes.setdefault(key, {"tensors": 0, "parameters": 0, "bytes": 0})
+        entry["tensors"] += 1
+        entry["parameters"] += info.numel
+        entry["bytes"] += info.nbytes
+        parameters += info.numel
+        if not name.endswith(".weight") or len(info.shape) != 2:
+            continue
+        layer = name[: -len(".weight")]
+        if info.dtype == torch.int8:
+            quantized.append(layer)
+            int8_parameters += info.numel
+            label, method, size = _layer_format_and_scale(header, layer, info)
+            formats[label] += 1
+            methods[method or "unknown"] += 1
+            if size:
+                block_sizes.add(size)
+        elif info.dtype in FP8_DTYPES:
+            fp8.append(layer)
+        elif info.dtype.is_floating_point:
+            float_linear.append(layer)
+    if not quantized:
+        fmt = "float"
+    else:
+        fmt = next(iter(formats)) if len(formats) == 1 else "mixed"
+    method = (next(iter(methods)) if len(methods) == 1 else "mixed") if methods else None
+    if is_headroom_metadata(header.metadata) and META_SKIPPED in header.metadata:
+        skipped = list(json.loads(header.metadata[META_SKIPPED]))
+    else:
+        skipped = float_linear if quantized else []
+    block_size = min(block_sizes) if block_sizes else None
+    return FileInfo(
+        path=str(header.path), format=fmt, method=method, block_size=block_size, dtypes=dtypes,
+        quantized_layers=quantized, skipped_layers=skipped, fp8_layers=fp8,
+        total_bytes=header.path.stat().st_size, files=[str(header.path)], parameters=parameters,
+        int8_parameters=int8_parameters, metadata=dict(header.metadata),
+    )
+
+
+def safetensors_files(folder: Path, recursive: bool = False) -> list[Path]:
+    """The ``*.safetensors`` files in ``folder``, sorted; ``recursive`` also those in its sub-folders (a diffusers
+    model's vae/, text_encoder/...), where a transformers checkpoint's shards all sit at the top."""
+    pattern = "**/*.safetensors" if recursive else "*.safetensors"
+    return sorted(p for p in Path(folder).glob(pattern) if p.is_file())
+
+
+def checkpoint_files(path: str | os.PathLike) -> list[Path]:
+    """The file ``path``, or every ``*.safetensors`` under the folder ``path`` (FormatError when there is none)."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    files = safetensors_files(path, recursive=True)
+    if not files:
+        raise FormatError(f"{path} is a folder without any .safetensors file")
+    return files
+
+
+def detect_format(path: str | os.PathLike) -> FileInfo:
+    """Describe a safetensors file (or a folder of shards) from its headers only."""
+    path = Path(path)
+    infos = [describe_header(read_header(f)) for f in checkpoint_files(path)]
+    return merge_infos(path, infos) if path.is_dir() else infos[0]
+
+
+def merge_infos(folder: Path, infos: list[FileInfo]) -> FileInfo:
+    """One :class:`FileInfo` for a folder of shards (layer names stay unique per shard)."""
+    dtypes: dict[str, dict[str, int]] = {}
+    for info in infos:
+        for key, entry in info.dtypes.items():
+            agg = dtypes.setdefault(key, {"tensors": 0, "parameters": 0, "bytes": 0})
+            for k, v in entry.items():
+                agg[k] += v
+    formats = {i.format for i in infos if i.format != "float"}
+    methods = {i.method for i in infos if i.method}
+    sizes = [i.block_size for i in infos if i.block_size]
+    total_on_disk = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    return FileInfo(
+        path=str(folder),
+        format="float" if not formats else (formats.pop() if len(formats) == 1 else "mixed"),
+        method=None if not methods else (methods.pop() if len(methods) == 1 else "mixed"),
+        block_size=min(sizes) if sizes else None,
+        dtypes=dtypes,
+        quantized_layers=[q for i in infos for q in i.quantized_layers],
+        skipped_layers=[s for i in infos for s in i.skipped_layers],
+        fp8_layers=[s for i in infos for s in i.fp8_layers],
+        total_bytes=total_on_disk,
+        files=[f for i in infos for f in i.files],
+        parameters=sum(i.parameters for i in infos),
+        int8_parameters=sum(i.int8_parameters for i in infos),
+        metadata=infos[0].metadata if len(infos) == 1 else {},
+    )
