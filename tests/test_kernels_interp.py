@@ -11,11 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from testutil import interpreter_unusable
 
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.skipif(interpreter_unusable() is not None, reason=str(interpreter_unusable()))
 def test_triton_kernels_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
     env.pop("HEADROOM_FORCE_KERNEL", None)

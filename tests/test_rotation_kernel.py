@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pytest
+from testutil import interpreter_unusable
 import torch
 
 CHECK = textwrap.dedent("""
@@ -80,12 +81,14 @@ ROTATED_LINEAR = textwrap.dedent("""
 """)
 
 
+@pytest.mark.skipif(interpreter_unusable() is not None, reason=str(interpreter_unusable()))
 def test_rotated_int8linear_uses_the_fused_kernel_where_w8a8_runs():
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", ROTATED_LINEAR], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
 
 
+@pytest.mark.skipif(interpreter_unusable() is not None, reason=str(interpreter_unusable()))
 def test_fused_rotate_quantize_kernel_in_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")  # must be set before triton is imported: new process
     proc = subprocess.run([sys.executable, "-c", CHECK + "\ncheck('cpu')\n"], env=env, capture_output=True,
