@@ -4,7 +4,6 @@ TRITON_INTERPRET must be set before triton is first imported, and the rest of th
 without it, hence the separate process.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
