@@ -21,9 +21,9 @@ ATTENTION_CHOICES = ["sdpa", "eager", "flash_attention_2"]
 TRUST_TOOLTIP = ("HunyuanImage-3 ships its own Python code (modeling files in the model folder); loading it runs "
                  "that code with your user's rights. Turn this on only for folders from a source you trust. "
                  "Local folders only - nothing is downloaded.")
-BUDGET_TOOLTIP = ("VRAM for the weights, in GB. 0 = auto: 55 % of the card (seed 000: leaves ~43 GB of a 96 GB "
-                  "card for inference). What does not fit goes to RAM. Suggested: 24 GB card 18-20, 32 GB 26-28, "
-                  "96 GB 52.")
+BUDGET_TOOLTIP = ("VRAM for the weights, in GB. 0 = auto: 55 % of the card (the community HunyuanImage-3 loaders' "
+                  "rule: 55 % of a 96 GB card leaves ~43 GB for inference). What does not fit goes to RAM. "
+                  "Suggested: 24 GB card 18-20, 32 GB 26-28, 96 GB 52.")
 EXTERNAL_TOOLTIP = "VRAM other programs or models already hold on this card; subtracted from the budget."
 
 # ------------------------------------------------------------------------------ folders
@@ -174,7 +174,8 @@ class _Hunyuan3LoaderBase:
             "optional": {
                 "device_map": (["auto", "manual"], {"default": "auto", "tooltip":
                                "auto: placement from the budget. manual: every critical module and the first "
-                               "gpu_layers decoder layers on the GPU, the rest in RAM (seed 000's map)."}),
+                               "gpu_layers decoder layers on the GPU, the rest in RAM (the community HunyuanImage-3 "
+                               "loaders' \"optimal device map\", generated and checked)."}),
                 "gpu_layers": ("INT", {"default": 6, "min": 0, "max": 256,
                                        "tooltip": "With device_map=manual: decoder layers kept on the GPU."}),
             },

@@ -224,7 +224,7 @@ def test_manual_map_from_n_and_validation_names_what_is_missing(int8):
     assert device_map["model.layers.0"] == 0 and device_map["model.layers.1"] == "cpu"
     assert device_map["vae"] == 0 and device_map["model.wte"] == 0 and device_map["lm_head"] == 0
     broken = dict(device_map)
-    del broken["model.layers.1"]  # seed 000's example forgot model.layers.24
+    del broken["model.layers.1"]  # the community loaders' example map forgot model.layers.24
     with pytest.raises(DeviceMapError, match=r"not placed: model\.layers\.1\b"):
         validate_device_map(broken, skeleton)
     with pytest.raises(DeviceMapError, match="name no module"):

@@ -1,12 +1,13 @@
 """bitsandbytes on the transformers road: configs and the skip list in the form transformers understands.
 
-Our skip patterns are plain substrings (seed 000; ``quant/skip.py``), but transformers matches
-``llm_int8_skip_modules`` its own way, and differently per version: 5.x matches a key at the *start*
-of a Linear's full name up to a module boundary, or as a suffix (so seed 000's ``"self_attn"`` keeps
-nothing there), while 4.x matched ``key + "."`` anywhere. Rather than guess, :func:`bnb_skip_modules`
-resolves our patterns against the model's real module tree (built on the meta device) and hands
-transformers the covering module paths: exact names mean the same thing under both rules. It then
-checks the list with the installed transformers' own matcher, so a mismatch fails before loading.
+Our skip patterns are plain substrings (as in the community HunyuanImage-3 loaders; ``quant/skip.py``),
+but transformers matches ``llm_int8_skip_modules`` its own way, and differently per version: 5.x matches a
+key at the *start* of a Linear's full name up to a module boundary, or as a suffix (so those loaders'
+``"self_attn"`` keeps nothing there), while 4.x matched ``key + "."`` anywhere. Rather than guess,
+:func:`bnb_skip_modules` resolves our patterns against the model's real module tree (built on the meta
+device) and hands transformers the covering module paths: exact names mean the same thing under both
+rules. It then checks the list with the installed transformers' own matcher, so a mismatch fails before
+loading.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ...quant.skip import ATTENTION_SKIP_PATTERNS, DEFAULT_SKIP_PATTERNS, matchi
 # ``mlp.gate_and_up_proj``, i.e. all experts would silently stay bf16.
 ROUTER_SKIP_PATTERNS: tuple[str, ...] = ("mlp.gate.wg",)
 
-# Seed 000's list (VAE, vision tower, embedders, final layers, attention) + the router.
+# The community HunyuanImage-3 loaders' list (VAE, vision tower, embedders, final layers, attention) + the router.
 HUNYUAN3_SKIP_PATTERNS: tuple[str, ...] = DEFAULT_SKIP_PATTERNS + ATTENTION_SKIP_PATTERNS + ROUTER_SKIP_PATTERNS
 
 MODES = ("int8", "nf4")
@@ -126,9 +127,9 @@ def bnb_config(mode: str, modules_to_not_convert: Sequence[str], fp32_cpu_offloa
                compute_dtype: torch.dtype = torch.bfloat16):
     """A ``BitsAndBytesConfig`` for INT8 (LLM.int8, no fp16 weights) or NF4 (double quant, bf16 compute).
 
-    ``fp32_cpu_offload`` stays False with ``device_map="auto"`` (seed 000 §2): CPU offload is steered by
-    ``max_memory``. It is only set when we pass an explicit map that puts *unquantized* modules on the CPU,
-    which transformers otherwise rejects.
+    ``fp32_cpu_offload`` stays False with ``device_map="auto"`` (as the community HunyuanImage-3 loaders do):
+    CPU offload is steered by ``max_memory``. It is only set when we pass an explicit map that puts
+    *unquantized* modules on the CPU, which transformers otherwise rejects.
     """
     from transformers import BitsAndBytesConfig
 

@@ -1,4 +1,5 @@
-"""Run ``generate_image`` of a budget-loaded transformers model with seed 000/001's memory rules.
+"""Run ``generate_image`` of a budget-loaded transformers model with the memory rules of the community
+HunyuanImage-3 loaders and their performance notes (smart offload, soft unload).
 
 :func:`generate` is what the "Hunyuan 3 Generate" nodes call (no ComfyUI import here):
 1. restore the model if it was soft-unloaded;
@@ -191,7 +192,8 @@ def restore_model(loaded) -> str:
 
 
 def decide_offload(loaded, width: int, height: int, mode: str):
-    """Seed 000 §5 on the current VRAM state (memory/estimate.should_offload); CPU-only: nothing to offload."""
+    """The community HunyuanImage-3 loaders' smart-offload rule on the current VRAM state
+    (memory/estimate.should_offload); CPU-only: nothing to offload."""
     from ...memory.estimate import OffloadDecision, should_offload
 
     device = model_device(loaded.model)

@@ -1,6 +1,7 @@
 """Budget loaders for transformers models with remote code (HunyuanImage-3): INT8 / NF4 / BF16.
 
-One function, :func:`load_hf_model`, does what seed 000's loaders did, with the failure modes fixed:
+One function, :func:`load_hf_model`, does what the community HunyuanImage-3 loaders did,
+with the failure modes fixed:
 - skip list resolved against the real module tree (``bnb.py``), verified again after loading
   through the dtype report (no "colourful noise" from a VAE that slipped into INT8);
 - ``device_map="auto"`` + ``max_memory`` from the budget with ``llm_int8_enable_fp32_cpu_offload=False``;
@@ -349,7 +350,8 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
     report = _verified_dtype_report(model, plan)
 
     if reserve_gb is None:
-        # seed 000's loader reserve: VRAM promised to others, added to the inference estimate in smart mode
+        # the loader reserve (as in the community loaders): VRAM promised to others, added to the inference
+        # estimate in smart mode
         reserve_gb = float(external_vram_gb)
     load_args = dict(path=str(folder), mode=mode, budget_gb=budget_gb, external_vram_gb=external_vram_gb,
                      trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
@@ -362,7 +364,7 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
                          tencent_code=is_tencent_code(skeleton), restored_generation_fields=restored,
                          telemetry=telemetry, notes=plan.notes, streamer=streamer, split=split,
                          fingerprint=folder_fingerprint(folder))
-    # What the generators read (seed 000 kept the reserve on the model as ``_loader_reserve_gb``).
+    # What the generators read (the community loaders keep the reserve on the model as ``_loader_reserve_gb``).
     model._loader_reserve_gb = reserve_gb
     model._headroom_budget_bytes = plan.budget_bytes
     log.info("%s", loaded.summary())
@@ -474,8 +476,8 @@ def _plan_one_gpu(plan: _LoadPlan, skeleton: nn.Module, total: int, budget_gb: f
 
 def _choose_device_map(plan: _LoadPlan, skeleton: nn.Module, device_map, gpu_layers: int | None,
                        device: int) -> str | dict:
-    """The caller's map (validated), seed 000's manual map, or "auto" - a map that keeps quantized layers on
-    the GPU when the budget is too small for all of it."""
+    """The caller's map (validated), the community loaders' manual map, or "auto" - a map that keeps quantized
+    layers on the GPU when the budget is too small for all of it."""
     from .placement import manual_device_map, plan_quantized_map, validate_device_map
 
     if isinstance(device_map, dict):
@@ -594,7 +596,8 @@ def _start_streaming_or_split(model: nn.Module, plan: _LoadPlan, device: int):
         from ...memory.budgets import plan_for_gpus
         from .placement import LAYERS_PREFIX
 
-        # HunyuanImage-3's critical modules (seed 000's list) are the planner's critical patterns.
+        # HunyuanImage-3's critical modules (the community loaders' skip list) are the planner's critical
+        # patterns.
         gpu_plan = plan_for_gpus(model, plan.gpu_budgets, blocks=LAYERS_PREFIX, critical=DEFAULT_SKIP_PATTERNS)
         split = enable_multi_device(model, gpu_plan, blocks=LAYERS_PREFIX)
         plan.notes.append(f"BF16 {split.summary()}")

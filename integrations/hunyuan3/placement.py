@@ -1,11 +1,11 @@
 """Where the modules of a transformers model go under a VRAM budget (the HunyuanImage-3 road).
 
-- :func:`resolve_budget` / :func:`max_memory_for_budget`: seed 000 §4, ``max_memory={gpu: budget, "cpu": ...}``
-  for ``device_map="auto"``; budget 0 means 55 % of the card. :func:`max_memory_for_budgets`: the same with
-  one budget per GPU (``gpu_budgets_gb="40,40"``, issue #9).
-- :func:`manual_device_map`: seed 000's "optimal device map" (critical modules + the first N decoder layers
+- :func:`resolve_budget` / :func:`max_memory_for_budget`: the community HunyuanImage-3 loaders'
+  ``max_memory={gpu: budget, "cpu": ...}`` for ``device_map="auto"``; budget 0 means 55 % of the card.
+  :func:`max_memory_for_budgets`: the same with one budget per GPU (``gpu_budgets_gb="40,40"``, issue #9).
+- :func:`manual_device_map`: those loaders' "optimal device map" (critical modules + the first N decoder layers
   on the GPU, the rest on the CPU), generated from N instead of typed by hand, and
-  :func:`validate_device_map`, which names what a map forgets (seed 000's own example lost
+  :func:`validate_device_map`, which names what a map forgets (their own example lost
   ``model.layers.24``) before anything is loaded.
 - :func:`plan_quantized_map`: for bitsandbytes, a map that never puts a quantized layer on the CPU
   (transformers rejects that): idle float modules go to the CPU first, then whole decoder layers,
@@ -36,7 +36,8 @@ class DeviceMapError(ValueError):
 
 
 def resolve_budget(budget_gb: float, total_bytes: int | None) -> int:
-    """Bytes of VRAM for weights: ``budget_gb`` (GiB), or 55 % of ``total_bytes`` when 0 (seed 000 §4)."""
+    """Bytes of VRAM for weights: ``budget_gb`` (GiB), or 55 % of ``total_bytes`` when 0 (the community
+    HunyuanImage-3 loaders' rule)."""
     if budget_gb < 0:
         raise ValueError(f"GPU budget must be >= 0 GB (0 = auto), got {budget_gb}")
     if budget_gb > 0:
@@ -123,7 +124,7 @@ def top_level_units(model: nn.Module, layers_prefix: str = LAYERS_PREFIX) -> lis
 
 def manual_device_map(model: nn.Module, gpu_layers: int, device: int | str = 0,
                       layers_prefix: str = LAYERS_PREFIX, idle_on_cpu: bool = False) -> dict[str, int | str]:
-    """Seed 000's "optimal device map" from N: every non-layer module and layers ``0..N-1`` on ``device``,
+    """The community loaders' "optimal device map" from N: every non-layer module and layers ``0..N-1`` on ``device``,
     the other layers on the CPU (``idle_on_cpu`` also sends :data:`IDLE_MODULES` there)."""
     if gpu_layers < 0:
         raise ValueError(f"gpu_layers must be >= 0, got {gpu_layers}")
