@@ -3,11 +3,63 @@ bitsandbytes' cast notice, said once instead of once per layer and step."""
 
 import ast
 import re
+import sys
 from pathlib import Path
 
+import pytest
+
+from comfyui_headroom.integrations.hunyuan3 import inputs
+from comfyui_headroom.integrations.hunyuan3 import loader as hf_loader
+from comfyui_headroom.integrations.hunyuan3.inputs import MissingPackage
+from comfyui_headroom.integrations.hunyuan3.loader import load_hf_model
 from comfyui_headroom.nodes import hunyuan3_nodes as nodes
+from hunyuan3_fake import build_fake_folder
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def fake_folder(tmp_path_factory):
+    return build_fake_folder(tmp_path_factory.mktemp("hy3in") / "HunyuanImage-3-fake")
+
+
+@pytest.fixture
+def no_weights_read(monkeypatch):
+    monkeypatch.setattr(hf_loader, "_from_pretrained_tracked", lambda *a, **k: pytest.fail("weights were read"))
+
+
+# ------------------------------------------------------------------------------ 3. the optional extra
+
+
+@pytest.mark.parametrize("package, mode", [("transformers", "bf16"), ("accelerate", "nf4"), ("bitsandbytes", "int8")])
+def test_a_missing_package_names_itself_and_the_install_command(package, mode, fake_folder, monkeypatch,
+                                                                  no_weights_read):
+    monkeypatch.setitem(sys.modules, package, None)  # `import package` now fails as if it were not installed
+    with pytest.raises(MissingPackage) as info:
+        load_hf_model(fake_folder, mode, trust_remote_code=True)
+    message = str(info.value)
+    assert f"'{package}'" in message and inputs.EXTRA_INSTALL in message and "pip install -r requirements.txt" in message
+    assert "\n" not in message and info.value.__cause__ is None
+
+
+def test_the_loader_node_says_it_too_and_bf16_does_not_need_bitsandbytes(fake_folder, monkeypatch, no_weights_read):
+    node = nodes.Hunyuan3LoaderBF16Budget()
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "accelerate", None)
+        with pytest.raises(MissingPackage, match=r"'accelerate'.*comfyui-headroom\[hunyuan3\]"):
+            node.load(str(fake_folder), 0.0, 0.0, True, "sdpa")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(pytest.fail.Exception, match="weights were read"):  # past the package check
+        node.load(str(fake_folder), 0.0, 0.0, True, "sdpa")
+
+
+def test_an_installed_package_that_does_not_import_is_named(tmp_path, monkeypatch):
+    (tmp_path / "hy3_broken_pkg").mkdir()
+    (tmp_path / "hy3_broken_pkg" / "__init__.py").write_text("import hy3_dependency_that_is_missing\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(MissingPackage, match=r"hy3_broken_pkg is installed but does not import \(ModuleNotFoundError: "
+                                             r"No module named 'hy3_dependency_that_is_missing'\)"):
+        inputs.require_packages(["hy3_broken_pkg"])
 
 
 # ------------------------------------------------------------------------------ 4. words a user understands

@@ -57,7 +57,7 @@ from .folder import (
     remote_code_modules,
     weight_files,
 )
-from .inputs import LoaderError, first_line
+from .inputs import LoaderError, first_line, packages_for, require_packages
 from .placement import PlacementSummary
 
 if TYPE_CHECKING:
@@ -275,6 +275,7 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
         raise LoaderError(f"mode must be one of {MODES}, got {mode!r}")
     folder = Path(path)
     method, mode = _resolve_mode(folder, mode, trust_remote_code)
+    require_packages(packages_for(mode))
     config, skeleton = _checked_skeleton(folder, trust_remote_code, attn_implementation)
     patterns = list(skip_patterns) if skip_patterns is not None else hunyuan3_skip_patterns(skip, keep_attention)
     plan = _plan_skips(folder, skeleton, mode, method, patterns)
