@@ -2,14 +2,18 @@
 bitsandbytes' cast notice, said once instead of once per layer and step."""
 
 import ast
+import logging
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
-from comfyui_headroom.integrations.hunyuan3 import inputs
+from comfyui_headroom.integrations.hunyuan3 import bnb, inputs
 from comfyui_headroom.integrations.hunyuan3 import loader as hf_loader
+from comfyui_headroom.integrations.hunyuan3.generate import GenerateRequest, generate
 from comfyui_headroom.integrations.hunyuan3.inputs import MissingPackage
 from comfyui_headroom.integrations.hunyuan3.loader import load_hf_model
 from comfyui_headroom.nodes import hunyuan3_nodes as nodes
@@ -26,6 +30,50 @@ def fake_folder(tmp_path_factory):
 @pytest.fixture
 def no_weights_read(monkeypatch):
     monkeypatch.setattr(hf_loader, "_from_pretrained_tracked", lambda *a, **k: pytest.fail("weights were read"))
+
+
+# ------------------------------------------------------------------------------ 2. the cast notice, once
+
+
+def _cast_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if bnb.CAST_NOTICE in r.getMessage()]
+
+
+def test_bitsandbytes_cast_notice_is_said_once_per_process(fake_folder, caplog, monkeypatch):
+    monkeypatch.setattr(bnb, "CAST_NOTICE_FILTER", bnb._OncePerProcess())
+    int8 = load_hf_model(fake_folder, "int8", trust_remote_code=True)
+    layer = int8.model.model.layers[0].mlp.experts[0].down_proj
+    x = torch.randn(2, layer.in_features, dtype=torch.bfloat16)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):  # outside our calls: bitsandbytes as it is, one line per call
+            layer(x)
+        assert len(_cast_lines(caplog)) == 3
+        caplog.clear()
+        request = GenerateRequest(prompt="a fox", steps=2, width=64, height=64, offload_mode="disabled")
+        for _ in range(2):
+            generate(int8, request)
+        lines = _cast_lines(caplog)
+        assert len(lines) == 1 and "said once" in lines[0], lines
+        bnb.logging.getLogger(bnb.BNB_MATMUL_LOGGER).warning("another bitsandbytes warning")
+        assert "another bitsandbytes warning" in caplog.text  # only the cast notice is held back
+        caplog.clear()
+        layer(x)  # after our calls the filter is gone again
+        assert len(_cast_lines(caplog)) == 1
+    assert bnb.CAST_NOTICE_FILTER not in bnb.logging.getLogger(bnb.BNB_MATMUL_LOGGER).filters
+
+
+def test_older_bitsandbytes_cast_warning_is_said_once_too(monkeypatch):
+    """bitsandbytes < 0.46 said it through warnings.warn."""
+    monkeypatch.setattr(bnb, "CAST_NOTICE_FILTER", bnb._OncePerProcess())
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            with bnb.cast_notice_once():
+                for _ in range(5):
+                    warnings.warn(f"{bnb.CAST_NOTICE} torch.bfloat16 to float16 during quantization")
+                warnings.warn("something else")
+    texts = [str(w.message) for w in seen]
+    assert sum(bnb.CAST_NOTICE in t for t in texts) == 1 and texts.count("something else") == 2, texts
 
 
 # ------------------------------------------------------------------------------ 3. the optional extra

@@ -12,6 +12,11 @@ loading.
 
 from __future__ import annotations
 
+import logging
+import re
+import threading
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -152,3 +157,68 @@ def quantized_bytes_per_param(mode: str) -> float:
 def bnb_int8_dequantize(weight_int8: torch.Tensor, scb: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
     """LLM.int8 row-wise layout on disk: ``W = int8 * SCB[:, None] / 127``."""
     return (weight_int8.float() * (scb.float()[:, None] / 127.0)).to(dtype)
+
+
+# ------------------------------------------------------------------------------ the cast notice, once
+
+# bitsandbytes' LLM.int8 matmul says this for every layer at every call when the input is not float16 (ours is
+# bf16): thousands of identical lines per image. It is harmless (the int8 matmul takes fp16 inputs).
+CAST_NOTICE = "MatMul8bitLt: inputs will be cast from"
+BNB_MATMUL_LOGGER = "bitsandbytes.autograd._functions"  # the logger of bitsandbytes >= 0.46; older ones warn()
+
+
+class _OncePerProcess(logging.Filter):
+    """Lets the first cast notice through (saying the repeats are hidden) and drops the others."""
+
+    def __init__(self):
+        super().__init__()
+        self.shown = False
+        self._lock = threading.Lock()
+
+    def first(self) -> bool:
+        with self._lock:
+            first, self.shown = not self.shown, True
+        return first
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(CAST_NOTICE):
+            return True
+        if not self.first():
+            return False
+        record.msg = f"{record.msg} (said once; the same notice for every layer and step is hidden)"
+        return True
+
+
+CAST_NOTICE_FILTER = _OncePerProcess()
+_scopes = 0
+_scopes_lock = threading.Lock()
+
+
+@contextmanager
+def cast_notice_once():
+    """While our load/generate runs: bitsandbytes' cast notice once per process, through its logger or the
+    warnings module; every other message passes as before, and nothing changes outside this scope."""
+    global _scopes
+    logger = logging.getLogger(BNB_MATMUL_LOGGER)
+    with _scopes_lock:
+        if _scopes == 0:
+            logger.addFilter(CAST_NOTICE_FILTER)
+        _scopes += 1
+    try:
+        with warnings.catch_warnings():
+            # "always": our check below decides, not the per-module registry (which forgets on every filter change)
+            warnings.filterwarnings("always", message=re.escape(CAST_NOTICE))
+            show = warnings.showwarning
+
+            def show_once(message, category, filename, lineno, file=None, line=None):
+                if str(message).startswith(CAST_NOTICE) and not CAST_NOTICE_FILTER.first():
+                    return
+                show(message, category, filename, lineno, file, line)
+
+            warnings.showwarning = show_once
+            yield
+    finally:
+        with _scopes_lock:
+            _scopes -= 1
+            if _scopes == 0:
+                logger.removeFilter(CAST_NOTICE_FILTER)

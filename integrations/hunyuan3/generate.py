@@ -29,6 +29,7 @@ from torch import nn
 from ...memory.unload import clear_exception_refs, restore, soft_unload
 from ...quant.bnb_layers import is_bnb_quantized
 from ...units import GB
+from .bnb import cast_notice_once
 from .placement import IDLE_MODULES
 
 log = logging.getLogger("comfyui_headroom")
@@ -251,7 +252,7 @@ def generate(loaded, request: GenerateRequest, on_step: Callable[[int, int], Non
     image = None
     oom_message = None
     try:
-        with tracker, torch.inference_mode():
+        with tracker, torch.inference_mode(), cast_notice_once():
             image = model.generate_image(**kwargs)
     except torch.OutOfMemoryError as err:
         hook.remove()

@@ -39,6 +39,7 @@ from .bnb import (
     bnb_config,
     bnb_int8_dequantize,
     bnb_skip_modules,
+    cast_notice_once,
     hunyuan3_skip_patterns,
     plan_skips,
     quantized_bytes_per_param,
@@ -683,7 +684,7 @@ def _from_pretrained_tracked(folder: Path, kwargs: dict):
         with tracker:
             import warnings
 
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), cast_notice_once():
                 warnings.filterwarnings("ignore", message=".*quantization_config.*")
                 model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     except ValueError as err:
