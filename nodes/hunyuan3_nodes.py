@@ -12,12 +12,13 @@ import logging
 import os
 import threading
 
+from ..integrations.hunyuan3.inputs import ATTENTION_IMPLEMENTATIONS, DEVICE_MAPS, OFFLOAD_MODES, POST_ACTIONS
+
 log = logging.getLogger("comfyui_headroom")
 
 CATEGORY = "headroom/hunyuan3"
 MODEL_TYPE = "HUNYUAN3_MODEL"
 FOLDER_KEY = "hunyuan3"
-ATTENTION_CHOICES = ["sdpa", "eager", "flash_attention_2"]
 TRUST_TOOLTIP = ("HunyuanImage-3 ships its own Python code (modeling files in the model folder); loading it runs "
                  "that code with your user's rights. Turn this on only for folders from a source you trust. "
                  "Local folders only - nothing is downloaded.")
@@ -169,10 +170,10 @@ class _Hunyuan3LoaderBase:
                 "external_vram_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5,
                                                "tooltip": EXTERNAL_TOOLTIP}),
                 "trust_remote_code": ("BOOLEAN", {"default": False, "tooltip": TRUST_TOOLTIP}),
-                "attn_implementation": (ATTENTION_CHOICES, {"default": "sdpa"}),
+                "attn_implementation": (list(ATTENTION_IMPLEMENTATIONS), {"default": ATTENTION_IMPLEMENTATIONS[0]}),
             },
             "optional": {
-                "device_map": (["auto", "manual"], {"default": "auto", "tooltip":
+                "device_map": (list(DEVICE_MAPS), {"default": DEVICE_MAPS[0], "tooltip":
                                "auto: placement from the budget. manual: every critical module and the first "
                                "gpu_layers decoder layers on the GPU, the rest in RAM (the community HunyuanImage-3 "
                                "loaders' \"optimal device map\", generated and checked)."}),
@@ -245,10 +246,10 @@ class _Hunyuan3GenerateBase:
                 "width": ("INT", {"default": 1024, "min": 16, "max": 4096, "step": 16, "tooltip":
                                   "Snapped to the closest of the model's resolution buckets (same aspect ratio)."}),
                 "height": ("INT", {"default": 1024, "min": 16, "max": 4096, "step": 16}),
-                "offload_mode": (["disabled", "smart", "always"], {"default": cls.DEFAULT_OFFLOAD, "tooltip":
+                "offload_mode": (list(OFFLOAD_MODES), {"default": cls.DEFAULT_OFFLOAD, "tooltip":
                                  "smart: offload when < 25 GB free, > 70 % used, or free < the inference estimate "
                                  "(12 GB/MP + 5 GB + reserve). INT8 above 1.2 MP switches 'disabled' to smart."}),
-                "post_action": (["keep", "soft_unload", "unload"], {"default": cls.DEFAULT_POST, "tooltip":
+                "post_action": (list(POST_ACTIONS), {"default": cls.DEFAULT_POST, "tooltip":
                                 "soft_unload parks the model in pinned RAM; the next run restores it at PCIe speed."}),
             },
             "optional": {

@@ -126,3 +126,25 @@ def test_no_internal_source_note_names_in_what_users_read():
     for cls in nodes.NODE_CLASS_MAPPINGS.values():
         for spec in [*cls.INPUT_TYPES()["required"].values(), *cls.INPUT_TYPES().get("optional", {}).values()]:
             assert not re.search(r"\bseed 0\d\d", str(spec[1:]), re.I), spec
+
+
+# ------------------------------------------------------------------------------ 5. choices from their owner
+
+
+def test_the_nodes_offer_the_packages_choices_in_the_saved_order(monkeypatch):
+    monkeypatch.setattr(nodes, "model_folder_choices", lambda: ["HunyuanImage-3"])
+    loader = nodes.Hunyuan3LoaderInt8Budget.INPUT_TYPES()
+    gen = nodes.Hunyuan3GenerateLowVramBudget.INPUT_TYPES()["required"]
+    offered = {"attn_implementation": loader["required"]["attn_implementation"][0],
+               "device_map": loader["optional"]["device_map"][0], "offload_mode": gen["offload_mode"][0],
+               "post_action": gen["post_action"][0]}
+    owners = {"attn_implementation": inputs.ATTENTION_IMPLEMENTATIONS, "device_map": inputs.DEVICE_MAPS,
+              "offload_mode": inputs.OFFLOAD_MODES, "post_action": inputs.POST_ACTIONS}
+    assert offered == {k: list(v) for k, v in owners.items()}
+    assert offered == {"attn_implementation": ["sdpa", "eager", "flash_attention_2"], "device_map": ["auto", "manual"],
+                       "offload_mode": ["disabled", "smart", "always"], "post_action": ["keep", "soft_unload", "unload"]}
+    source = ast.parse((ROOT / "nodes" / "hunyuan3_nodes.py").read_text())
+    values = {v for choices in owners.values() for v in choices}
+    literal_lists = [ast.unparse(n) for n in ast.walk(source) if isinstance(n, (ast.List, ast.Tuple)) and n.elts
+                     and all(isinstance(e, ast.Constant) and e.value in values for e in n.elts)]
+    assert literal_lists == []  # nothing repeated by hand

@@ -30,12 +30,11 @@ from ...memory.unload import clear_exception_refs, restore, soft_unload
 from ...quant.bnb_layers import is_bnb_quantized
 from ...units import GB
 from .bnb import cast_notice_once
+from .inputs import OFFLOAD_MODES, POST_ACTIONS, check_choice
 from .placement import IDLE_MODULES
 
 log = logging.getLogger("comfyui_headroom")
 
-POST_ACTIONS = ("keep", "soft_unload", "unload")
-OFFLOAD_MODES = ("disabled", "smart", "always")
 VRAM_TOLERANCE = 0.02  # after an OOM, VRAM must be back within 2 % of where it was
 
 
@@ -205,14 +204,17 @@ def decide_offload(loaded, width: int, height: int, mode: str):
                           mode=mode, quantized=loaded.mode in ("int8", "nf4"))
 
 
+def check_request(request: GenerateRequest) -> None:
+    """The choices of a run, before anything moves: one line naming the input and what it accepts."""
+    check_choice("offload_mode", request.offload_mode, OFFLOAD_MODES, error=ValueError)
+    check_choice("post_action", request.post_action, POST_ACTIONS, error=ValueError)
+
+
 def generate(loaded, request: GenerateRequest, on_step: Callable[[int, int], None] | None = None) -> GenerateResult:
     """One image; see the module docstring for the order of things."""
     from ...memory.tracker import MemoryTracker
 
-    if request.offload_mode not in OFFLOAD_MODES:
-        raise ValueError(f"offload_mode must be one of {OFFLOAD_MODES}, got {request.offload_mode!r}")
-    if request.post_action not in POST_ACTIONS:
-        raise ValueError(f"post_action must be one of {POST_ACTIONS}, got {request.post_action!r}")
+    check_request(request)
     notes = []
     from .loader import ensure_loaded
 

@@ -1,10 +1,20 @@
-"""What a user gives the HunyuanImage-3 road - the packages it needs - and the errors that refuse a bad one with
-a one-line message saying what to do. Torch-free and import-light."""
+"""What a user gives the HunyuanImage-3 road - the choices, the packages it needs - and the checks that refuse a
+bad one with a one-line message saying what to do.
+
+Torch-free and import-light: the nodes build their widgets from these tuples at import time, so a
+node offers exactly what the library accepts (same values, same order: saved workflows keep loading).
+"""
 
 from __future__ import annotations
 
 import importlib
 from typing import Any, Sequence
+
+MODES = ("int8", "nf4", "bf16")
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+DEVICE_MAPS = ("auto", "manual")  # the loader also takes an explicit {module: device} dict
+OFFLOAD_MODES = ("disabled", "smart", "always")
+POST_ACTIONS = ("keep", "soft_unload", "unload")
 
 # The [hunyuan3] extra (pyproject.toml); requirements.txt installs it for ComfyUI users.
 EXTRA_PACKAGES = ("transformers", "accelerate", "bitsandbytes")
@@ -57,3 +67,12 @@ def require_packages(names: Sequence[str] = EXTRA_PACKAGES) -> None:
             raise MissingPackage(f"{name} is installed but does not import ({first_line(err)}); reinstall the "
                                  f"HunyuanImage-3 packages: {EXTRA_INSTALL} (ComfyUI users: {COMFYUI_INSTALL})") \
                 from None
+
+
+# ------------------------------------------------------------------------------ choices
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str], error: type[Exception] = LoaderError) -> str:
+    if value not in choices:
+        raise error(f"{name}={shown(value)}: choose one of {', '.join(choices)}")
+    return value

@@ -58,7 +58,7 @@ from .folder import (
     remote_code_modules,
     weight_files,
 )
-from .inputs import LoaderError, first_line, packages_for, require_packages
+from .inputs import MODES, LoaderError, check_choice, first_line, packages_for, require_packages
 from .placement import PlacementSummary
 
 if TYPE_CHECKING:
@@ -67,7 +67,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("comfyui_headroom")
 
-MODES = ("int8", "nf4", "bf16")
 # The versions Tencent's code runs under (checked on an H100; see docs/hunyuan3.md).
 TENCENT_PIP_COMMAND = 'pip install "transformers==4.57.1" "huggingface-hub==0.36.0" "diffusers>=0.35,<0.36"'
 
@@ -272,8 +271,7 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
     INT8/NF4 model is spread over them by accelerate's ``device_map="auto"`` with one ``max_memory`` entry per
     GPU (issue #9); it replaces ``budget_gb``. Checked before anything is loaded.
     """
-    if mode not in MODES:
-        raise LoaderError(f"mode must be one of {MODES}, got {mode!r}")
+    check_choice("mode", mode, MODES)
     folder = Path(path)
     method, mode = _resolve_mode(folder, mode, trust_remote_code)
     require_packages(packages_for(mode))
