@@ -3,6 +3,7 @@ bitsandbytes' cast notice, said once instead of once per layer and step."""
 
 import ast
 import logging
+import math
 import re
 import sys
 import warnings
@@ -14,12 +15,15 @@ import torch
 from comfyui_headroom.integrations.hunyuan3 import bnb, inputs
 from comfyui_headroom.integrations.hunyuan3 import loader as hf_loader
 from comfyui_headroom.integrations.hunyuan3.generate import GenerateRequest, generate
-from comfyui_headroom.integrations.hunyuan3.inputs import MissingPackage
+from comfyui_headroom.integrations.hunyuan3.inputs import LoaderError, MissingPackage
 from comfyui_headroom.integrations.hunyuan3.loader import load_hf_model
+from comfyui_headroom.integrations.hunyuan3.placement import max_memory_for_budgets, resolve_budget
 from comfyui_headroom.nodes import hunyuan3_nodes as nodes
 from hunyuan3_fake import build_fake_folder
 
 ROOT = Path(__file__).resolve().parents[1]
+GB = 1024 ** 3
+BAD_GB = [math.nan, math.inf, -math.inf, -1.0, 1e9, "forty", True]
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +152,60 @@ def test_the_nodes_offer_the_packages_choices_in_the_saved_order(monkeypatch):
     literal_lists = [ast.unparse(n) for n in ast.walk(source) if isinstance(n, (ast.List, ast.Tuple)) and n.elts
                      and all(isinstance(e, ast.Constant) and e.value in values for e in n.elts)]
     assert literal_lists == []  # nothing repeated by hand
+
+
+# ------------------------------------------------------------------------------ 6. numbers
+
+
+@pytest.mark.parametrize("value", BAD_GB, ids=str)
+@pytest.mark.parametrize("name", ["budget_gb", "external_vram_gb", "reserve_gb"])
+def test_a_bad_gb_number_is_refused_with_the_range_before_the_folder_is_read(name, value):
+    shown = {"budget_gb": "gpu_budget_gb"}.get(name, name)
+    with pytest.raises(LoaderError, match=rf"^{shown}=.*: give a number of GB from 0 to 1024"):
+        load_hf_model("/no/such/folder", "int8", **{name: value})  # the number is checked first
+
+
+@pytest.mark.parametrize("value", [-1, 257, 10 ** 12, 2.5, True, "6"])
+def test_bad_gpu_layers_are_refused(value):
+    with pytest.raises(LoaderError, match=r"^gpu_layers=.*: give a whole number from 0 to 256$"):
+        load_hf_model("/no/such/folder", "int8", device_map="manual", gpu_layers=value)
+
+
+def test_a_bad_number_on_the_node_keeps_the_cached_model(fake_folder, monkeypatch):
+    cached = object()
+    monkeypatch.setattr(nodes.CACHE, "loaded", cached)
+    monkeypatch.setattr(nodes.CACHE, "key", ("other",))
+    with pytest.raises(LoaderError, match="gpu_budget_gb=nan"):
+        nodes.load_cached(str(fake_folder), "int8", math.nan, 0.0, True, "sdpa")
+    assert nodes.CACHE.loaded is cached
+
+
+@pytest.mark.parametrize("text, message", [
+    ("inf", "give GB per GPU from 0 to 1024"), ("40,inf", "give GB per GPU from 0 to 1024"),
+    ("2000", "give GB per GPU from 0 to 1024"), ("1e300", "give GB per GPU from 0 to 1024"),
+    ("nan", "must be >= 0"), ("-5", "must be >= 0"), ("40,x", "not all numbers")])
+def test_gpu_budgets_text_goes_through_memory_budgets_and_is_range_checked(text, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        max_memory_for_budgets(text, device_count=2, device_totals=[80 * GB, 80 * GB], cpu_bytes=GB)
+
+
+def test_a_budget_above_the_card_is_clamped_to_it_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert resolve_budget(100, 80 * GB) == 80 * GB
+        assert max_memory_for_budgets("100,20", device_count=2, device_totals=[80 * GB, 80 * GB], external_vram_gb=4,
+                                      cpu_bytes=GB) == {0: 76 * GB, 1: 16 * GB, "cpu": GB}
+    assert caplog.text.count("clamped to the card") == 2
+    for bad in (math.nan, math.inf, -1, 5000):
+        with pytest.raises(LoaderError, match="from 0 to 1024"):
+            resolve_budget(bad, 80 * GB)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("budget_override_gb", math.nan, "budget_override_gb=nan: give a number of GB from 0 to 1024"),
+    ("budget_override_gb", math.inf, "budget_override_gb=inf"), ("budget_override_gb", -2.0, "budget_override_gb=-2.0"),
+    ("budget_override_gb", 1e6, "budget_override_gb=1000000.0"), ("guidance", math.nan, "guidance=nan"),
+    ("offload_mode", "sometimes", "offload_mode='sometimes': choose one of disabled, smart, always")])
+def test_a_bad_run_input_is_refused_before_anything_moves(field, value, message):
+    request = GenerateRequest(prompt="a fox", **{field: value})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        generate(None, request)  # checked before the model is touched

@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import inspect
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -30,7 +31,7 @@ from ...memory.unload import clear_exception_refs, restore, soft_unload
 from ...quant.bnb_layers import is_bnb_quantized
 from ...units import GB
 from .bnb import cast_notice_once
-from .inputs import OFFLOAD_MODES, POST_ACTIONS, check_choice
+from .inputs import OFFLOAD_MODES, POST_ACTIONS, check_choice, check_gb
 from .placement import IDLE_MODULES
 
 log = logging.getLogger("comfyui_headroom")
@@ -205,9 +206,13 @@ def decide_offload(loaded, width: int, height: int, mode: str):
 
 
 def check_request(request: GenerateRequest) -> None:
-    """The choices of a run, before anything moves: one line naming the input and what it accepts."""
+    """The choices and numbers of a run, before anything moves: one line naming the input and what it accepts."""
     check_choice("offload_mode", request.offload_mode, OFFLOAD_MODES, error=ValueError)
     check_choice("post_action", request.post_action, POST_ACTIONS, error=ValueError)
+    request.budget_override_gb = check_gb("budget_override_gb", request.budget_override_gb,
+                                          zero=" (0 = the loader's budget)", error=ValueError)
+    if not math.isfinite(float(request.guidance)):  # ComfyUI's range check lets NaN through: a black image
+        raise ValueError(f"guidance={request.guidance!r}: give a finite number (the node takes 1 to 20)")
 
 
 def generate(loaded, request: GenerateRequest, on_step: Callable[[int, int], None] | None = None) -> GenerateResult:

@@ -58,7 +58,7 @@ from .folder import (
     remote_code_modules,
     weight_files,
 )
-from .inputs import MODES, LoaderError, check_choice, first_line, packages_for, require_packages
+from .inputs import MODES, LoaderError, check_choice, check_load_numbers, first_line, packages_for, require_packages
 from .placement import PlacementSummary
 
 if TYPE_CHECKING:
@@ -272,6 +272,8 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
     GPU (issue #9); it replaces ``budget_gb``. Checked before anything is loaded.
     """
     check_choice("mode", mode, MODES)
+    budget_gb, external_vram_gb, gpu_layers, reserve_gb = check_load_numbers(budget_gb, external_vram_gb, gpu_layers,
+                                                                             reserve_gb)
     folder = Path(path)
     method, mode = _resolve_mode(folder, mode, trust_remote_code)
     require_packages(packages_for(mode))
@@ -409,6 +411,9 @@ def _plan_one_gpu(plan: _LoadPlan, skeleton: nn.Module, total: int, budget_gb: f
     from .placement import max_memory_for_budget, resolve_budget
 
     plan.budget_bytes = resolve_budget(budget_gb, total) - int(external_vram_gb * GB)
+    if budget_gb * GB > total:
+        plan.notes.append(f"gpu_budget_gb {budget_gb:g} is above this card's {total / GB:.1f} GB: clamped to the card, "
+                          "which leaves no VRAM for inference (0 = 55 % of the card)")
     if plan.budget_bytes <= 0:
         raise LoaderError(f"GPU budget {budget_gb} GB minus external VRAM {external_vram_gb} GB leaves nothing "
                           "for weights; raise the budget or lower external_vram_gb")
