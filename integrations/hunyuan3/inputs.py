@@ -61,20 +61,17 @@ def packages_for(mode: str) -> tuple[str, ...]:
 def require_packages(names: Sequence[str] = EXTRA_PACKAGES) -> None:
     """Import each package; the first that is missing (or broken) raises :class:`MissingPackage` naming it and
     the install command, instead of an ImportError from deep inside a load."""
+    install = f"{EXTRA_INSTALL} (ComfyUI users: {COMFYUI_INSTALL})"
     for name in names:
         try:
             importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if (err.name or name).split(".")[0] != name:  # installed, but one of its own dependencies is not
-                raise MissingPackage(f"{name} is installed but does not import ({first_line(err)}); reinstall "
-                                     f"the HunyuanImage-3 packages: {EXTRA_INSTALL} (ComfyUI users: "
-                                     f"{COMFYUI_INSTALL})") from None
-            raise MissingPackage(f"HunyuanImage-3 loading needs the Python package {name!r}, which is not "
-                                 f"installed: {EXTRA_INSTALL} (ComfyUI users: {COMFYUI_INSTALL})") from None
-        except (ImportError, OSError, RuntimeError) as err:  # a broken install (native library, version clash)
+        except (ImportError, OSError, RuntimeError) as err:  # RuntimeError, OSError: a broken native library
+            if isinstance(err, ModuleNotFoundError) and (err.name or name).split(".")[0] == name:
+                raise MissingPackage(f"HunyuanImage-3 loading needs the Python package {name!r}, which is not "
+                                     f"installed: {install}") from None
+            # installed, but it (or one of its own dependencies) does not import
             raise MissingPackage(f"{name} is installed but does not import ({first_line(err)}); reinstall the "
-                                 f"HunyuanImage-3 packages: {EXTRA_INSTALL} (ComfyUI users: {COMFYUI_INSTALL})") \
-                from None
+                                 f"HunyuanImage-3 packages: {install}") from None
 
 
 # ------------------------------------------------------------------------------ choices and numbers
