@@ -12,18 +12,27 @@ import logging
 import os
 import threading
 
+from ..integrations.hunyuan3.inputs import (
+    ATTENTION_IMPLEMENTATIONS,
+    DEVICE_MAPS,
+    MAX_GB,
+    MAX_GPU_LAYERS,
+    OFFLOAD_MODES,
+    POST_ACTIONS,
+    check_load_numbers,
+)
+
 log = logging.getLogger("comfyui_headroom")
 
 CATEGORY = "headroom/hunyuan3"
 MODEL_TYPE = "HUNYUAN3_MODEL"
 FOLDER_KEY = "hunyuan3"
-ATTENTION_CHOICES = ["sdpa", "eager", "flash_attention_2"]
 TRUST_TOOLTIP = ("HunyuanImage-3 ships its own Python code (modeling files in the model folder); loading it runs "
                  "that code with your user's rights. Turn this on only for folders from a source you trust. "
                  "Local folders only - nothing is downloaded.")
-BUDGET_TOOLTIP = ("VRAM for the weights, in GB. 0 = auto: 55 % of the card (seed 000: leaves ~43 GB of a 96 GB "
-                  "card for inference). What does not fit goes to RAM. Suggested: 24 GB card 18-20, 32 GB 26-28, "
-                  "96 GB 52.")
+BUDGET_TOOLTIP = ("VRAM for the weights, in GB. 0 = auto: 55 % of the card (the community HunyuanImage-3 loaders' "
+                  "rule: 55 % of a 96 GB card leaves ~43 GB for inference). What does not fit goes to RAM. "
+                  "Suggested: 24 GB card 18-20, 32 GB 26-28, 96 GB 52. Above the card: clamped to it.")
 EXTERNAL_TOOLTIP = "VRAM other programs or models already hold on this card; subtracted from the budget."
 
 # ------------------------------------------------------------------------------ folders
@@ -132,8 +141,11 @@ def load_cached(folder: str, mode: str, budget_gb: float, external_vram_gb: floa
     from ..integrations.hunyuan3.loader import folder_fingerprint, load_hf_model
 
     path = os.path.realpath(folder)
-    key = (path, mode, float(budget_gb), float(external_vram_gb), attn_implementation, device_map,
-           int(gpu_layers) if device_map == "manual" else None, (gpu_budgets_gb or "").strip())
+    # Checked before the cached model is dropped: a bad number must not cost the loaded model.
+    budget_gb, external_vram_gb, gpu_layers, _ = check_load_numbers(budget_gb, external_vram_gb,
+                                                                    gpu_layers if device_map == "manual" else None)
+    key = (path, mode, budget_gb, external_vram_gb, attn_implementation, device_map, gpu_layers,
+           (gpu_budgets_gb or "").strip())
     fingerprint = folder_fingerprint(path)
     cached = CACHE.get(key, fingerprint)
     if cached is not None:
@@ -142,8 +154,7 @@ def load_cached(folder: str, mode: str, budget_gb: float, external_vram_gb: floa
     CACHE.drop()  # free the previous model before loading the next
     loaded = load_hf_model(path, mode=mode, budget_gb=budget_gb, external_vram_gb=external_vram_gb,
                            trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
-                           device_map=device_map, gpu_layers=gpu_layers if device_map == "manual" else None,
-                           gpu_budgets_gb=gpu_budgets_gb)
+                           device_map=device_map, gpu_layers=gpu_layers, gpu_budgets_gb=gpu_budgets_gb)
     CACHE.put(key, loaded)
     return loaded, False
 
@@ -164,18 +175,19 @@ class _Hunyuan3LoaderBase:
             "required": {
                 "model_folder": (model_folder_choices(), {"tooltip": "A model folder under models/hunyuan3 "
                                                           "(config.json + safetensors + its modeling code)."}),
-                "gpu_budget_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5,
+                "gpu_budget_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": MAX_GB, "step": 0.5,
                                             "tooltip": BUDGET_TOOLTIP}),
-                "external_vram_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5,
+                "external_vram_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": MAX_GB, "step": 0.5,
                                                "tooltip": EXTERNAL_TOOLTIP}),
                 "trust_remote_code": ("BOOLEAN", {"default": False, "tooltip": TRUST_TOOLTIP}),
-                "attn_implementation": (ATTENTION_CHOICES, {"default": "sdpa"}),
+                "attn_implementation": (list(ATTENTION_IMPLEMENTATIONS), {"default": ATTENTION_IMPLEMENTATIONS[0]}),
             },
             "optional": {
-                "device_map": (["auto", "manual"], {"default": "auto", "tooltip":
+                "device_map": (list(DEVICE_MAPS), {"default": DEVICE_MAPS[0], "tooltip":
                                "auto: placement from the budget. manual: every critical module and the first "
-                               "gpu_layers decoder layers on the GPU, the rest in RAM (seed 000's map)."}),
-                "gpu_layers": ("INT", {"default": 6, "min": 0, "max": 256,
+                               "gpu_layers decoder layers on the GPU, the rest in RAM (the community HunyuanImage-3 "
+                               "loaders' \"optimal device map\", generated and checked)."}),
+                "gpu_layers": ("INT", {"default": 6, "min": 0, "max": MAX_GPU_LAYERS,
                                        "tooltip": "With device_map=manual: decoder layers kept on the GPU."}),
             },
         }
@@ -244,14 +256,14 @@ class _Hunyuan3GenerateBase:
                 "width": ("INT", {"default": 1024, "min": 16, "max": 4096, "step": 16, "tooltip":
                                   "Snapped to the closest of the model's resolution buckets (same aspect ratio)."}),
                 "height": ("INT", {"default": 1024, "min": 16, "max": 4096, "step": 16}),
-                "offload_mode": (["disabled", "smart", "always"], {"default": cls.DEFAULT_OFFLOAD, "tooltip":
+                "offload_mode": (list(OFFLOAD_MODES), {"default": cls.DEFAULT_OFFLOAD, "tooltip":
                                  "smart: offload when < 25 GB free, > 70 % used, or free < the inference estimate "
                                  "(12 GB/MP + 5 GB + reserve). INT8 above 1.2 MP switches 'disabled' to smart."}),
-                "post_action": (["keep", "soft_unload", "unload"], {"default": cls.DEFAULT_POST, "tooltip":
+                "post_action": (list(POST_ACTIONS), {"default": cls.DEFAULT_POST, "tooltip":
                                 "soft_unload parks the model in pinned RAM; the next run restores it at PCIe speed."}),
             },
             "optional": {
-                "budget_override_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5, "tooltip":
+                "budget_override_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": MAX_GB, "step": 0.5, "tooltip":
                                        "This run only, without reloading: decoder layers beyond it are streamed "
                                        "(NF4/BF16). 0 = the loader's budget."}),
                 "image": ("IMAGE", {"tooltip": "Input image, for models whose code takes one (Instruct)."}),

@@ -1,16 +1,12 @@
 """HunyuanImage-3 road on a CUDA GPU (device tool): bitsandbytes CUDA loads of the fake, soft unload ->
 restore, the OOM path and VRAM afterwards, BF16 streaming. Skipped without CUDA."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
 
-FIXTURE = Path(__file__).parent / "fixtures" / "hunyuan3_fake"
 GB = 1024 ** 3
 
 
@@ -25,14 +21,12 @@ from comfyui_headroom.integrations.hunyuan3.generate import (  # noqa: E402
 )
 from comfyui_headroom.integrations.hunyuan3.loader import load_hf_model  # noqa: E402
 from comfyui_headroom.quant.bnb_layers import is_bnb_quantized  # noqa: E402
+from hunyuan3_fake import build_fake_folder  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def fake_folder(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("hunyuan3_build_fake", FIXTURE / "build_fake.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_fake_model_folder(tmp_path_factory.mktemp("hy3gpu") / "fake")
+    return build_fake_folder(tmp_path_factory.mktemp("hy3gpu") / "fake")
 
 
 def _request(**kw):
@@ -60,10 +54,7 @@ def test_cuda_load_generate_soft_unload_restore(fake_folder, mode):
 @pytest.fixture(scope="module")
 def large_bucket_folder(tmp_path_factory):
     """The fake with buckets up to 2048x512: a run there needs tens of MB of activations (VAE decode)."""
-    spec = importlib.util.spec_from_file_location("hunyuan3_build_fake", FIXTURE / "build_fake.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_fake_model_folder(tmp_path_factory.mktemp("hy3gpu") / "fake1024", image_base_size=1024)
+    return build_fake_folder(tmp_path_factory.mktemp("hy3gpu") / "fake1024", image_base_size=1024)
 
 
 def _fill_free_cached_memory(limit_bytes: int) -> list[torch.Tensor]:

@@ -3,24 +3,17 @@
 One fake folder per module; INT8 / NF4 loads are shared. GPU checks are in test_hunyuan3_gpu.py.
 """
 
-import importlib.util
 import json
 import os
 import re
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
-
-FIXTURE = Path(__file__).parent / "fixtures" / "hunyuan3_fake"
-
-
-
 
 from comfyui_headroom.integrations.hunyuan3 import loader as hf_loader  # noqa: E402
 from comfyui_headroom.integrations.hunyuan3.bnb import HUNYUAN3_SKIP_PATTERNS  # noqa: E402
@@ -34,21 +27,15 @@ from comfyui_headroom.integrations.hunyuan3.placement import (  # noqa: E402
     validate_device_map,
 )
 from comfyui_headroom.quant.bnb_layers import is_bnb_quantized  # noqa: E402
+from hunyuan3_fake import build_fake_folder  # noqa: E402
 
 STATUS_TAIL = re.compile(r"Peak VRAM (n/a|[\d.]+GB) \| Peak RAM [\d.]+GB$")
 GB = 1024 ** 3
 
 
-def _build_module():
-    spec = importlib.util.spec_from_file_location("hunyuan3_build_fake", FIXTURE / "build_fake.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def fake_folder(tmp_path_factory):
-    return _build_module().build_fake_model_folder(tmp_path_factory.mktemp("hy3") / "HunyuanImage-3-fake")
+    return build_fake_folder(tmp_path_factory.mktemp("hy3") / "HunyuanImage-3-fake")
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +224,7 @@ def test_manual_map_from_n_and_validation_names_what_is_missing(int8):
     assert device_map["model.layers.0"] == 0 and device_map["model.layers.1"] == "cpu"
     assert device_map["vae"] == 0 and device_map["model.wte"] == 0 and device_map["lm_head"] == 0
     broken = dict(device_map)
-    del broken["model.layers.1"]  # seed 000's example forgot model.layers.24
+    del broken["model.layers.1"]  # the community loaders' example map forgot model.layers.24
     with pytest.raises(DeviceMapError, match=r"not placed: model\.layers\.1\b"):
         validate_device_map(broken, skeleton)
     with pytest.raises(DeviceMapError, match="name no module"):

@@ -1,16 +1,22 @@
 """bitsandbytes on the transformers road: configs and the skip list in the form transformers understands.
 
-Our skip patterns are plain substrings (seed 000; ``quant/skip.py``), but transformers matches
-``llm_int8_skip_modules`` its own way, and differently per version: 5.x matches a key at the *start*
-of a Linear's full name up to a module boundary, or as a suffix (so seed 000's ``"self_attn"`` keeps
-nothing there), while 4.x matched ``key + "."`` anywhere. Rather than guess, :func:`bnb_skip_modules`
-resolves our patterns against the model's real module tree (built on the meta device) and hands
-transformers the covering module paths: exact names mean the same thing under both rules. It then
-checks the list with the installed transformers' own matcher, so a mismatch fails before loading.
+Our skip patterns are plain substrings (as in the community HunyuanImage-3 loaders; ``quant/skip.py``),
+but transformers matches ``llm_int8_skip_modules`` its own way, and differently per version: 5.x matches a
+key at the *start* of a Linear's full name up to a module boundary, or as a suffix (so those loaders'
+``"self_attn"`` keeps nothing there), while 4.x matched ``key + "."`` anywhere. Rather than guess,
+:func:`bnb_skip_modules` resolves our patterns against the model's real module tree (built on the meta
+device) and hands transformers the covering module paths: exact names mean the same thing under both
+rules. It then checks the list with the installed transformers' own matcher, so a mismatch fails before
+loading.
 """
 
 from __future__ import annotations
 
+import logging
+import re
+import threading
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -24,7 +30,7 @@ from ...quant.skip import ATTENTION_SKIP_PATTERNS, DEFAULT_SKIP_PATTERNS, matchi
 # ``mlp.gate_and_up_proj``, i.e. all experts would silently stay bf16.
 ROUTER_SKIP_PATTERNS: tuple[str, ...] = ("mlp.gate.wg",)
 
-# Seed 000's list (VAE, vision tower, embedders, final layers, attention) + the router.
+# The community HunyuanImage-3 loaders' list (VAE, vision tower, embedders, final layers, attention) + the router.
 HUNYUAN3_SKIP_PATTERNS: tuple[str, ...] = DEFAULT_SKIP_PATTERNS + ATTENTION_SKIP_PATTERNS + ROUTER_SKIP_PATTERNS
 
 MODES = ("int8", "nf4")
@@ -126,9 +132,9 @@ def bnb_config(mode: str, modules_to_not_convert: Sequence[str], fp32_cpu_offloa
                compute_dtype: torch.dtype = torch.bfloat16):
     """A ``BitsAndBytesConfig`` for INT8 (LLM.int8, no fp16 weights) or NF4 (double quant, bf16 compute).
 
-    ``fp32_cpu_offload`` stays False with ``device_map="auto"`` (seed 000 §2): CPU offload is steered by
-    ``max_memory``. It is only set when we pass an explicit map that puts *unquantized* modules on the CPU,
-    which transformers otherwise rejects.
+    ``fp32_cpu_offload`` stays False with ``device_map="auto"`` (as the community HunyuanImage-3 loaders do):
+    CPU offload is steered by ``max_memory``. It is only set when we pass an explicit map that puts
+    *unquantized* modules on the CPU, which transformers otherwise rejects.
     """
     from transformers import BitsAndBytesConfig
 
@@ -151,3 +157,68 @@ def quantized_bytes_per_param(mode: str) -> float:
 def bnb_int8_dequantize(weight_int8: torch.Tensor, scb: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
     """LLM.int8 row-wise layout on disk: ``W = int8 * SCB[:, None] / 127``."""
     return (weight_int8.float() * (scb.float()[:, None] / 127.0)).to(dtype)
+
+
+# ------------------------------------------------------------------------------ the cast notice, once
+
+# bitsandbytes' LLM.int8 matmul says this for every layer at every call when the input is not float16 (ours is
+# bf16): thousands of identical lines per image. It is harmless (the int8 matmul takes fp16 inputs).
+CAST_NOTICE = "MatMul8bitLt: inputs will be cast from"
+BNB_MATMUL_LOGGER = "bitsandbytes.autograd._functions"  # the logger of bitsandbytes >= 0.46; older ones warn()
+
+
+class _OncePerProcess(logging.Filter):
+    """Lets the first cast notice through (saying the repeats are hidden) and drops the others."""
+
+    def __init__(self):
+        super().__init__()
+        self.shown = False
+        self._lock = threading.Lock()
+
+    def first(self) -> bool:
+        with self._lock:
+            first, self.shown = not self.shown, True
+        return first
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(CAST_NOTICE):
+            return True
+        if not self.first():
+            return False
+        record.msg = f"{record.msg} (said once; the same notice for every layer and step is hidden)"
+        return True
+
+
+CAST_NOTICE_FILTER = _OncePerProcess()
+_scopes = 0
+_scopes_lock = threading.Lock()
+
+
+@contextmanager
+def cast_notice_once():
+    """While our load/generate runs: bitsandbytes' cast notice once per process, through its logger or the
+    warnings module; every other message passes as before, and nothing changes outside this scope."""
+    global _scopes
+    logger = logging.getLogger(BNB_MATMUL_LOGGER)
+    with _scopes_lock:
+        if _scopes == 0:
+            logger.addFilter(CAST_NOTICE_FILTER)
+        _scopes += 1
+    try:
+        with warnings.catch_warnings():
+            # "always": our check below decides, not the per-module registry (which forgets on every filter change)
+            warnings.filterwarnings("always", message=re.escape(CAST_NOTICE))
+            show = warnings.showwarning
+
+            def show_once(message, category, filename, lineno, file=None, line=None):
+                if str(message).startswith(CAST_NOTICE) and not CAST_NOTICE_FILTER.first():
+                    return
+                show(message, category, filename, lineno, file, line)
+
+            warnings.showwarning = show_once
+            yield
+    finally:
+        with _scopes_lock:
+            _scopes -= 1
+            if _scopes == 0:
+                logger.removeFilter(CAST_NOTICE_FILTER)

@@ -1,4 +1,5 @@
-"""Run ``generate_image`` of a budget-loaded transformers model with seed 000/001's memory rules.
+"""Run ``generate_image`` of a budget-loaded transformers model with the memory rules of the community
+HunyuanImage-3 loaders and their performance notes (smart offload, soft unload).
 
 :func:`generate` is what the "Hunyuan 3 Generate" nodes call (no ComfyUI import here):
 1. restore the model if it was soft-unloaded;
@@ -19,6 +20,7 @@ from __future__ import annotations
 import gc
 import inspect
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -28,12 +30,12 @@ from torch import nn
 from ...memory.unload import clear_exception_refs, restore, soft_unload
 from ...quant.bnb_layers import is_bnb_quantized
 from ...units import GB
+from .bnb import cast_notice_once
+from .inputs import OFFLOAD_MODES, POST_ACTIONS, check_choice, check_gb
 from .placement import IDLE_MODULES
 
 log = logging.getLogger("comfyui_headroom")
 
-POST_ACTIONS = ("keep", "soft_unload", "unload")
-OFFLOAD_MODES = ("disabled", "smart", "always")
 VRAM_TOLERANCE = 0.02  # after an OOM, VRAM must be back within 2 % of where it was
 
 
@@ -191,7 +193,8 @@ def restore_model(loaded) -> str:
 
 
 def decide_offload(loaded, width: int, height: int, mode: str):
-    """Seed 000 §5 on the current VRAM state (memory/estimate.should_offload); CPU-only: nothing to offload."""
+    """The community HunyuanImage-3 loaders' smart-offload rule on the current VRAM state
+    (memory/estimate.should_offload); CPU-only: nothing to offload."""
     from ...memory.estimate import OffloadDecision, should_offload
 
     device = model_device(loaded.model)
@@ -202,14 +205,21 @@ def decide_offload(loaded, width: int, height: int, mode: str):
                           mode=mode, quantized=loaded.mode in ("int8", "nf4"))
 
 
+def check_request(request: GenerateRequest) -> None:
+    """The choices and numbers of a run, before anything moves: one line naming the input and what it accepts."""
+    check_choice("offload_mode", request.offload_mode, OFFLOAD_MODES, error=ValueError)
+    check_choice("post_action", request.post_action, POST_ACTIONS, error=ValueError)
+    request.budget_override_gb = check_gb("budget_override_gb", request.budget_override_gb,
+                                          zero=" (0 = the loader's budget)", error=ValueError)
+    if not math.isfinite(float(request.guidance)):  # ComfyUI's range check lets NaN through: a black image
+        raise ValueError(f"guidance={request.guidance!r}: give a finite number (the node takes 1 to 20)")
+
+
 def generate(loaded, request: GenerateRequest, on_step: Callable[[int, int], None] | None = None) -> GenerateResult:
     """One image; see the module docstring for the order of things."""
     from ...memory.tracker import MemoryTracker
 
-    if request.offload_mode not in OFFLOAD_MODES:
-        raise ValueError(f"offload_mode must be one of {OFFLOAD_MODES}, got {request.offload_mode!r}")
-    if request.post_action not in POST_ACTIONS:
-        raise ValueError(f"post_action must be one of {POST_ACTIONS}, got {request.post_action!r}")
+    check_request(request)
     notes = []
     from .loader import ensure_loaded
 
@@ -249,7 +259,7 @@ def generate(loaded, request: GenerateRequest, on_step: Callable[[int, int], Non
     image = None
     oom_message = None
     try:
-        with tracker, torch.inference_mode():
+        with tracker, torch.inference_mode(), cast_notice_once():
             image = model.generate_image(**kwargs)
     except torch.OutOfMemoryError as err:
         hook.remove()

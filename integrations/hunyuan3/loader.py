@@ -1,6 +1,7 @@
 """Budget loaders for transformers models with remote code (HunyuanImage-3): INT8 / NF4 / BF16.
 
-One function, :func:`load_hf_model`, does what seed 000's loaders did, with the failure modes fixed:
+One function, :func:`load_hf_model`, does what the community HunyuanImage-3 loaders did,
+with the failure modes fixed:
 - skip list resolved against the real module tree (``bnb.py``), verified again after loading
   through the dtype report (no "colourful noise" from a VAE that slipped into INT8);
 - ``device_map="auto"`` + ``max_memory`` from the budget with ``llm_int8_enable_fp32_cpu_offload=False``;
@@ -30,7 +31,6 @@ import torch
 from torch import nn
 
 from ...quant.bnb_layers import is_bnb_quantized
-from ...quant.formats import safetensors_files
 from ...quant.report import DtypeReport, dtype_report
 from ...quant.skip import DEFAULT_SKIP_PATTERNS, matching_pattern
 from ...units import GB
@@ -39,10 +39,26 @@ from .bnb import (
     bnb_config,
     bnb_int8_dequantize,
     bnb_skip_modules,
+    cast_notice_once,
     hunyuan3_skip_patterns,
     plan_skips,
     quantized_bytes_per_param,
 )
+from .folder import (
+    CONFIG,
+    GENERATION_CONFIG,
+    QUANTIZATION_METHODS,
+    check_generation_config,
+    check_int8_shapes,
+    check_model_folder,
+    check_tokenizer_files,
+    detect_quantization_method,
+    int8_layers_on_disk,
+    read_json_object,
+    remote_code_modules,
+    weight_files,
+)
+from .inputs import MODES, LoaderError, check_choice, check_load_numbers, first_line, packages_for, require_packages
 from .placement import PlacementSummary
 
 if TYPE_CHECKING:
@@ -51,17 +67,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("comfyui_headroom")
 
-MODES = ("int8", "nf4", "bf16")
-QUANTIZATION_METHODS = {
-    "bitsandbytes_int8_full": "int8",  # every Linear INT8 on disk; critical layers dequantized on load
-    "bitsandbytes_int8": "int8",  # selective: critical layers stored in bf16 on disk
-    "bitsandbytes_nf4": "nf4",
-}
 # The versions Tencent's code runs under (checked on an H100; see docs/hunyuan3.md).
 TENCENT_PIP_COMMAND = 'pip install "transformers==4.57.1" "huggingface-hub==0.36.0" "diffusers>=0.35,<0.36"'
-
-class LoaderError(ValueError):
-    """A load that cannot work as asked; the message says what to change."""
 
 
 class MapRejected(RuntimeError):
@@ -138,74 +145,6 @@ class LoadedModel:
         return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------ folder inspection
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except json.JSONDecodeError as err:
-        raise LoaderError(f"{path}: not valid JSON ({err}); re-download or fix the file") from err
-
-
-def check_model_folder(path, trust_remote_code: bool) -> dict:
-    """The folder's config.json; refuses remote code without consent and anything but a local folder."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise LoaderError(f"{path}: not a local folder. Download the model first (e.g. `hf download ... "
-                          "--local-dir <ComfyUI>/models/hunyuan3/<name>`) and pick that folder")
-    config = read_json(folder / "config.json")
-    if not config:
-        raise LoaderError(f"{folder}: no config.json - not a transformers model folder")
-    if config.get("auto_map") and not trust_remote_code:
-        module = next(iter(config["auto_map"].values()))
-        raise LoaderError(f"{folder} ships its own Python code ({module}); loading it runs that code. Turn on "
-                          "trust_remote_code only for folders from a source you trust")
-    return config
-
-
-def safetensors_metadata(folder: Path) -> dict:
-    from safetensors import safe_open
-
-    files = safetensors_files(folder)
-    if not files:
-        return {}
-    with safe_open(str(files[0]), framework="pt") as f:
-        return dict(f.metadata() or {})
-
-
-def detect_quantization_method(folder, config: dict | None = None) -> str | None:
-    """``quantization_method`` from config.json (top level or inside ``quantization_config``) or the
-    safetensors metadata; for a bitsandbytes folder without it, INT8 vs NF4 from ``quantization_config``."""
-    folder = Path(folder)
-    config = config if config is not None else read_json(folder / "config.json")
-    qc = config.get("quantization_config") or {}
-    method = config.get("quantization_method") or qc.get("quantization_method")
-    if not method:
-        method = safetensors_metadata(folder).get("quantization_method")
-    if not method and qc.get("quant_method") == "bitsandbytes":
-        method = "bitsandbytes_nf4" if qc.get("load_in_4bit") else "bitsandbytes_int8"
-    if method and method not in QUANTIZATION_METHODS:
-        raise LoaderError(f"{folder}: unknown quantization_method {method!r}; known: {sorted(QUANTIZATION_METHODS)}")
-    return method
-
-
-def int8_layers_on_disk(folder: Path) -> set[str]:
-    """Layers whose ``weight`` is stored as int8 next to an LLM.int8 ``SCB`` scale."""
-    from safetensors import safe_open
-
-    found: set[str] = set()
-    for file in safetensors_files(folder):
-        with safe_open(str(file), framework="pt") as f:
-            keys = set(f.keys())
-            for key in keys:
-                if key.endswith(".SCB") and key[:-4] + ".weight" in keys:
-                    found.add(key[:-4])
-    return found
-
-
 # ------------------------------------------------------------------------------ remote code
 
 
@@ -220,11 +159,13 @@ def build_skeleton(folder, config_obj, trust_remote_code: bool, attn_implementat
     with init_empty_weights():
         try:
             return AutoModelForCausalLM.from_config(config_obj, dtype=torch.bfloat16, **kwargs)
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError, RuntimeError) as err:
             if attn_implementation and "attn" in str(err).lower():
                 raise LoaderError(f"{folder}: attention implementation {attn_implementation!r} is not supported "
-                                  f"by this model ({err}); pick 'sdpa' or 'eager'") from err
-            raise
+                                  f"by this model ({first_line(err)}); pick 'sdpa' or 'eager'") from None
+            # the folder's config.json values, read by the folder's own code (a wrong type, a negative size ...)
+            raise LoaderError(f"{Path(folder) / CONFIG}: the model's code cannot build the model from it "
+                              f"({first_line(err)}); re-download config.json and the model's *.py files") from None
 
 
 def is_tencent_code(model: nn.Module) -> bool:
@@ -262,7 +203,7 @@ def check_transformers_version(skeleton: nn.Module, folder) -> None:
 def restore_generation_config(model: nn.Module, folder) -> list[str]:
     """Copy generation_config.json's custom fields (``use_system_prompt``, ``bot_task``, ``diff_infer_steps``
     ...) onto ``model.generation_config`` where transformers dropped them; returns the restored names."""
-    data = read_json(Path(folder) / "generation_config.json")
+    data = read_json_object(Path(folder) / GENERATION_CONFIG)
     gen = getattr(model, "generation_config", None)
     if not data:
         return []
@@ -330,10 +271,12 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
     INT8/NF4 model is spread over them by accelerate's ``device_map="auto"`` with one ``max_memory`` entry per
     GPU (issue #9); it replaces ``budget_gb``. Checked before anything is loaded.
     """
-    if mode not in MODES:
-        raise LoaderError(f"mode must be one of {MODES}, got {mode!r}")
+    check_choice("mode", mode, MODES)
+    budget_gb, external_vram_gb, gpu_layers, reserve_gb = check_load_numbers(budget_gb, external_vram_gb, gpu_layers,
+                                                                             reserve_gb)
     folder = Path(path)
     method, mode = _resolve_mode(folder, mode, trust_remote_code)
+    require_packages(packages_for(mode))
     config, skeleton = _checked_skeleton(folder, trust_remote_code, attn_implementation)
     patterns = list(skip_patterns) if skip_patterns is not None else hunyuan3_skip_patterns(skip, keep_attention)
     plan = _plan_skips(folder, skeleton, mode, method, patterns)
@@ -346,7 +289,8 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
     report = _verified_dtype_report(model, plan)
 
     if reserve_gb is None:
-        # seed 000's loader reserve: VRAM promised to others, added to the inference estimate in smart mode
+        # the loader reserve (as in the community loaders): VRAM promised to others, added to the inference
+        # estimate in smart mode
         reserve_gb = float(external_vram_gb)
     load_args = dict(path=str(folder), mode=mode, budget_gb=budget_gb, external_vram_gb=external_vram_gb,
                      trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
@@ -359,7 +303,7 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
                          tencent_code=is_tencent_code(skeleton), restored_generation_fields=restored,
                          telemetry=telemetry, notes=plan.notes, streamer=streamer, split=split,
                          fingerprint=folder_fingerprint(folder))
-    # What the generators read (seed 000 kept the reserve on the model as ``_loader_reserve_gb``).
+    # What the generators read (the community loaders keep the reserve on the model as ``_loader_reserve_gb``).
     model._loader_reserve_gb = reserve_gb
     model._headroom_budget_bytes = plan.budget_bytes
     log.info("%s", loaded.summary())
@@ -370,9 +314,12 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
 
 
 def _resolve_mode(folder: Path, mode: str, trust_remote_code: bool) -> tuple[str | None, str]:
-    """Check the folder (a local transformers folder; consent for its code); a pre-quantized folder decides
-    the mode itself. Returns (its quantization_method or None, the mode to load in)."""
-    method = detect_quantization_method(folder, check_model_folder(folder, trust_remote_code))
+    """Check the folder's files (config.json and consent for its code, the weights' index and headers, the
+    tokenizer's JSON; ``folder.py``); a pre-quantized folder decides the mode itself. Returns (its
+    quantization_method or None, the mode to load in)."""
+    config = check_model_folder(folder, trust_remote_code)
+    method = detect_quantization_method(folder, config, weight_files(folder))
+    check_tokenizer_files(folder)
     if method:
         disk_mode = QUANTIZATION_METHODS[method]
         if mode != disk_mode:
@@ -383,12 +330,20 @@ def _resolve_mode(folder: Path, mode: str, trust_remote_code: bool) -> tuple[str
 
 def _checked_skeleton(folder: Path, trust_remote_code: bool, attn_implementation: str | None):
     """The config and the model on the meta device (names and shapes for planning); Tencent's code is refused
-    here where it could not run. Returns (config, skeleton)."""
+    here where it could not run, and a model whose ``generate_image`` reads generation_config.json needs that
+    file. Returns (config, skeleton)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, ImportError, SyntaxError) as err:
+        code = remote_code_modules(folder, (read_json_object(folder / CONFIG) or {}).get("auto_map"))
+        files = ", ".join(str(folder / f"{m}.py") for m in code) or "no code"
+        raise LoaderError(f"{folder / CONFIG} (its code: {files}): transformers cannot build the model's config from "
+                          f"them ({first_line(err)}); re-download the model folder") from None
     skeleton = build_skeleton(folder, config, trust_remote_code, attn_implementation)
     check_transformers_version(skeleton, folder)
+    check_generation_config(folder, required=callable(getattr(skeleton, "generate_image", None)))
     return config, skeleton
 
 
@@ -456,6 +411,9 @@ def _plan_one_gpu(plan: _LoadPlan, skeleton: nn.Module, total: int, budget_gb: f
     from .placement import max_memory_for_budget, resolve_budget
 
     plan.budget_bytes = resolve_budget(budget_gb, total) - int(external_vram_gb * GB)
+    if budget_gb * GB > total:
+        plan.notes.append(f"gpu_budget_gb {budget_gb:g} is above this card's {total / GB:.1f} GB: clamped to the card, "
+                          "which leaves no VRAM for inference (0 = 55 % of the card)")
     if plan.budget_bytes <= 0:
         raise LoaderError(f"GPU budget {budget_gb} GB minus external VRAM {external_vram_gb} GB leaves nothing "
                           "for weights; raise the budget or lower external_vram_gb")
@@ -471,8 +429,8 @@ def _plan_one_gpu(plan: _LoadPlan, skeleton: nn.Module, total: int, budget_gb: f
 
 def _choose_device_map(plan: _LoadPlan, skeleton: nn.Module, device_map, gpu_layers: int | None,
                        device: int) -> str | dict:
-    """The caller's map (validated), seed 000's manual map, or "auto" - a map that keeps quantized layers on
-    the GPU when the budget is too small for all of it."""
+    """The caller's map (validated), the community loaders' manual map, or "auto" - a map that keeps quantized
+    layers on the GPU when the budget is too small for all of it."""
     from .placement import manual_device_map, plan_quantized_map, validate_device_map
 
     if isinstance(device_map, dict):
@@ -575,7 +533,11 @@ def _finish_model(model: nn.Module, folder: Path, skeleton: nn.Module, plan: _Lo
     log.info("%s", plan.critical_note or "no pre-quantized layers")
     restored = restore_generation_config(model, folder)
     if hasattr(model, "load_tokenizer") and any((folder / n).exists() for n in ("tokenizer.json", "tokenizer_config.json")):
-        model.load_tokenizer(str(folder))  # Tencent's code: the tokenizer travels with the model
+        try:
+            model.load_tokenizer(str(folder))  # Tencent's code: the tokenizer travels with the model
+        except Exception as err:  # noqa: BLE001 - the folder's tokenizer files, read by the folder's own code
+            raise LoaderError(f"{folder}: its tokenizer files do not load ({first_line(err)}); re-download "
+                              "tokenizer.json and tokenizer_config.json from the model's release") from None
     return restored
 
 
@@ -591,7 +553,8 @@ def _start_streaming_or_split(model: nn.Module, plan: _LoadPlan, device: int):
         from ...memory.budgets import plan_for_gpus
         from .placement import LAYERS_PREFIX
 
-        # HunyuanImage-3's critical modules (seed 000's list) are the planner's critical patterns.
+        # HunyuanImage-3's critical modules (the community loaders' skip list) are the planner's critical
+        # patterns.
         gpu_plan = plan_for_gpus(model, plan.gpu_budgets, blocks=LAYERS_PREFIX, critical=DEFAULT_SKIP_PATTERNS)
         split = enable_multi_device(model, gpu_plan, blocks=LAYERS_PREFIX)
         plan.notes.append(f"BF16 {split.summary()}")
@@ -659,7 +622,7 @@ def _drop_from_quantize(plan: SkipPlan, cpu_units: Sequence[str]) -> SkipPlan:
 def _plan_for_prequantized(folder: Path, skeleton, method: str, plan: SkipPlan):
     """Make the skip list agree with what is on disk and say what happens to the critical layers."""
     if method == "bitsandbytes_nf4":
-        qc = read_json(folder / "config.json").get("quantization_config") or {}
+        qc = (read_json_object(folder / CONFIG) or {}).get("quantization_config") or {}
         disk_skip = qc.get("llm_int8_skip_modules")
         if disk_skip is not None:
             names = [n for n, m in skeleton.named_modules() if type(m) is nn.Linear]
@@ -668,7 +631,8 @@ def _plan_for_prequantized(folder: Path, skeleton, method: str, plan: SkipPlan):
             keep = {n: "stored unquantized" for n in names if transformers_keeps(n, disk_skip)}
             plan = SkipPlan(keep=keep, quantize=[n for n in names if n not in keep], modules_to_not_convert=list(disk_skip))
         return plan, f"NF4 on disk; {len(plan.keep)} critical layers stored in bf16, kept", []
-    on_disk = int8_layers_on_disk(folder)
+    on_disk = int8_layers_on_disk(weight_files(folder))
+    check_int8_shapes(on_disk, {n: m.weight.shape for n, m in skeleton.named_modules() if type(m) is nn.Linear})
     critical_int8 = sorted(n for n in plan.keep if n in on_disk)
     missing = sorted(n for n in plan.quantize if n not in on_disk)
     if missing:
@@ -696,7 +660,7 @@ def dequantize_critical_layers(model: nn.Module, folder: Path, names: Sequence[s
 
     wanted = {f"{n}.weight": n for n in names}
     done = 0
-    for file in safetensors_files(Path(folder)):
+    for file in weight_files(Path(folder)):
         with safe_open(str(file), framework="pt") as f:
             keys = set(f.keys())
             for key, layer in wanted.items():
@@ -723,7 +687,7 @@ def _from_pretrained_tracked(folder: Path, kwargs: dict):
         with tracker:
             import warnings
 
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), cast_notice_once():
                 warnings.filterwarnings("ignore", message=".*quantization_config.*")
                 model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     except ValueError as err:
@@ -802,6 +766,11 @@ def save_quantized(loaded: LoadedModel, out_dir, overwrite: bool = False) -> Pat
     if loaded.mode not in ("int8", "nf4"):
         raise LoaderError(f"save_quantized writes INT8/NF4 folders; this model is {loaded.mode}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise LoaderError(f"{out} is a file; save_quantized writes a folder - pick a new folder name")
+    if out.exists() and out.resolve() == Path(loaded.path).resolve():
+        raise LoaderError(f"{out} is the folder the model was loaded from; save_quantized never writes over its "
+                          "input - pick a new folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise LoaderError(f"{out} exists and is not empty; pick a new folder or pass overwrite=True")
     if loaded.placement_owner is not None:
@@ -816,7 +785,7 @@ def save_quantized(loaded: LoadedModel, out_dir, overwrite: bool = False) -> Pat
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True, metadata={"quantization_method": method}) \
         if _accepts_metadata(model) else model.save_pretrained(out, safe_serialization=True)
-    config = read_json(out / "config.json")
+    config = read_json_object(out / CONFIG) or {}
     config["quantization_method"] = method
     (out / "config.json").write_text(json.dumps(config, indent=2))
     src = Path(loaded.path)

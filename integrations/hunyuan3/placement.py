@@ -1,11 +1,11 @@
 """Where the modules of a transformers model go under a VRAM budget (the HunyuanImage-3 road).
 
-- :func:`resolve_budget` / :func:`max_memory_for_budget`: seed 000 §4, ``max_memory={gpu: budget, "cpu": ...}``
-  for ``device_map="auto"``; budget 0 means 55 % of the card. :func:`max_memory_for_budgets`: the same with
-  one budget per GPU (``gpu_budgets_gb="40,40"``, issue #9).
-- :func:`manual_device_map`: seed 000's "optimal device map" (critical modules + the first N decoder layers
+- :func:`resolve_budget` / :func:`max_memory_for_budget`: the community HunyuanImage-3 loaders'
+  ``max_memory={gpu: budget, "cpu": ...}`` for ``device_map="auto"``; budget 0 means 55 % of the card.
+  :func:`max_memory_for_budgets`: the same with one budget per GPU (``gpu_budgets_gb="40,40"``, issue #9).
+- :func:`manual_device_map`: those loaders' "optimal device map" (critical modules + the first N decoder layers
   on the GPU, the rest on the CPU), generated from N instead of typed by hand, and
-  :func:`validate_device_map`, which names what a map forgets (seed 000's own example lost
+  :func:`validate_device_map`, which names what a map forgets (their own example lost
   ``model.layers.24``) before anything is loaded.
 - :func:`plan_quantized_map`: for bitsandbytes, a map that never puts a quantized layer on the CPU
   (transformers rejects that): idle float modules go to the CPU first, then whole decoder layers,
@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -24,6 +25,9 @@ from torch import nn
 
 from ...memory.planner import default_budget_bytes
 from ...units import GB
+from .inputs import BUDGET_ZERO, MAX_GB, check_gb, shown
+
+log = logging.getLogger("comfyui_headroom")
 
 # Float modules the denoising loop does not touch (the vision tower and aligner only see input images,
 # lm_head only picks the size in "auto" mode, the VAE runs once at the end): first to leave the GPU.
@@ -36,14 +40,24 @@ class DeviceMapError(ValueError):
 
 
 def resolve_budget(budget_gb: float, total_bytes: int | None) -> int:
-    """Bytes of VRAM for weights: ``budget_gb`` (GiB), or 55 % of ``total_bytes`` when 0 (seed 000 §4)."""
-    if budget_gb < 0:
-        raise ValueError(f"GPU budget must be >= 0 GB (0 = auto), got {budget_gb}")
+    """Bytes of VRAM for weights: ``budget_gb`` (GiB, 0 to :data:`MAX_GB`), or 55 % of ``total_bytes`` when 0
+    (the community HunyuanImage-3 loaders' rule); a budget above the card is clamped to it, as memory/'s
+    planner does (:func:`clamp_to_card`)."""
+    budget_gb = check_gb("gpu_budget_gb", budget_gb, zero=BUDGET_ZERO)
     if budget_gb > 0:
-        return int(budget_gb * GB)
+        return clamp_to_card(int(budget_gb * GB), total_bytes, "gpu_budget_gb")
     if not total_bytes:
         raise ValueError("GPU budget 0 (auto) needs a CUDA device to size 55 % of; set a budget in GB")
     return default_budget_bytes(total_bytes)
+
+
+def clamp_to_card(budget_bytes: int, total_bytes: int | None, what: str) -> int:
+    """A budget above the card's total VRAM is clamped to the card, with a warning (nothing is left for inference)."""
+    if total_bytes and budget_bytes > total_bytes:
+        log.warning("%s: %.1f GB is above the card's %.1f GB; clamped to the card, which leaves no VRAM for inference "
+                    "(0 = 55 %% of the card)", what, budget_bytes / GB, total_bytes / GB)
+        return int(total_bytes)
+    return budget_bytes
 
 
 def cpu_allowance_bytes(reserve_gb: float = 4.0) -> int:
@@ -64,7 +78,7 @@ def max_memory_for_budget(budget_gb: float, device: int = 0, total_bytes: int | 
         return max_memory_for_budgets(budget_gb, external_vram_gb=external_vram_gb, cpu_bytes=cpu_bytes)
     if total_bytes is None and torch.cuda.is_available():
         total_bytes = torch.cuda.get_device_properties(device).total_memory
-    budget = resolve_budget(budget_gb, total_bytes) - int(external_vram_gb * GB)
+    budget = resolve_budget(budget_gb, total_bytes) - int(check_gb("external_vram_gb", external_vram_gb) * GB)
     if budget <= 0:
         raise ValueError(f"GPU budget {budget_gb} GB minus external VRAM {external_vram_gb} GB leaves nothing "
                          "for weights; raise the budget or lower external_vram_gb")
@@ -85,9 +99,17 @@ def max_memory_for_budgets(gpu_budgets_gb, device_count: int | None = None, devi
     if device_totals is None and device_count and torch.cuda.is_available() and device_count <= torch.cuda.device_count():
         # Only GPUs this machine has (a plan for a larger machine passes its budgets, or device_totals).
         device_totals = [torch.cuda.get_device_properties(i).total_memory for i in range(device_count)]
-    budgets = parse_gpu_budgets(gpu_budgets_gb, device_count, device_totals)
+    external = check_gb("external_vram_gb", external_vram_gb)
+    try:
+        budgets = parse_gpu_budgets(gpu_budgets_gb, device_count, device_totals)
+    except OverflowError:  # "inf": memory/budgets.py refuses negative and NaN budgets, not infinite ones
+        budgets = None
+    if budgets is None or any(b > MAX_GB * GB for b in budgets.values()):
+        raise ValueError(f"gpu_budgets_gb={shown(gpu_budgets_gb)}: give GB per GPU from 0 to {MAX_GB:g}{BUDGET_ZERO}, "
+                         "e.g. '40,40'")
     for i in budgets:
-        budgets[i] -= int(external_vram_gb * GB)
+        budgets[i] = clamp_to_card(budgets[i], device_totals[i] if device_totals else None, f"cuda:{i} budget")
+        budgets[i] -= int(external * GB)
         if budgets[i] <= 0:
             raise ValueError(f"cuda:{i}: GPU budget from gpu_budgets_gb={gpu_budgets_gb!r} minus external VRAM "
                              f"{external_vram_gb} GB leaves nothing for weights; raise it or lower external_vram_gb")
@@ -123,7 +145,7 @@ def top_level_units(model: nn.Module, layers_prefix: str = LAYERS_PREFIX) -> lis
 
 def manual_device_map(model: nn.Module, gpu_layers: int, device: int | str = 0,
                       layers_prefix: str = LAYERS_PREFIX, idle_on_cpu: bool = False) -> dict[str, int | str]:
-    """Seed 000's "optimal device map" from N: every non-layer module and layers ``0..N-1`` on ``device``,
+    """The community loaders' "optimal device map" from N: every non-layer module and layers ``0..N-1`` on ``device``,
     the other layers on the CPU (``idle_on_cpu`` also sends :data:`IDLE_MODULES` there)."""
     if gpu_layers < 0:
         raise ValueError(f"gpu_layers must be >= 0, got {gpu_layers}")
