@@ -99,6 +99,27 @@ def _is_quantized_layer(module: nn.Module) -> bool:
     return isinstance(weight, torch.Tensor) and weight.dtype == torch.int8
 
 
+_FINITE_CHUNK = 1 << 24  # elements per pass of the NaN/inf check (an fp8 chunk is widened to float32)
+
+
+def nonfinite(tensor: torch.Tensor) -> str | None:
+    """None when ``tensor`` holds no NaN/inf (non-float and meta tensors never do); else what and where, e.g.
+    ``"NaN (2 non-finite values, the first at [3, 5])"``. One cheap pass (``aminmax`` propagates both)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0 or tensor.device.type == "meta":
+        return None
+    flat = tensor.detach().reshape(-1)
+    for start in range(0, flat.numel(), _FINITE_CHUNK):
+        part = flat[start:start + _FINITE_CHUNK]
+        low, high = torch.aminmax(part if part.element_size() > 1 else part.float())
+        if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
+            continue
+        bad = ~torch.isfinite(tensor.detach().float() if tensor.element_size() == 1 else tensor.detach())
+        first = [int(i) for i in bad.nonzero()[0]]
+        kind = "NaN" if bool(torch.isnan(low) or torch.isnan(high)) else "inf"
+        return f"{kind} ({int(bad.sum())} non-finite values, the first at {first})"
+    return None
+
+
 def log_report(report: DtypeReport) -> None:
     log.info("%s", report)
     if report.leaks:
