@@ -388,7 +388,7 @@ class LoraMerger:
             flat = flat + up[start:stop] @ down
         bad = nonfinite(flat)
         if bad and not nonfinite(rows):
-            raise LoraError(f"'{key}' + LoRA {self._blame(key)} gives {bad} in rows {start}..{stop - 1}: the LoRA's "
+            raise LoraError(f"'{key}' + LoRA {self._blame(key)} gives {bad} (counting from row {start}): the LoRA's "
                             "values are too large for this weight (a damaged LoRA, or a strength far too high); "
                             "lower the strength or re-export the LoRA")
         return flat.reshape(rows.shape)
