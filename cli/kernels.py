@@ -32,8 +32,9 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run_kernels)
 
 
-# Which tile list a Triton kernel takes its config from (kernels/configs.py).
-_TILES = {"triton_w8a8": ("w8a8_candidates", "ws_candidates"), "triton_w8a16": ("w8a16_candidates",)}
+# Where a Triton kernel takes its tile configs from (kernels/configs.py), and how to label them.
+_TILES = {"triton_w8a8": (("w8a8_candidates", "Triton"), ("ws_candidates", "Gluon warp-specialized")),
+          "triton_w8a16": (("w8a16_candidates", "Triton"),)}
 
 
 def describe(device_name: str | None = None, tokens=(1, 256, 4096)) -> dict:
@@ -71,7 +72,8 @@ def describe(device_name: str | None = None, tokens=(1, 256, 4096)) -> dict:
     info["choices"] = choices
     info["why"] = why
     # Tile configs only for the Triton kernels that run here (a GPU, or Triton's CPU interpreter).
-    info["tiles"] = {kernel: [str(cfg) for source in _TILES[kernel] for cfg in getattr(configs, source)(arch)]
+    info["tiles"] = {kernel: [f"{label}: {cfg}" for source, label in _TILES[kernel]
+                              for cfg in getattr(configs, source)(arch)]
                      for kernel in sorted(set(choices.values()) & set(_TILES))}
     return info
 
@@ -102,7 +104,7 @@ def run_kernels(args) -> int:
     for shape, kernel in info["choices"].items():
         print(f"  {shape:16s} -> {kernel:13s} {info['why'][shape]}")
     if info["tiles"]:
-        print(f"tile configs ({info['arch_family']}; the first that fits a shape is used):")
+        print(f"tile configs ({info['arch_family']}; each shape runs one of these):")
         for kernel, tiles in info["tiles"].items():
             for tile in tiles:
                 print(f"  {kernel:13s} {tile}")
