@@ -461,7 +461,13 @@ class ModelTensorSource(Mapping):
         if tuple(tensor.shape) != tuple(info.shape):
             raise LoraError(f"{self.name}: '{key}' came out as {tuple(tensor.shape)}, expected {tuple(info.shape)} "
                             f"(a patch changed the weight's shape); headroom cannot save this model")
-        return tensor.detach().to("cpu", info.dtype)
+        out = tensor.detach().to("cpu", info.dtype)
+        narrower = out.is_floating_point() and tensor.is_floating_point() and \
+            torch.finfo(out.dtype).max < torch.finfo(tensor.dtype).max
+        if narrower and nonfinite(out) and not nonfinite(tensor):
+            raise LoraError(f"{self.name}: '{key}' with its patches (LoRA) applied exceeds the range of "
+                            f"{str(out.dtype).replace('torch.', '')} it is saved in; lower the LoRA strength")
+        return out
 
     def __iter__(self):
         return iter(self.infos)
@@ -513,7 +519,17 @@ def model_tensor_source(module: torch.nn.Module, patch=None, name: str = "model"
             if patch is None or not weight.is_floating_point():
                 return weight
             weight = weight.to("cpu", torch.float32, copy=True)
-        return patch(key, weight) if patch is not None else weight
+        if patch is None:
+            return weight
+        patched = patch(key, weight)  # may work in place: the unpatched weight is recomputed when needed
+        bad = nonfinite(patched)
+        if bad:
+            base = int8[owner].dequantized_weight(torch.float32) if owner in int8 and leaf == "weight" else state[key]
+            if not nonfinite(base):
+                raise LoraError(f"{name}: '{key}' gets {bad}, from its patches (LoRA), while the model's own weight "
+                                "is finite: a LoRA applied to the model is damaged or far too strong; remove it or "
+                                "lower its strength before saving")
+        return patched
 
     return ModelTensorSource(name, infos, compute)
 

@@ -328,3 +328,42 @@ def test_merging_before_bind_is_an_error(tmp_path, gen):
     merger = LoraMerger([_float_lora(tmp_path / "l.safetensors", _factors(gen))])
     with pytest.raises(LoraError, match=r"call bind\(checkpoint shapes\) before merging"):
         merger.merge_rows("blocks.0.attn.qkv.weight", torch.zeros(192, 64), 0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Saving a patched model ("Save INT8 Model"): a patch that breaks a weight is blamed on the patch
+# ---------------------------------------------------------------------------------------------------------
+
+def _patched_source(dtype, patch, weight_value=None):
+    from torch import nn
+
+    from comfyui_headroom.quant.lora_bake import model_tensor_source
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)).to(dtype)
+    if weight_value is not None:
+        with torch.no_grad():
+            model[1].weight[2, 3] = weight_value
+    return model_tensor_source(model, patch, name="TinyModel")
+
+
+def test_a_patch_that_makes_nan_is_blamed_on_the_patch_not_the_model():
+    def patch(key, weight):
+        return weight * float("nan") if key == "1.weight" else weight
+
+    source = _patched_source(torch.float32, patch)
+    assert torch.isfinite(source["0.weight"]).all()
+    with pytest.raises(LoraError, match=r"TinyModel: '1\.weight' gets 4096 NaN values, the first at \[0, 0\], from its "
+                                        r"patches \(LoRA\), while the model's own weight is finite"):
+        source["1.weight"]
+
+
+def test_a_model_weight_that_is_already_nan_is_left_to_the_converter():
+    source = _patched_source(torch.float32, lambda key, weight: weight, weight_value=float("nan"))
+    assert torch.isnan(source["1.weight"][2, 3])
+
+
+def test_a_patch_beyond_float16_is_blamed_on_the_patch():
+    source = _patched_source(torch.float16, lambda key, weight: weight + 1e6 if key == "1.weight" else weight)
+    with pytest.raises(LoraError, match=r"TinyModel: '1\.weight' with its patches \(LoRA\) applied exceeds the range "
+                                        r"of float16"):
+        source["1.weight"]
