@@ -175,6 +175,6 @@ def parse_device_budgets(text: str, devices: Sequence[str], device_totals: Seque
         raise ValueError(f"gpu_budgets_gb={text!r} gives {len(values)} budgets for {len(devices)} devices "
                          f"({', '.join(devices)}): give one per device, or one number for all")
     totals = list(device_totals) if device_totals is not None else _cuda_totals(devices)
-    for device, gb, total in zip(devices, values, totals):
-        _check_budget("gpu_budgets_gb", text, device, gb, total, None)
+    for i, (device, gb) in enumerate(zip(devices, values, strict=True)):
+        _check_budget("gpu_budgets_gb", text, device, gb, _total_of(totals, i), None)
     return [int(gb * GB) for gb in values]

@@ -247,3 +247,8 @@ def test_calibration_settings_out_of_range_are_refused():
         CalibrationStore(exponent=float("nan"))
     with pytest.raises(ValueError, match="default_base_gb=-1"):
         CalibrationStore(default_base_gb=-1)
+
+
+def test_device_budgets_are_all_checked_when_fewer_totals_are_known():
+    with pytest.raises(ValueError, match=r"the budget of cuda:1 is 1000000000\.0; accepted: 0\.001 to 1,000,000 GB"):
+        parse_device_budgets("40,1e9", ["cuda:0", "cuda:1"], device_totals=[80 * GiB])
