@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from ..memory.estimate import GB, should_offload
+from ..memory.estimate import GB, estimate_inference_vram_gb, should_offload
 from ..memory.planner import default_budget_bytes
 
 
 def gpu_info_lines(width: int, height: int, loader_reserve_gb: float = 0.0) -> list[str]:
+    """One line per GPU and its verdict at ``width`` x ``height``; ValueError for a size or reserve out of range
+    (checked also on a machine without a GPU)."""
+    estimate_inference_vram_gb(width, height, loader_reserve_gb)
     if not torch.cuda.is_available():
         return ["no CUDA GPU visible: budgets, streaming and VRAM tracking are inactive (CPU only)"]
     lines = []
@@ -22,15 +25,33 @@ def gpu_info_lines(width: int, height: int, loader_reserve_gb: float = 0.0) -> l
     return lines
 
 
+def _number(flag: str, text: str, kind):
+    from . import UserError
+
+    try:
+        return kind(text)
+    except ValueError:
+        raise UserError(f"{flag} {text!r} is not a {'whole ' if kind is int else ''}number") from None
+
+
 def _run(args) -> int:
-    for line in gpu_info_lines(args.width, args.height, args.reserve_gb):
+    from . import UserError
+
+    width, height = _number("--width", args.width, int), _number("--height", args.height, int)
+    reserve = _number("--reserve-gb", args.reserve_gb, float)
+    try:
+        lines = gpu_info_lines(width, height, reserve)
+    except ValueError as err:
+        raise UserError(str(err).replace("loader_reserve_gb=", "--reserve-gb ")) from None
+    for line in lines:
         print(line)
     return 0
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("gpu-info", help="free VRAM, default budget and the smart-offload decision per GPU")
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--height", type=int, default=1024)
-    parser.add_argument("--reserve-gb", type=float, default=0.0, help="loader reserve added to the estimate")
+    # Numbers are read as text and checked by _run: a bad one is one line on stderr, like every user error.
+    parser.add_argument("--width", default="1024", help="image width in pixels (default 1024)")
+    parser.add_argument("--height", default="1024", help="image height in pixels (default 1024)")
+    parser.add_argument("--reserve-gb", default="0", help="loader reserve added to the estimate, GB (default 0)")
     parser.set_defaults(func=_run)

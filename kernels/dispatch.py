@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import re
 import sys
 import threading
 import types
@@ -65,9 +66,20 @@ def _shared_state() -> types.ModuleType:
 
 
 def _read_env() -> types.SimpleNamespace:
-    """The ``HEADROOM_*`` switches, read once (``os.environ`` lookups cost ~1 us each, per layer per step)."""
+    """The ``HEADROOM_*`` switches, read once (``os.environ`` lookups cost ~1 us each, per layer per step).
+
+    An unknown ``HEADROOM_FORCE_KERNEL`` must not make every import of the package fail (ComfyUI would not
+    load the node pack, no CLI command would start): it is ignored, :func:`env_problem` says why (``headroom
+    kernels`` reports it as an error) and the first kernel choice on a device logs it as a warning."""
+    problem = None
+    try:
+        forced = normalise_kernel_name(os.environ.get("HEADROOM_FORCE_KERNEL"))
+    except ValueError as err:
+        forced = None
+        problem = f"HEADROOM_FORCE_KERNEL={os.environ.get('HEADROOM_FORCE_KERNEL')!r}: {err}"
     return types.SimpleNamespace(
-        forced=normalise_kernel_name(os.environ.get("HEADROOM_FORCE_KERNEL")),
+        forced=forced,
+        problem=problem,
         log=os.environ.get("HEADROOM_LOG_KERNEL", "0") == "1",
         debug=os.environ.get("HEADROOM_DEBUG", "0") == "1",
     )
@@ -123,6 +135,37 @@ class force_kernel:
         _state.forced = self._previous
 
 
+def env_problem() -> str | None:
+    """Why a ``HEADROOM_*`` variable was ignored (an unknown ``HEADROOM_FORCE_KERNEL``), else None."""
+    return getattr(_state.env, "problem", None)
+
+
+_DEVICE_TEXT = re.compile(r"(cpu)|cuda(?::([0-9]+))?|([0-9]+)")
+
+
+def check_device(text, device_count: int | None = None) -> torch.device:
+    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"N"`` -> the ``torch.device``; ValueError naming the text and what
+    this machine has when it is anything else (``npu:0``, ``cuda:x``) or a GPU that is not there.
+    ``device_count``: the CUDA GPUs present (default: torch's count, 0 without CUDA)."""
+    if device_count is None:
+        device_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    present = (f"{device_count} CUDA GPU(s) present: cuda:0..cuda:{device_count - 1}" if device_count else
+               "no CUDA GPU is present" + ("; this torch is built without CUDA" if torch.version.cuda is None else ""))
+    match = _DEVICE_TEXT.fullmatch(text.strip().lower()) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"{text!r} is not a device headroom runs on: write cpu, cuda or cuda:N ({present})")
+    if match.group(1):
+        return torch.device("cpu")
+    index = match.group(2) or match.group(3)
+    name = f"cuda:{int(index)}" if index is not None else "cuda"
+    if device_count == 0 or (index is not None and int(index) >= device_count):
+        raise ValueError(f"{name} does not exist ({present}); use cpu" if device_count == 0 else
+                         f"{name} does not exist ({present})")
+    if index is None:  # "cuda": the current GPU of a machine that has one, else (a count given for tests) cuda:0
+        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return torch.device("cuda", int(index))
+
+
 def forced_kernel() -> str | None:
     """The kernel forced through Python, else through ``HEADROOM_FORCE_KERNEL``, else None (auto)."""
     forced = _state.forced
@@ -140,6 +183,9 @@ def _facts(device: torch.device) -> tuple[bool, str]:
         else:
             runs = device.type == "cpu" and interpreting()
         facts = _device_facts[device] = (runs, arch_of(device) if device.type == "cuda" else device.type)
+        if env_problem():
+            log_once(("env", env_problem()), f"headroom: {env_problem()}; ignored (the automatic choice applies)",
+                     logging.WARNING)
     return facts
 
 
@@ -155,21 +201,55 @@ def can_run(name: str, x: torch.Tensor, weight: torch.Tensor, weight_scale: torc
     return _triton_runs_on(x.device)
 
 
-def auto_kernel(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> str:
+# Why the automatic choice picked a kernel (``headroom kernels`` prints these; constants: no cost per call).
+WHY_NOT_CUDA = "not a CUDA device: dequantize + matmul (the reference) runs here"
+WHY_NO_TRITON_INT_MM = "Triton cannot run on this GPU (not installed, or older than sm75); cuBLAS _int_mm takes this shape"
+WHY_NO_TRITON_REFERENCE = ("Triton cannot run on this GPU and _int_mm cannot take this shape (M <= 16, K or N not a "
+                           "multiple of 8, or block scales): dequantize + matmul")
+WHY_SMALL_M = (f"M <= {SMALL_M}: memory bound, so the weight-only kernel (reads the int8 weight, no activation "
+               "quantization)")
+WHY_AMPERE_INT_MM = "Ampere/Ada with row/tensor-wise scales: cuBLAS INT8 is about 2x fp16 there"
+WHY_TURING = "sm75 (Turing): Triton has no int8 MMA there; dequantize + fp16 matmul"
+WHY_W8A8_BLOCK = "Ampere/Ada, but _int_mm cannot take this (block scales or shape): the Triton W8A8 kernel"
+WHY_W8A8 = "sm90 and newer: cuBLAS INT8 is only about bf16 speed there, the Triton W8A8 kernel is faster"
+
+
+def auto_choice(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> tuple[str, str]:
+    """``(kernel, why)``: the automatic choice for this call and the reason (one of the ``WHY_*`` texts)."""
     device = x.device
     if device.type != "cuda":
-        return "reference"
+        return "reference", WHY_NOT_CUDA
     triton_runs, arch = _facts(device)
     if not triton_runs:
-        return "int_mm" if int_mm_supports(x, weight, weight_scale) else "reference"
+        if int_mm_supports(x, weight, weight_scale):
+            return "int_mm", WHY_NO_TRITON_INT_MM
+        return "reference", WHY_NO_TRITON_REFERENCE
     m = x.numel() // max(x.shape[-1], 1)
     if m <= SMALL_M:
-        return "triton_w8a16"
-    if arch in ("sm80", "sm86", "sm89") and int_mm_supports(x, weight, weight_scale):
-        return "int_mm"
+        return "triton_w8a16", WHY_SMALL_M
+    if arch in ("sm80", "sm86", "sm89"):
+        if int_mm_supports(x, weight, weight_scale):
+            return "int_mm", WHY_AMPERE_INT_MM
+        return "triton_w8a8", WHY_W8A8_BLOCK
     if arch == "fallback":  # sm75: no Triton int8 MMA; dequantize + fp16 matmul
-        return "reference"
-    return "triton_w8a8"
+        return "reference", WHY_TURING
+    return "triton_w8a8", WHY_W8A8
+
+
+def auto_kernel(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> str:
+    return auto_choice(x, weight, weight_scale)[0]
+
+
+def explain_kernel(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> tuple[str, str]:
+    """``(kernel, why)`` for this call: what :func:`choose_kernel` picks, and why (forced, or the automatic rule)."""
+    forced = forced_kernel()
+    if forced is None:
+        return auto_choice(x, weight, weight_scale)
+    source = "force_kernel()" if _state.forced is not None else "HEADROOM_FORCE_KERNEL"
+    if can_run(forced, x, weight, weight_scale):
+        return forced, f"forced by {source}"
+    kernel, why = auto_choice(x, weight, weight_scale)
+    return kernel, f"{forced} is forced by {source} but cannot run this call here; automatic choice: {why}"
 
 
 def choose_kernel(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> str:

@@ -11,38 +11,81 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Mapping, Sequence
 
+import torch
+
+from ..kernels.dispatch import check_device
 from ..units import GB
+from .estimate import plain_number
 from .planner import PlacementPlan, PlanError, default_budget_bytes, plan_placement
+
+# Accepted budgets, GB per device: at least a megabyte, at most the card (when its total is known) and never
+# more than a petabyte - a larger number is a typo (or "inf"), not a budget.
+MIN_BUDGET_GB = 0.001
+MAX_BUDGET_GB = 1e6
 
 
 def _gb(n: int) -> str:
     return f"{n / GB:.2f} GB"
 
 
+def _numbers(text, what: str, per: str) -> list[float]:
+    """``"40,40"`` / ``"24"`` / ``24`` / ``[40, 40]`` -> floats; ValueError naming ``text`` for anything else
+    (an empty field, a word, ``None``, ``True``)."""
+    example = f"write GB per {per} like '40,40', or one number for every {per}"
+    if isinstance(text, str):
+        items = [p.strip() for p in text.replace(";", ",").split(",")]
+        if any(p == "" for p in items):
+            raise ValueError(f"{what}={text!r} has an empty field: expected numbers separated by commas; {example}")
+    elif isinstance(text, numbers.Real) and not isinstance(text, bool):
+        items = [text]
+    elif isinstance(text, (list, tuple)) and text:
+        items = list(text)
+    else:
+        raise ValueError(f"{what}={text!r}: expected numbers separated by commas; {example}")
+    values = []
+    for item in items:
+        try:
+            if isinstance(item, bool):
+                raise ValueError
+            values.append(float(item))
+        except (TypeError, ValueError):
+            raise ValueError(f"{what}={text!r}: {items!r} are not all numbers ({item!r} is not); {example}") from None
+    return values
+
+
+def _check_budget(what: str, text, device: str, gb: float, total_bytes: int | None, zero_means: str | None) -> None:
+    """ValueError naming ``device`` and the accepted range when ``gb`` is not a usable budget (NaN, inf, negative,
+    zero unless ``zero_means`` says what 0 is, below a megabyte, above the card or a petabyte)."""
+    high = MAX_BUDGET_GB if not total_bytes else min(MAX_BUDGET_GB, total_bytes / GB)
+    if math.isfinite(gb) and (MIN_BUDGET_GB <= gb <= high or (gb == 0 and zero_means)):
+        return
+    card = " (the card's total)" if total_bytes and high < MAX_BUDGET_GB else ""
+    accepted = f"{plain_number(MIN_BUDGET_GB)} to {plain_number(high)} GB{card}" + (f", or 0 = {zero_means}" if zero_means else "")
+    raise ValueError(f"{what}={text!r}: the budget of {device} is {gb}; accepted: {accepted}")
+
+
+def _total_of(device_totals, index: int) -> int | None:
+    """Total VRAM of GPU ``index`` from a list or mapping that may not name it (None: unknown)."""
+    try:
+        return None if device_totals is None else device_totals[index]
+    except (IndexError, KeyError):
+        return None
+
+
 def parse_gpu_budgets(text, device_count: int, device_totals: Mapping[int, int] | Sequence[int] | None = None) -> dict[int, int]:
     """``{gpu index: budget bytes}`` from ``"40,40"`` / ``"24"`` / ``[40, 40]`` / ``24`` (GiB each).
 
     ``device_count``: GPUs present (``torch.cuda.device_count()``). ``device_totals``: total VRAM per GPU,
-    needed only for ``0`` (= 55 % of that card).
+    needed for ``0`` (= 55 % of that card) and used to refuse a budget above the card. Accepted per GPU:
+    0, or :data:`MIN_BUDGET_GB` up to the card (:data:`MAX_BUDGET_GB` when its total is unknown).
     """
     if device_count < 1:
         raise ValueError(f"gpu_budgets_gb={text!r} needs at least one CUDA GPU, but {device_count} are present")
-    if isinstance(text, str):
-        parts = [p.strip() for p in text.replace(";", ",").split(",")]
-        if not text.strip() or any(p == "" for p in parts):
-            raise ValueError(f"gpu_budgets_gb={text!r}: expected numbers separated by commas, e.g. '40,40' "
-                             "(GB per GPU) or '24' (the same on every GPU)")
-        try:
-            values = [float(p) for p in parts]
-        except ValueError:
-            raise ValueError(f"gpu_budgets_gb={text!r}: {parts!r} are not all numbers; write GB per GPU like "
-                             "'40,40'") from None
-    elif isinstance(text, (int, float)):
-        values = [float(text)]
-    else:
-        values = [float(v) for v in text]
+    values = _numbers(text, "gpu_budgets_gb", "GPU")
     if len(values) == 1 and device_count > 1:
         values = values * device_count
     if len(values) != device_count:
@@ -50,12 +93,11 @@ def parse_gpu_budgets(text, device_count: int, device_totals: Mapping[int, int] 
                          f"(cuda:0..cuda:{device_count - 1}): give one budget per GPU, or one number for all")
     budgets: dict[int, int] = {}
     for i, gb in enumerate(values):
-        if gb < 0 or gb != gb:
-            raise ValueError(f"gpu_budgets_gb={text!r}: budget of cuda:{i} is {gb}; it must be >= 0 (0 = 55 % of the card)")
+        total = _total_of(device_totals, i)
+        _check_budget("gpu_budgets_gb", text, f"cuda:{i}", gb, total, "55 % of the card")
         if gb > 0:
             budgets[i] = int(gb * GB)
             continue
-        total = None if device_totals is None else device_totals[i]
         if not total:
             raise ValueError(f"gpu_budgets_gb={text!r}: cuda:{i} budget 0 means 55 % of the card, but its total VRAM "
                              "is unknown; give the budget in GB")
@@ -84,45 +126,54 @@ def plan_for_gpus(model, budgets: Mapping[int, int], *, blocks=None, critical: S
 def parse_devices(text: str, device_count: int) -> list[str]:
     """``"cuda:0,cuda:1"`` (or ``"0,1"``) -> ``["cuda:0", "cuda:1"]``: two or more distinct devices, each present
     (``device_count`` CUDA GPUs); ``"cpu"`` entries are accepted (tests split over CPU "devices"). Empty -> []."""
-    parts = [p.strip().lower() for p in (text or "").replace(";", ",").split(",") if p.strip()]
-    if not parts:
+    if text is None or (isinstance(text, str) and not text.strip()):
         return []
+    if not isinstance(text, str):
+        raise ValueError(f"devices={text!r}: expected text such as 'cuda:0,cuda:1'")
+    parts = [p.strip() for p in text.replace(";", ",").split(",")]
+    if any(p == "" for p in parts):
+        raise ValueError(f"devices={text!r} has an empty field: write devices separated by commas, e.g. 'cuda:0,cuda:1'")
     devices = []
     for part in parts:
-        name = f"cuda:{part}" if part.isdigit() else part
-        if name != "cpu":
-            index = name.removeprefix("cuda:")
-            if not name.startswith("cuda:") or not index.isdigit():
-                raise ValueError(f"devices={text!r}: {part!r} is not a device; write e.g. 'cuda:0,cuda:1'")
-            if int(index) >= device_count:
-                raise ValueError(f"devices={text!r}: {name} does not exist ({device_count} CUDA GPU(s) present: "
-                                 f"cuda:0..cuda:{device_count - 1})" if device_count else
-                                 f"devices={text!r}: {name} does not exist (no CUDA GPU is present)")
-        devices.append(name)
+        try:
+            device = check_device(part, device_count)
+        except ValueError as err:
+            raise ValueError(f"devices={text!r}: {err}") from None
+        devices.append("cpu" if device.type == "cpu" else f"cuda:{device.index or 0}")
     if len(devices) < 2:
         raise ValueError(f"devices={text!r}: a split needs two or more devices (one device: leave it empty)")
-    if len(set(devices) - {"cpu"}) != len([d for d in devices if d != "cpu"]):
-        raise ValueError(f"devices={text!r} names a GPU twice")
+    gpus = [d for d in devices if d != "cpu"]
+    if len(set(gpus)) != len(gpus):
+        raise ValueError(f"devices={text!r} names a GPU twice ({', '.join(devices)})")
     return devices
 
 
-def parse_device_budgets(text: str, devices: Sequence[str]) -> list[int] | None:
+def _cuda_totals(devices: Sequence[str]) -> list[int | None]:
+    """Total VRAM of each ``cuda:N`` of ``devices`` that this machine has (None for the others)."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    totals: list[int | None] = []
+    for device in devices:
+        index = device.removeprefix("cuda:")
+        present = device.startswith("cuda:") and index.isdigit() and int(index) < count
+        totals.append(torch.cuda.get_device_properties(int(index)).total_memory if present else None)
+    return totals
+
+
+def parse_device_budgets(text: str, devices: Sequence[str], device_totals: Sequence[int | None] | None = None
+                         ) -> list[int] | None:
     """Budgets (bytes) for ``devices`` from ``"40,40"`` (GB each; one number = that on every device); empty ->
-    None (split evenly by bytes). A list of another length, or a value <= 0, is an error naming both."""
-    parts = [p.strip() for p in (text or "").replace(";", ",").split(",") if p.strip()]
-    if not parts:
+    None (split evenly by bytes). A list of another length, or a value that is not a usable budget (see
+    :func:`parse_gpu_budgets`; 0 is not one here), is an error naming both. ``device_totals``: total VRAM per
+    device (default: asked from CUDA for the GPUs this machine has) - a budget above the card is refused."""
+    if text is None or (isinstance(text, str) and not text.strip()):
         return None
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"gpu_budgets_gb={text!r}: {parts!r} are not all numbers; write GB per device like "
-                         "'40,40'") from None
+    values = _numbers(text, "gpu_budgets_gb", "device")
     if len(values) == 1:
         values = values * len(devices)
     if len(values) != len(devices):
         raise ValueError(f"gpu_budgets_gb={text!r} gives {len(values)} budgets for {len(devices)} devices "
                          f"({', '.join(devices)}): give one per device, or one number for all")
-    for device, gb in zip(devices, values):
-        if not gb > 0:
-            raise ValueError(f"gpu_budgets_gb={text!r}: the budget of {device} is {gb}; it must be > 0 GB")
+    totals = list(device_totals) if device_totals is not None else _cuda_totals(devices)
+    for i, (device, gb) in enumerate(zip(devices, values, strict=True)):
+        _check_budget("gpu_budgets_gb", text, device, gb, _total_of(totals, i), None)
     return [int(gb * GB) for gb in values]

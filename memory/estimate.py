@@ -11,6 +11,8 @@ activation peak (peak VRAM minus weights) and later estimates for that model use
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import threading
 from dataclasses import dataclass, field
@@ -24,18 +26,46 @@ DEFAULT_MIN_FREE_GB = 25.0
 DEFAULT_MAX_USED_PCT = 70.0
 DEFAULT_QUANTIZED_SWITCH_MP = 1.2
 MODES = ("smart", "always", "disabled")
+MAX_SIDE = 65536  # pixels per image side
+MAX_GB = 1e6  # no reserve, cost or free memory is a petabyte: a larger number is a typo
+MAX_EXPONENT = 4.0
+
+
+def plain_number(value: float) -> str:
+    """``1000000`` -> ``"1,000,000"``, ``80.5`` -> ``"80.5"``, ``0.001`` -> ``"0.001"`` (for ranges in messages)."""
+    return f"{value:,.3f}".rstrip("0").rstrip(".")
+
+
+def number_in(what: str, value, low: float, high: float, low_open: bool = False) -> float:
+    """``value`` as a float when it is a finite number in ``[low, high]`` (``(low, high]`` with ``low_open``);
+    else ValueError naming ``what``, the value and the accepted range."""
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value) and \
+        (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        raise ValueError(f"{what}={value!r}: expected a number from {plain_number(low)}"
+                         f"{' (excluded)' if low_open else ''} to {plain_number(high)}")
+    return float(value)
 
 
 def megapixels(width: int, height: int) -> float:
-    if width <= 0 or height <= 0:
-        raise ValueError(f"image size must be positive, got {width}x{height}")
+    """Megapixels of a ``width`` x ``height`` image; ValueError unless both are 1 .. :data:`MAX_SIDE` pixels."""
+    for what, side in (("width", width), ("height", height)):
+        if isinstance(side, bool) or not isinstance(side, numbers.Real) or not math.isfinite(side) \
+                or not 1 <= side <= MAX_SIDE:
+            raise ValueError(f"image size must be positive, 1 to {MAX_SIDE} pixels per side, got {width}x{height} "
+                             f"({what} {side!r})")
     return width * height / 1_000_000
 
 
 def estimate_inference_vram_gb(width: int, height: int, loader_reserve_gb: float = 0.0,
                                per_mp_gb: float = DEFAULT_PER_MP_GB, exponent: float = 1.0,
                                base_gb: float = DEFAULT_BASE_GB) -> float:
-    """VRAM (GB) inference needs beyond the weights: ``per_mp_gb * MP**exponent + base_gb + loader_reserve_gb``."""
+    """VRAM (GB) inference needs beyond the weights: ``per_mp_gb * MP**exponent + base_gb + loader_reserve_gb``.
+    Each term is checked (finite, >= 0, below a petabyte; the exponent in (0, 4])."""
+    number_in("loader_reserve_gb", loader_reserve_gb, 0, MAX_GB)
+    number_in("per_mp_gb", per_mp_gb, 0, MAX_GB)
+    number_in("exponent", exponent, 0, MAX_EXPONENT, low_open=True)
+    number_in("base_gb", base_gb, 0, MAX_GB)
     return per_mp_gb * megapixels(width, height) ** exponent + base_gb + loader_reserve_gb
 
 
@@ -65,15 +95,15 @@ class CalibrationStore:
 
     def __post_init__(self):
         self._lock = threading.Lock()
+        number_in("exponent", self.exponent, 0, MAX_EXPONENT, low_open=True)
+        number_in("default_base_gb", self.default_base_gb, 0, MAX_GB)
         if self.path and os.path.exists(self.path):
-            with open(self.path, encoding="utf-8") as fh:
-                data = json.load(fh)
-            self.runs = {k: [tuple(r) for r in v] for k, v in data.get("runs", {}).items()}
+            self.runs = _read_runs(self.path)
 
     def record_run(self, model_id: str, width: int, height: int, peak_bytes: int, weights_bytes: int) -> Calibration:
         """Store one measured run: ``peak_bytes`` (MemoryTracker's peak allocated) minus ``weights_bytes``."""
-        if peak_bytes < 0 or weights_bytes < 0:
-            raise ValueError(f"{model_id}: peak_bytes and weights_bytes must be >= 0, got {peak_bytes}, {weights_bytes}")
+        for what, value in (("peak_bytes", peak_bytes), ("weights_bytes", weights_bytes)):
+            number_in(f"{model_id}: {what}", value, 0, MAX_GB * GB)
         activation_gb = max(peak_bytes - weights_bytes, 0) / GB
         with self._lock:
             self.runs.setdefault(model_id, []).append((megapixels(width, height), activation_gb))
@@ -116,6 +146,32 @@ class CalibrationStore:
             else:
                 self.runs.pop(model_id, None)
             self._save()
+
+
+def _read_runs(path: str) -> dict[str, list[tuple[float, float]]]:
+    """The runs of a calibration file; ValueError naming the file when it is not one (it is only a cache of
+    measurements: deleting it loses nothing but the calibration)."""
+    fix = f"delete {path} to start the calibration over"
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"calibration file {path} cannot be read ({err}); {fix}") from None
+    runs = data.get("runs") if isinstance(data, dict) else None
+    if not isinstance(runs, dict):
+        raise ValueError(f"calibration file {path} has no 'runs' table; {fix}")
+    out: dict[str, list[tuple[float, float]]] = {}
+    for model_id, entries in runs.items():
+        try:
+            pairs = [(float(mp), float(gb)) for mp, gb in entries]
+        except (TypeError, ValueError):
+            raise ValueError(f"calibration file {path}: the runs of {model_id!r} are not [megapixels, GB] pairs; "
+                             f"{fix}") from None
+        if not all(math.isfinite(mp) and mp > 0 and math.isfinite(gb) and gb >= 0 for mp, gb in pairs):
+            raise ValueError(f"calibration file {path}: the runs of {model_id!r} hold a NaN, infinite or negative "
+                             f"value; {fix}")
+        out[model_id] = pairs
+    return out
 
 
 DEFAULT_STORE = CalibrationStore()
@@ -173,8 +229,11 @@ def should_offload(width: int, height: int, free_bytes: int, total_bytes: int, l
     """
     if mode not in MODES:
         raise ValueError(f"offload mode must be one of {MODES}, got {mode!r}")
-    if total_bytes <= 0 or free_bytes < 0 or free_bytes > total_bytes:
-        raise ValueError(f"need 0 <= free_bytes <= total_bytes and total_bytes > 0, got free={free_bytes}, total={total_bytes}")
+    number_in("total_bytes", total_bytes, 0, MAX_GB * GB, low_open=True)
+    number_in("free_bytes", free_bytes, 0, total_bytes)
+    number_in("min_free_gb", min_free_gb, 0, MAX_GB)
+    number_in("max_used_pct", max_used_pct, 0, 100)
+    number_in("quantized_switch_mp", quantized_switch_mp, 0, MAX_SIDE * MAX_SIDE / 1e6)
     mp = megapixels(width, height)
     prefix = ""
     if mode == "always":

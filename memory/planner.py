@@ -25,6 +25,8 @@ Rules:
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -48,10 +50,28 @@ class PlanError(ValueError):
 
 
 def default_budget_bytes(total_bytes: int, fraction: float = DEFAULT_BUDGET_FRACTION) -> int:
-    """Seed 000: give the weights 55 % of the card, leave the rest for inference."""
-    if total_bytes <= 0:
-        raise ValueError(f"total VRAM must be > 0 bytes, got {total_bytes}")
+    """Seed 000: give the weights 55 % of the card, leave the rest for inference. ``fraction`` in (0, 1]."""
+    _nbytes("total VRAM", total_bytes, positive=True)
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 < fraction <= 1:
+        raise ValueError(f"budget fraction {fraction!r}: expected a number above 0 and at most 1 (0.55 = 55 % of the "
+                         "card)")
     return int(total_bytes * fraction)
+
+
+def _nbytes(what: str, value, positive: bool = False) -> int:
+    """``value`` as a whole number of bytes; PlanError (a ValueError) naming ``what`` for NaN, inf, a negative
+    number (zero too when ``positive``) or something that is not a number."""
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value) and \
+        (value > 0 if positive else value >= 0)
+    if not ok:
+        raise PlanError(f"{what} is {value!r}; expected a number of bytes {'> 0' if positive else '>= 0'}")
+    return int(value)
+
+
+def _whole(what: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{what} must be a whole number >= {low}, got {value!r}")
+    return int(value)
 
 
 def _gb(n: int) -> str:
@@ -208,7 +228,7 @@ def _normalise_budgets(budgets, devices, device_totals) -> tuple[list[str], list
         values = list(budgets.values())
         if devices is not None and [_device_name(d) for d in devices] != names:
             raise PlanError(f"budgets name devices {names} but devices={[_device_name(d) for d in devices]}")
-        return names, [int(v) for v in values]
+        return names, [_nbytes(f"the budget of {n}", v) for n, v in zip(names, values)]
     names = [_device_name(d) for d in (devices if devices is not None else
                                        (list(totals) if isinstance(totals, dict) else ["cuda:0"]))]
     if budgets is None:
@@ -220,15 +240,15 @@ def _normalise_budgets(budgets, devices, device_totals) -> tuple[list[str], list
     if isinstance(budgets, (list, tuple)):
         if len(budgets) != len(names):
             raise PlanError(f"{len(budgets)} budgets given for {len(names)} devices {names}: pass one budget per device")
-        return names, [int(b) for b in budgets]
-    return names, [int(budgets)] * len(names)
+        return names, [_nbytes(f"the budget of {n}", b) for n, b in zip(names, budgets)]
+    return names, [_nbytes(f"the budget of {n}", budgets) for n in names]
 
 
 def _totals_list(totals, names: list[str]) -> list[int] | None:
     if totals is None:
         return None
     if isinstance(totals, dict):
-        norm = {_device_name(k): int(v) for k, v in totals.items()}
+        norm = {_device_name(k): _nbytes(f"device_totals[{k!r}]", v, positive=True) for k, v in totals.items()}
         missing = [n for n in names if n not in norm]
         if missing:
             raise PlanError(f"device_totals has no entry for {missing}")
@@ -236,8 +256,8 @@ def _totals_list(totals, names: list[str]) -> list[int] | None:
     if isinstance(totals, (list, tuple)):
         if len(totals) != len(names):
             raise PlanError(f"{len(totals)} device totals for {len(names)} devices")
-        return [int(t) for t in totals]
-    return [int(totals)] * len(names)
+        return [_nbytes(f"the total of {n}", t, positive=True) for n, t in zip(names, totals)]
+    return [_nbytes(f"the total of {n}", totals, positive=True) for n in names]
 
 
 def plan_placement(model_or_blocks, budgets=None, critical: Sequence[str] = (),
@@ -251,12 +271,11 @@ def plan_placement(model_or_blocks, budgets=None, critical: Sequence[str] = (),
     ahead (ring of ``prefetch + 1`` slots). ``order``: "spread" or "first" (module docstring). ``critical``:
     the caller's substring patterns; a block they name is never streamed, a unit they name is flagged critical.
     """
-    if prefetch < 1:
-        raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+    _whole("prefetch", prefetch, 1)
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-    if blocks_resident is not None and blocks_resident < 0:
-        raise ValueError(f"blocks_resident must be >= 0, got {blocks_resident}")
+    if blocks_resident is not None:
+        _whole("blocks_resident", blocks_resident, 0)
     model, block_names, block_mods = resolve_blocks(model_or_blocks, blocks)
     units = collect_units(model, block_names, block_mods, critical)
     names, budget_list = _normalise_budgets(budgets, devices, device_totals)
@@ -279,9 +298,6 @@ def plan_placement(model_or_blocks, budgets=None, critical: Sequence[str] = (),
                 warnings.append(f"{name}: budget {_gb(budget_list[i])} is above the card's {_gb(total)}; "
                                 f"clamped to {_gb(total)}")
                 budget_list[i] = total
-    for i, name in enumerate(names):
-        if budget_list[i] < 0:
-            raise PlanError(f"{name}: budget {budget_list[i]} bytes is negative")
     if len(names) == 1:
         minimum = need + (ring_min if optional and (blocks_resident is not None and blocks_resident < len(blocks)
                                                      or sum(u.bytes for u in blocks) + need > budget_list[0]) else 0)

@@ -18,7 +18,16 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
+from ..kernels.dispatch import check_device
 from ..units import GB
+from .estimate import number_in
+
+MIN_INTERVAL_S = 0.001  # a shorter period would keep a core busy sampling
+MAX_INTERVAL_S = 0.05
+
+
+class TrackerError(RuntimeError):
+    """A :class:`MemoryTracker` used out of order (entered while running, exited without being entered)."""
 
 
 def _gb(nbytes: int | None) -> str:
@@ -85,13 +94,15 @@ class MemoryReport:
 class MemoryTracker:
     """Context manager: ``with MemoryTracker() as t: run(); print(t.report)``.
 
-    ``devices``: CUDA device indices (or ``torch.device``/strings) to watch; default all visible ones.
-    ``interval_s``: RSS sampling period, at most 0.05 s.
+    ``devices``: CUDA device indices (or ``torch.device``/strings) to watch; default all visible ones; a GPU this
+    machine does not have is a ValueError. ``interval_s``: RSS sampling period, 0.001 to 0.05 s.
+
+    One run at a time: entering a tracker that is running (nested ``with`` on the same object) or leaving one
+    that was not entered is a :class:`TrackerError`; a tracker can be entered again after it exited.
     """
 
     def __init__(self, devices=None, interval_s: float = 0.05):
-        if interval_s <= 0 or interval_s > 0.05:
-            raise ValueError(f"interval_s must be in (0, 0.05] seconds, got {interval_s}")
+        number_in("interval_s (seconds)", interval_s, MIN_INTERVAL_S, MAX_INTERVAL_S)
         self.interval_s = interval_s
         self._devices = self._resolve_devices(devices)
         self._process = psutil.Process()
@@ -105,15 +116,20 @@ class MemoryTracker:
 
     @staticmethod
     def _resolve_devices(devices) -> list[int]:
-        if not torch.cuda.is_available():
-            return []
         if devices is None:
-            return list(range(torch.cuda.device_count()))
+            return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        if isinstance(devices, (str, int, torch.device)):
+            devices = [devices]
         out = []
         for dev in devices:
-            dev = torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
-            if dev.type == "cuda":
-                out.append(dev.index if dev.index is not None else torch.cuda.current_device())
+            text = f"cuda:{dev}" if isinstance(dev, int) and not isinstance(dev, bool) else \
+                str(dev) if isinstance(dev, (str, torch.device)) else dev
+            try:
+                device = check_device(text)
+            except ValueError as err:
+                raise ValueError(f"MemoryTracker(devices={devices!r}): {err}") from None
+            if device.type == "cuda" and device.index not in out:
+                out.append(device.index)
         return out
 
     def _sample(self) -> None:
@@ -130,6 +146,9 @@ class MemoryTracker:
             self._sample()
 
     def __enter__(self) -> "MemoryTracker":
+        if self._thread is not None:
+            raise TrackerError("this MemoryTracker is already running (entered twice, or nested in itself); use a "
+                               "second MemoryTracker for a nested measurement")
         self.report = None
         self._peak_rss = 0
         self._samples = 0
@@ -146,6 +165,8 @@ class MemoryTracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self._thread is None:
+            raise TrackerError("MemoryTracker exited without being entered: use it as `with MemoryTracker() as t:`")
         for index in self._devices:
             try:
                 torch.cuda.synchronize(index)
@@ -153,8 +174,8 @@ class MemoryTracker:
                 pass
         wall = time.perf_counter() - self._t0
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self._thread.join()
+        self._thread = None
         self._sample()
         devices = {}
         for index in self._devices:

@@ -100,6 +100,29 @@ def _is_quantized_layer(module: nn.Module) -> bool:
     return isinstance(weight, torch.Tensor) and weight.dtype == torch.int8
 
 
+_FINITE_CHUNK = 1 << 24  # elements per pass of the NaN/inf check (an fp8 chunk is widened to float32)
+
+
+def nonfinite(tensor: torch.Tensor) -> str | None:
+    """None when ``tensor`` holds no NaN/inf (non-float and meta tensors never do); else how many and where, e.g.
+    ``"1 NaN and 2 inf values, the first at [3, 5]"``. One cheap pass (``aminmax`` propagates both); the count
+    and position are computed only for a tensor that has them."""
+    if not tensor.is_floating_point() or tensor.numel() == 0 or tensor.device.type == "meta":
+        return None
+    flat = tensor.detach().reshape(-1)
+    for start in range(0, flat.numel(), _FINITE_CHUNK):
+        part = flat[start:start + _FINITE_CHUNK]
+        low, high = torch.aminmax(part if part.element_size() > 1 else part.float())
+        if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
+            continue
+        values = tensor.detach().float() if tensor.element_size() == 1 else tensor.detach()
+        nans, infs = int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
+        first = [int(i) for i in (~torch.isfinite(values)).nonzero()[0]]
+        kinds = " and ".join(f"{n} {kind}" for n, kind in ((nans, "NaN"), (infs, "inf")) if n)
+        return f"{kinds} value{'s' if nans + infs > 1 else ''}, the first at {first}"
+    return None
+
+
 def log_report(report: DtypeReport) -> None:
     log.info("%s", report)
     if report.leaks:

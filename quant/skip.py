@@ -60,14 +60,20 @@ def matching_pattern(name: str, patterns: Iterable[str]) -> str | None:
 def resolve_patterns(skip: Sequence[str] | str | None = None, keep_default_skips: bool = True) -> list[str]:
     """Defaults (unless turned off) + the caller's patterns, deduplicated, order kept.
 
-    ``skip`` may be a list or a comma/newline separated string (how a ComfyUI text widget sends it).
+    ``skip`` may be a list or a comma/newline separated string (how a ComfyUI text widget sends it). Empty
+    patterns are dropped, and so is a lone ``$`` (an empty name end: it would keep every layer in float).
     """
     if isinstance(skip, str):
         skip = [p.strip() for p in skip.replace("\n", ",").split(",")]
+    elif skip is not None and not isinstance(skip, (list, tuple, set, frozenset)):
+        raise ValueError(f"skip patterns: expected a list of strings or one comma-separated string, got "
+                         f"{type(skip).__name__} {skip!r}")
     patterns = list(DEFAULT_SKIP_PATTERNS) if keep_default_skips else []
     for pattern in skip or ():
+        if not isinstance(pattern, str):
+            raise ValueError(f"skip patterns must be strings (parts of layer names), got {pattern!r} in {skip!r}")
         pattern = pattern.strip()
-        if pattern and pattern not in patterns:
+        if pattern and pattern != "$" and pattern not in patterns:
             patterns.append(pattern)
     return patterns
 
