@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from typing import Mapping, Sequence
@@ -22,10 +23,12 @@ from ..units import GB
 from .estimate import plain_number
 from .planner import PlacementPlan, PlanError, default_budget_bytes, plan_placement
 
-# Accepted budgets, GB per device: at least a megabyte, at most the card (when its total is known) and never
-# more than a petabyte - a larger number is a typo (or "inf"), not a budget.
+log = logging.getLogger("comfyui_headroom")
+
+# Accepted budgets, GB per device: at least a megabyte and at most a terabyte - a larger number is a typo
+# (or "inf"), not a budget. A budget above the card is clamped to the card, as the planner does.
 MIN_BUDGET_GB = 0.001
-MAX_BUDGET_GB = 1e6
+MAX_BUDGET_GB = 1024  # per GPU: no card has a terabyte
 
 
 def _gb(n: int) -> str:
@@ -59,13 +62,22 @@ def _numbers(text, what: str, per: str) -> list[float]:
 
 def _check_budget(what: str, text, device: str, gb: float, total_bytes: int | None, zero_means: str | None) -> None:
     """ValueError naming ``device`` and the accepted range when ``gb`` is not a usable budget (NaN, inf, negative,
-    zero unless ``zero_means`` says what 0 is, below a megabyte, above the card or a petabyte)."""
-    high = MAX_BUDGET_GB if not total_bytes else min(MAX_BUDGET_GB, total_bytes / GB)
-    if math.isfinite(gb) and (MIN_BUDGET_GB <= gb <= high or (gb == 0 and zero_means)):
+    zero unless ``zero_means`` says what 0 is, below a megabyte, above a terabyte); above the card is clamped later."""
+    if math.isfinite(gb) and (MIN_BUDGET_GB <= gb <= MAX_BUDGET_GB or (gb == 0 and zero_means)):
         return
-    card = " (the card's total)" if total_bytes and high < MAX_BUDGET_GB else ""
-    accepted = f"{plain_number(MIN_BUDGET_GB)} to {plain_number(high)} GB{card}" + (f", or 0 = {zero_means}" if zero_means else "")
+    card = f" (above the card's {_gb(total_bytes)} it is clamped to the card)" if total_bytes else ""
+    accepted = f"{plain_number(MIN_BUDGET_GB)} to {plain_number(MAX_BUDGET_GB)} GB{card}" + \
+        (f", or 0 = {zero_means}" if zero_means else "")
     raise ValueError(f"{what}={text!r}: the budget of {device} is {gb}; accepted: {accepted}")
+
+
+def clamp_to_card(budget_bytes: int, total_bytes: int | None, what: str) -> int:
+    """A budget above the card's total VRAM is clamped to the card, with a warning (nothing is left for inference)."""
+    if total_bytes and budget_bytes > total_bytes:
+        log.warning("%s: %.1f GB is above the card's %.1f GB; clamped to the card, which leaves no VRAM for inference "
+                    "(0 = 55 %% of the card)", what, budget_bytes / GB, total_bytes / GB)
+        return int(total_bytes)
+    return budget_bytes
 
 
 def _total_of(device_totals, index: int) -> int | None:
@@ -80,8 +92,8 @@ def parse_gpu_budgets(text, device_count: int, device_totals: Mapping[int, int] 
     """``{gpu index: budget bytes}`` from ``"40,40"`` / ``"24"`` / ``[40, 40]`` / ``24`` (GiB each).
 
     ``device_count``: GPUs present (``torch.cuda.device_count()``). ``device_totals``: total VRAM per GPU,
-    needed for ``0`` (= 55 % of that card) and used to refuse a budget above the card. Accepted per GPU:
-    0, or :data:`MIN_BUDGET_GB` up to the card (:data:`MAX_BUDGET_GB` when its total is unknown).
+    needed for ``0`` (= 55 % of that card); a budget above a card is clamped to it (:func:`clamp_to_card`).
+    Accepted per GPU: 0, or :data:`MIN_BUDGET_GB` to :data:`MAX_BUDGET_GB`.
     """
     if device_count < 1:
         raise ValueError(f"gpu_budgets_gb={text!r} needs at least one CUDA GPU, but {device_count} are present")
@@ -96,7 +108,7 @@ def parse_gpu_budgets(text, device_count: int, device_totals: Mapping[int, int] 
         total = _total_of(device_totals, i)
         _check_budget("gpu_budgets_gb", text, f"cuda:{i}", gb, total, "55 % of the card")
         if gb > 0:
-            budgets[i] = int(gb * GB)
+            budgets[i] = clamp_to_card(int(gb * GB), total, f"gpu_budgets_gb: cuda:{i} budget")
             continue
         if not total:
             raise ValueError(f"gpu_budgets_gb={text!r}: cuda:{i} budget 0 means 55 % of the card, but its total VRAM "
@@ -164,7 +176,7 @@ def parse_device_budgets(text: str, devices: Sequence[str], device_totals: Seque
     """Budgets (bytes) for ``devices`` from ``"40,40"`` (GB each; one number = that on every device); empty ->
     None (split evenly by bytes). A list of another length, or a value that is not a usable budget (see
     :func:`parse_gpu_budgets`; 0 is not one here), is an error naming both. ``device_totals``: total VRAM per
-    device (default: asked from CUDA for the GPUs this machine has) - a budget above the card is refused."""
+    device (default: asked from CUDA for the GPUs this machine has) - a budget above the card is clamped to it."""
     if text is None or (isinstance(text, str) and not text.strip()):
         return None
     values = _numbers(text, "gpu_budgets_gb", "device")
@@ -176,4 +188,5 @@ def parse_device_budgets(text: str, devices: Sequence[str], device_totals: Seque
     totals = list(device_totals) if device_totals is not None else _cuda_totals(devices)
     for i, (device, gb) in enumerate(zip(devices, values, strict=True)):
         _check_budget("gpu_budgets_gb", text, device, gb, _total_of(totals, i), None)
-    return [int(gb * GB) for gb in values]
+    return [clamp_to_card(int(gb * GB), _total_of(totals, i), f"gpu_budgets_gb: {device} budget")
+            for i, (device, gb) in enumerate(zip(devices, values))]

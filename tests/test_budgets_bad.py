@@ -34,11 +34,12 @@ H200 = 140 * GiB
 # ---------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, message", [
-    ("inf", r"the budget of cuda:0 is inf; accepted: 0\.001 to 140 GB \(the card's total\), or 0 = 55 % of the card"),
+    ("inf", r"the budget of cuda:0 is inf; accepted: 0\.001 to 1,024 GB \(above the card's 140\.00 GB it is clamped "
+            r"to the card\), or 0 = 55 % of the card"),
     ("+inf", "the budget of cuda:0 is inf"),
     ("nan", "the budget of cuda:0 is nan; accepted"),
     ("-1", r"the budget of cuda:0 is -1\.0; accepted"),
-    ("141", r"the budget of cuda:0 is 141\.0; accepted: 0\.001 to 140 GB \(the card's total\)"),
+    ("1025", r"the budget of cuda:0 is 1025\.0; accepted: 0\.001 to 1,024 GB"),
     ("1e9", r"is 1000000000\.0"),
     ("1e-12", r"is 1e-12; accepted: 0\.001"),
     ("40,,40", "has an empty field"),
@@ -65,7 +66,7 @@ def test_gpu_budgets_still_accept_what_they_did():
 
 
 @pytest.mark.parametrize("text, message", [
-    ("inf", r"the budget of cuda:0 is inf; accepted: 0\.001 to 1,000,000 GB$"),
+    ("inf", r"the budget of cuda:0 is inf; accepted: 0\.001 to 1,024 GB$"),
     ("nan", "the budget of cuda:0 is nan"),
     ("-1", r"the budget of cuda:0 is -1\.0"),
     ("0", r"the budget of cuda:0 is 0\.0; accepted: 0\.001 to"),
@@ -79,9 +80,13 @@ def test_device_budgets_out_of_range_are_refused(text, message):
         parse_device_budgets(text, ["cuda:0", "cuda:1"], device_totals=[None, None])
 
 
-def test_device_budgets_above_the_card_are_refused():
-    with pytest.raises(ValueError, match=r"the budget of cuda:1 is 100\.0; accepted: 0\.001 to 80 GB \(the card's total\)"):
-        parse_device_budgets("40,100", ["cuda:0", "cuda:1"], device_totals=[80 * GiB, 80 * GiB])
+def test_budgets_above_the_card_are_clamped_to_it_with_a_warning(caplog):
+    """As the planner does: a budget above a card leaves no VRAM for inference, but it is a budget."""
+    with caplog.at_level("WARNING"):
+        assert parse_device_budgets("40,100", ["cuda:0", "cuda:1"], device_totals=[80 * GiB, 80 * GiB]) == \
+            [40 * GiB, 80 * GiB]
+        assert parse_gpu_budgets("141", 1, device_totals=[H200]) == {0: H200}
+    assert caplog.text.count("clamped to the card") == 2 and "cuda:1 budget: 100.0 GB" in caplog.text
     assert parse_device_budgets("40,80", ["cuda:0", "cuda:1"], device_totals=[80 * GiB, 80 * GiB]) == [40 * GiB, 80 * GiB]
     assert parse_device_budgets(" ", ["cuda:0", "cuda:1"]) is None
 
@@ -250,5 +255,5 @@ def test_calibration_settings_out_of_range_are_refused():
 
 
 def test_device_budgets_are_all_checked_when_fewer_totals_are_known():
-    with pytest.raises(ValueError, match=r"the budget of cuda:1 is 1000000000\.0; accepted: 0\.001 to 1,000,000 GB"):
+    with pytest.raises(ValueError, match=r"the budget of cuda:1 is 1000000000\.0; accepted: 0\.001 to 1,024 GB"):
         parse_device_budgets("40,1e9", ["cuda:0", "cuda:1"], device_totals=[80 * GiB])

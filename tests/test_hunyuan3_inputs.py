@@ -181,9 +181,10 @@ def test_a_bad_number_on_the_node_keeps_the_cached_model(fake_folder, monkeypatc
 
 
 @pytest.mark.parametrize("text, message", [
-    ("inf", "give GB per GPU from 0 to 1024"), ("40,inf", "give GB per GPU from 0 to 1024"),
-    ("2000", "give GB per GPU from 0 to 1024"), ("1e300", "give GB per GPU from 0 to 1024"),
-    ("nan", "must be >= 0"), ("-5", "must be >= 0"), ("40,x", "not all numbers")])
+    ("inf", "accepted: 0.001 to 1,024 GB"), ("40,inf", "the budget of cuda:1 is inf; accepted"),
+    ("2000", "the budget of cuda:0 is 2000.0; accepted: 0.001 to 1,024 GB"), ("1e300", "accepted: 0.001 to 1,024 GB"),
+    ("nan", "the budget of cuda:0 is nan; accepted"), ("-5", "the budget of cuda:0 is -5.0; accepted"),
+    ("40,x", "not all numbers")])
 def test_gpu_budgets_text_goes_through_memory_budgets_and_is_range_checked(text, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         max_memory_for_budgets(text, device_count=2, device_totals=[80 * GB, 80 * GB], cpu_bytes=GB)

@@ -23,9 +23,10 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ...memory.budgets import clamp_to_card
 from ...memory.planner import default_budget_bytes
 from ...units import GB
-from .inputs import BUDGET_ZERO, MAX_GB, check_gb, shown
+from .inputs import BUDGET_ZERO, check_gb
 
 log = logging.getLogger("comfyui_headroom")
 
@@ -49,15 +50,6 @@ def resolve_budget(budget_gb: float, total_bytes: int | None) -> int:
     if not total_bytes:
         raise ValueError("GPU budget 0 (auto) needs a CUDA device to size 55 % of; set a budget in GB")
     return default_budget_bytes(total_bytes)
-
-
-def clamp_to_card(budget_bytes: int, total_bytes: int | None, what: str) -> int:
-    """A budget above the card's total VRAM is clamped to the card, with a warning (nothing is left for inference)."""
-    if total_bytes and budget_bytes > total_bytes:
-        log.warning("%s: %.1f GB is above the card's %.1f GB; clamped to the card, which leaves no VRAM for inference "
-                    "(0 = 55 %% of the card)", what, budget_bytes / GB, total_bytes / GB)
-        return int(total_bytes)
-    return budget_bytes
 
 
 def cpu_allowance_bytes(reserve_gb: float = 4.0) -> int:
@@ -100,15 +92,8 @@ def max_memory_for_budgets(gpu_budgets_gb, device_count: int | None = None, devi
         # Only GPUs this machine has (a plan for a larger machine passes its budgets, or device_totals).
         device_totals = [torch.cuda.get_device_properties(i).total_memory for i in range(device_count)]
     external = check_gb("external_vram_gb", external_vram_gb)
-    try:
-        budgets = parse_gpu_budgets(gpu_budgets_gb, device_count, device_totals)
-    except OverflowError:  # "inf": memory/budgets.py refuses negative and NaN budgets, not infinite ones
-        budgets = None
-    if budgets is None or any(b > MAX_GB * GB for b in budgets.values()):
-        raise ValueError(f"gpu_budgets_gb={shown(gpu_budgets_gb)}: give GB per GPU from 0 to {MAX_GB:g}{BUDGET_ZERO}, "
-                         "e.g. '40,40'")
+    budgets = parse_gpu_budgets(gpu_budgets_gb, device_count, device_totals)  # ranges checked, clamped to the cards
     for i in budgets:
-        budgets[i] = clamp_to_card(budgets[i], device_totals[i] if device_totals else None, f"cuda:{i} budget")
         budgets[i] -= int(external * GB)
         if budgets[i] <= 0:
             raise ValueError(f"cuda:{i}: GPU budget from gpu_budgets_gb={gpu_budgets_gb!r} minus external VRAM "
