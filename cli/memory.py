@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import torch
-
-from ..memory.estimate import GB, estimate_inference_vram_gb, should_offload
-from ..memory.planner import default_budget_bytes
-
 
 def gpu_info_lines(width: int, height: int, loader_reserve_gb: float = 0.0) -> list[str]:
     """One line per GPU and its verdict at ``width`` x ``height``; ValueError for a size or reserve out of range
-    (checked also on a machine without a GPU)."""
+    (checked also on a machine without a GPU). torch is imported here, not with the parser (``--help`` is fast)."""
+    import torch
+
+    from ..memory.estimate import GB, estimate_inference_vram_gb, should_offload
+    from ..memory.planner import default_budget_bytes
+
     estimate_inference_vram_gb(width, height, loader_reserve_gb)
     if not torch.cuda.is_available():
         return ["no CUDA GPU visible: budgets, streaming and VRAM tracking are inactive (CPU only)"]
