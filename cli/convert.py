@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
 
 from ..kernels.int8 import DEFAULT_BLOCK_SIZE, METHODS
 from ..quant.formats import writable_formats
-from ..quant.safetensors_stream import FormatError
 
 
 def register(subparsers) -> None:
@@ -58,6 +59,37 @@ def _user_error(err: Exception):
     return UserError(str(err))
 
 
+class _Stopped(BaseException):
+    """SIGTERM / SIGHUP, raised where the conversion is, so that its cleanup runs as for Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_stop_the_conversion():
+    """SIGTERM (``kill``, a job scheduler) and SIGHUP (the terminal closed) raise :class:`_Stopped` in the main
+    thread: the library removes its temporary output as for any exception. A second signal during that cleanup is
+    ignored, so the cleanup finishes."""
+    catch = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+
+    def stop(signum, frame):
+        for sig in catch:
+            signal.signal(sig, signal.SIG_IGN)
+        raise _Stopped(signum)
+
+    try:
+        previous = {sig: signal.signal(sig, stop) for sig in catch}
+    except ValueError:  # not the main thread: nothing to install
+        previous = {}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _bake_options(args: argparse.Namespace) -> dict:
     """--rotate / --lora as convert_path keywords (only when given: plain conversions pass nothing new)."""
     from ..quant.lora_bake import parse_lora_args
@@ -71,25 +103,35 @@ def _bake_options(args: argparse.Namespace) -> dict:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    from ..quant.atomic import OutputError
     from ..quant.convert import ConvertError, convert_path, default_output
+    from ..quant.safetensors_stream import FormatError
 
-    dst = args.dst or default_output(args.src, args.method, args.layout)
     try:
-        report = convert_path(
-            args.src, dst, method=args.method, block_size=args.block_size, skip=args.skip,
-            keep_default_skips=not args.no_default_skips, device=args.device, layout=args.layout,
-            progress=not args.quiet and not args.json, overwrite=args.overwrite, **_bake_options(args))
-    except (ConvertError, FormatError) as err:
+        with _signals_stop_the_conversion():
+            dst = args.dst or default_output(args.src, args.method, args.layout)
+            report = convert_path(
+                args.src, dst, method=args.method, block_size=args.block_size, skip=args.skip,
+                keep_default_skips=not args.no_default_skips, device=args.device, layout=args.layout,
+                progress=not args.quiet and not args.json, overwrite=args.overwrite, **_bake_options(args))
+    except (ConvertError, FormatError, OutputError) as err:
         raise _user_error(err) from None
     except KeyboardInterrupt:
         print("headroom convert: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except _Stopped as stopped:
+        name = signal.Signals(stopped.signum).name
+        print(f"headroom convert: stopped by {name}; the unfinished output was removed, nothing was written",
+              file=sys.stderr)
+        return 128 + stopped.signum
     print(json.dumps(report.as_dict(), indent=2) if args.json else report)
     return 0
 
 
 def run_inspect(args: argparse.Namespace) -> int:
     from ..quant.inspection import inspect_path
+
+    from ..quant.safetensors_stream import FormatError
 
     try:
         report = inspect_path(args.path)

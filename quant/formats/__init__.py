@@ -26,7 +26,17 @@ from .comfy import (
     rotation_group_of,
 )
 from .comfy_legacy import COMFY_LEGACY_KEY, ComfyLegacyFormat, comfy_legacy_layers
-from .files import FileInfo, checkpoint_files, describe_header, detect_format, merge_infos, safetensors_files
+from .files import (
+    INDEX_SUFFIX,
+    FileInfo,
+    ShardIndex,
+    checkpoint_files,
+    describe_header,
+    detect_format,
+    merge_infos,
+    read_index,
+    safetensors_files,
+)
 from .headroom import HeadroomFormat
 from .metadata import (
     FORMAT_VERSION,
@@ -73,14 +83,14 @@ register(PlainFormat())
 
 __all__ = [
     "COMFY_INT8_FORMAT", "COMFY_LEGACY_KEY", "COMFY_QUANT_SUFFIX", "FORMAT_VERSION", "FP8_MARKER_KEY",
-    "INPUT_SCALE_SUFFIXES", "META_BLOCK_SIZE", "META_FORMAT_VERSION", "META_LAYOUT", "META_LORAS", "META_METHOD",
+    "INDEX_SUFFIX", "INPUT_SCALE_SUFFIXES", "META_BLOCK_SIZE", "META_FORMAT_VERSION", "META_LAYOUT", "META_LORAS", "META_METHOD",
     "META_QUANTIZED", "META_ROTATION_GROUP", "META_SKIPPED", "META_SKIP_REASONS", "META_SOURCE_FILE",
     "META_SOURCE_HASH", "META_TOOL_VERSION", "SCALE_SUFFIXES",
     "ComfyFormat", "ComfyLegacyFormat", "FileInfo", "HeadroomFormat", "Int8Format", "Int8LayerTensors",
-    "PlainFormat",
+    "PlainFormat", "ShardIndex",
     "checkpoint_files", "comfy_legacy_layers", "comfy_quant_config", "conversion_metadata", "decode_comfy_quant",
     "describe_header", "detect_format", "encode_comfy_quant", "find_scale_key", "get_format", "int8_config",
     "is_headroom_metadata", "layer_comfy_format", "layer_format", "layout_names", "merge_infos", "normalise_scale",
-    "parse_int8_layer", "quantization_keys", "recorded_block_size", "register", "registered_formats",
+    "parse_int8_layer", "quantization_keys", "read_index", "recorded_block_size", "register", "registered_formats",
     "rotation_group_of", "safetensors_files", "unregister", "writable_formats",
 ]

@@ -6,6 +6,7 @@ import json
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -121,6 +122,59 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
     if not files:
         raise FormatError(f"{path} is a folder without any .safetensors file")
     return files
+
+
+INDEX_SUFFIX = ".safetensors.index.json"  # transformers / diffusers: which shard holds which tensor
+MAX_INDEX_BYTES = 256 * 2**20  # a 400 GB model's index is ~10 MB
+
+
+@dataclass
+class ShardIndex:
+    """A checked ``*.safetensors.index.json``: its JSON, and a weight_map whose every shard is a ``.safetensors``
+    file next to it that holds every tensor the map names there."""
+
+    path: Path
+    data: dict
+    weight_map: dict[str, str]
+
+
+def read_index(path: Path, headers: Mapping[Path, Header]) -> ShardIndex:
+    """Parse ``path`` and check it against the shards' parsed ``headers`` (every ``.safetensors`` of the folder).
+
+    FormatError naming the index and what is wrong: not JSON, not an object, no weight_map, a shard outside the
+    index's folder (``../``, a sub-folder, an absolute path), a shard that is missing, a tensor its shard lacks.
+    """
+    def bad(problem: str) -> FormatError:
+        return FormatError(f"{path}: {problem}; fix or delete the index (it is checked before anything is converted)")
+
+    try:
+        if path.stat().st_size > MAX_INDEX_BYTES:
+            raise bad(f"is {path.stat().st_size:,} bytes, more than any real index ({MAX_INDEX_BYTES:,})")
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError):  # JSON and UTF-8 errors are ValueErrors
+        raise bad("is not valid JSON") from None
+    except OSError as err:
+        raise FormatError(f"{path}: cannot be read ({err.strerror or err})") from None
+    if not isinstance(data, dict):
+        raise bad(f"holds a JSON {type(data).__name__}, not an object")
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise bad("has no weight_map object naming the shards")
+    if not isinstance(data.get("metadata", {}), dict):
+        raise bad("has a 'metadata' entry that is not an object")
+    folder = path.parent
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise bad(f"maps '{tensor}' to {shard!r}, not a file name")
+        if shard in ("", ".", "..") or "/" in shard or "\\" in shard or os.path.isabs(shard):
+            raise bad(f"maps '{tensor}' to '{shard}', which is not a file next to the index (shards outside the "
+                      f"folder are refused)")
+        header = headers.get(folder / shard)
+        if header is None:
+            raise bad(f"maps '{tensor}' to '{shard}', which is not a .safetensors file in {folder}")
+        if tensor not in header.tensors:
+            raise bad(f"maps '{tensor}' to '{shard}', which does not hold it")
+    return ShardIndex(path, data, weight_map)
 
 
 def detect_format(path: str | os.PathLike) -> FileInfo:
