@@ -34,8 +34,10 @@ from .files import (
     describe_header,
     detect_format,
     merge_infos,
+    model_groups,
     read_index,
     safetensors_files,
+    separate_models_note,
 )
 from .headroom import HeadroomFormat
 from .metadata import (
@@ -90,7 +92,7 @@ __all__ = [
     "PlainFormat", "ShardIndex",
     "checkpoint_files", "comfy_legacy_layers", "comfy_quant_config", "conversion_metadata", "decode_comfy_quant",
     "describe_header", "detect_format", "encode_comfy_quant", "find_scale_key", "get_format", "int8_config",
-    "is_headroom_metadata", "layer_comfy_format", "layer_format", "layout_names", "merge_infos", "normalise_scale",
+    "is_headroom_metadata", "layer_comfy_format", "layer_format", "layout_names", "merge_infos", "model_groups", "normalise_scale",
     "parse_int8_layer", "quantization_keys", "read_index", "recorded_block_size", "register", "registered_formats",
-    "rotation_group_of", "safetensors_files", "unregister", "writable_formats",
+    "rotation_group_of", "safetensors_files", "separate_models_note", "unregister", "writable_formats",
 ]
