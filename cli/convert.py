@@ -8,8 +8,10 @@ import json
 import signal
 import sys
 
-from ..kernels.int8 import DEFAULT_BLOCK_SIZE, METHODS
-from ..quant.formats import writable_formats
+# Torch-free modules only (the help of every subcommand must come without importing torch): the library's own
+# choices from its constants, the rest imported where a command runs.
+from ..kernels.constants import COMFY_ROTATION_GROUPS, DEFAULT_BLOCK_SIZE, DEFAULT_ROTATION_GROUP, METHODS, ROTATION_GROUPS
+from ..quant.formats.builtin import DEFAULT_LAYOUT, SUMMARIES, WRITABLE
 
 
 def register(subparsers) -> None:
@@ -29,13 +31,16 @@ def register(subparsers) -> None:
     convert.add_argument("--no-default-skips", action="store_true",
                          help="do not apply the built-in skip patterns (vae, final_layer, embeddings...)")
     convert.add_argument("--device", default="cpu", help="where to quantize: cpu or cuda (default cpu)")
-    layouts = writable_formats()
-    convert.add_argument("--layout", choices=[f.name for f in layouts], default="headroom",
-                         help=" or ".join(f"{f.name} ({f.summary})" for f in layouts))
-    convert.add_argument("--rotate", nargs="?", type=int, const=256, default=0, metavar="GROUP",
-                         help="Hadamard-rotate weights in groups of GROUP inputs before quantizing (ComfyUI's convrot; "
-                              "default group 256; 16/64/256 load in stock ComfyUI, 32/128 in headroom only): much "
-                              "lower error on layers with outlier channels")
+    # no argparse choices: a format registered at run time is a layout too; the converter checks the name
+    convert.add_argument("--layout", default=DEFAULT_LAYOUT, metavar="LAYOUT",
+                         help=" or ".join(f"{name} ({SUMMARIES[name]})" for name in WRITABLE)
+                         + f"; default {DEFAULT_LAYOUT}")
+    headroom_only = [g for g in ROTATION_GROUPS if g not in COMFY_ROTATION_GROUPS]
+    convert.add_argument("--rotate", nargs="?", type=int, const=DEFAULT_ROTATION_GROUP, default=0, metavar="GROUP",
+                         help=f"Hadamard-rotate weights in groups of GROUP inputs before quantizing (ComfyUI's convrot; "
+                              f"default group {DEFAULT_ROTATION_GROUP}; {'/'.join(map(str, COMFY_ROTATION_GROUPS))} "
+                              f"load in stock ComfyUI, {'/'.join(map(str, headroom_only))} in headroom only): much "
+                              f"lower error on layers with outlier channels")
     convert.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                          help="merge this float LoRA (safetensors; kohya, ComfyUI or diffusers/PEFT keys) into the "
                               "weights before quantizing, at STRENGTH (default 1.0); repeatable")

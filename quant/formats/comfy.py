@@ -17,6 +17,7 @@ import torch
 from ...kernels.int8 import DEFAULT_BLOCK_SIZE
 from ...kernels.rotation import COMFY_ROTATION_GROUPS, DEFAULT_ROTATION_GROUP, check_group
 from ..safetensors_stream import FormatError
+from .builtin import COMFY, SUMMARIES
 from .registry import Int8Format, Int8LayerTensors
 
 COMFY_QUANT_SUFFIX = "comfy_quant"
@@ -139,9 +140,9 @@ def _rotation_group(config: dict, weight_key: str) -> int:
 
 
 class ComfyFormat(ComfyConfigFormat):
-    name = "comfy"
-    priority = 30  # a per-layer marker: the most specific claim
-    summary = "ComfyUI's int8_tensorwise, loads in stock ComfyUI; rowwise or tensorwise, no block"
+    name = COMFY
+    priority = 30  # a per-layer marker: the most specific claim after a header naming its own layout
+    summary = SUMMARIES[COMFY]
     marker_suffixes = (COMFY_QUANT_SUFFIX,)
     writable = True
     methods = ("rowwise", "tensorwise")

@@ -10,6 +10,7 @@ from collections.abc import Container, Mapping
 from types import MappingProxyType
 
 from ..safetensors_stream import FormatError
+from .builtin import COMFY_LEGACY, SUMMARIES
 from .comfy import ComfyConfigFormat
 
 COMFY_LEGACY_KEY = "_quantization_metadata"
@@ -48,9 +49,9 @@ def _layer_name(prefix: str) -> str:
 
 
 class ComfyLegacyFormat(ComfyConfigFormat):
-    name = "comfy_legacy"
+    name = COMFY_LEGACY
     priority = 20  # per layer, but from the header: after a layer's own comfy_quant tensor
-    summary = "older ComfyUI files: the header's _quantization_metadata names the INT8 layers"
+    summary = SUMMARIES[COMFY_LEGACY]
 
     def owns_layer(self, keys: Container[str], prefix: str, file_metadata: Mapping[str, str] | None) -> bool:
         return _layer_name(prefix) in comfy_legacy_layers(file_metadata)

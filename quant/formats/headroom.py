@@ -13,14 +13,15 @@ from collections.abc import Container, Mapping
 
 from ...kernels.int8 import DEFAULT_BLOCK_SIZE, METHODS
 from ...kernels.rotation import ROTATION_GROUPS
+from .builtin import HEADROOM, SUMMARIES
 from .comfy import COMFY_QUANT_SUFFIX, ComfyConfigFormat, decode_comfy_quant, encode_comfy_quant, int8_config
 from .metadata import META_LAYOUT, META_PREFIX, check_format_version, is_headroom_metadata
 
 
 class HeadroomFormat(ComfyConfigFormat):
-    name = "headroom"
+    name = HEADROOM
     priority = 40  # the file's own header names this layout: it says what every layer is, markers included
-    summary = "ours: rowwise, block or tensorwise scales"
+    summary = SUMMARIES[HEADROOM]
     marker_suffixes = (COMFY_QUANT_SUFFIX,)  # a rotated layer's convrot entry
     writable = True
     methods = METHODS
