@@ -264,6 +264,7 @@ def write_atomically(dst: Path, write: Callable[[Path], T], needed_bytes: int, f
     created = make_parents(dst.parent, dst)
     tmp = side_path(dst)
     try:
+        remove_quietly(tmp)  # this process's own, from a call whose cleanup failed (it said so then)
         if folder:  # first: a read-only or foreign folder says so before the space is counted
             tmp.mkdir()
         else:

@@ -26,6 +26,7 @@ from comfyui_headroom.quant.convert import ConvertError, convert_file, convert_f
 from comfyui_headroom.quant.formats import detect_format
 from comfyui_headroom.quant.safetensors_stream import StreamingWriter
 from safetensors.torch import save_file
+from testutil import cli_error
 
 
 def _model(path, gen, layers=4, dim=1024):
@@ -47,11 +48,7 @@ def _tree(folder):
 
 
 def _cli_error(capsys, *argv):
-    code = cli.main(["convert", *argv, "--quiet"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1, err
-    return err
+    return cli_error(capsys, "convert", *argv)
 
 
 def test_a_file_in_the_path_of_out(tmp_path, capsys, src, gen):

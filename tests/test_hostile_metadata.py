@@ -18,17 +18,13 @@ from comfyui_headroom.quant.convert import ConvertError, convert_file
 from comfyui_headroom.quant.formats import COMFY_LEGACY_KEY, detect_format, encode_comfy_quant, parse_int8_layer
 from comfyui_headroom.quant.safetensors_stream import TensorReader
 from safetensors.torch import load_file, save_file
+from testutil import cli_error
 
 LAYER = "blocks.0.ffn"
 DEEP = "[" * 100_000 + "]" * 100_000  # valid JSON, nested deeper than Python's stack
 
 
-def _one_line_error(capsys, *argv):
-    code = cli.main(list(argv) + (["--quiet"] if argv[0] == "convert" else []))
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1, err
-    return err
+_one_line_error = cli_error
 
 
 def _float_model(path, gen):
