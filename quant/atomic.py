@@ -261,6 +261,8 @@ def write_atomically(dst: Path, write: Callable[[Path], T], needed_bytes: int, f
     On any failure the temporary and the created folders are removed (never raising), and an OSError becomes an
     :class:`OutputError` naming ``dst``.
     """
+    if len(dst.name.encode()) > _name_max(dst.parent if dst.parent.is_dir() else Path(".")):
+        raise output_error(OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG)), dst)  # before the work
     created = make_parents(dst.parent, dst)
     tmp = side_path(dst)
     try:

@@ -441,6 +441,12 @@ def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
         raise output_error(err, dst, "use") from None
 
 
+def _check_replaceable(dst: Path) -> None:
+    if os.path.lexists(dst) and not (dst.is_file() or dst.is_dir()):  # a device, a FIFO, a socket, a broken link
+        raise ConvertError(f"OUT {dst} exists and is not a regular file or folder; headroom replaces neither devices "
+                           f"nor links to nothing - choose another OUT")
+
+
 def _check_path_pair(src: Path, dst: Path, overwrite: bool) -> None:
     if not src.exists():
         raise FormatError(f"{src} does not exist")
@@ -450,9 +456,7 @@ def _check_path_pair(src: Path, dst: Path, overwrite: bool) -> None:
         raise ConvertError(f"OUT {dst} lies inside the input folder {src}; choose a folder outside it")
     if src.resolve().is_relative_to(dst.resolve()):  # replacing OUT would delete the input with it
         raise ConvertError(f"OUT {dst} contains the input {src}; choose an OUT that does not")
-    if os.path.lexists(dst) and not (dst.is_file() or dst.is_dir()):  # a device, a FIFO, a socket, a broken link
-        raise ConvertError(f"OUT {dst} exists and is not a regular file or folder; headroom replaces neither devices "
-                           f"nor links to nothing - choose another OUT")
+    _check_replaceable(dst)
     if dst.exists() and not overwrite:
         raise ConvertError(f"{dst} already exists; pass --overwrite to replace it")
     if dst.exists() and dst.is_dir() != src.is_dir():
@@ -554,6 +558,7 @@ def convert_source(
     dst = Path(dst)
     _check_options(method, block_size, layout, device, rotate)
     stale = remove_stale(dst)
+    _check_replaceable(dst)
     if dst.exists() and not overwrite:
         raise ConvertError(f"{dst} already exists; pass --overwrite to replace it")
     infos = dict(source.infos)

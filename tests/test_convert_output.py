@@ -92,6 +92,12 @@ def test_out_that_is_not_a_regular_file_is_never_replaced(tmp_path, capsys, src)
     assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
     assert dangling.is_symlink() and fifo.exists()
 
+    class Source(dict):  # what the Save INT8 Model node hands convert_source
+        infos = {"w": convert_mod.TensorInfo(torch.float32, (4,))}
+
+    with pytest.raises(ConvertError, match="not a regular file or folder"):
+        convert_mod.convert_source(Source(w=torch.ones(4)), fifo, overwrite=True)
+
 
 def test_names_too_long(tmp_path, capsys, src):
     limit = os.pathconf(tmp_path, "PC_NAME_MAX")
