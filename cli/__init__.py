@@ -24,6 +24,12 @@ class UserError(Exception):
     """Bad input: printed as one line, exit code 2."""
 
 
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped: a file's tensor or field name (``"a\\nb"``, a terminal escape)
+    quoted in an error can neither break the one-line rule nor drive the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def build_parser(modules: tuple[str, ...] = SUBCOMMAND_MODULES) -> argparse.ArgumentParser:
     """The parser with the subcommands of ``modules`` (default: all). Building it imports nothing heavy from
     convert, inspect and demo (their modules import torch only when a command runs)."""
@@ -42,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as err:
-        print(f"headroom {args.command}: error: {err}", file=sys.stderr)
+        print(f"headroom {args.command}: error: {one_line(str(err))}", file=sys.stderr)
         return 2
 
 

@@ -280,3 +280,12 @@ def test_a_good_index_still_converts_and_is_rewritten(tmp_path, gen):
         p.stat().st_size - 8 - int.from_bytes(p.read_bytes()[:8], "little") for p in (tmp_path / "out").glob("*.safetensors"))
     with pytest.raises(ConvertError, match="already quantized"):
         detect_format(tmp_path / "out") and convert_mod.convert_folder(tmp_path / "out", tmp_path / "again", progress=False)
+
+
+def test_names_from_the_file_cannot_break_the_one_line_error(tmp_path, capsys):
+    """A tensor name is the file's text: a newline or a terminal escape in it is shown escaped."""
+    bad = "blocks.0\n\x1b[2Jffn.weight"
+    path = tmp_path / "names.safetensors"
+    save_file({bad: torch.tensor([[1.0, float("nan")]] * 4)}, str(path))
+    err = _one_line_error(capsys, "convert", str(path), str(tmp_path / "out.safetensors"))
+    assert "'blocks.0\\n\\x1b[2Jffn.weight' contains NaN" in err and "\x1b" not in err
