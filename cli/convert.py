@@ -10,7 +10,13 @@ import sys
 
 # Torch-free modules only (the help of every subcommand must come without importing torch): the library's own
 # choices from its constants, the rest imported where a command runs.
-from ..kernels.constants import COMFY_ROTATION_GROUPS, DEFAULT_BLOCK_SIZE, DEFAULT_ROTATION_GROUP, METHODS, ROTATION_GROUPS
+from ..kernels.constants import (
+    COMFY_ROTATION_GROUPS,
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_ROTATION_GROUP,
+    METHODS,
+    ROTATION_GROUPS,
+)
 from ..quant.formats.builtin import DEFAULT_LAYOUT, SUMMARIES, WRITABLE
 
 
