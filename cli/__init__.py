@@ -13,30 +13,42 @@ import importlib
 import logging
 import sys
 
-# Modules that contribute subcommands (relative to this package), in the order --help lists them.
-SUBCOMMAND_MODULES = (".convert", ".demo", ".memory", ".kernels")
+# Each subcommand and the module that registers it (relative to this package), in the order --help lists them.
+# `headroom convert ...` builds the parser of that one module only: another subcommand's imports never delay it.
+SUBCOMMANDS = {"convert": ".convert", "inspect": ".convert", "demo": ".demo", "gpu-info": ".memory",
+               "kernels": ".kernels"}
+SUBCOMMAND_MODULES = tuple(dict.fromkeys(SUBCOMMANDS.values()))
 
 
 class UserError(Exception):
     """Bad input: printed as one line, exit code 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped: a file's tensor or field name (``"a\\nb"``, a terminal escape)
+    quoted in an error can neither break the one-line rule nor drive the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def build_parser(modules: tuple[str, ...] = SUBCOMMAND_MODULES) -> argparse.ArgumentParser:
+    """The parser with the subcommands of ``modules`` (default: all). Building it imports nothing heavy from
+    convert, inspect and demo (their modules import torch only when a command runs)."""
     parser = argparse.ArgumentParser(prog="headroom", description="INT8 / NF4 diffusion models under a VRAM budget.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in SUBCOMMAND_MODULES:
+    for name in modules:
         importlib.import_module(name, __package__).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser((SUBCOMMANDS[argv[0]],) if argv and argv[0] in SUBCOMMANDS else SUBCOMMAND_MODULES)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except UserError as err:
-        print(f"headroom {args.command}: error: {err}", file=sys.stderr)
+        print(f"headroom {args.command}: error: {one_line(str(err))}", file=sys.stderr)
         return 2
 
 

@@ -143,7 +143,8 @@ def load_int8_model(path: Path, cfg: DemoConfig, producers: bool = True) -> tupl
             float_layers += 1
             continue
         layer = Int8Linear.from_quantized(parsed.weight, parsed.scale, tensors.pop(name + ".bias", None),
-                                          block_size=parsed.block_size, compute_dtype=torch.bfloat16)
+                                          block_size=parsed.block_size, compute_dtype=torch.bfloat16,
+                                          rotation_group=parsed.rotation_group)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
         int8_layers += 1

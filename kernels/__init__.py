@@ -7,20 +7,10 @@ Public entry points:
 * :func:`choose_kernel` - which kernel a call would use on this machine;
 * :func:`reload_env` - re-read the ``HEADROOM_*`` / ``TRITON_INTERPRET`` variables (read once at import).
 
-Importing this package registers the ``torch.ops.headroom.*`` custom ops (see :mod:`.ops`).
+Importing the package itself loads nothing heavy (PEP 562), so that :mod:`.constants` - the methods, block size and
+rotation groups the command line shows - comes without torch. The first of the names above that is asked for loads
+them all and registers the ``torch.ops.headroom.*`` custom ops (see :mod:`.ops`).
 """
-
-from . import ops  # noqa: F401  (registers torch.ops.headroom.*)
-from .backends import KERNELS
-from .dispatch import (
-    choose_kernel,
-    force_kernel,
-    forced_kernel,
-    int8_linear,
-    kernel_summary,
-    reload_env,
-    reset_kernel_stats,
-)
 
 __all__ = [
     "KERNELS",
@@ -32,3 +22,24 @@ __all__ = [
     "reload_env",
     "reset_kernel_stats",
 ]
+
+
+def __getattr__(name: str):
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from . import ops  # noqa: F401  (registers torch.ops.headroom.*)
+    from .backends import KERNELS
+    from .dispatch import (
+        choose_kernel,
+        force_kernel,
+        forced_kernel,
+        int8_linear,
+        kernel_summary,
+        reload_env,
+        reset_kernel_stats,
+    )
+
+    globals().update(KERNELS=KERNELS, choose_kernel=choose_kernel, force_kernel=force_kernel,
+                     forced_kernel=forced_kernel, int8_linear=int8_linear, kernel_summary=kernel_summary,
+                     reload_env=reload_env, reset_kernel_stats=reset_kernel_stats)
+    return globals()[name]

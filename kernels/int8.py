@@ -17,9 +17,9 @@ import math
 
 import torch
 
-METHODS = ("rowwise", "block", "tensorwise")
+from .constants import DEFAULT_BLOCK_SIZE, METHODS  # noqa: F401 (re-exported: the math and its names together)
+
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # float weights stored in 8 bits (scaled or not)
-DEFAULT_BLOCK_SIZE = 128
 QMAX = 127.0
 
 

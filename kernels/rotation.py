@@ -27,11 +27,8 @@ import math
 
 import torch
 
+from .constants import COMFY_ROTATION_GROUPS, DEFAULT_ROTATION_GROUP, ROTATION_GROUPS  # noqa: F401 (re-exported)
 from .int8 import DEFAULT_BLOCK_SIZE, dequantize_weight, quantize_activation, quantize_weight
-
-DEFAULT_ROTATION_GROUP = 256
-COMFY_ROTATION_GROUPS = (16, 64, 256)  # powers of 4: what comfy-kitchen can build
-ROTATION_GROUPS = (16, 32, 64, 128, 256)
 
 
 def check_group(group: int, comfy: bool = False) -> int:

@@ -27,22 +27,28 @@ def rows_per_chunk(in_features: int, chunk_elements: int = CHUNK_ELEMENTS) -> in
     return max(1, chunk_elements // max(1, in_features))
 
 
+def fp8_scale_shapes(out_features: int) -> tuple[tuple[int, ...], ...]:
+    """The shapes an fp8 weight's stored scale may have: one value, or one per output row (``[out]``, ``[out, 1]``).
+    Anything else - ``[1, in]`` of a square weight, ``[2, out / 2]``, block scales - would broadcast wrongly."""
+    return ((), (1,), (1, 1), (out_features,), (out_features, 1))
+
+
 def float_rows(weight: torch.Tensor, start: int = 0, stop: int | None = None, scale: torch.Tensor | None = None,
                device=None, name: str = "weight") -> torch.Tensor:
     """Rows ``start:stop`` of a stored ``[out, in]`` weight as float32 on ``device``; a scaled fp8 weight is
     multiplied by its stored ``scale`` (one value, or one per output row). WeightError naming ``name`` when the
-    scale fits neither."""
+    scale has any other shape (never broadcast)."""
     stop = weight.shape[0] if stop is None else min(stop, weight.shape[0])
+    if scale is not None and tuple(scale.shape) not in fp8_scale_shapes(weight.shape[0]):
+        raise WeightError(f"'{name}': fp8 scale of shape {list(scale.shape)} does not fit the weight "
+                          f"{list(weight.shape)} (expected one value, [out] or [out, 1]); re-export the file")
     rows = weight[start:stop].to(device=device).float()
     if scale is None:
         return rows
     scale = scale.to(device=device, dtype=torch.float32)
     if scale.numel() == 1:
         return rows * scale.reshape(())
-    if scale.numel() == weight.shape[0]:
-        return rows * scale.reshape(-1)[start:stop].reshape(-1, 1)
-    raise WeightError(f"'{name}': fp8 scale of shape {tuple(scale.shape)} does not fit the weight "
-                      f"{tuple(weight.shape)} (expected one value or one per output row); re-export the file")
+    return rows * scale.reshape(-1)[start:stop].reshape(-1, 1)
 
 
 def check_finite(rows: torch.Tensor, name: str) -> None:

@@ -12,8 +12,10 @@ norms, biases, 1-D/3-D/4-D tensors, embeddings, skipped layers - is copied as is
 ``weight_scale`` / ``scale_weight``) are dequantized first; their scale, input scale and ``comfy_quant``
 keys are dropped.
 
-The output goes to a temporary name next to OUT, is verified by reopening it, then renamed: an interrupted
-conversion leaves neither OUT nor a temporary file behind, and the input is never touched.
+Everything is checked before anything is written: options, paths, the input's headers (and a folder's index
+files), the plan of every tensor, the free space. The output goes to a temporary name next to OUT, is verified by
+reopening it, then renamed (:mod:`.atomic`): an interrupted conversion leaves neither OUT nor a temporary file
+behind, and the input is never touched.
 """
 
 from __future__ import annotations
@@ -31,10 +33,21 @@ import torch
 
 from ..kernels.int8 import DEFAULT_BLOCK_SIZE, FP8_DTYPES, METHODS
 from ..units import format_gib
-from .chunked import CHUNK_ELEMENTS, WeightError, check_finite, float_rows, quantize_streamed, rows_per_chunk
+from .atomic import output_error, remove_stale, write_atomically
+from .chunked import (
+    CHUNK_ELEMENTS,
+    WeightError,
+    check_finite,
+    float_rows,
+    fp8_scale_shapes,
+    quantize_streamed,
+    rows_per_chunk,
+)
 from .formats import (
     FP8_MARKER_KEY,
+    INDEX_SUFFIX,
     Int8Format,
+    ShardIndex,
     checkpoint_files,
     conversion_metadata,
     describe_header,
@@ -42,6 +55,7 @@ from .formats import (
     get_format,
     layout_names,
     quantization_keys,
+    read_index,
     registered_formats,
 )
 from .safetensors_stream import (
@@ -100,6 +114,7 @@ class ConvertReport:
     rotated: list[str] = field(default_factory=list)  # layers stored rotated
     loras: list[dict] = field(default_factory=list)  # --lora: per LoRA, layers touched (lora_bake summary)
     skipped_files: list[str] = field(default_factory=list)  # pickle weights in a folder: not copied
+    stale_removed: list[str] = field(default_factory=list)  # what killed earlier runs into OUT had left (atomic.py)
 
     @property
     def reduction_pct(self) -> float:
@@ -132,7 +147,7 @@ class ConvertReport:
             "worst_layer": self.worst_layer, "seconds": round(self.seconds, 2),
             "quantized": dict(self.quantized), "kept": dict(self.kept),
             "rotation_group": self.rotation_group, "layers_rotated": len(self.rotated), "loras": list(self.loras),
-            "skipped_files": list(self.skipped_files),
+            "skipped_files": list(self.skipped_files), "stale_removed": list(self.stale_removed),
         }
 
     def __str__(self) -> str:
@@ -160,6 +175,7 @@ class ConvertReport:
             lines.append(f"  kept {count} x {reason}")
         if self.skipped_files:
             lines.append(f"  not copied (pickle weights, refused for safety): {', '.join(self.skipped_files[:4])}")
+        lines += [f"  cleaned up: {note}" for note in self.stale_removed]
         return "\n".join(lines)
 
 
@@ -316,15 +332,15 @@ def _file_source(header: Header) -> _SourceInfo:
                        raw_header_sha256(header.path))
 
 
-def _write(source: _SourceInfo, reader: Mapping[str, torch.Tensor], dst: Path, method: str, block_size: int,
-           patterns: Sequence[str], layout: str, device: str, progress_bar, name_prefix: str = "",
-           fail_after: int | None = None, rotate: int = 0, lora=None) -> tuple[ConvertReport, _Plan]:
-    """Convert ``reader``'s tensors into ``dst`` (written in place: the caller provides a temporary path).
+def _write(source: _SourceInfo, reader: Mapping[str, torch.Tensor], dst: Path, plan: _Plan, method: str,
+           block_size: int, layout: str, device: str, progress_bar, fail_after: int | None = None, rotate: int = 0,
+           lora=None) -> ConvertReport:
+    """Convert ``reader``'s tensors into ``dst`` as ``plan`` says (written in place: the caller provides a
+    temporary path).
 
     ``rotate``: Hadamard group for rotated INT8 (rotation.py); ``lora``: a bound :class:`.lora_bake.LoraMerger`,
     merged into each weight chunk by chunk before it is quantized.
     """
-    plan = plan_conversion(source.infos, method, block_size, patterns, layout, name_prefix, rotate=rotate)
     fmt = layout_format(layout)
     metadata = _output_metadata(source, plan, method, block_size, layout, rotate, lora)
     report = ConvertReport(source.label, str(dst), layout, method, block_size, kept=dict(plan.kept),
@@ -369,16 +385,19 @@ def _write(source: _SourceInfo, reader: Mapping[str, torch.Tensor], dst: Path, m
         writer.abort()
         raise
     verify_file(dst, plan.tensors, metadata)
-    return report, plan
+    return report
 
 
-def _write_file(header: Header, dst: Path, method: str, block_size: int, patterns: Sequence[str], layout: str,
-                device: str, progress_bar, name_prefix: str = "", fail_after: int | None = None,
-                rotate: int = 0, lora=None) -> tuple[ConvertReport, _Plan]:
-    """Convert one parsed safetensors file into ``dst``, reading it tensor by tensor."""
+def _write_file(header: Header, dst: Path, plan: _Plan, method: str, block_size: int, layout: str, device: str,
+                progress_bar, fail_after: int | None = None, rotate: int = 0, lora=None) -> ConvertReport:
+    """Convert one parsed safetensors file into ``dst`` as ``plan`` says, reading it tensor by tensor."""
     with TensorReader(header.path, header) as reader:
-        return _write(_file_source(header), reader, dst, method, block_size, patterns, layout, device, progress_bar,
-                      name_prefix, fail_after, rotate=rotate, lora=lora)
+        return _write(_file_source(header), reader, dst, plan, method, block_size, layout, device, progress_bar,
+                      fail_after, rotate=rotate, lora=lora)
+
+
+def _planned_bytes(plan: _Plan) -> int:
+    return sum(info.nbytes for info in plan.tensors.values())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -416,6 +435,19 @@ def _bound_lora_merger(loras, headers):
 
 
 def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
+    try:
+        _check_path_pair(src, dst, overwrite)
+    except OSError as err:  # a name too long, a loop of links... (exists() and resolve() let some through)
+        raise output_error(err, dst, "use") from None
+
+
+def _check_replaceable(dst: Path) -> None:
+    if os.path.lexists(dst) and not (dst.is_file() or dst.is_dir()):  # a device, a FIFO, a socket, a broken link
+        raise ConvertError(f"OUT {dst} exists and is not a regular file or folder; headroom replaces neither devices "
+                           f"nor links to nothing - choose another OUT")
+
+
+def _check_path_pair(src: Path, dst: Path, overwrite: bool) -> None:
     if not src.exists():
         raise FormatError(f"{src} does not exist")
     if src.resolve() == dst.resolve() or (dst.exists() and os.path.samefile(src, dst)):
@@ -424,15 +456,12 @@ def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
         raise ConvertError(f"OUT {dst} lies inside the input folder {src}; choose a folder outside it")
     if src.resolve().is_relative_to(dst.resolve()):  # replacing OUT would delete the input with it
         raise ConvertError(f"OUT {dst} contains the input {src}; choose an OUT that does not")
+    _check_replaceable(dst)
     if dst.exists() and not overwrite:
         raise ConvertError(f"{dst} already exists; pass --overwrite to replace it")
     if dst.exists() and dst.is_dir() != src.is_dir():
         kind = "a folder" if dst.is_dir() else "a file"
         raise ConvertError(f"{dst} exists and is {kind}; the output of converting {src} cannot replace it")
-
-
-def _temp_path(dst: Path) -> Path:
-    return dst.with_name(f".{dst.name}.headroom-tmp-{os.getpid()}")
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -443,26 +472,19 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False)
 
 
-def _write_atomically(dst: Path, total_bytes: int, progress: bool, desc: str, write) -> ConvertReport:
-    """Run ``write(tmp_path, progress_bar)`` into a temporary file next to ``dst``, then rename it into place.
-
-    Any failure - an exception, Ctrl-C - removes the temporary file: there is never a half-written OUT.
-    """
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(dst)
-    bar = _progress(total_bytes, progress, desc)
-    try:
-        report = write(tmp, bar)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    report.dst = str(dst)
-    report.bytes_after = dst.stat().st_size
-    return report
+def _check_plan(header: Header, plan: _Plan) -> None:
+    """ConvertError naming the tensor when an fp8 weight's stored scale cannot be its scale (checked from the header,
+    before anything is written): one value or one per output row, never broadcast along the inputs."""
+    for job in plan.jobs:
+        if job.fp8_scale_key is None:
+            continue
+        shape = header.tensors[job.fp8_scale_key].shape
+        out_features = header.tensors[job.key].shape[0]
+        if shape not in fp8_scale_shapes(out_features):
+            raise ConvertError(f"{header.path}: fp8 scale '{job.fp8_scale_key}' has shape {list(shape)}, which does "
+                               f"not fit the weight '{job.key}' {list(header.tensors[job.key].shape)} (expected one "
+                               f"value, [{out_features}] or [{out_features}, 1]); the file is damaged or in a layout "
+                               f"headroom does not read - re-export it")
 
 
 def convert_file(
@@ -487,21 +509,29 @@ def convert_file(
     """
     src, dst = Path(src), Path(dst)
     _check_options(method, block_size, layout, device, rotate)
+    stale = remove_stale(dst)
     _check_paths(src, dst, overwrite)
     header = read_header(src)
     refuse_quantized_input(header)
     merger = _bound_lora_merger(loras, [header])
     start = time.perf_counter()
     patterns = resolve_patterns(skip, keep_default_skips)
-
-    def write(tmp: Path, bar) -> ConvertReport:
-        return _write_file(header, tmp, method, block_size, patterns, layout, device, bar, fail_after=_fail_after,
-                           rotate=rotate, lora=merger)[0]
-
-    report = _write_atomically(dst, header.data_bytes, progress, src.name, write)
+    plan = plan_conversion(header, method, block_size, patterns, layout, rotate=rotate)
+    _check_plan(header, plan)
+    bar = _progress(header.data_bytes, progress, src.name)
+    try:
+        report = write_atomically(dst, lambda tmp: _write_file(
+            header, tmp, plan, method, block_size, layout, device, bar, fail_after=_fail_after, rotate=rotate,
+            lora=merger), _planned_bytes(plan))
+    finally:
+        if bar is not None:
+            bar.close()
+    report.dst = str(dst)
+    report.stale_removed = stale
     report.rotation_group = rotate
     report.loras = merger.summary() if merger else []
     report.bytes_before = src.stat().st_size
+    report.bytes_after = dst.stat().st_size
     report.seconds = time.perf_counter() - start
     return report
 
@@ -527,6 +557,8 @@ def convert_source(
     """
     dst = Path(dst)
     _check_options(method, block_size, layout, device, rotate)
+    stale = remove_stale(dst)
+    _check_replaceable(dst)
     if dst.exists() and not overwrite:
         raise ConvertError(f"{dst} already exists; pass --overwrite to replace it")
     infos = dict(source.infos)
@@ -537,13 +569,20 @@ def convert_source(
     info = _SourceInfo(name, name, infos, dict(getattr(source, "metadata", None) or {}), None)
     start = time.perf_counter()
     patterns = resolve_patterns(skip, keep_default_skips)
-
-    def write(tmp: Path, bar) -> ConvertReport:
-        return _write(info, source, tmp, method, block_size, patterns, layout, device, bar, rotate=rotate)[0]
-
-    report = _write_atomically(dst, sum(i.nbytes for i in infos.values()), progress, name, write)
+    plan = plan_conversion(infos, method, block_size, patterns, layout, rotate=rotate)
+    total = sum(i.nbytes for i in infos.values())
+    bar = _progress(total, progress, name)
+    try:
+        report = write_atomically(dst, lambda tmp: _write(
+            info, source, tmp, plan, method, block_size, layout, device, bar, rotate=rotate), _planned_bytes(plan))
+    finally:
+        if bar is not None:
+            bar.close()
+    report.dst = str(dst)
+    report.stale_removed = stale
     report.rotation_group = rotate
-    report.bytes_before = sum(i.nbytes for i in infos.values())
+    report.bytes_before = total
+    report.bytes_after = dst.stat().st_size
     report.seconds = time.perf_counter() - start
     return report
 
@@ -554,21 +593,19 @@ def decision_prefix(relative: Path) -> str:
     return "".join(f"{p}." for p in parts)
 
 
-def _rewrite_index(src_index: Path, dst_index: Path, shard_outputs: dict[str, tuple[dict[str, TensorInfo], int]]) -> None:
-    """Copy a ``*.safetensors.index.json`` with its weight_map pointing at the converted shards' tensors."""
-    index = json.loads(src_index.read_text())
+def _rewrite_index(index: ShardIndex, dst_index: Path, shard_outputs: dict[str, tuple[dict[str, TensorInfo], int]]) -> None:
+    """Write a checked ``*.safetensors.index.json`` with its weight_map pointing at the converted shards' tensors."""
+    data = dict(index.data)
     weight_map: dict[str, str] = {}
     total = 0
-    for shard in dict.fromkeys(index.get("weight_map", {}).values()):
-        if shard not in shard_outputs:
-            raise FormatError(f"{src_index} names shard '{shard}', which is not in the folder")
+    for shard in dict.fromkeys(index.weight_map.values()):
         tensors, data_bytes = shard_outputs[shard]
         for name in tensors:
             weight_map[name] = shard
         total += data_bytes
-    index["weight_map"] = dict(sorted(weight_map.items()))
-    index.setdefault("metadata", {})["total_size"] = total
-    dst_index.write_text(json.dumps(index, indent=2) + "\n")
+    data["weight_map"] = dict(sorted(weight_map.items()))
+    data["metadata"] = dict(data.get("metadata") or {}, total_size=total)
+    dst_index.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def convert_folder(
@@ -588,35 +625,39 @@ def convert_folder(
 ) -> ConvertReport:
     """Convert every ``*.safetensors`` of a model folder (shards, diffusers sub-folders) into a new folder.
 
-    Index files (``*.safetensors.index.json``) are rewritten for the new tensor names; every other file
-    (config.json, tokenizer files...) is copied. The folder is built under a temporary name and renamed.
+    Index files (``*.safetensors.index.json``) are checked against the shards before anything is written, then
+    rewritten for the new tensor names; every other file (config.json, tokenizer files...) is copied. The folder
+    is built under a temporary name and renamed.
     """
     src, dst = Path(src), Path(dst)
     _check_options(method, block_size, layout, device, rotate)
+    stale = remove_stale(dst)
     _check_paths(src, dst, overwrite)
     shards = checkpoint_files(src)
     headers = {shard: read_header(shard) for shard in shards}
     for header in headers.values():
         refuse_quantized_input(header)
+    indexes = {path: read_index(path, headers) for path in sorted(src.rglob(f"*{INDEX_SUFFIX}"))}
     merger = _bound_lora_merger(loras, list(headers.values()))
     patterns = resolve_patterns(skip, keep_default_skips)
+    plans = {}
+    for shard, header in headers.items():
+        plans[shard] = plan_conversion(header, method, block_size, patterns, layout,
+                                       decision_prefix(shard.relative_to(src)), rotate=rotate)
+        _check_plan(header, plans[shard])
     start = time.perf_counter()
-    tmp = _temp_path(dst)
-    bar = _progress(sum(h.data_bytes for h in headers.values()), progress, src.name)
-    report = ConvertReport(str(src), str(dst), layout, method, block_size, rotation_group=rotate)
-    try:
-        tmp.mkdir(parents=True)
+    report = ConvertReport(str(src), str(dst), layout, method, block_size, rotation_group=rotate,
+                           stale_removed=stale)
+
+    def write(tmp: Path) -> None:
         outputs: dict[Path, dict[str, tuple[dict[str, TensorInfo], int]]] = {}
         for shard, header in headers.items():
-            relative = shard.relative_to(src)
-            target = tmp / relative
+            target = tmp / shard.relative_to(src)
             target.parent.mkdir(parents=True, exist_ok=True)
-            shard_report, plan = _write_file(header, target, method, block_size, patterns, layout, device, bar,
-                                             name_prefix=decision_prefix(relative), fail_after=_fail_after,
-                                             rotate=rotate, lora=merger)
-            report.merge(shard_report)
-            data_bytes = sum(i.nbytes for i in plan.tensors.values())
-            outputs.setdefault(shard.parent, {})[shard.name] = (plan.tensors, data_bytes)
+            plan = plans[shard]
+            report.merge(_write_file(header, target, plan, method, block_size, layout, device, bar,
+                                     fail_after=_fail_after, rotate=rotate, lora=merger))
+            outputs.setdefault(shard.parent, {})[shard.name] = (plan.tensors, _planned_bytes(plan))
         for path in sorted(src.rglob("*")):
             relative = path.relative_to(src)
             if path.is_dir() or path.suffix == ".safetensors":
@@ -625,18 +666,20 @@ def convert_folder(
                 report.skipped_files.append(str(relative))
                 continue
             (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
-            if path.name.endswith(".safetensors.index.json"):
-                _rewrite_index(path, tmp / relative, outputs.get(path.parent, {}))
+            if path in indexes:
+                _rewrite_index(indexes[path], tmp / relative, outputs.get(path.parent, {}))
             else:
                 shutil.copy2(path, tmp / relative)
-        _replace_folder(tmp, dst)
-        report.loras = merger.summary() if merger else []
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    needed = sum(_planned_bytes(plan) for plan in plans.values())
+    needed += sum(p.stat().st_size for p in src.rglob("*") if p.is_file() and p.suffix != ".safetensors")
+    bar = _progress(sum(h.data_bytes for h in headers.values()), progress, src.name)
+    try:
+        write_atomically(dst, write, needed, folder=True)
     finally:
         if bar is not None:
             bar.close()
+    report.loras = merger.summary() if merger else []
     report.bytes_before = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
     report.bytes_after = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
     report.seconds = time.perf_counter() - start
@@ -648,27 +691,24 @@ def _is_pickle_weights(path: Path) -> bool:
     return path.suffix.lower() in PICKLE_SUFFIXES or any(name.endswith(f"{suffix}.index.json") for suffix in PICKLE_SUFFIXES)
 
 
-def _replace_folder(tmp: Path, dst: Path) -> None:
-    if not dst.exists():
-        os.replace(tmp, dst)
-        return
-    old = dst.with_name(f".{dst.name}.headroom-old-{os.getpid()}")
-    os.replace(dst, old)
-    os.replace(tmp, dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def convert_path(src: str | os.PathLike, dst: str | os.PathLike, **options) -> ConvertReport:
     """:func:`convert_file` for a file, :func:`convert_folder` for a folder.
 
-    A file converted into an existing folder lands there under its default output name.
+    A file converted into an existing folder - or into a path written with a trailing slash, which names a folder
+    (created when missing) - lands there under its default output name.
     """
+    names_folder = str(dst).endswith(("/", os.sep))
     src, dst = Path(src), Path(dst)
-    if src.is_dir():
-        return convert_folder(src, dst, **options)
-    if dst.is_dir() and src.is_file():
-        dst = dst / default_output(src, options.get("method", "rowwise"), options.get("layout", "headroom")).name
-    return convert_file(src, dst, **options)
+    try:
+        if src.is_dir():
+            return convert_folder(src, dst, **options)
+        if names_folder and os.path.lexists(dst) and not dst.is_dir():
+            raise ConvertError(f"OUT {dst}{os.sep} names a folder, but {dst} is a file; choose another OUT")
+        if src.is_file() and (dst.is_dir() or names_folder):
+            dst = dst / default_output(src, options.get("method", "rowwise"), options.get("layout", "headroom")).name
+        return convert_file(src, dst, **options)
+    except OSError as err:  # is_dir() and friends raise on a name too long
+        raise output_error(err, dst, "use") from None
 
 
 def default_output(src: str | os.PathLike, method: str, layout: str) -> Path:

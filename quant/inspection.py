@@ -21,12 +21,16 @@ from ..units import format_gib
 from .convert import decision_prefix, plan_conversion
 from .formats import (
     FP8_MARKER_KEY,
-    checkpoint_files,
+    META_METHOD,
     FileInfo,
+    checkpoint_files,
     describe_header,
+    is_headroom_metadata,
     layer_format,
     merge_infos,
+    model_groups,
     quantization_keys,
+    separate_models_note,
 )
 from .safetensors_stream import Header, read_header
 from .skip import resolve_patterns
@@ -64,6 +68,12 @@ class VramEstimate:
                 "bf16_bytes": self.bf16_bytes, "int8_bytes": self.int8_bytes, "nf4_bytes": self.nf4_bytes}
 
 
+def _printable(text: str, limit: int = 200) -> str:
+    """A header string as one safe line: control characters (newlines, terminal escapes) shown escaped, long ones cut."""
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
 @dataclass
 class InspectReport:
     info: FileInfo
@@ -71,17 +81,25 @@ class InspectReport:
     would_quantize: int = 0  # float files: layers the default conversion would quantize
     would_keep: int = 0
     notes: list[str] = field(default_factory=list)
+    models: list["InspectReport"] = field(default_factory=list)  # a folder of separate checkpoints: one each
 
     def as_dict(self) -> dict:
+        if self.models:
+            return {"path": self.info.path, "separate_models": [m.as_dict() for m in self.models],
+                    "notes": list(self.notes)}
         data = self.info.as_dict()
         data["layers_quantized"] = len(self.info.quantized_layers)
         data["layers_skipped"] = len(self.info.skipped_layers)
         data["would_quantize"] = self.would_quantize
         data["would_keep"] = self.would_keep
         data["vram_estimate"] = self.vram.as_dict()
+        data["label"] = self.info.label
+        data["notes"] = list(self.notes)
         return data
 
     def __str__(self) -> str:
+        if self.models:
+            return "\n\n".join(["\n".join(f"note: {n}" for n in self.notes)] + [str(m) for m in self.models])
         info = self.info
         lines = [str(info.path)]
         if info.format == "float":
@@ -90,7 +108,7 @@ class InspectReport:
             lines.append(f"  layers      a default conversion would quantize {self.would_quantize}, "
                          f"keep {self.would_keep} in float")
         else:
-            lines.append(f"  format      {info.format} INT8, method {info.method}"
+            lines.append(f"  format      {info.label}, method {info.method}"
                          + (f", block size {info.block_size}" if info.block_size else ""))
             lines.append(f"  layers      {len(info.quantized_layers)} quantized, {len(info.skipped_layers)} kept in float")
         dtypes = ", ".join(f"{name} {d['tensors']} tensors / {d['parameters']:,} params"
@@ -102,7 +120,7 @@ class InspectReport:
                      f" | NF4 {format_gib(self.vram.nf4_bytes)}")
         for key in ("headroom.source_file", "headroom.tool_version"):
             if key in info.metadata:
-                lines.append(f"  {key.split('.', 1)[1].replace('_', ' '):<11} {info.metadata[key]}")
+                lines.append(f"  {key.split('.', 1)[1].replace('_', ' '):<11} {_printable(info.metadata[key])}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -133,14 +151,13 @@ def _estimate(header: Header, info: FileInfo, name_prefix: str) -> tuple[VramEst
     return estimate, would_q, would_k
 
 
-def inspect_path(path: str | os.PathLike) -> InspectReport:
-    """Describe a safetensors file or a folder of them (headers only)."""
-    path = Path(path)
-    pairs = [(f, read_header(f)) for f in checkpoint_files(path)]
+def _report(path: Path, files: list[Path], headers: dict[Path, Header], folder: Path | None) -> InspectReport:
+    """One checkpoint: a file, or the files of a folder that form one model (``folder``: prefixes for the skip rules)."""
     infos, total, would_q, would_k = [], VramEstimate(), 0, 0
-    for file, header in pairs:
+    for file in files:
+        header = headers[file]
         info = describe_header(header)
-        prefix = decision_prefix(file.relative_to(path)) if path.is_dir() else ""
+        prefix = decision_prefix(file.relative_to(folder)) if folder is not None else ""
         estimate, q, k = _estimate(header, info, prefix)
         total.add(estimate)
         would_q, would_k = would_q + q, would_k + k
@@ -149,4 +166,25 @@ def inspect_path(path: str | os.PathLike) -> InspectReport:
     report = InspectReport(info, total, would_q, would_k)
     if info.fp8_layers and info.is_quantized:
         report.notes.append(f"{len(info.fp8_layers)} fp8 layers next to INT8 ones: a mixed file")
+    recorded = info.metadata.get(META_METHOD) if is_headroom_metadata(info.metadata) else None
+    if recorded and info.method and recorded != info.method:
+        report.notes.append(f"the header says method {recorded}, the scales say {info.method}: loaders go by the "
+                            f"scales")
+    return report
+
+
+def inspect_path(path: str | os.PathLike) -> InspectReport:
+    """Describe a safetensors file or a folder of them (headers only). A folder that holds separate checkpoints
+    (a bf16 model next to its INT8 conversion, say: :func:`.formats.model_groups`) is reported one by one."""
+    path = Path(path)
+    headers = {f: read_header(f) for f in checkpoint_files(path)}
+    if not path.is_dir():
+        return _report(path, [path], headers, None)
+    groups = model_groups(path, headers)
+    note = separate_models_note(groups, path)
+    if note is None:
+        return _report(path, list(headers), headers, path)
+    models = [_report(group[0] if len(group) == 1 else group[0].parent, group, headers, path) for group in groups]
+    report = InspectReport(merge_infos(path, [m.info for m in models]), VramEstimate(), models=models)
+    report.notes.append(f"{note}: each is reported on its own")
     return report

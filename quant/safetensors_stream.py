@@ -102,10 +102,15 @@ def pickle_refusal(path: Path) -> str:
 def check_readable_file(path: str | os.PathLike) -> Path:
     """The path as a Path, or FormatError when it is missing or not a regular file."""
     path = Path(path)
-    if not path.exists():
-        raise FormatError(f"{path} does not exist")
-    if not path.is_file():
-        raise FormatError(f"{path} is not a file")
+    try:
+        if not path.exists():
+            raise FormatError(f"{path} does not exist")
+        if not path.is_file():
+            raise FormatError(f"{path} is not a file")
+        with open(path, "rb"):
+            pass
+    except OSError as err:  # permission denied, a name too long...
+        raise FormatError(f"{path} cannot be read: {err.strerror or err}") from None
     return path
 
 
@@ -246,8 +251,12 @@ class StreamingWriter:
             self._file.close()
 
     def abort(self) -> None:
-        if not self._file.closed:
+        """Close without checking; never raises (it runs while another error is on its way: a full disk fails the
+        final flush too)."""
+        try:
             self._file.close()
+        except OSError:
+            pass
 
 
 def verify_file(path: str | os.PathLike, plan: Mapping[str, TensorInfo], metadata: Mapping[str, str] | None = None) -> None:

@@ -16,6 +16,7 @@ from comfyui_headroom.quant.convert import ConvertError, convert_file, convert_f
 from comfyui_headroom.quant.formats import detect_format, parse_int8_layer
 from comfyui_headroom.quant.safetensors_stream import StreamingWriter, TensorInfo, TensorReader, read_header
 from safetensors.torch import load_file, save_file
+from testutil import cli_error
 
 
 def _dit_state_dict(gen, blocks=2, dim=1024, dtype=torch.bfloat16):
@@ -244,12 +245,7 @@ def test_never_overwrites_input_and_respects_existing_output(tmp_path, dit_file)
 # Bad input through the real CLI: exit code 2, one line that says what is wrong
 # ---------------------------------------------------------------------------------------------------------
 
-def _cli_error(capsys, *argv):
-    code = cli.main(list(argv) + (["--quiet"] if argv[0] == "convert" else []))
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1, err
-    return err
+_cli_error = cli_error
 
 
 def test_cli_bad_inputs(tmp_path, capsys, dit_file):

@@ -30,7 +30,7 @@ from comfyui_headroom.demo.sampling import (
     sample,
     shifted_timesteps,
 )
-from comfyui_headroom.quant import Int8Linear, quantize_model
+from comfyui_headroom.quant import Int8Linear, quantize_model, relative_error
 
 MICRO = DemoConfig(hidden=64, depth=2, heads=2, latent_channels=4, latent_size=8)
 REPORT_KEYS = ("kernel", "blocks_resident", "blocks_streamed", "step_time_int8_s", "step_time_bf16_s",
@@ -246,3 +246,26 @@ def test_demo_writes_its_images_to_the_cache_folder_not_the_current_one(tmp_path
     text = format_report(report)
     assert f"image      : {report['image']}" in text
     assert "reference path, not meant to be faster" in text.splitlines()[6]
+
+
+def test_rotated_file_loads_as_rotated_int8_layers(tmp_path):
+    """A file converted with --rotate holds Q(W H): the demo's loader must hand the rotation group to each
+    Int8Linear (read as plain, the rotated weight computes garbage)."""
+    from comfyui_headroom.quant.convert import convert_file
+
+    cfg = DemoConfig(hidden=1024, depth=1, heads=8, mlp_ratio=1, latent_channels=4, latent_size=4)
+    src, _ = ensure_checkpoint("wide", cfg, seed=0, folder=tmp_path)
+    dst = tmp_path / "rotated.safetensors"
+    report = convert_file(src, dst, rotate=256, progress=False)
+    assert len(report.rotated) == 5
+    model, int8_layers, _ = load_int8_model(dst, cfg)
+    assert int8_layers == 5
+    fc1 = model.blocks[0].mlp.fc1
+    assert fc1.rotation_group == 256
+    ref = load_bf16_model(src, cfg, "cpu")
+    weight = ref.blocks[0].mlp.fc1.weight.float()
+    assert relative_error(fc1.dequantized_weight(torch.float32), weight) < 0.02
+    x = initial_noise(cfg.latent_channels, cfg.latent_size, seed=2)
+    with torch.no_grad():
+        out, expected = model(x, torch.tensor([0.7])), ref(x, torch.tensor([0.7]))
+    assert 0.99 < cosine_similarity(out, expected) < 1.0

@@ -38,3 +38,15 @@ def interpreter_unusable() -> str | None:
         return (f"Triton {triton.__version__}'s interpreter cannot run under numpy {numpy.__version__} (int() of a "
                 "one-element array); the GPU tests run the compiled kernels")
     return None
+
+
+def cli_error(capsys, *argv):
+    """Run ``headroom ARGV`` in-process (``convert`` quietly) and return its stderr, asserting the rule for a bad
+    input: exit code 2 and exactly one line."""
+    from comfyui_headroom import cli
+
+    code = cli.main(list(argv) + (["--quiet"] if argv[0] == "convert" else []))
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    return err

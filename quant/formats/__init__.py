@@ -9,78 +9,21 @@ Built in (``<p>`` is a layer prefix ending with a dot, e.g. ``blocks.0.attn.qkv.
 * ``comfy_legacy`` (:mod:`.comfy_legacy`) older ComfyUI: header ``_quantization_metadata``;
 * ``plain``        (:mod:`.plain`)        lightx2v / OneTrainer: an int8 weight and ``weight_scale``/``scale_weight``.
 
-Adding a format = one module with an :class:`Int8Format` subclass and one :func:`register` call (below, or in the
-module that defines it). :mod:`.files` describes a whole file from its headers (``headroom inspect``).
+Adding a format = one module with an :class:`Int8Format` subclass and one :func:`register` call (in :mod:`.api`, or
+in the module that defines it). :mod:`.files` describes a whole file from its headers (``headroom inspect``).
+
+The names load on first use (PEP 562) from :mod:`.api`, which also registers the built-in formats: the built-ins'
+names and summaries in :mod:`.builtin` (what ``headroom convert --help`` lists) come without torch.
 """
 
-from ...kernels.int8 import normalise_scale
-from .comfy import (
-    COMFY_INT8_FORMAT,
-    COMFY_QUANT_SUFFIX,
-    ComfyFormat,
-    comfy_quant_config,
-    decode_comfy_quant,
-    encode_comfy_quant,
-    int8_config,
-    layer_comfy_format,
-    rotation_group_of,
-)
-from .comfy_legacy import COMFY_LEGACY_KEY, ComfyLegacyFormat, comfy_legacy_layers
-from .files import FileInfo, checkpoint_files, describe_header, detect_format, merge_infos, safetensors_files
-from .headroom import HeadroomFormat
-from .metadata import (
-    FORMAT_VERSION,
-    META_BLOCK_SIZE,
-    META_FORMAT_VERSION,
-    META_LAYOUT,
-    META_LORAS,
-    META_METHOD,
-    META_QUANTIZED,
-    META_ROTATION_GROUP,
-    META_SKIP_REASONS,
-    META_SKIPPED,
-    META_SOURCE_FILE,
-    META_SOURCE_HASH,
-    META_TOOL_VERSION,
-    conversion_metadata,
-    is_headroom_metadata,
-    recorded_block_size,
-)
-from .plain import PlainFormat
-from .registry import (
-    FP8_MARKER_KEY,
-    INPUT_SCALE_SUFFIXES,
-    SCALE_SUFFIXES,
-    Int8Format,
-    Int8LayerTensors,
-    find_scale_key,
-    get_format,
-    layer_format,
-    layout_names,
-    parse_int8_layer,
-    quantization_keys,
-    register,
-    registered_formats,
-    unregister,
-    writable_formats,
-)
 
-# The built-in formats. Registration order is the order of the --layout choices; detection order is by priority.
-register(HeadroomFormat())
-register(ComfyFormat())
-register(ComfyLegacyFormat())
-register(PlainFormat())
+def __getattr__(name: str):
+    if name.startswith("_") or name == "api":  # dunders, and the import of .api itself below
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from . import api
 
-__all__ = [
-    "COMFY_INT8_FORMAT", "COMFY_LEGACY_KEY", "COMFY_QUANT_SUFFIX", "FORMAT_VERSION", "FP8_MARKER_KEY",
-    "INPUT_SCALE_SUFFIXES", "META_BLOCK_SIZE", "META_FORMAT_VERSION", "META_LAYOUT", "META_LORAS", "META_METHOD",
-    "META_QUANTIZED", "META_ROTATION_GROUP", "META_SKIPPED", "META_SKIP_REASONS", "META_SOURCE_FILE",
-    "META_SOURCE_HASH", "META_TOOL_VERSION", "SCALE_SUFFIXES",
-    "ComfyFormat", "ComfyLegacyFormat", "FileInfo", "HeadroomFormat", "Int8Format", "Int8LayerTensors",
-    "PlainFormat",
-    "checkpoint_files", "comfy_legacy_layers", "comfy_quant_config", "conversion_metadata", "decode_comfy_quant",
-    "describe_header", "detect_format", "encode_comfy_quant", "find_scale_key", "get_format", "int8_config",
-    "is_headroom_metadata", "layer_comfy_format", "layer_format", "layout_names", "merge_infos", "normalise_scale",
-    "parse_int8_layer", "quantization_keys", "recorded_block_size", "register", "registered_formats",
-    "rotation_group_of", "safetensors_files", "unregister", "writable_formats",
-]
+    if name not in api.__all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(api, name)
+    globals()[name] = value
+    return value

@@ -16,15 +16,37 @@ import torch
 
 from ...kernels.int8 import DEFAULT_BLOCK_SIZE
 from ...kernels.rotation import COMFY_ROTATION_GROUPS, DEFAULT_ROTATION_GROUP, check_group
+from ..safetensors_stream import FormatError
+from .builtin import COMFY, SUMMARIES
 from .registry import Int8Format, Int8LayerTensors
 
 COMFY_QUANT_SUFFIX = "comfy_quant"
 COMFY_INT8_FORMAT = "int8_tensorwise"
 
 
-def decode_comfy_quant(tensor: torch.Tensor) -> dict:
-    """The JSON dict stored in a ``comfy_quant`` uint8 tensor."""
-    return json.loads(bytes(tensor.to("cpu", torch.uint8).reshape(-1).tolist()).decode("utf-8"))
+MAX_COMFY_QUANT_BYTES = 64 * 2**10  # ComfyUI's entries are ~100 bytes; a huge one is not a config
+
+
+def decode_comfy_quant(tensor: torch.Tensor, key: str = COMFY_QUANT_SUFFIX) -> dict:
+    """The JSON dict stored in a ``comfy_quant`` uint8 tensor. FormatError naming ``key`` when it is not bytes of a
+    JSON object in UTF-8 (another dtype, over 64 KiB, not UTF-8, not JSON, not an object)."""
+    def damaged(problem: str) -> FormatError:
+        return FormatError(f"'{key}' {problem}: the layer's ComfyUI quantization config is damaged; re-export the file")
+
+    if tensor.dtype not in (torch.uint8, torch.int8):
+        raise damaged(f"is a {str(tensor.dtype).replace('torch.', '')} tensor, not bytes (uint8)")
+    if tensor.numel() > MAX_COMFY_QUANT_BYTES:
+        raise damaged(f"holds {tensor.numel():,} bytes, far more than a config")
+    raw = tensor.to("cpu").reshape(-1).view(torch.uint8).numpy().tobytes()
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise damaged("is not UTF-8 text") from None
+    except (ValueError, RecursionError):
+        raise damaged("is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise damaged(f"holds a JSON {type(config).__name__}, not an object")
+    return config
 
 
 def encode_comfy_quant(config: Mapping) -> torch.Tensor:
@@ -50,20 +72,28 @@ def rotation_group_of(comfy_quant: dict) -> int:
     """Rotation group of a parsed ``comfy_quant`` entry: 0 when the layer is not rotated.
 
     ComfyUI reads ``convrot`` / ``convrot_groupsize`` at the top level or under ``params`` (default 256).
-    Our own files may use 32 or 128 too; anything else raises ValueError (never guess a rotation).
+    Our own files may use 32 or 128 too; anything else raises ValueError (never guess a rotation): a group that
+    is not a whole number (``"256"``, ``256.5``, ``true``), a ``convrot`` that is not true or false, ``params``
+    that is not an object.
     """
-    params = comfy_quant.get("params")
-    params = params if isinstance(params, dict) else {}
-    if not comfy_quant.get("convrot", params.get("convrot", False)):
+    params = comfy_quant.get("params", {})
+    if not isinstance(params, dict):
+        raise ValueError(f"'params' {params!r}, which is not an object")
+    convrot = comfy_quant.get("convrot", params.get("convrot", False))
+    if not isinstance(convrot, bool):
+        raise ValueError(f"'convrot' {convrot!r}, which is neither true nor false")
+    if not convrot:
         return 0
-    group = int(comfy_quant.get("convrot_groupsize", params.get("convrot_groupsize", DEFAULT_ROTATION_GROUP)))
+    group = comfy_quant.get("convrot_groupsize", params.get("convrot_groupsize", DEFAULT_ROTATION_GROUP))
+    if isinstance(group, bool) or not isinstance(group, int):
+        raise ValueError(f"'convrot_groupsize' {group!r}, which is not a whole number")
     return check_group(group)
 
 
 def layer_comfy_format(tensors: Mapping[str, torch.Tensor], prefix: str) -> str | None:
     """The ``"format"`` a layer's ``comfy_quant`` names (any dtype: fp8, nvfp4...); None without one."""
     key = prefix + COMFY_QUANT_SUFFIX
-    return decode_comfy_quant(tensors[key]).get("format") if key in tensors else None
+    return decode_comfy_quant(tensors[key], key).get("format") if key in tensors else None
 
 
 class ComfyConfigFormat(Int8Format):
@@ -73,20 +103,31 @@ class ComfyConfigFormat(Int8Format):
                      file_metadata: Mapping[str, str] | None) -> dict:
         raise NotImplementedError
 
+    def rotation_group(self, tensors, prefix, file_metadata=None) -> int:
+        """(of an int8 layer: its config must name ComfyUI's INT8 format)"""
+        return _rotation_group(_int8_config(self.layer_config(tensors, prefix, file_metadata), prefix + "weight"),
+                               prefix + "weight")
+
     def read(self, tensors, prefix, file_metadata=None) -> Int8LayerTensors | None:
         """Checks the config against the weight's dtype, then reads the layer with its rotation group."""
         config = self.layer_config(tensors, prefix, file_metadata)
         weight_key = prefix + "weight"
         weight = tensors[weight_key]
-        fmt = config.get("format")
         if weight.dtype != torch.int8:
-            if fmt == COMFY_INT8_FORMAT:
-                raise ValueError(f"'{weight_key}' is {weight.dtype} but its ComfyUI config says {fmt}")
+            if config.get("format") == COMFY_INT8_FORMAT:
+                raise ValueError(f"'{weight_key}' is {weight.dtype} but its ComfyUI config says {COMFY_INT8_FORMAT}")
             return None
-        if fmt is not None and fmt != COMFY_INT8_FORMAT:
-            raise ValueError(f"'{weight_key}' is int8 in ComfyUI format '{fmt}', which headroom cannot read "
-                             f"(supported: {COMFY_INT8_FORMAT})")
-        return self.int8_layer(tensors, prefix, file_metadata, _rotation_group(config, weight_key))
+        return self.int8_layer(tensors, prefix, file_metadata, _rotation_group(_int8_config(config, weight_key),
+                                                                               weight_key))
+
+
+def _int8_config(config: dict, weight_key: str) -> dict:
+    """``config`` of an int8 weight, when it names no format or ComfyUI's INT8 one; else ValueError naming it."""
+    fmt = config.get("format")
+    if fmt is not None and fmt != COMFY_INT8_FORMAT:
+        raise ValueError(f"'{weight_key}' is int8 in ComfyUI format {fmt!r}, which headroom cannot read "
+                         f"(supported: {COMFY_INT8_FORMAT})")
+    return config
 
 
 def _rotation_group(config: dict, weight_key: str) -> int:
@@ -99,9 +140,9 @@ def _rotation_group(config: dict, weight_key: str) -> int:
 
 
 class ComfyFormat(ComfyConfigFormat):
-    name = "comfy"
-    priority = 30  # a per-layer marker: the most specific claim
-    summary = "ComfyUI's int8_tensorwise, loads in stock ComfyUI; rowwise or tensorwise, no block"
+    name = COMFY
+    priority = 30  # a per-layer marker: the most specific claim after a header naming its own layout
+    summary = SUMMARIES[COMFY]
     marker_suffixes = (COMFY_QUANT_SUFFIX,)
     writable = True
     methods = ("rowwise", "tensorwise")
@@ -111,7 +152,7 @@ class ComfyFormat(ComfyConfigFormat):
         return prefix + COMFY_QUANT_SUFFIX in keys
 
     def layer_config(self, tensors, prefix, file_metadata=None) -> dict:
-        return decode_comfy_quant(tensors[prefix + COMFY_QUANT_SUFFIX])
+        return decode_comfy_quant(tensors[prefix + COMFY_QUANT_SUFFIX], prefix + COMFY_QUANT_SUFFIX)
 
     def check_write(self, method: str, rotation_group: int = 0) -> None:
         if method == "block":

@@ -10,6 +10,7 @@ from collections.abc import Container, Mapping
 from types import MappingProxyType
 
 from ..safetensors_stream import FormatError
+from .builtin import COMFY_LEGACY, SUMMARIES
 from .comfy import ComfyConfigFormat
 
 COMFY_LEGACY_KEY = "_quantization_metadata"
@@ -24,11 +25,23 @@ def comfy_legacy_layers(file_metadata: Mapping[str, str] | None) -> Mapping[str,
 @functools.lru_cache(maxsize=8)
 def _parse_legacy(raw: str) -> Mapping[str, dict]:
     # Cached (hence read-only): a loader asks once per layer, and the JSON names every layer of the model.
+    def damaged(problem: str) -> FormatError:
+        return FormatError(f"header metadata '{COMFY_LEGACY_KEY}' {problem}: the file's quantization metadata is "
+                           f"damaged; re-export the file")
+
     try:
-        layers = json.loads(raw).get("layers", {})
-    except (ValueError, AttributeError):
-        raise FormatError(f"header metadata '{COMFY_LEGACY_KEY}' is not valid JSON") from None
-    return MappingProxyType(layers if isinstance(layers, dict) else {})
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise damaged("is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise damaged(f"holds a JSON {type(data).__name__}, not an object")
+    layers = data.get("layers", {})
+    if not isinstance(layers, dict):
+        raise damaged("has a 'layers' entry that is not an object of layer -> config")
+    bad = next((name for name, config in layers.items() if not isinstance(config, dict)), None)
+    if bad is not None:
+        raise damaged(f"gives layer '{bad}' the config {layers[bad]!r:.40}, not an object")
+    return MappingProxyType(layers)
 
 
 def _layer_name(prefix: str) -> str:
@@ -36,9 +49,9 @@ def _layer_name(prefix: str) -> str:
 
 
 class ComfyLegacyFormat(ComfyConfigFormat):
-    name = "comfy_legacy"
+    name = COMFY_LEGACY
     priority = 20  # per layer, but from the header: after a layer's own comfy_quant tensor
-    summary = "older ComfyUI files: the header's _quantization_metadata names the INT8 layers"
+    summary = SUMMARIES[COMFY_LEGACY]
 
     def owns_layer(self, keys: Container[str], prefix: str, file_metadata: Mapping[str, str] | None) -> bool:
         return _layer_name(prefix) in comfy_legacy_layers(file_metadata)

@@ -6,14 +6,15 @@ The fallback: it claims every INT8 layer no other format claims, so it is asked 
 
 from __future__ import annotations
 
+from .builtin import PLAIN, SUMMARIES
 from .registry import Int8Format
 
 
 class PlainFormat(Int8Format):
-    name = "plain"
+    name = PLAIN
     label = "plain_int8"
     priority = -100  # the fallback
-    summary = "lightx2v / OneTrainer: an int8 weight and its scale, nothing else"
+    summary = SUMMARIES[PLAIN]
 
     def owns_layer(self, keys, prefix, file_metadata=None) -> bool:
         return True

@@ -99,8 +99,19 @@ class Int8Format:
 
     def our_scale(self, stored: torch.Tensor, weight_shape: tuple[int, int], key: str) -> torch.Tensor:
         """The stored scale as ours (float32 ``[]``, ``[out]`` or ``[out, nblocks]``); works on meta tensors too,
-        so a header alone says the method. ValueError naming ``key`` when it does not fit the weight."""
+        so a header alone says the method. ValueError naming ``key`` when it does not fit the weight (never
+        broadcast) or is not a float tensor."""
+        if not stored.dtype.is_floating_point:
+            raise ValueError(f"INT8 scale '{key}' is {str(stored.dtype).replace('torch.', '')}, not a float tensor; "
+                             f"the file is damaged or in a layout headroom does not know")
         return normalise_scale(stored, weight_shape, key)
+
+    def rotation_group(self, tensors: Mapping[str, torch.Tensor], prefix: str,
+                       file_metadata: Mapping[str, str] | None = None) -> int:
+        """The layer's Hadamard rotation group (0: plain) from what marks it (a small marker tensor, the header);
+        reads no weight, so ``headroom inspect`` can ask it of a lazy reader. ValueError naming the tensor when
+        the marker is damaged or names a rotation headroom cannot undo."""
+        return 0
 
     def read(self, tensors: Mapping[str, torch.Tensor], prefix: str,
              file_metadata: Mapping[str, str] | None = None) -> Int8LayerTensors | None:
