@@ -1,6 +1,8 @@
 """HunyuanImage-3 road on a CUDA GPU (device tool): bitsandbytes CUDA loads of the fake, soft unload ->
 restore, the OOM path and VRAM afterwards, BF16 streaming. Skipped without CUDA."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch

@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 from comfyui_headroom import kernels
-from comfyui_headroom.kernels import backends, dispatch
+from comfyui_headroom.kernels import backends
 from comfyui_headroom.kernels.int8 import quantize_activation, relative_error
 from comfyui_headroom.quant import Int8Linear
 from kernels_check import TOL, activations, w8a8_reference, weights

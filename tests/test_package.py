@@ -3,7 +3,6 @@
 import subprocess
 import sys
 
-from testutil import comfyui_dir
 
 
 def test_imports_without_comfyui():
