@@ -30,10 +30,18 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake on the command line is one line on stderr (exit 2) like every other user error,
+    pointing at ``--help`` instead of printing the usage block first."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(modules: tuple[str, ...] = SUBCOMMAND_MODULES) -> argparse.ArgumentParser:
     """The parser with the subcommands of ``modules`` (default: all). Building it imports nothing heavy from
     convert, inspect and demo (their modules import torch only when a command runs)."""
-    parser = argparse.ArgumentParser(prog="headroom", description="INT8 / NF4 diffusion models under a VRAM budget.")
+    parser = _Parser(prog="headroom", description="INT8 / NF4 diffusion models under a VRAM budget.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in modules:
         importlib.import_module(name, __package__).register(sub)

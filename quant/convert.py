@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ..kernels.dispatch import check_device
 from ..kernels.int8 import DEFAULT_BLOCK_SIZE, FP8_DTYPES, METHODS
 from ..units import format_gib
 from .atomic import output_error, remove_stale, write_atomically
@@ -413,8 +414,10 @@ def _check_options(method: str, block_size: int, layout: str, device: str, rotat
         layout_format(layout).check_write(method, rotate)
     except ValueError as err:
         raise ConvertError(str(err)) from None
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConvertError(f"--device {device} requested but CUDA is not available; use --device cpu")
+    try:
+        check_device(device)
+    except ValueError as err:  # npu:0, meta, cuda:7 on a smaller machine, cuda without one
+        raise ConvertError(f"--device {device!r}: {err}") from None
 
 
 def _bound_lora_merger(loras, headers):

@@ -84,3 +84,26 @@ def test_kernels_on_a_gpu_shows_the_tiles_of_the_triton_kernels_it_picks(tmp_pat
     triton = {k for k in info["choices"].values() if k.startswith("triton_")}
     assert set(info["tiles"]) == triton and all(info["tiles"][k] for k in triton)
     assert all(info["why"][shape] for shape in info["choices"])
+
+
+@pytest.mark.parametrize("device, expected", [
+    ("npu:0", "'npu:0' is not a device headroom runs on"), ("garbage", "'garbage' is not a device"),
+    ("meta", "'meta' is not a device"), (f"cuda:{GPUS + 6}", f"cuda:{GPUS + 6} does not exist")])
+def test_convert_refuses_a_device_it_cannot_use_before_reading(tmp_path, device, expected):
+    path = tmp_path / "m.safetensors"
+    save_file({"w.weight": torch.zeros(2048, 2048, dtype=torch.bfloat16)}, str(path))
+    err = cli_user_error("convert", path, tmp_path / "out.safetensors", "--device", device, cwd=tmp_path)
+    assert f"--device '{device}': " in err and expected in err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["convert", "a", "b", "--block-size", "x"], "argument --block-size: invalid int value: 'x'"),
+    (["convert", "a", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ([], "the following arguments are required: COMMAND"),
+])
+def test_command_line_mistakes_are_one_line_too(tmp_path, argv, expected):
+    done = run_cli(*argv, cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and expected in done.stderr and "--help)" in done.stderr, \
+        done.stderr
