@@ -58,6 +58,12 @@ def _linears(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
+# These run the CPU road and assert what it does (layers on "cpu", the no-CUDA status, zero GPUs present); on a GPU
+# machine the loader takes the CUDA road, which tests/test_hunyuan3_gpu.py checks instead.
+CPU_ROAD = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU road; tests/test_hunyuan3_gpu.py covers CUDA")
+
+
+@CPU_ROAD
 @pytest.mark.parametrize("which", ["int8", "nf4"])
 def test_every_skip_pattern_kept_its_layer_and_every_other_linear_is_quantized(which, request):
     loaded = request.getfixturevalue(which)
@@ -81,6 +87,7 @@ def test_every_skip_pattern_kept_its_layer_and_every_other_linear_is_quantized(w
     assert loaded.telemetry["peak_rss_bytes"] > 0
 
 
+@CPU_ROAD
 def test_generate_image_and_status(int8):
     steps = []
     result = generate(int8, _request(width=60, height=68), on_step=lambda i, n: steps.append((i, n)))
@@ -195,6 +202,7 @@ def test_remote_code_needs_consent_and_a_local_folder(fake_folder, tmp_path):
         load_hf_model("tencent/HunyuanImage-3.0", "int8", trust_remote_code=True)
 
 
+@CPU_ROAD
 def test_multi_gpu_budgets_are_checked_before_loading(fake_folder, monkeypatch):
     """gpu_budgets_gb fails with the numbers, before any weight is read: no GPU here (any mode), a manual map."""
     read = []
@@ -266,6 +274,7 @@ def test_node_cache_reuses_and_reloads_when_the_folder_changes(fake_folder, tmp_
     assert "reloaded" in status and nodes.CACHE.loaded is third and third.model is not None
 
 
+@CPU_ROAD
 def test_int8_soft_unload_parks_in_flat_host_buffers_and_keeps_the_function(int8):
     """memory's soft unload on LLM.int8 layers (CUDA->pinned in production) on the CPU: every tensor, the int8
     weight's CB and the LLM.int8 scales land in the flat host buffers, and the model computes the same."""
@@ -306,6 +315,7 @@ def test_bf16_stream_map_fits_layers_and_leaves_room_for_the_ring(int8):
     assert bf16_stream_map(model, 10 * GB, device=0, gpu_layers=0)[0]["model.layers.0"] == "cpu"
 
 
+@CPU_ROAD
 def test_accelerate_offload_is_taken_back_without_changing_the_model(fake_folder):
     """What the BF16 loader does after from_pretrained put layers in RAM behind accelerate's hooks (simulated on
     the CPU: every unit offloaded, execution device cuda:0, as accelerate does for "cpu" map entries)."""
@@ -326,6 +336,7 @@ def test_accelerate_offload_is_taken_back_without_changing_the_model(fake_folder
     assert generate(loaded, _request()).image.size == (64, 64)
 
 
+@CPU_ROAD
 def test_block_streaming_of_the_decoder_layers_keeps_the_image(fake_folder):
     """The BF16 road's streaming call (first N layers resident, the rest streamed) on the CPU device."""
     from comfyui_headroom.memory.streaming import enable_block_streaming
