@@ -4,6 +4,7 @@ A ground module like ``_version``: it imports nothing of ours, so every layer ma
 
 GB = 2**30  # what our budgets, reports and nodes call a GB (a GiB)
 MB = 2**20
+MAX_GPU_GB = 1024  # the largest VRAM budget for one GPU that is a budget and not a typo: no card has a terabyte
 
 
 def format_gib(n: int) -> str:

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ..demo.config import SIZES
+from ..kernels.constants import METHODS
 
 
 def register(subparsers) -> None:
@@ -24,7 +25,7 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the model weights and of the latent noise")
     parser.add_argument("--tokens", type=int, default=None,
                         help="image tokens, a perfect square (default: tiny 64, small 1024, 1b 4096)")
-    parser.add_argument("--method", choices=("rowwise", "block", "tensorwise"), default="rowwise",
+    parser.add_argument("--method", choices=METHODS, default="rowwise",
                         help="INT8 scale granularity (default rowwise)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
     parser.add_argument("--cache-dir", default=None,

@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ..kernels.dispatch import check_device
-from ..units import GB
+from ..units import GB, MAX_GPU_GB
 from .estimate import plain_number
 from .planner import PlacementPlan, PlanError, default_budget_bytes, plan_placement
 
@@ -28,7 +28,7 @@ log = logging.getLogger("comfyui_headroom")
 # Accepted budgets, GB per device: at least a megabyte and at most a terabyte - a larger number is a typo
 # (or "inf"), not a budget. A budget above the card is clamped to the card, as the planner does.
 MIN_BUDGET_GB = 0.001
-MAX_BUDGET_GB = 1024  # per GPU: no card has a terabyte
+MAX_BUDGET_GB = MAX_GPU_GB
 
 
 def _gb(n: int) -> str:

@@ -110,9 +110,10 @@ def quantize_streamed(
         else:
             q, scale = torch.round(rows / global_scale).clamp_(-QMAX, QMAX).to(torch.int8), global_scale
         if measure_error:
-            ref2 += float(torch.linalg.vector_norm(rows)) ** 2
+            # float64 sums: the squares of a large-but-finite float32 weight overflow float32 (the error read "nan%")
+            ref2 += float(torch.linalg.vector_norm(rows, dtype=torch.float64)) ** 2
             back = dequantize_weight(q, scale, torch.float32, block_size)
-            err2 += float(torch.linalg.vector_norm(back.sub_(rows))) ** 2
+            err2 += float(torch.linalg.vector_norm(back.sub_(rows), dtype=torch.float64)) ** 2
         qweight[start:start + step] = q.cpu()
     scale = global_scale.cpu().float() if global_scale is not None else torch.cat(scales, dim=0)
     if not measure_error:

@@ -20,6 +20,7 @@ before anything is attached, and keeps a bounded cache of prepared (padded, cast
 from __future__ import annotations
 
 import collections
+import math
 import os
 import threading
 import weakref
@@ -86,8 +87,27 @@ def low_rank_of(patch: Sequence, key: str) -> LowRank:
     if up.shape[1] != down.shape[0]:
         raise UnsupportedPatchError(f"{key}: LoRA up {tuple(up.shape)} and down {tuple(down.shape)} ranks differ")
     rank = down.shape[0]
-    alpha_scale = float(alpha) / rank if alpha is not None else 1.0
+    if rank == 0:
+        raise LoraShapeError(f"{key}: the LoRA has rank 0 (empty up/down factors); the file is damaged")
+    alpha_scale = _alpha(alpha, key) / rank if alpha is not None else 1.0
     return LowRank(down, up, float(strength) * alpha_scale, tuple(offset) if offset is not None else None, sources)
+
+
+def _alpha(alpha, key: str) -> float:
+    """A LoRA's alpha as a finite number; LoraShapeError naming the layer for a tensor of several values, NaN or
+    inf (a NaN alpha made every output of the layer NaN)."""
+    if isinstance(alpha, torch.Tensor):
+        if alpha.numel() != 1:
+            raise LoraShapeError(f"{key}: the LoRA's alpha has shape {tuple(alpha.shape)}; expected one number - "
+                                 "the file is damaged")
+        alpha = alpha.item()
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise LoraShapeError(f"{key}: the LoRA's alpha {alpha!r} is not a number; the file is damaged") from None
+    if not math.isfinite(value):
+        raise LoraShapeError(f"{key}: the LoRA's alpha is {value}; the file is damaged")
+    return value
 
 
 def target_shape(low: LowRank) -> tuple[int, int]:
@@ -117,7 +137,17 @@ def fits(low: LowRank, out_features: int, in_features: int) -> str | None:
 # ---------------------------------------------------------------------------------------------------
 
 def _cache_limit_bytes() -> int:
-    return int(float(os.environ.get("HEADROOM_LORA_CACHE_MB", "2048")) * 2**20)
+    """``HEADROOM_LORA_CACHE_MB`` (default 2048) in bytes; ValueError naming the variable for anything but a
+    number of MB from 0 up."""
+    text = os.environ.get("HEADROOM_LORA_CACHE_MB", "2048")
+    try:
+        mb = float(text)
+    except ValueError:
+        mb = math.nan
+    if not (math.isfinite(mb) and mb >= 0):
+        raise ValueError(f"HEADROOM_LORA_CACHE_MB={text!r}: give the LoRA cache size in MB, a number from 0 up "
+                         "(default 2048)")
+    return int(mb * 2**20)
 
 
 class PreparedCache:

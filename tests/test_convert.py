@@ -1,6 +1,7 @@
 """The streaming converter: decisions, numbers in the report, folders, atomic writes, bad input via the CLI."""
 
 import json
+import math
 import os
 import shutil
 import threading
@@ -10,11 +11,25 @@ import psutil
 import pytest
 import torch
 from comfyui_headroom import cli
-from comfyui_headroom.kernels.int8 import dequantize_weight, quantize_weight, relative_error
+from comfyui_headroom.kernels.int8 import (
+    dequantize_weight,
+    quantize_weight,
+    relative_error,
+)
 from comfyui_headroom.quant import convert as convert_mod
-from comfyui_headroom.quant.convert import ConvertError, convert_file, convert_folder, looks_like_embedding
+from comfyui_headroom.quant.convert import (
+    ConvertError,
+    convert_file,
+    convert_folder,
+    looks_like_embedding,
+)
 from comfyui_headroom.quant.formats import detect_format, parse_int8_layer
-from comfyui_headroom.quant.safetensors_stream import StreamingWriter, TensorInfo, TensorReader, read_header
+from comfyui_headroom.quant.safetensors_stream import (
+    StreamingWriter,
+    TensorInfo,
+    TensorReader,
+    read_header,
+)
 from safetensors.torch import load_file, save_file
 from testutil import cli_error
 
@@ -429,3 +444,12 @@ def test_cuda_device_gives_the_same_file(tmp_path, dit_file, method):
     a, b = load_file(str(tmp_path / "cpu.safetensors")), load_file(str(tmp_path / "gpu.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert gpu.quantized.keys() == cpu.quantized.keys()
+
+
+def test_the_error_of_a_large_but_finite_weight_is_a_number():
+    """Its squares overflow float32: the converter's report used to say "worst relative error nan%"."""
+    from comfyui_headroom.quant.chunked import quantize_streamed
+
+    weight = torch.randn(64, 1024, generator=torch.Generator().manual_seed(0)) * 1e30
+    _, _, error = quantize_streamed(weight, "rowwise", 128, "big")
+    assert math.isfinite(error) and 0 < error < 0.05

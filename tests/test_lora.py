@@ -117,3 +117,26 @@ def test_int8_lora_file_is_dequantized_once(gen):
     assert set(out) == {"lora_unet_a.lora_up.weight", "lora_unet_a.lora_down.weight", "lora_unet_a.alpha"}
     assert relative_error(out["lora_unet_a.lora_up.weight"], up) < 0.01
     assert relative_error(out["lora_unet_a.lora_down.weight"], down) < 0.01  # un-rotated, not left rotated
+
+
+@pytest.mark.parametrize("alpha, message", [(float("nan"), "alpha is nan"), (float("inf"), "alpha is inf"),
+                                            (torch.ones(2), r"alpha has shape \(2,\)"), ("x", "is not a number")])
+def test_a_damaged_alpha_is_refused_naming_the_layer(alpha, message):
+    from comfyui_headroom.quant.lora import LoraShapeError, low_rank_of
+
+    class Adapter:  # what ComfyUI's LoRA patch holds (weights = up, down, alpha, mid, dora_scale, reshape)
+        name = "lora"
+        weights = (torch.ones(8, 2), torch.ones(2, 4), alpha, None, None, None)
+
+    with pytest.raises(LoraShapeError, match=rf"blocks\.0\.qkv\.weight: .*{message}"):
+        low_rank_of((1.0, Adapter(), 1.0, None, None), "blocks.0.qkv.weight")
+
+
+def test_a_bad_lora_cache_size_is_named(monkeypatch):
+    from comfyui_headroom.quant.lora import _cache_limit_bytes
+
+    monkeypatch.setenv("HEADROOM_LORA_CACHE_MB", "garbage")
+    with pytest.raises(ValueError, match="HEADROOM_LORA_CACHE_MB='garbage': give the LoRA cache size in MB"):
+        _cache_limit_bytes()
+    monkeypatch.setenv("HEADROOM_LORA_CACHE_MB", "16")
+    assert _cache_limit_bytes() == 16 * 2**20

@@ -44,7 +44,7 @@ def patch_problems(modules: dict, patches: dict, strength_patch: float, strength
             problem = fits(low, module.out_features, module.in_features)
             if problem:
                 problems.append(f"{key}: {problem}")
-        except UnsupportedPatchError as err:
+        except (UnsupportedPatchError, LoraShapeError) as err:
             problems.append(str(err))
     return problems
 

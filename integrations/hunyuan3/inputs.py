@@ -12,6 +12,8 @@ import math
 import operator
 from typing import Any, Sequence
 
+from ...units import MAX_GPU_GB
+
 MODES = ("int8", "nf4", "bf16")
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 DEVICE_MAPS = ("auto", "manual")  # the loader also takes an explicit {module: device} dict
@@ -20,7 +22,7 @@ POST_ACTIONS = ("keep", "soft_unload", "unload")
 
 # Accepted ranges. 1024 GB is above the VRAM of any machine one process drives (8 x H200 = 1128 GB is the
 # exception, and there each card's own budget is what counts); a budget above its card is clamped to the card.
-MAX_GB = 1024.0
+MAX_GB = float(MAX_GPU_GB)
 MAX_GPU_LAYERS = 256  # decoder layers a manual map may keep on the GPU (HunyuanImage-3 has 32)
 BUDGET_ZERO = " (0 = 55 % of the card)"
 
