@@ -15,6 +15,7 @@ import threading
 from ..integrations.hunyuan3.inputs import (
     ATTENTION_IMPLEMENTATIONS,
     DEVICE_MAPS,
+    INT8_ENGINES,
     MAX_GB,
     MAX_GPU_LAYERS,
     OFFLOAD_MODES,
@@ -136,7 +137,8 @@ _register_force_unload_hook()
 
 
 def load_cached(folder: str, mode: str, budget_gb: float, external_vram_gb: float, trust_remote_code: bool,
-                attn_implementation: str, device_map: str = "auto", gpu_layers: int = 0, gpu_budgets_gb: str = ""):
+                attn_implementation: str, device_map: str = "auto", gpu_layers: int = 0, gpu_budgets_gb: str = "",
+                int8_engine: str = INT8_ENGINES[0]):
     """Load (or reuse) a model; a changed folder (files, sizes, mtimes) reloads."""
     from ..integrations.hunyuan3.loader import folder_fingerprint, load_hf_model
 
@@ -145,7 +147,7 @@ def load_cached(folder: str, mode: str, budget_gb: float, external_vram_gb: floa
     budget_gb, external_vram_gb, gpu_layers, _ = check_load_numbers(budget_gb, external_vram_gb,
                                                                     gpu_layers if device_map == "manual" else None)
     key = (path, mode, budget_gb, external_vram_gb, attn_implementation, device_map, gpu_layers,
-           (gpu_budgets_gb or "").strip())
+           (gpu_budgets_gb or "").strip(), int8_engine if mode == "int8" else None)
     fingerprint = folder_fingerprint(path)
     cached = CACHE.get(key, fingerprint)
     if cached is not None:
@@ -154,7 +156,8 @@ def load_cached(folder: str, mode: str, budget_gb: float, external_vram_gb: floa
     CACHE.drop()  # free the previous model before loading the next
     loaded = load_hf_model(path, mode=mode, budget_gb=budget_gb, external_vram_gb=external_vram_gb,
                            trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
-                           device_map=device_map, gpu_layers=gpu_layers, gpu_budgets_gb=gpu_budgets_gb)
+                           device_map=device_map, gpu_layers=gpu_layers, gpu_budgets_gb=gpu_budgets_gb,
+                           int8_engine=int8_engine)
     CACHE.put(key, loaded)
     return loaded, False
 
@@ -195,6 +198,11 @@ class _Hunyuan3LoaderBase:
             "Several GPUs: one budget per GPU in GB, e.g. '40,40' (one number = that on every GPU, 0 = 55 % of "
             "each card). The model is spread over them (INT8/NF4: accelerate's device map; BF16: headroom's split, "
             "layers that fit on no GPU stream from pinned RAM); replaces gpu_budget_gb. Empty = one GPU."})
+        if cls.MODE == "int8":
+            types["optional"]["int8_engine"] = (list(INT8_ENGINES), {"default": INT8_ENGINES[0], "tooltip":
+                "headroom: our W8A8 kernels (attention and every expert in INT8, the 64 experts of a layer in one "
+                "grouped GEMM; faster than bf16). bitsandbytes: LLM.int8 (the community loaders' engine, about a "
+                "third of bf16's speed). A folder saved by either loads with its own engine."})
         return types
 
     @classmethod
@@ -207,16 +215,16 @@ class _Hunyuan3LoaderBase:
             return model_folder
 
     def load(self, model_folder, gpu_budget_gb, external_vram_gb, trust_remote_code, attn_implementation,
-             device_map="auto", gpu_layers=6, gpu_budgets_gb=""):
+             device_map="auto", gpu_layers=6, gpu_budgets_gb="", int8_engine=INT8_ENGINES[0]):
         folder = resolve_model_folder(model_folder)
         loaded, reused = load_cached(folder, self.MODE, gpu_budget_gb, external_vram_gb, trust_remote_code,
-                                     attn_implementation, device_map, gpu_layers, gpu_budgets_gb)
+                                     attn_implementation, device_map, gpu_layers, gpu_budgets_gb, int8_engine)
         report = ("(cached) " if reused else "") + loaded.summary()
         return {"ui": {"text": [report]}, "result": (loaded, report)}
 
 
 class Hunyuan3LoaderInt8Budget(_Hunyuan3LoaderBase):
-    """bitsandbytes LLM.int8 (or a pre-quantized INT8 folder) under a VRAM budget."""
+    """INT8 under a VRAM budget: headroom's W8A8 engine (default) or bitsandbytes LLM.int8 (``int8_engine``)."""
 
     MODE = "int8"
 

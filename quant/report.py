@@ -86,14 +86,15 @@ def dtype_report(module: nn.Module, skip_patterns=(), skipped: dict | None = Non
         if len(stats.examples) < EXAMPLES_PER_DTYPE:
             stats.examples.append(name)
     for name, sub in module.named_modules():
-        if _is_quantized_layer(sub):
+        if is_quantized_layer(sub):
             report.quantized.append(name)
             if matching_pattern(name, skip_patterns):
                 report.leaks.append(name)
     return report
 
 
-def _is_quantized_layer(module: nn.Module) -> bool:
+def is_quantized_layer(module: nn.Module) -> bool:
+    """Ours (an int8 ``weight``: ``Int8Linear``, the stacked ``Int8GroupedLinear``) or a bitsandbytes layer."""
     if is_bnb_quantized(module):
         return True
     weight = getattr(module, "weight", None)

@@ -59,7 +59,7 @@ def sharded_folder(float_folder, tmp_path_factory):
 @pytest.fixture(scope="module")
 def int8_folder(float_folder, tmp_path_factory):
     """A pre-quantized INT8-Selective folder, written by save_quantized."""
-    loaded = load_hf_model(float_folder, "int8", trust_remote_code=True)
+    loaded = load_hf_model(float_folder, "int8", int8_engine="bitsandbytes", trust_remote_code=True)
     return save_quantized(loaded, tmp_path_factory.mktemp("hy3hard") / "int8")
 
 
@@ -191,7 +191,7 @@ def test_a_bad_file_is_refused_before_loading_with_one_line_naming_it(base, muta
     before = _snapshot(folder)
     monkeypatch.setattr(hf_loader, "_from_pretrained_tracked", lambda *a, **k: pytest.fail("weights were read"))
     with pytest.raises(LoaderError) as info:
-        load_hf_model(folder, "int8", trust_remote_code=True)
+        load_hf_model(folder, "int8", int8_engine="bitsandbytes", trust_remote_code=True)
     message = str(info.value)
     assert str(named) in message and problem in message and advice in message, message
     assert "\n" not in message and len(message) < 600, message
@@ -208,7 +208,7 @@ def test_good_sharded_and_prequantized_folders_still_load(base, request):
 def test_save_quantized_never_writes_over_its_input_or_into_a_file(float_folder, tmp_path):
     copy = tmp_path / "model"
     shutil.copytree(float_folder, copy)
-    loaded = load_hf_model(copy, "int8", trust_remote_code=True)
+    loaded = load_hf_model(copy, "int8", int8_engine="bitsandbytes", trust_remote_code=True)
     before = _snapshot(copy)
     with pytest.raises(LoaderError, match="never writes over its input"):
         save_quantized(loaded, copy, overwrite=True)

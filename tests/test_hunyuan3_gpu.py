@@ -23,6 +23,7 @@ from comfyui_headroom.integrations.hunyuan3.generate import (  # noqa: E402
 )
 from comfyui_headroom.integrations.hunyuan3.loader import load_hf_model  # noqa: E402
 from comfyui_headroom.quant.bnb_layers import is_bnb_quantized  # noqa: E402
+from comfyui_headroom.quant.grouped import Int8GroupedLinear  # noqa: E402
 from hunyuan3_fake import build_fake_folder  # noqa: E402
 
 
@@ -37,12 +38,16 @@ def _request(**kw):
     return GenerateRequest(**base)
 
 
-@pytest.mark.parametrize("mode", ["int8", "nf4"])
-def test_cuda_load_generate_soft_unload_restore(fake_folder, mode):
-    loaded = load_hf_model(fake_folder, mode, budget_gb=2.0, trust_remote_code=True)
+@pytest.mark.parametrize("mode, engine", [("int8", "headroom"), ("int8", "bitsandbytes"), ("nf4", "bitsandbytes")])
+def test_cuda_load_generate_soft_unload_restore(fake_folder, mode, engine):
+    loaded = load_hf_model(fake_folder, mode, int8_engine=engine, budget_gb=2.0, trust_remote_code=True)
     assert model_device(loaded.model).type == "cuda"
     assert any(dev.startswith("cuda") for dev in loaded.placement.devices)
-    assert is_bnb_quantized(loaded.model.model.layers[0].mlp.experts[0].down_proj)
+    if engine == "headroom":
+        assert isinstance(loaded.model.model.layers[0].mlp.experts.down_proj, Int8GroupedLinear)
+        assert loaded.moe == {"headroom-int8": 2}
+    else:
+        assert is_bnb_quantized(loaded.model.model.layers[0].mlp.experts[0].down_proj)
     first = generate(loaded, _request(post_action="soft_unload"))
     assert "Peak VRAM" in first.status and "n/a" not in first.status
     assert loaded.parked is not None
@@ -75,7 +80,7 @@ def _fill_free_cached_memory(limit_bytes: int) -> list[torch.Tensor]:
 
 
 def test_oom_is_caught_and_vram_returns(large_bucket_folder):
-    loaded = load_hf_model(large_bucket_folder, "int8", budget_gb=2.0, trust_remote_code=True)
+    loaded = load_hf_model(large_bucket_folder, "int8", int8_engine="bitsandbytes", budget_gb=2.0, trust_remote_code=True)
     generate(loaded, _request())  # warm-up: kernels, workspaces
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -104,7 +109,7 @@ def test_oom_is_caught_and_vram_returns(large_bucket_folder):
 
 
 def test_int8_disabled_offload_above_1_2_mp_switches_to_smart(fake_folder):
-    loaded = load_hf_model(fake_folder, "int8", budget_gb=2.0, trust_remote_code=True)
+    loaded = load_hf_model(fake_folder, "int8", int8_engine="bitsandbytes", budget_gb=2.0, trust_remote_code=True)
     decision = decide_offload(loaded, 1536, 1024, "disabled")
     assert decision.mode == "smart" and decision.rule.startswith("int8_switch_to_smart")
 

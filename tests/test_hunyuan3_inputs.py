@@ -45,7 +45,7 @@ def _cast_lines(caplog) -> list[str]:
 
 def test_bitsandbytes_cast_notice_is_said_once_per_process(fake_folder, caplog, monkeypatch):
     monkeypatch.setattr(bnb, "CAST_NOTICE_FILTER", bnb._OncePerProcess())
-    int8 = load_hf_model(fake_folder, "int8", trust_remote_code=True)
+    int8 = load_hf_model(fake_folder, "int8", int8_engine="bitsandbytes", trust_remote_code=True)
     layer = int8.model.model.layers[0].mlp.experts[0].down_proj
     x = torch.randn(2, layer.in_features, dtype=torch.bfloat16)
     with caplog.at_level(logging.WARNING):
@@ -88,7 +88,7 @@ def test_a_missing_package_names_itself_and_the_install_command(package, mode, f
                                                                   no_weights_read):
     monkeypatch.setitem(sys.modules, package, None)  # `import package` now fails as if it were not installed
     with pytest.raises(MissingPackage) as info:
-        load_hf_model(fake_folder, mode, trust_remote_code=True)
+        load_hf_model(fake_folder, mode, trust_remote_code=True, int8_engine="bitsandbytes")
     message = str(info.value)
     assert f"'{package}'" in message and inputs.EXTRA_INSTALL in message and "pip install -r requirements.txt" in message
     assert "\n" not in message and info.value.__cause__ is None
@@ -162,13 +162,13 @@ def test_the_nodes_offer_the_packages_choices_in_the_saved_order(monkeypatch):
 def test_a_bad_gb_number_is_refused_with_the_range_before_the_folder_is_read(name, value):
     shown = {"budget_gb": "gpu_budget_gb"}.get(name, name)
     with pytest.raises(LoaderError, match=rf"^{shown}=.*: give a number of GB from 0 to 1024"):
-        load_hf_model("/no/such/folder", "int8", **{name: value})  # the number is checked first
+        load_hf_model("/no/such/folder", "int8", int8_engine="bitsandbytes", **{name: value})  # the number is checked first
 
 
 @pytest.mark.parametrize("value", [-1, 257, 10 ** 12, 2.5, True, "6"])
 def test_bad_gpu_layers_are_refused(value):
     with pytest.raises(LoaderError, match=r"^gpu_layers=.*: give a whole number from 0 to 256$"):
-        load_hf_model("/no/such/folder", "int8", device_map="manual", gpu_layers=value)
+        load_hf_model("/no/such/folder", "int8", int8_engine="bitsandbytes", device_map="manual", gpu_layers=value)
 
 
 def test_a_bad_number_on_the_node_keeps_the_cached_model(fake_folder, monkeypatch):

@@ -40,7 +40,7 @@ def fake_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def int8(fake_folder):
-    return load_hf_model(fake_folder, "int8", trust_remote_code=True)
+    return load_hf_model(fake_folder, "int8", int8_engine="bitsandbytes", trust_remote_code=True)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_save_quantized_selective_then_reload_gives_the_same_image(int8, tmp_pat
     out = save_quantized(int8, tmp_path / "int8")
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_method"] == "bitsandbytes_int8"
-    again = load_hf_model(out, "int8", trust_remote_code=True)
+    again = load_hf_model(out, "int8", int8_engine="bitsandbytes", trust_remote_code=True)
     assert again.quantization_method == "bitsandbytes_int8" and "Selective" in again.critical_layers
     a = generate(int8, _request()).image
     b = generate(again, _request()).image
@@ -144,7 +144,7 @@ def test_save_quantized_selective_then_reload_gives_the_same_image(int8, tmp_pat
 
 
 def test_int8_full_folder_dequantizes_critical_layers(fake_folder, tmp_path):
-    everything = load_hf_model(fake_folder, "int8", trust_remote_code=True, skip_patterns=[])
+    everything = load_hf_model(fake_folder, "int8", int8_engine="bitsandbytes", trust_remote_code=True, skip_patterns=[])
     assert is_bnb_quantized(everything.model.timestep_emb.mlp[0])
     out = save_quantized(everything, tmp_path / "full")
     assert json.loads((out / "config.json").read_text())["quantization_method"] == "bitsandbytes_int8_full"
@@ -197,9 +197,9 @@ def test_the_fake_is_not_taken_for_tencent_code(int8):
 
 def test_remote_code_needs_consent_and_a_local_folder(fake_folder, tmp_path):
     with pytest.raises(LoaderError, match="trust_remote_code"):
-        load_hf_model(fake_folder, "int8", trust_remote_code=False)
+        load_hf_model(fake_folder, "int8", int8_engine="bitsandbytes", trust_remote_code=False)
     with pytest.raises(LoaderError, match="local folder"):
-        load_hf_model("tencent/HunyuanImage-3.0", "int8", trust_remote_code=True)
+        load_hf_model("tencent/HunyuanImage-3.0", "int8", int8_engine="bitsandbytes", trust_remote_code=True)
 
 
 @CPU_ROAD
@@ -208,7 +208,7 @@ def test_multi_gpu_budgets_are_checked_before_loading(fake_folder, monkeypatch):
     read = []
     monkeypatch.setattr(hf_loader, "_from_pretrained_tracked", lambda *args, **kwargs: read.append(args))
     with pytest.raises(LoaderError, match=r"gpu_budgets_gb='40,40' needs at least one CUDA GPU, but 0 are present"):
-        load_hf_model(fake_folder, "int8", trust_remote_code=True, gpu_budgets_gb="40,40")
+        load_hf_model(fake_folder, "int8", int8_engine="bitsandbytes", trust_remote_code=True, gpu_budgets_gb="40,40")
     with pytest.raises(LoaderError, match="needs at least one CUDA GPU"):
         load_hf_model(fake_folder, "bf16", trust_remote_code=True, gpu_budgets_gb="40,40")
     with pytest.raises(LoaderError, match="leave device_map at 'auto'"):

@@ -15,6 +15,9 @@ from typing import Any, Sequence
 from ...units import MAX_GPU_GB
 
 MODES = ("int8", "nf4", "bf16")
+# Who runs INT8: our W8A8 layers and grouped MoE kernel (integrations/hunyuan3/int8_engine.py), or bitsandbytes'
+# LLM.int8 (the community loaders' way; about a third of bf16's speed on this model).
+INT8_ENGINES = ("headroom", "bitsandbytes")
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 DEVICE_MAPS = ("auto", "manual")  # the loader also takes an explicit {module: device} dict
 OFFLOAD_MODES = ("disabled", "smart", "always")
@@ -55,9 +58,10 @@ def first_line(err: BaseException, limit: int = 200) -> str:
 # ------------------------------------------------------------------------------ packages
 
 
-def packages_for(mode: str) -> tuple[str, ...]:
-    """What a load in ``mode`` imports: BF16 needs no bitsandbytes."""
-    return tuple(p for p in EXTRA_PACKAGES if p != "bitsandbytes" or mode != "bf16")
+def packages_for(mode: str, int8_engine: str = "bitsandbytes") -> tuple[str, ...]:
+    """What a load in ``mode`` imports: BF16 and our own INT8 engine need no bitsandbytes."""
+    no_bnb = mode == "bf16" or (mode == "int8" and int8_engine == "headroom")
+    return tuple(p for p in EXTRA_PACKAGES if p != "bitsandbytes" or not no_bnb)
 
 
 def require_packages(names: Sequence[str] = EXTRA_PACKAGES) -> None:

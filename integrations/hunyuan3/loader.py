@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ...quant.bnb_layers import is_bnb_quantized
-from ...quant.report import DtypeReport, dtype_report
+from ...quant.report import DtypeReport, dtype_report, is_quantized_layer
 from ...quant.skip import DEFAULT_SKIP_PATTERNS, matching_pattern
 from ...units import GB
 from .bnb import (
@@ -40,6 +40,7 @@ from .bnb import (
     bnb_int8_dequantize,
     bnb_skip_modules,
     cast_notice_once,
+    convertible_linears,
     hunyuan3_skip_patterns,
     plan_skips,
     quantized_bytes_per_param,
@@ -58,8 +59,17 @@ from .folder import (
     remote_code_modules,
     weight_files,
 )
-from .inputs import MODES, LoaderError, check_choice, check_load_numbers, first_line, packages_for, require_packages
-from .placement import PlacementSummary
+from .inputs import (
+    INT8_ENGINES,
+    MODES,
+    LoaderError,
+    check_choice,
+    check_load_numbers,
+    first_line,
+    packages_for,
+    require_packages,
+)
+from .placement import LAYERS_PREFIX, PlacementSummary
 
 if TYPE_CHECKING:
     from ...memory.multi_device import MultiDeviceSplit
@@ -104,6 +114,8 @@ class LoadedModel:
     on_unload: Callable[[], None] | None = None  # called by post_action "unload" (the node's cache drops it)
     load_args: dict = field(default_factory=dict)  # how to load it again after an unload
     cache_key: Any = None  # the node cache's key (nodes/hunyuan3_nodes.py)
+    engine: str = ""  # who runs the weights: headroom-int8 | bitsandbytes-int8 | bitsandbytes-nf4 | bf16
+    moe: dict = field(default_factory=dict)  # MoE layers per engine (integrations/hunyuan3/moe.moe_engines)
 
     @property
     def placement_owner(self) -> BlockStreamer | MultiDeviceSplit | None:
@@ -130,12 +142,15 @@ class LoadedModel:
             torch.cuda.empty_cache()
 
     def summary(self) -> str:
-        lines = [f"{self.mode.upper()} model from {self.path}"]
+        engine = f" ({self.engine})" if self.engine else ""
+        lines = [f"{self.mode.upper()} model{engine} from {self.path}"]
         if self.quantization_method:
             lines.append(f"pre-quantized ({self.quantization_method}): {self.critical_layers}")
         elif self.critical_layers:
             lines.append(self.critical_layers)
         lines.append(str(self.dtype_report))
+        if self.moe:
+            lines.append("MoE layers: " + ", ".join(f"{n} {engine}" for engine, n in sorted(self.moe.items())))
         lines.append(str(self.placement))
         t = self.telemetry
         if t:
@@ -259,7 +274,7 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
                   device_map: str | dict = "auto", gpu_layers: int | None = None,
                   skip: Sequence[str] | str | None = None, keep_attention: bool = True, device: int = 0,
                   reserve_gb: float | None = None, skip_patterns: Sequence[str] | None = None,
-                  gpu_budgets_gb: str = "") -> LoadedModel:
+                  gpu_budgets_gb: str = "", int8_engine: str = "headroom") -> LoadedModel:
     """Load a transformers model folder under a VRAM budget.
 
     ``mode``: ``int8`` / ``nf4`` (bitsandbytes) or ``bf16``; a pre-quantized folder decides it itself.
@@ -270,21 +285,36 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
     ``gpu_budgets_gb``: several GPUs, one budget each (``"40,40"``; one number = that on every GPU) - the
     INT8/NF4 model is spread over them by accelerate's ``device_map="auto"`` with one ``max_memory`` entry per
     GPU (issue #9); it replaces ``budget_gb``. Checked before anything is loaded.
+    ``int8_engine`` (mode ``int8``): ``headroom`` - our W8A8 layers, the attention projections INT8 too, the experts
+    stacked for the grouped kernel, quantized while loading (:mod:`.int8_engine`); ``bitsandbytes`` - LLM.int8.
+    A bitsandbytes-saved folder loads with bitsandbytes, a ``headroom convert`` folder with ours.
+    Every engine runs the mask-free MoE forward (:mod:`.moe`).
     """
     check_choice("mode", mode, MODES)
+    check_choice("int8_engine", int8_engine, INT8_ENGINES)
     budget_gb, external_vram_gb, gpu_layers, reserve_gb = check_load_numbers(budget_gb, external_vram_gb, gpu_layers,
                                                                              reserve_gb)
     folder = Path(path)
     method, mode = _resolve_mode(folder, mode, trust_remote_code)
-    require_packages(packages_for(mode))
+    engine = _choose_engine(folder, mode, method, int8_engine)
+    require_packages(packages_for(mode, "headroom" if engine == HEADROOM_INT8 else "bitsandbytes"))
     config, skeleton = _checked_skeleton(folder, trust_remote_code, attn_implementation)
-    patterns = list(skip_patterns) if skip_patterns is not None else hunyuan3_skip_patterns(skip, keep_attention)
-    plan = _plan_skips(folder, skeleton, mode, method, patterns)
-    _plan_placement(plan, skeleton, budget_gb, external_vram_gb, device_map, gpu_layers, device, gpu_budgets_gb)
-
-    kwargs = _from_pretrained_kwargs(plan, config, trust_remote_code, attn_implementation)
-    model, telemetry = _load_weights(folder, plan, kwargs, device, gpu_budgets_gb)
+    if skip_patterns is not None:
+        patterns = list(skip_patterns)
+    else:  # our engine quantizes the attention projections too (the issue's list); bitsandbytes keeps them float
+        patterns = hunyuan3_skip_patterns(skip, keep_attention and engine != HEADROOM_INT8)
+    if engine == HEADROOM_INT8:
+        plan = _LoadPlan(mode="int8", method=None, patterns=patterns,
+                         skips=plan_skips(convertible_linears(skeleton), patterns))
+        model, telemetry = _load_headroom_int8(folder, skeleton, plan, budget_gb, external_vram_gb, device_map,
+                                               gpu_layers, device, gpu_budgets_gb)
+    else:
+        plan = _plan_skips(folder, skeleton, mode, method, patterns)
+        _plan_placement(plan, skeleton, budget_gb, external_vram_gb, device_map, gpu_layers, device, gpu_budgets_gb)
+        kwargs = _from_pretrained_kwargs(plan, config, trust_remote_code, attn_implementation)
+        model, telemetry = _load_weights(folder, plan, kwargs, device, gpu_budgets_gb)
     restored = _finish_model(model, folder, skeleton, plan)
+    moe = _mask_free_moe(model, plan.mode, engine)
     streamer, split = _start_streaming_or_split(model, plan, device)
     report = _verified_dtype_report(model, plan)
 
@@ -295,8 +325,9 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
     load_args = dict(path=str(folder), mode=mode, budget_gb=budget_gb, external_vram_gb=external_vram_gb,
                      trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
                      device_map=device_map, gpu_layers=gpu_layers, skip=skip, keep_attention=keep_attention,
-                     device=device, skip_patterns=skip_patterns, gpu_budgets_gb=gpu_budgets_gb)
-    loaded = LoadedModel(model=model, path=str(folder), mode=mode, load_args=load_args,
+                     device=device, skip_patterns=skip_patterns, gpu_budgets_gb=gpu_budgets_gb,
+                     int8_engine=int8_engine)
+    loaded = LoadedModel(model=model, path=str(folder), mode=mode, load_args=load_args, engine=engine, moe=moe,
                          budget_bytes=plan.budget_bytes, reserve_gb=reserve_gb, external_vram_gb=external_vram_gb,
                          dtype_report=report, placement=_placement_summary(model, streamer, split),
                          skip_plan=plan.skips, quantization_method=method, critical_layers=plan.critical_note,
@@ -311,6 +342,108 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
 
 
 # -- the steps of load_hf_model, in order
+
+HEADROOM_INT8 = "headroom-int8"
+
+
+def _choose_engine(folder: Path, mode: str, method: str | None, int8_engine: str) -> str:
+    """Who runs the weights. A folder's own format decides over the choice: bitsandbytes' saved folders load
+    with bitsandbytes, ``headroom convert`` folders with ours (bitsandbytes cannot read them)."""
+    if mode != "int8":
+        return mode if mode == "bf16" else f"bitsandbytes-{mode}"
+    if method is not None:  # a bitsandbytes-saved folder
+        if int8_engine == "headroom":
+            log.info("%s was saved by bitsandbytes (%s): loading it with bitsandbytes", folder, method)
+        return "bitsandbytes-int8"
+    if _headroom_converted(folder):
+        if int8_engine != "headroom":
+            log.info("%s was written by headroom convert: loading it with headroom's INT8 engine", folder)
+        return HEADROOM_INT8
+    return HEADROOM_INT8 if int8_engine == "headroom" else "bitsandbytes-int8"
+
+
+def _headroom_converted(folder: Path) -> bool:
+    from ...quant.formats.metadata import is_headroom_metadata
+    from ...quant.safetensors_stream import read_header
+
+    files = weight_files(folder)
+    return bool(files) and is_headroom_metadata(read_header(files[0]).metadata)
+
+
+def _load_headroom_int8(folder: Path, skeleton: nn.Module, plan: _LoadPlan, budget_gb: float, external_vram_gb: float,
+                        device_map, gpu_layers: int | None, device: int, gpu_budgets_gb: str):
+    """Our INT8 engine (:mod:`.int8_engine`): the skeleton's layers swapped for INT8 ones, placed by their INT8
+    sizes, filled tensor by tensor from the files. Returns (model, load telemetry)."""
+    from .int8_engine import allocate, device_for, fill_from_files, swap_in_int8_layers
+
+    if isinstance(device_map, dict):
+        raise LoaderError("int8_engine=headroom places the model itself: use device_map 'auto' or 'manual' "
+                          "(or int8_engine=bitsandbytes for an explicit map)")
+    counts = swap_in_int8_layers(skeleton, plan.skips.quantize)
+    plan.notes.append(f"headroom INT8 engine: {counts['linear']} INT8 layers, {counts['stacked_moe']} MoE layers "
+                      "with stacked INT8 experts (grouped W8A8 kernel)")
+    layers = len(skeleton.get_submodule(LAYERS_PREFIX)) if _has_module(skeleton, LAYERS_PREFIX) else 0
+    cpu = torch.device("cpu")
+    layer_devices: dict[int, torch.device] = {}
+    rest = cpu
+    multi_gpu_memory = _multi_gpu_max_memory(gpu_budgets_gb, "bf16", device_map, external_vram_gb)
+    info = cuda_device_info(device)
+    if multi_gpu_memory is not None:
+        _plan_several_gpus(plan, multi_gpu_memory)  # into RAM, then split over the GPUs by headroom
+        plan.notes[-1] = plan.notes[-1].replace("BF16", "INT8")
+    elif info is None:
+        plan.notes.append("no CUDA device: loaded on the CPU")
+    else:
+        from .placement import bf16_stream_map, resolve_budget
+
+        gpu = torch.device("cuda", device)
+        plan.budget_bytes = resolve_budget(budget_gb, info[1]) - int(external_vram_gb * GB)
+        if plan.budget_bytes <= 0:
+            raise LoaderError(f"GPU budget {budget_gb} GB minus external VRAM {external_vram_gb} GB leaves nothing "
+                              "for weights; raise the budget or lower external_vram_gb")
+        fixed = gpu_layers if device_map == "manual" else None
+        _, resident = bf16_stream_map(skeleton, plan.budget_bytes, device, gpu_layers=fixed)
+        resident = min(resident, layers)
+        rest = gpu
+        layer_devices = {i: gpu if i < resident else cpu for i in range(layers)}
+        if resident < layers:
+            plan.stream_resident = resident
+            plan.notes.append(f"INT8 budget {plan.budget_bytes / GB:.2f} GB: {resident} of {layers} decoder layers "
+                              "on the GPU, the others stream from pinned RAM")
+    work = torch.device("cuda", device) if info is not None else cpu
+    tracker = _tracker()
+    with tracker:
+        allocated = allocate(skeleton, device_for(layer_devices, rest, LAYERS_PREFIX))
+        counts = fill_from_files(skeleton, weight_files(folder), allocated, work, folder)
+    report = getattr(tracker, "report", None)
+    telemetry = report.as_dict() if report is not None else {}
+    telemetry.update(counts)
+    if counts["read_as_int8"]:
+        plan.notes.append(f"{counts['read_as_int8']} layers read as INT8 from a headroom convert folder")
+    skeleton.eval()
+    return skeleton, telemetry
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _mask_free_moe(model: nn.Module, mode: str, engine: str) -> dict[str, int]:
+    """Every engine runs our mask-free MoE forward: INT8 experts are already stacked, bf16 ones are stacked for
+    ``torch._grouped_mm``, bitsandbytes experts keep their per-expert layers."""
+    from .moe import moe_engines, replace_moe
+
+    stack = "bf16" if mode == "bf16" else None
+    replace_moe(model, stack=stack)
+    counts = moe_engines(model)
+    if counts:
+        log.info("MoE layers: %s", counts)
+    return counts
+
 
 
 def _resolve_mode(folder: Path, mode: str, trust_remote_code: bool) -> tuple[str | None, str]:
@@ -587,7 +720,8 @@ def ensure_loaded(loaded: LoadedModel) -> bool:
         return False
     fresh = load_hf_model(**loaded.load_args)
     for name in ("model", "budget_bytes", "reserve_gb", "dtype_report", "placement", "skip_plan", "critical_layers",
-                 "telemetry", "notes", "streamer", "split", "fingerprint", "restored_generation_fields"):
+                 "telemetry", "notes", "streamer", "split", "fingerprint", "restored_generation_fields", "engine",
+                 "moe"):
         setattr(loaded, name, getattr(fresh, name))
     return True
 
@@ -709,8 +843,8 @@ def _tracker():
 def _check_report(model: nn.Module, plan: SkipPlan, report: DtypeReport) -> None:
     """After loading: every kept layer is float, every planned layer quantized - else the load is wrong."""
     modules = dict(model.named_modules())
-    leaked = [n for n in plan.keep if n in modules and is_bnb_quantized(modules[n])]
-    unquantized = [n for n in plan.quantize if n in modules and not is_bnb_quantized(modules[n])]
+    leaked = [n for n in plan.keep if n in modules and is_quantized_layer(modules[n])]
+    unquantized = [n for n in plan.quantize if n in modules and not is_quantized_layer(modules[n])]
     if leaked or report.leaks:
         raise LoaderError(f"layers meant to stay full precision were quantized: {(leaked or report.leaks)[:5]} - "
                           "this gives noise images; report this with the dtype report above")
@@ -773,6 +907,10 @@ def save_quantized(loaded: LoadedModel, out_dir, overwrite: bool = False) -> Pat
                           "input - pick a new folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise LoaderError(f"{out} exists and is not empty; pick a new folder or pass overwrite=True")
+    if loaded.engine == HEADROOM_INT8:
+        raise LoaderError("a model on headroom's INT8 engine is saved with the command line, from the float folder: "
+                          f"`headroom convert {loaded.path} <new folder>` writes a folder this loader reads without "
+                          "quantizing again")
     if loaded.placement_owner is not None:
         raise LoaderError("a streamed or split model cannot be saved; load it on one GPU without streaming first")
     model = loaded.model
