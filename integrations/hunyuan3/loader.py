@@ -104,6 +104,7 @@ class LoadedModel:
     on_unload: Callable[[], None] | None = None  # called by post_action "unload" (the node's cache drops it)
     load_args: dict = field(default_factory=dict)  # how to load it again after an unload
     cache_key: Any = None  # the node cache's key (nodes/hunyuan3_nodes.py)
+    loras: list = field(default_factory=list)  # the LoRA stack, [LoraEntry(path, strength, ...)] (lora.py)
 
     @property
     def placement_owner(self) -> BlockStreamer | MultiDeviceSplit | None:
