@@ -6,14 +6,25 @@ cached one: no copy of an 80B model) with the stack attached and recorded in ``L
 Which stack: the node reads the chain of Hunyuan 3 LoRA nodes above it from ComfyUI's prompt graph (hidden
 ``PROMPT`` / ``UNIQUE_ID``), takes their widget values from the prompt, and applies that chain plus its own
 entry. So when ComfyUI re-runs only this node (its strength changed) the result is the same as a full run, and
-nothing is added twice. ComfyUI is imported inside functions only.
+nothing is added twice. Without a prompt (a script) the node replaces its own earlier entry (by node identity).
+
+All LoRA nodes hand on one shared model object, so what a generator samples with must be settled by the generator:
+:func:`sync_for_generator` (its own input's chain from the graph; clears when the model comes straight from the
+loader or the LoRA nodes were removed while the nodes above stayed cached) and, after a reload,
+``integrations/hunyuan3/lora.reapply_after_reload``. ComfyUI is imported inside functions only.
 """
 
 from __future__ import annotations
 
 import os
 
-from ..integrations.hunyuan3.lora import LoraEntry, apply_stack, stack_for_node
+from ..integrations.hunyuan3.lora import (
+    LoraEntry,
+    apply_stack,
+    reapply_after_reload,
+    stack_for_consumer,
+    stack_for_node,
+)
 from .hunyuan3_nodes import CATEGORY, MODEL_TYPE
 
 LORA_FOLDER = "loras"
@@ -50,6 +61,18 @@ def node_stack(upstream, lora_name: str, strength: float, node, prompt=None) -> 
     else the node instance)."""
     own = LoraEntry(resolve_lora(lora_name), float(strength), None if node is None else str(node), lora_name)
     return stack_for_node(upstream, own, prompt, resolve_lora)
+
+
+def sync_for_generator(loaded, prompt=None, unique_id=None):
+    """For a generator node (hidden ``PROMPT`` / ``UNIQUE_ID``), before sampling: the stack of the LoRA nodes that
+    feed ITS model input, attached (``[]`` clears: a generator fed straight by the loader samples without LoRA,
+    also after LoRA nodes were removed from the graph while the nodes above them stayed cached). Without a prompt
+    the model's own stack (``loaded.loras``) is kept. Returns the report, or None when nothing changed."""
+    stack = stack_for_consumer(prompt, unique_id, resolve_lora)
+    if stack is not None and [(e.path, e.strength) for e in stack] != \
+            [(e[0], float(e[1])) for e in (loaded.loras or [])]:
+        return apply_stack(loaded, stack)
+    return reapply_after_reload(loaded)
 
 
 class Hunyuan3LoRA:

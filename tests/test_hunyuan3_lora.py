@@ -17,18 +17,15 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
-from torch import nn
-
 from comfyui_headroom.integrations.hunyuan3 import lora as hl
 from comfyui_headroom.integrations.hunyuan3.lora import (
     LoraEntry,
     LoraFormatError,
     LoraKeyError,
     LoraShapeError,
+    applied_stack,
     apply_hunyuan3_loras,
     apply_stack,
-    applied_stack,
     clear_hunyuan3_loras,
     reapply_after_reload,
     stack_for_consumer,
@@ -36,6 +33,8 @@ from comfyui_headroom.integrations.hunyuan3.lora import (
 from comfyui_headroom.quant.grouped import GroupedLinear, Int8GroupedLinear
 from comfyui_headroom.quant.linear import Int8Linear
 from hunyuan3_fake import FIXTURE, build_fake_folder
+from safetensors.torch import save_file
+from torch import nn
 
 ATTN = "model.layers.0.self_attn.qkv_proj"
 O_PROJ = "model.layers.1.self_attn.o_proj"
@@ -97,7 +96,7 @@ def _sizes(model, name):
     try:
         m = model.get_submodule(name)
     except AttributeError:
-        parent, expert, leaf = name.rsplit(".", 2)
+        parent, _, leaf = name.rsplit(".", 2)
         m = model.get_submodule(f"{parent}.{leaf}")
     return m.out_features, m.in_features
 
@@ -692,3 +691,39 @@ def test_without_a_prompt_the_node_replaces_its_own_entry(fresh, tmp_path):
     assert [e.strength for e in node_stack(loaded.loras, pa, 3.0, f"instance-{id(first)}")] == [3.0, -0.5]
     with pytest.raises(ValueError, match="not an existing absolute path"):
         first.apply(loaded, "missing.safetensors", 1.0)
+
+
+def test_a_generator_samples_with_the_stack_of_its_own_input(fresh, tmp_path):
+    from comfyui_headroom.nodes.hunyuan3_lora_node import (
+        Hunyuan3LoRA,
+        sync_for_generator,
+    )
+
+    a, b = lora_factors(fresh, [ATTN], seed=1), lora_factors(fresh, [SHARED], seed=2)
+    pa, pb = write_lora(tmp_path / "a.safetensors", a), write_lora(tmp_path / "b.safetensors", b)
+    loaded, x = _loaded(fresh), tokens()
+    base = run(fresh, x)
+    prompt = _prompt([("2", pa, 1.0), ("3", pb, 1.0)])
+    Hunyuan3LoRA().apply(loaded, pa, 1.0, unique_id="2", prompt=prompt)
+    Hunyuan3LoRA().apply(loaded, pb, 1.0, unique_id="3", prompt=prompt)
+    assert sync_for_generator(loaded, prompt, "9") is None  # already the stack of its input
+    # node 3 deleted, node 2 stays cached (does not run): the generator's own chain decides
+    sync_for_generator(loaded, _prompt([("2", pa, 1.0)]), "9")
+    assert [(e.path, e.strength) for e in loaded.loras] == [(pa, 1.0)]
+    torch.testing.assert_close(run(fresh, x), run(merged(fresh, [(a, 1.0)]), x), atol=2e-5, rtol=1e-5)
+    # every LoRA node deleted: the loader's (cached) model is sampled without LoRA
+    sync_for_generator(loaded, _prompt([]), "9")
+    assert loaded.loras == [] and hook_count(fresh) == 0 and torch.equal(run(fresh, x), base)
+    # no prompt (a script): the model's stack stays as it is
+    apply_stack(loaded, [LoraEntry(pb, 0.5)])
+    assert sync_for_generator(loaded) is None and hook_count(fresh) == 1
+
+
+def test_a_hooked_layer_called_with_a_keyword_input_gets_its_branch(fresh, tmp_path):
+    a = lora_factors(fresh, [O_PROJ], seed=4)
+    apply_hunyuan3_loras(fresh, [(write_lora(tmp_path / "a.safetensors", a), 1.0)])
+    layer = fresh.get_submodule(O_PROJ)
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(input=x), layer(x))
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight + delta(a, O_PROJ)), atol=1e-5, rtol=1e-5)

@@ -47,32 +47,40 @@ import math
 import os
 import re
 import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from ...quant.grouped import GroupedLinear, Int8GroupedLinear
 from ...quant.linear import Int8Linear
-from ...quant.lora import LoraShapeError, PreparedCache, apply_side_branches, dequantize_int8_lora, side_branches
+from ...quant.lora import (
+    LoraShapeError,
+    PreparedCache,
+    apply_side_branches,
+    dequantize_int8_lora,
+    side_branches,
+)
 
 __all__ = [
+    "RECORD_ATTR",
     "LoraEntry",
     "LoraFormatError",
     "LoraKeyError",
     "LoraReport",
     "LoraShapeError",
-    "RECORD_ATTR",
+    "applied_stack",
     "apply_hunyuan3_loras",
     "apply_stack",
-    "applied_stack",
     "clear_hunyuan3_loras",
     "read_lora",
     "reapply_after_reload",
     "stack_for_consumer",
     "stack_for_node",
+    "sync_hunyuan3_loras",
 ]
 
 RECORD_ATTR = "_headroom_hunyuan3_loras"
@@ -486,8 +494,13 @@ class _Record:
     report: LoraReport = field(default_factory=LoraReport)
 
 
-def _hook(branches, module, args, output):
-    return apply_side_branches(args[0], output, branches)
+def _hook(branches, module, args, kwargs, output):
+    x = args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None))
+    if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor):
+        return output
+    if x.device != output.device:  # an accelerate offload hook moved the input inside forward
+        x = x.to(output.device)
+    return apply_side_branches(x, output, branches)
 
 
 def _normalise(loras) -> list[tuple[str, float]]:
@@ -579,7 +592,7 @@ def apply_hunyuan3_loras(model: nn.Module, loras: Sequence, dtype: torch.dtype =
                 branches = hooked.get(id(target.module))
                 if branches is None:
                     branches = hooked[id(target.module)] = []
-                    new.hooks.append(target.module.register_forward_hook(partial(_hook, branches)))
+                    new.hooks.append(target.module.register_forward_hook(partial(_hook, branches), with_kwargs=True))
                 branches.append(branch)
             touched.add((target.name, target.expert))
             for t in (item.down, item.up):
@@ -620,9 +633,10 @@ def apply_stack(loaded, stack: Sequence) -> LoraReport | None:
 
 
 def reapply_after_reload(loaded) -> LoraReport | None:
-    """For the generator, after ``ensure_loaded`` (or a restore from a soft unload): attach ``loaded.loras`` when
-    the model does not carry exactly that stack (a fresh model after a reload carries none); the stack's tensors
-    follow the layers' devices. None when there is nothing to do."""
+    """For the generator, after ``ensure_loaded``: attach ``loaded.loras`` when the model does not carry exactly
+    that stack (a fresh model after a reload carries none). Also moves the branch tensors to where the layers are
+    now (call it after a soft unload - the branches are no parameters, so parking leaves them on the GPU otherwise -
+    and after the restore). None when there is nothing to do."""
     model = loaded.model
     if model is None:
         return None
@@ -632,6 +646,9 @@ def reapply_after_reload(loaded) -> LoraReport | None:
     if not stack and applied_stack(model) is None:
         return None
     return apply_hunyuan3_loras(model, stack)
+
+
+sync_hunyuan3_loras = reapply_after_reload  # the same call after a soft unload / restore: branches follow the layers
 
 
 def _moved(model: nn.Module) -> bool:
