@@ -116,6 +116,7 @@ class LoadedModel:
     cache_key: Any = None  # the node cache's key (nodes/hunyuan3_nodes.py)
     engine: str = ""  # who runs the weights: headroom-int8 | bitsandbytes-int8 | bitsandbytes-nf4 | bf16
     moe: dict = field(default_factory=dict)  # MoE layers per engine (integrations/hunyuan3/moe.moe_engines)
+    loras: list = field(default_factory=list)  # the LoRA stack, [LoraEntry(path, strength, ...)] (lora.py)
 
     @property
     def placement_owner(self) -> BlockStreamer | MultiDeviceSplit | None:
