@@ -276,14 +276,18 @@ class _Hunyuan3GenerateBase:
                                        "(NF4/BF16). 0 = the loader's budget."}),
                 "image": ("IMAGE", {"tooltip": "Input image, for models whose code takes one (Instruct)."}),
             },
+            # which LoRA nodes feed this generator (the model object is shared: its stack is settled per run)
+            "hidden": {"graph_prompt": "PROMPT", "unique_id": "UNIQUE_ID"},
         }
 
     def generate(self, model, prompt, seed, steps, guidance, width, height, offload_mode, post_action,
-                 budget_override_gb=0.0, image=None):
+                 budget_override_gb=0.0, image=None, graph_prompt=None, unique_id=None):
         from ..integrations.hunyuan3.generate import GenerateRequest, generate
+        from .hunyuan3_lora_node import sync_for_generator
 
         if model.model is None:  # unloaded by an earlier run while ComfyUI kept the loader's output:
             CACHE.drop()  # free whatever else is cached; generate() reloads this one
+        sync_for_generator(model, graph_prompt, unique_id)
         request = GenerateRequest(prompt=prompt, seed=seed, steps=steps, guidance=guidance, width=width,
                                   height=height, offload_mode=offload_mode, budget_override_gb=budget_override_gb,
                                   post_action=post_action, image=_to_pil(image) if image is not None else None)

@@ -552,7 +552,7 @@ def test_bitsandbytes_int8_layers_take_a_hook(fake_folder, tmp_path):
     from comfyui_headroom.integrations.hunyuan3.loader import load_hf_model
     from comfyui_headroom.quant.bnb_layers import is_bnb_quantized
 
-    loaded = load_hf_model(fake_folder, "int8", trust_remote_code=True)
+    loaded = load_hf_model(fake_folder, "int8", trust_remote_code=True, int8_engine="bitsandbytes")
     layer = loaded.model.get_submodule(EXPERT)
     assert is_bnb_quantized(layer)
     factors = lora_factors(loaded.model, [EXPERT, ATTN], alpha=4.0)
@@ -727,3 +727,29 @@ def test_a_hooked_layer_called_with_a_keyword_input_gets_its_branch(fresh, tmp_p
     with torch.no_grad():
         torch.testing.assert_close(layer(input=x), layer(x))
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight + delta(a, O_PROJ)), atol=1e-5, rtol=1e-5)
+
+
+def test_headroom_int8_engine_takes_lora_on_stacked_experts_and_int8_attention(fake_folder, tmp_path):
+    """Our INT8 engine's model (Int8Linear attention, experts stacked for the grouped kernel): the branches land on
+    the stack's expert and on the attention layer, change the output, and clearing gives the exact output back."""
+    from comfyui_headroom.integrations.hunyuan3.loader import load_hf_model
+
+    loaded = load_hf_model(fake_folder, "int8", trust_remote_code=True)
+    assert loaded.engine == "headroom-int8"
+    reference = load_hf_model(fake_folder, "bf16", trust_remote_code=True)
+    factors = lora_factors(reference.model, [EXPERT, ATTN], alpha=4.0)
+    path = write_lora(tmp_path / "a.safetensors", factors)
+    x = torch.randn(1, 40, 128, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    with torch.no_grad():
+        before = loaded.model.model(x).float()
+        apply_stack(loaded, [LoraEntry(path, 1.0)])
+        parts = EXPERT.split(".")  # model.layers.N.mlp.experts.E.proj
+        stack = loaded.model.get_submodule(".".join(parts[:-2] + [parts[-1]]))
+        attn = loaded.model.get_submodule(ATTN)
+        assert isinstance(stack, Int8GroupedLinear) and list(stack.lora) == [int(parts[-2])]
+        assert isinstance(attn, Int8Linear) and len(attn.lora) == 1
+        with_lora = loaded.model.model(x).float()
+        clear_hunyuan3_loras(loaded.model)
+        after = loaded.model.model(x).float()
+    assert not torch.equal(with_lora, before)
+    assert torch.equal(after, before)

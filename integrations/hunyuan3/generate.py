@@ -173,6 +173,7 @@ def soft_unload_model(loaded) -> str:
         return "soft unload skipped: a streamed or split model keeps its placement (use unload to free it)"
     handle = soft_unload(model)
     loaded.parked = device
+    _follow_lora_branches(loaded)  # LoRA branch tensors are no parameters: they move with the layers here
     text = f"soft unload: {handle}; VRAM now {torch.cuda.memory_allocated(device) / GB:.2f} GB"
     log.info("%s", text)
     return text
@@ -184,9 +185,18 @@ def restore_model(loaded) -> str:
         return ""
     handle = restore(loaded.model, loaded.parked)
     loaded.parked = None
+    _follow_lora_branches(loaded)
     text = f"restored: {handle}"
     log.info("%s", text)
     return text
+
+
+def _follow_lora_branches(loaded) -> None:
+    """The LoRA stack's side branches to wherever the layers now are (lora.reapply_after_reload)."""
+    if getattr(loaded, "loras", None):
+        from .lora import reapply_after_reload
+
+        reapply_after_reload(loaded)
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -225,6 +235,7 @@ def generate(loaded, request: GenerateRequest, on_step: Callable[[int, int], Non
 
     if ensure_loaded(loaded):
         notes.append("reloaded (the last run unloaded it)")
+        _follow_lora_branches(loaded)  # a fresh model: the stack is attached again
     model = loaded.model
     restored = restore_model(loaded)
     if restored:
