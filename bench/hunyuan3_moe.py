@@ -30,7 +30,6 @@ import json
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -67,7 +66,9 @@ def tencent_module(code_dir: Path):
     if not hasattr(gen_utils, "ALL_CACHE_NAMES"):  # gone in transformers 5: the release imports it
         gen_utils.ALL_CACHE_NAMES = ["past_key_values", "cache_params", "state", "mems", "past_buckets_states"]
     try:  # our own shims, when this checkout has them
-        from comfyui_headroom.integrations.hunyuan3.compat import prepare_transformers5_import
+        from comfyui_headroom.integrations.hunyuan3.compat import (
+            prepare_transformers5_import,
+        )
 
         prepare_transformers5_import()
     except ImportError:
@@ -198,7 +199,7 @@ def bench_moe(hy, config, tokens: int, results: dict, with_bnb: bool) -> None:
         del holder
         tencent = build(hy.HunyuanMoE, config, layer_idx=0, state=state)
         _free()
-    del tencent
+    tencent = None
     _free()
     if with_bnb:
         for kind in ("int8", "nf4"):
@@ -232,7 +233,7 @@ def bench_layer(hy, config, tokens: int, results: dict) -> None:
     reference = run().float()
     replace_moe(layer, stack="bf16")
     rows["bf16 + our MoE"] = timed(run)
-    del layer
+    layer = None
     _free()
     layer = build(hy.HunyuanImage3DecoderLayer, config, layer_idx=0, state=state)
     replace_moe(layer, stack="int8")
@@ -241,7 +242,7 @@ def bench_layer(hy, config, tokens: int, results: dict) -> None:
     rows["ours INT8 (attention + experts)"] = timed(run)
     out = run().float()
     rows["ours INT8 (attention + experts)"]["rel_err_vs_eager"] = ((out - reference).norm() / reference.norm()).item()
-    del layer
+    layer = None
     _free()
     results[f"layer_{tokens}"] = rows
     print(f"decoder layer, {tokens} tokens:", json.dumps(rows, indent=1), flush=True)

@@ -25,7 +25,7 @@ from ..integrations.hunyuan3.lora import (
     stack_for_consumer,
     stack_for_node,
 )
-from .hunyuan3_nodes import CATEGORY, MODEL_TYPE
+from .hunyuan3_types import CATEGORY, MODEL_TYPE
 
 LORA_FOLDER = "loras"
 STRENGTH_MIN, STRENGTH_MAX = -4.0, 4.0

@@ -22,11 +22,10 @@ from ..integrations.hunyuan3.inputs import (
     POST_ACTIONS,
     check_load_numbers,
 )
+from .hunyuan3_types import CATEGORY, MODEL_TYPE
 
 log = logging.getLogger("comfyui_headroom")
 
-CATEGORY = "headroom/hunyuan3"
-MODEL_TYPE = "HUNYUAN3_MODEL"
 FOLDER_KEY = "hunyuan3"
 TRUST_TOOLTIP = ("HunyuanImage-3 ships its own Python code (modeling files in the model folder); loading it runs "
                  "that code with your user's rights. Turn this on only for folders from a source you trust. "
