@@ -69,3 +69,38 @@ def test_unload_then_run_again_reloads(server):
     entry = server.run(again, timeout=600)
     assert entry["outputs"]["3"]["images"][0]["filename"].startswith("hy3_b")
     assert "reloaded" in server.text_of(entry, "2")
+
+
+@pytest.mark.parametrize("engine, says", [("headroom", "headroom-int8"), ("bitsandbytes", "bitsandbytes-int8")])
+def test_int8_engine_choice_reaches_the_loader(server, engine, says):
+    g = graph(prefix=f"hy3_{engine}")
+    g["1"]["inputs"]["int8_engine"] = engine
+    entry = server.run(g, timeout=600)
+    assert says in server.text_of(entry, "1")
+    assert entry["outputs"]["3"]["images"][0]["filename"].startswith(f"hy3_{engine}")
+
+
+def _write_lora(path: Path, layer: str, out_features: int, in_features: int, rank: int = 4) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    save_file({f"base_model.model.{layer}.lora_A.weight": torch.randn(rank, in_features, generator=g) * 0.1,
+               f"base_model.model.{layer}.lora_B.weight": torch.randn(out_features, rank, generator=g) * 0.1},
+              str(path))
+
+
+def test_lora_node_between_loader_and_generator(server):
+    loras = server.models("loras")
+    loras.mkdir(parents=True, exist_ok=True)
+    _write_lora(loras / "hy3_test_lora.safetensors", "model.layers.0.self_attn.qkv_proj", 3 * 4 * 32, 128)
+    g = graph(prefix="hy3_lora")
+    g["4"] = {"class_type": "Hunyuan3LoRA", "inputs": {"model": ["1", 0], "lora_name": "hy3_test_lora.safetensors",
+                                                        "strength": 0.8}}
+    g["2"]["inputs"]["model"] = ["4", 0]
+    entry = server.run(g, timeout=600)
+    status = server.text_of(entry, "4")
+    assert "hy3_test_lora.safetensors" in status
+    assert entry["outputs"]["3"]["images"][0]["filename"].startswith("hy3_lora")
+    plain = server.run(graph(prefix="hy3_nolora"), timeout=600)  # straight from the loader: the stack is dropped
+    assert plain["outputs"]["3"]["images"][0]["filename"].startswith("hy3_nolora")
