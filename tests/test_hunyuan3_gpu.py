@@ -125,6 +125,31 @@ def test_bf16_streams_what_does_not_fit_and_matches_resident(fake_folder):
     assert np.array_equal(np.asarray(want), np.asarray(got))
 
 
+def test_headroom_int8_streams_what_does_not_fit_and_matches_resident(fake_folder):
+    resident = load_hf_model(fake_folder, "int8", budget_gb=2.0, trust_remote_code=True)
+    assert resident.engine == "headroom-int8" and resident.streamer is None
+    want = generate(resident, _request()).image
+    del resident
+    torch.cuda.empty_cache()
+    streamed = load_hf_model(fake_folder, "int8", trust_remote_code=True, device_map="manual", gpu_layers=1)
+    assert streamed.streamer is not None and streamed.placement.offloaded_by == "headroom-streaming"
+    layer = streamed.model.model.layers[1]
+    assert layer.mlp.experts.down_proj.weight.device.type == "cpu" and layer.mlp.experts.down_proj.weight.is_pinned()
+    got = generate(streamed, _request())
+    assert np.array_equal(np.asarray(want), np.asarray(got.image))
+    assert "INT8" in got.status
+
+
+def test_headroom_int8_matches_bf16_closely_on_the_gpu(fake_folder):
+    """The grouped W8A8 kernel and the INT8 attention against bf16 with our MoE, through the whole fake."""
+    bf16 = load_hf_model(fake_folder, "bf16", budget_gb=2.0, trust_remote_code=True)
+    int8 = load_hf_model(fake_folder, "int8", budget_gb=2.0, trust_remote_code=True)
+    x = torch.randn(1, 300, bf16.model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        a, b = bf16.model.model(x).float(), int8.model.model(x).float()
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+
+
 def test_bf16_gpu_budgets_split_path_matches_resident(fake_folder):
     """BF16 with gpu_budgets_gb (issue #9's split path: load into RAM, plan over the GPUs, split), run here on one
     GPU: the image equals the resident load's. (The fake has two layers: a streaming ring would cost as much as
