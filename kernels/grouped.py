@@ -42,6 +42,19 @@ def _triton_here(t: torch.Tensor) -> bool:
     return HAS_TRITON and (t.is_cuda or interpreting())
 
 
+def quantize_token_rows(x: torch.Tensor) -> Int8Rows:
+    """Row-wise INT8 of the tokens ``x [T, K]`` before the grouped GEMM gathers them: the Triton row quantizer on
+    CUDA (one pass), torch elsewhere (the same rounding rule)."""
+    rows = x if x.stride(-1) == 1 else x.contiguous()
+    if _triton_here(rows):
+        from .triton_quant import quantize_rows
+
+        q, scale = quantize_rows(rows)
+    else:
+        q, scale = quantize_activation(rows)
+    return Int8Rows(q, scale.reshape(-1))
+
+
 def group_offsets_from_counts(counts: torch.Tensor) -> torch.Tensor:
     """Rows per expert ``[E]`` -> ``group_offsets int64 [E + 1]``: the running sum with a leading zero (on the
     counts' device, no synchronisation)."""

@@ -149,10 +149,10 @@ class Int8GroupedLinear(_GroupedBase):
                        row_index: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` float ``[T, in]``; output row m is expert e's projection of ``x[row_index[m]]`` (or ``x[m]``) for
         ``group_offsets[e] <= m < group_offsets[e + 1]``. ``x`` is quantized once per row, before the gather."""
-        from ..kernels.int8 import quantize_activation
+        from ..kernels.grouped import quantize_token_rows
 
-        q, scale = quantize_activation(x)
-        y = self.forward_sorted_int8(q, scale.reshape(-1), group_offsets, row_index, x.dtype)
+        q, scale = quantize_token_rows(x)
+        y = self.forward_sorted_int8(q, scale, group_offsets, row_index, x.dtype)
         return self._add_lora(x, y, group_offsets, row_index) if self.lora else y
 
     def forward_sorted_int8(self, q: torch.Tensor, scale: torch.Tensor, group_offsets: torch.Tensor,
