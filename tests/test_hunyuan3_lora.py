@@ -543,11 +543,16 @@ def test_a_peft_folder_takes_alpha_from_its_adapter_config(fresh, tmp_path):
 # ------------------------------------------------------------------------------ 5. the real loader's models
 
 
+# The loader takes the CUDA road on a GPU machine (layers on the GPU); these tests feed CPU inputs.
+CPU_ROAD = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU road; tests/test_hunyuan3_gpu.py covers CUDA")
+
+
 @pytest.fixture(scope="module")
 def fake_folder(tmp_path_factory):
     return build_fake_folder(tmp_path_factory.mktemp("hy3lora") / "HunyuanImage-3-fake")
 
 
+@CPU_ROAD
 def test_bitsandbytes_int8_layers_take_a_hook(fake_folder, tmp_path):
     from comfyui_headroom.integrations.hunyuan3.loader import load_hf_model
     from comfyui_headroom.quant.bnb_layers import is_bnb_quantized
@@ -567,6 +572,7 @@ def test_bitsandbytes_int8_layers_take_a_hook(fake_folder, tmp_path):
     assert (added - want).abs().max() < 0.02 * want.abs().max()
 
 
+@CPU_ROAD
 def test_reapply_after_reload_attaches_the_loaded_models_stack(fake_folder, tmp_path):
     from comfyui_headroom.integrations.hunyuan3.loader import load_hf_model
 
@@ -739,7 +745,8 @@ def test_headroom_int8_engine_takes_lora_on_stacked_experts_and_int8_attention(f
     reference = load_hf_model(fake_folder, "bf16", trust_remote_code=True)
     factors = lora_factors(reference.model, [EXPERT, ATTN], alpha=4.0)
     path = write_lora(tmp_path / "a.safetensors", factors)
-    x = torch.randn(1, 40, 128, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    device = loaded.model.model.wte.weight.device  # the GPU on a CUDA machine: the grouped kernel runs there
+    x = torch.randn(1, 40, 128, generator=torch.Generator().manual_seed(4)).to(device, torch.bfloat16)
     with torch.no_grad():
         before = loaded.model.model(x).float()
         apply_stack(loaded, [LoraEntry(path, 1.0)])
