@@ -100,11 +100,14 @@ def sweep_tiles(device: str, reps: int, calls: dict) -> dict:
     from comfyui_headroom.kernels.configs import GemmConfig, arch_of
 
     listed = tg.GROUPED_CONFIGS.get(arch_of(torch.device(device)), tg.GROUPED_CONFIGS["fallback"])
-    extra = [GemmConfig(128, 256, 128, 8, 8, 4), GemmConfig(128, 256, 64, 8, 8, 4), GemmConfig(128, 128, 128, 16, 4, 4),
-             GemmConfig(64, 256, 128, 8, 4, 3)] if device == "cuda" else []
+    extra = [GemmConfig(128, 256, 128, 8, 8, 4), GemmConfig(128, 256, 128, 8, 8, 3, tma=True),
+             GemmConfig(128, 256, 128, 8, 8, 4, tma=True), GemmConfig(128, 256, 64, 8, 8, 4, tma=True),
+             GemmConfig(128, 128, 128, 8, 8, 4, tma=True), GemmConfig(128, 256, 128, 16, 8, 3, tma=True),
+             GemmConfig(64, 256, 128, 8, 4, 4, tma=True)] if device == "cuda" else []
     out = {}
     for cfg in list(dict.fromkeys(listed + extra)):
-        key = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} g{cfg.group_m} w{cfg.num_warps} s{cfg.num_stages}"
+        key = (f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} g{cfg.group_m} w{cfg.num_warps} s{cfg.num_stages}"
+               f"{' tma' if cfg.tma else ''}")
         with tg.override(cfg):
             try:
                 out[key] = {name: _time_ms(fn, device, reps) for name, fn in calls.items()}

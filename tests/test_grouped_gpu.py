@@ -59,16 +59,23 @@ def assert_within_one_bf16_step(out, ref):
 
 
 def check_grouped_vs_loop(qa, a_scale, weight, weight_scale, offsets, row_index):
+    """The pointer kernel and (sm90+, K a multiple of 16) the persistent TMA kernel, each against the loop."""
     from comfyui_headroom.kernels import triton_grouped_w8a8
+    from comfyui_headroom.kernels.configs import GemmConfig
 
-    triton_grouped_w8a8.LAST_COMPILED.clear()
-    out32 = grouped_int8_linear(qa, a_scale, weight, weight_scale, offsets, row_index, out_dtype=torch.float32)
-    assert "grouped" in triton_grouped_w8a8.LAST_COMPILED  # the Triton kernel ran, not the loop
     ref32 = grouped_int8_linear_loop(qa, a_scale, weight, weight_scale, offsets, row_index, out_dtype=torch.float32)
-    torch.testing.assert_close(out32, ref32, rtol=1e-6, atol=1e-6 * float(ref32.abs().max()))
-    out = grouped_int8_linear(qa, a_scale, weight, weight_scale, offsets, row_index)
-    assert out.dtype == torch.bfloat16
-    assert_within_one_bf16_step(out, ref32)
+    tma_runs = torch.cuda.get_device_capability()[0] >= 9 and weight.shape[2] % 16 == 0
+    for variant, config in (("grouped", GemmConfig(128, 256, 128, 8, 8, 3)),
+                            ("grouped_tma", GemmConfig(128, 256, 128, 8, 8, 3, tma=True))):
+        with triton_grouped_w8a8.override(config):
+            triton_grouped_w8a8.LAST_COMPILED.clear()
+            out32 = grouped_int8_linear(qa, a_scale, weight, weight_scale, offsets, row_index, out_dtype=torch.float32)
+            ran = set(triton_grouped_w8a8.LAST_COMPILED)
+            assert ran == ({variant} if variant == "grouped" or tma_runs else {"grouped"}), ran  # not the loop
+            torch.testing.assert_close(out32, ref32, rtol=1e-6, atol=1e-6 * float(ref32.abs().max()))
+            out = grouped_int8_linear(qa, a_scale, weight, weight_scale, offsets, row_index)
+        assert out.dtype == torch.bfloat16
+        assert_within_one_bf16_step(out, ref32)
 
 
 def test_gate_and_up_shape_with_gather():
