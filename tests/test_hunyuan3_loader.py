@@ -171,8 +171,13 @@ def test_generation_config_fields_are_restored(int8, fake_folder):
     assert {k: getattr(gen, k) for k in saved} == saved
 
 
-def test_tencent_code_under_transformers_5_is_refused_with_the_pip_command(monkeypatch):
+def test_tencent_code_is_refused_where_the_transformers_5_shims_cannot_bridge_it(monkeypatch):
+    """No CUDA: refused. A HunyuanStaticCache that is no StaticCache of this transformers (the shims bridge that
+    API), or a transformers major version after 5: refused with the reason and the pip command. 4.x: fine.
+    (Tencent's real cache written the 4.x way passes under 5.x: tests/test_hunyuan3_compat.py.)"""
     import types
+
+    from comfyui_headroom.integrations.hunyuan3 import compat
 
     module = types.ModuleType("fake_tencent_hunyuan")
     module.HunyuanStaticCache = type("HunyuanStaticCache", (), {})
@@ -184,10 +189,14 @@ def test_tencent_code_under_transformers_5_is_refused_with_the_pip_command(monke
     with pytest.raises(LoaderError, match="CUDA only"):
         hf_loader.check_transformers_version(skeleton, "/models/HunyuanImage-3")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(hf_loader, "transformers_major", lambda: 5)
-    with pytest.raises(LoaderError, match=re.escape(hf_loader.TENCENT_PIP_COMMAND)):
+    monkeypatch.setattr(compat, "transformers_major", lambda: 5)
+    with pytest.raises(LoaderError, match=re.escape(hf_loader.TENCENT_PIP_COMMAND)) as info:
         hf_loader.check_transformers_version(skeleton, "/models/HunyuanImage-3")
-    monkeypatch.setattr(hf_loader, "transformers_major", lambda: 4)
+    assert "HunyuanStaticCache is not a subclass of this transformers' StaticCache" in str(info.value)
+    monkeypatch.setattr(compat, "transformers_major", lambda: 6)
+    with pytest.raises(LoaderError, match=r"6\.x is not known to them.*" + re.escape(hf_loader.TENCENT_PIP_COMMAND)):
+        hf_loader.check_transformers_version(skeleton, "/models/HunyuanImage-3")
+    monkeypatch.setattr(compat, "transformers_major", lambda: 4)
     hf_loader.check_transformers_version(skeleton, "/models/HunyuanImage-3")  # fine under 4.x
 
 

@@ -13,7 +13,8 @@ with the failure modes fixed:
   ``bitsandbytes_nf4``) load without quantizing again; critical layers of a "full" folder are
   dequantized to bf16;
 - the generation config's custom fields are restored (``generate_image`` reads them);
-- Tencent's code under transformers 5.x is refused at load time with the pip command that works;
+- remote code written for transformers 4.x is shimmed for 5.x (``compat.py``); Tencent's code is refused at
+  load time, with the reason and the pip command that works, where the shims cannot bridge it;
 - load telemetry: wall time, peak process RSS, peak VRAM, dtype report, placement summary.
 
 No ComfyUI import here: the nodes call this, and so can a script.
@@ -169,6 +170,9 @@ def build_skeleton(folder, config_obj, trust_remote_code: bool, attn_implementat
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    from .compat import prepare_transformers5_import
+
+    prepare_transformers5_import()  # names 5.x removed that remote 4.x code imports, put back before its import
     kwargs = {"trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -199,21 +203,35 @@ def transformers_major() -> int:
 
 
 def check_transformers_version(skeleton: nn.Module, folder) -> None:
-    """Tencent's code breaks inside ``generate_image`` under transformers 5.x (its ``HunyuanStaticCache``
-    predates the v5 cache API) and without CUDA: refuse now, with the command that gives a working
+    """Remote code written for transformers 4.x is shimmed for 5.x here (``compat.py``: any model, keyed on the
+    API it uses). Tencent's code is then refused, before a weight is read, where it could not run: without CUDA,
+    and under a transformers whose API the shims cannot bridge for it (a major version after 5, or a
+    ``HunyuanStaticCache`` that fails the cache probe) - with the reason and the command that gives a working
     environment, instead of a traceback in the middle of a generation."""
+    _shim_for_transformers5(skeleton)
     if not is_tencent_code(skeleton):
         return
     if not torch.cuda.is_available():
         raise LoaderError(f"{folder}: Tencent's HunyuanImage-3 code runs on CUDA only (CUDA autocast, "
                           "torch.cuda.set_device in its MoE); this machine has no CUDA device")
-    if transformers_major() >= 5:
+    from .compat import transformers5_blockers
+
+    blockers = transformers5_blockers(skeleton, required_caches=("HunyuanStaticCache",))
+    if blockers:
         import transformers
 
         raise LoaderError(
-            f"{folder}: Tencent's HunyuanImage-3 code does not run under transformers {transformers.__version__} "
-            "(its HunyuanStaticCache does not fit the v5 cache API: generation would fail midway). Install the "
-            f"versions it was written for, in ComfyUI's Python: {TENCENT_PIP_COMMAND}")
+            f"{folder}: Tencent's HunyuanImage-3 code cannot run under transformers {transformers.__version__}: "
+            f"{'; '.join(blockers)} (generation would fail midway). Install the versions it was written for, in "
+            f"ComfyUI's Python: {TENCENT_PIP_COMMAND}")
+
+
+def _shim_for_transformers5(model: nn.Module) -> list[str]:
+    """The transformers 5.x shims for remote code written against 4.x (``compat.py``; nothing under 4.x, nothing
+    applied twice); returns load-report lines for the shims in effect on ``model``."""
+    from .compat import apply_transformers5_shims
+
+    return [f"transformers 5.x shim: {line}" for line in apply_transformers5_shims(model)]
 
 
 def restore_generation_config(model: nn.Module, folder) -> list[str]:
@@ -665,6 +683,7 @@ def _finish_model(model: nn.Module, folder: Path, skeleton: nn.Module, plan: _Lo
         dequantized = dequantize_critical_layers(model, folder, plan.dequantize, dtypes)
         plan.critical_note += f": {dequantized} layers dequantized INT8 -> bf16"
     log.info("%s", plan.critical_note or "no pre-quantized layers")
+    plan.notes.extend(_shim_for_transformers5(model))  # the skeleton's classes already carry them: report only
     restored = restore_generation_config(model, folder)
     if hasattr(model, "load_tokenizer") and any((folder / n).exists() for n in ("tokenizer.json", "tokenizer_config.json")):
         try:
