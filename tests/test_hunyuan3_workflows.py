@@ -5,7 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from comfyui_headroom.nodes.hunyuan3_nodes import NODE_CLASS_MAPPINGS
+from comfyui_headroom.nodes.hunyuan3_lora_node import NODE_CLASS_MAPPINGS as LORA_NODES
+from comfyui_headroom.nodes.hunyuan3_nodes import NODE_CLASS_MAPPINGS as LOADER_NODES
+
+NODE_CLASS_MAPPINGS = {**LOADER_NODES, **LORA_NODES}
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("hunyuan3_*.json"))
 CORE = {"SaveImage", "PreviewAny"}
@@ -27,9 +30,10 @@ def widget_names(cls):
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
 def test_workflow_matches_our_nodes(path, monkeypatch):
-    from comfyui_headroom.nodes import hunyuan3_nodes
+    from comfyui_headroom.nodes import hunyuan3_lora_node, hunyuan3_nodes
 
     monkeypatch.setattr(hunyuan3_nodes, "model_folder_choices", lambda: ["HunyuanImage-3"])
+    monkeypatch.setattr(hunyuan3_lora_node, "lora_choices", lambda: ["hunyuan3_style_lora.safetensors"])
     data = json.loads(path.read_text())
     assert {"nodes", "links", "last_node_id", "last_link_id", "version"} <= set(data)
     ids = {n["id"] for n in data["nodes"]}
@@ -51,7 +55,7 @@ def test_workflow_matches_our_nodes(path, monkeypatch):
             elif kind in ("INT", "FLOAT"):
                 opts = spec[name][1]
                 assert opts["min"] <= value <= opts["max"], (name, value)
-    assert ours == 2
+    assert ours == (3 if any(n["type"] in LORA_NODES for n in data["nodes"]) else 2)
     for link in data["links"]:
         _, src, _, dst, _, _ = link
         assert src in ids and dst in ids
