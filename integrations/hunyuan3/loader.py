@@ -439,8 +439,23 @@ def _load_headroom_int8(folder: Path, skeleton: nn.Module, plan: _LoadPlan, budg
     telemetry.update(counts)
     if counts["read_as_int8"]:
         plan.notes.append(f"{counts['read_as_int8']} layers read as INT8 from a headroom convert folder")
+    _load_generation_config(skeleton, folder)
     skeleton.eval()
     return skeleton, telemetry
+
+
+def _load_generation_config(model: nn.Module, folder: Path) -> None:
+    """What ``from_pretrained`` does for the generation config (built models start from the defaults); the custom
+    fields transformers drops come back in :func:`restore_generation_config`."""
+    if not (folder / GENERATION_CONFIG).is_file() or not hasattr(model, "generation_config"):
+        return
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as err:  # checked before loading; say so rather than fail here
+        log.warning("%s: transformers could not read it (%s); the custom fields are restored from the file",
+                    folder / GENERATION_CONFIG, first_line(err))
 
 
 def _has_module(model: nn.Module, name: str) -> bool:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...quant.grouped import GroupedLinear, Int8GroupedLinear
+from ...quant.linear import Int8Linear
 
 log = logging.getLogger("comfyui_headroom")
 
@@ -173,8 +174,23 @@ class HeadroomMoE(nn.Module):
             out[start:start + chunk.shape[0]] = self._routed(chunk)
         out = out.reshape(shape)
         if self.shared_mlp is not None:
-            out = out + self.shared_mlp(hidden_states)
+            out = out + self._shared(x).reshape(shape)
         return out
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared expert on ``x [T, hidden]``. With INT8 layers, SiLU-gate and the quantization for ``down_proj``
+        run as one producer (as for the routed experts); otherwise Tencent's own MLP forward."""
+        from ...kernels.grouped import silu_gate, silu_gate_quantize
+
+        mlp = self.shared_mlp
+        up, down = getattr(mlp, "gate_and_up_proj", None), getattr(mlp, "down_proj", None)
+        if not (isinstance(up, Int8Linear) and isinstance(down, Int8Linear)
+                and getattr(mlp, "hidden_act", "silu") == "silu"):
+            return mlp(x[None])[0]  # Tencent's HunyuanMLP splits gate and up on dim 2: [batch, tokens, hidden]
+        h = up(x)
+        if down.takes_int8_input(h[:, : down.in_features]):
+            return down.forward_int8(silu_gate_quantize(h), x.dtype)
+        return down(silu_gate(h))
 
     def _routed(self, x: torch.Tensor) -> torch.Tensor:
         """The routed experts' weighted sum for the tokens ``x [t, hidden]``."""
