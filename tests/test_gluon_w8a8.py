@@ -7,23 +7,21 @@ Its numbers are checked on the GPU (tests/test_kernels_gpu.py). Dispatch rules a
 """
 
 import re
-import subprocess
 
 import pytest
 import torch
-
 from comfyui_headroom.kernels import gluon_w8a8
+from testutil import ptxas_spills
 
 pytestmark = pytest.mark.skipif(not gluon_w8a8.HAVE_GLUON, reason="this triton has no Gluon")
 
 
 def _compile_for_sm90(m, n, k, out_dtype=torch.bfloat16, scale="rowwise", bias=True, tile=0):
     import triton
+    from comfyui_headroom.kernels.configs import W8A8_WS_CONFIGS
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
-
-    from comfyui_headroom.kernels.configs import W8A8_WS_CONFIGS
 
     cfg = W8A8_WS_CONFIGS["sm90"][tile]
     qa, w = torch.zeros(m, k, dtype=torch.int8), torch.zeros(n, k, dtype=torch.int8)
@@ -41,23 +39,6 @@ def _compile_for_sm90(m, n, k, out_dtype=torch.bfloat16, scale="rowwise", bias=T
     return grid, compiled
 
 
-def _ptxas_spills(ptx: str, tmp_path) -> int | None:
-    """Spill bytes ptxas reports for this PTX, or None when this triton ships no ptxas we can find."""
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        ptxas = get_ptxas(90).path
-    except Exception:  # noqa: BLE001 - layout of triton's backend differs between versions
-        return None
-    src = tmp_path / "k.ptx"
-    src.write_text(ptx)
-    result = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(src), "-o", str(tmp_path / "k.cubin")],
-                            capture_output=True, text=True, check=True)
-    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", result.stderr)]
-    assert spills, f"ptxas -v printed no spill line:\n{result.stderr}"
-    return sum(spills)
-
-
 @pytest.mark.parametrize("out_dtype,scale,bias,tile", [(torch.bfloat16, "rowwise", True, 0),
                                                        (torch.float16, "tensorwise", False, 0),
                                                        (torch.bfloat16, "rowwise", True, 1)])
@@ -69,7 +50,7 @@ def test_compiles_for_sm90_with_int8_wgmma_and_no_spills(out_dtype, scale, bias,
     assert "setmaxnreg.inc" in ptx and "setmaxnreg.dec" in ptx, "no register reallocation between warp roles"
     assert compiled.metadata.shared <= 232448, "more shared memory than an H100 block may have (227 KB)"
     assert grid == (132,)  # 32 x 12 (or 24) tiles over 132 SMs: persistent, one program per SM
-    spills = _ptxas_spills(ptx, tmp_path)
+    spills = ptxas_spills(ptx, tmp_path)
     if spills is not None:
         # ptxas 13 (triton 3.9) spills nothing; ptxas 12.8 (triton 3.6) ~48 bytes of epilogue addresses with a
         # bias. One spilled 64 x 128 accumulator would be 256 bytes per thread, in the main loop.

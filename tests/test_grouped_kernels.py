@@ -33,7 +33,7 @@ from comfyui_headroom.kernels.grouped import (
     silu_gate,
     silu_gate_quantize,
 )
-from testutil import interpreter_unusable
+from testutil import interpreter_unusable, ptxas_spills
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -170,22 +170,6 @@ if not INTERPRETING:
         assert sorted(covered) == list(range(m_out))
         assert int(real.sum()) == sum(-(-c // block_m) for c in counts)
 
-    def _ptxas_spills(ptx: str, tmp_path) -> int | None:
-        """Spill bytes ptxas reports for this PTX, or None when this triton ships no ptxas we can find."""
-        try:
-            from triton.backends.nvidia.compiler import get_ptxas
-
-            ptxas = get_ptxas(90).path
-        except Exception:  # noqa: BLE001 - layout of triton's backend differs between versions
-            return None
-        src = tmp_path / "k.ptx"
-        src.write_text(ptx)
-        result = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(src), "-o", str(tmp_path / "k.cubin")],
-                                capture_output=True, text=True, check=True)
-        spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", result.stderr)]
-        assert spills, f"ptxas -v printed no spill line:\n{result.stderr}"
-        return sum(spills)
-
     @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
     @pytest.mark.parametrize("tile,gather", [(0, True), (2, False)])
     def test_grouped_kernel_compiles_for_sm90_pipelined_without_spills(tile, gather, tmp_path):
@@ -215,7 +199,7 @@ if not INTERPRETING:
         stage_bytes = (cfg.block_m + cfg.block_n) * cfg.block_k
         assert compiled.metadata.shared >= cfg.num_stages * stage_bytes, "fewer shared-memory stages than asked"
         assert compiled.metadata.shared <= 232448, "more shared memory than a Hopper block may have (227 KB)"
-        spills = _ptxas_spills(ptx, tmp_path)
+        spills = ptxas_spills(ptx, tmp_path)
         assert spills is None or spills == 0, f"the grouped kernel spills {spills} bytes of registers"
 
     @pytest.mark.parametrize("dtype,n,k", [(torch.bfloat16, 24, 32), (torch.bfloat16, 20, 30), (torch.float32, 24, 32)])

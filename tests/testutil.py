@@ -1,6 +1,8 @@
 """Helpers shared by the tests (import as `from testutil import ...`)."""
 
 import os
+import re
+import subprocess
 
 import torch
 
@@ -50,3 +52,21 @@ def cli_error(capsys, *argv):
     assert code == 2, err
     assert len(err.splitlines()) == 1, err
     return err
+
+
+def ptxas_spills(ptx: str, tmp_path) -> int | None:
+    """Spill bytes ptxas reports for this PTX (compiled for sm_90a), or None when this triton ships no ptxas we can
+    find. The Hopper kernels' tests compile without a GPU and assert no spills."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(90).path
+    except Exception:  # noqa: BLE001 - layout of triton's backend differs between versions
+        return None
+    src = tmp_path / "k.ptx"
+    src.write_text(ptx)
+    result = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(src), "-o", str(tmp_path / "k.cubin")],
+                            capture_output=True, text=True, check=True)
+    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", result.stderr)]
+    assert spills, f"ptxas -v printed no spill line:\n{result.stderr}"
+    return sum(spills)
