@@ -15,6 +15,8 @@ with the failure modes fixed:
 - the generation config's custom fields are restored (``generate_image`` reads them);
 - remote code written for transformers 4.x is shimmed for 5.x (``compat.py``); Tencent's code is refused at
   load time, with the reason and the pip command that works, where the shims cannot bridge it;
+- INT8 on our own engine by default (``int8_engine="headroom"``, :mod:`.int8_engine`): W8A8 layers and stacked
+  experts, quantized while loading, no bitsandbytes; every engine runs the mask-free MoE forward (:mod:`.moe`);
 - load telemetry: wall time, peak process RSS, peak VRAM, dtype report, placement summary.
 
 No ComfyUI import here: the nodes call this, and so can a script.
@@ -194,12 +196,6 @@ def is_tencent_code(model: nn.Module) -> bool:
 
     module = sys.modules.get(type(model).__module__)
     return module is not None and hasattr(module, "HunyuanStaticCache")
-
-
-def transformers_major() -> int:
-    import transformers
-
-    return int(transformers.__version__.split(".")[0])
 
 
 def check_transformers_version(skeleton: nn.Module, folder) -> None:
