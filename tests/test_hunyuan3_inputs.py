@@ -47,7 +47,7 @@ def test_bitsandbytes_cast_notice_is_said_once_per_process(fake_folder, caplog, 
     monkeypatch.setattr(bnb, "CAST_NOTICE_FILTER", bnb._OncePerProcess())
     int8 = load_hf_model(fake_folder, "int8", int8_engine="bitsandbytes", trust_remote_code=True)
     layer = int8.model.model.layers[0].mlp.experts[0].down_proj
-    x = torch.randn(2, layer.in_features, dtype=torch.bfloat16)
+    x = torch.randn(2, layer.in_features, dtype=torch.bfloat16, device=layer.weight.device)  # the GPU on CUDA
     with caplog.at_level(logging.WARNING):
         for _ in range(3):  # outside our calls: bitsandbytes as it is, one line per call
             layer(x)
