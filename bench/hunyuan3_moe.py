@@ -385,8 +385,18 @@ def render(data: dict) -> str:
                          f"(1/{eager_extra / max(ours['extra_vram_gb'], 1e-9):.0f}; goal at 4 MP <= 1/20 and <= 1.4 GB)")
         lines.append("")
     for key in sorted(k for k in data if k.startswith("gemm_")):
-        lines += [f"### Grouped expert GEMM alone, {key[5:]} tokens x top-8", "", "```",
-                  json.dumps(data[key], indent=1)[:2500], "```", ""]
+        lines += [f"### Grouped expert GEMM alone, {key[5:]} tokens x top-8 (bench/grouped_moe_gemm.py)", "",
+                  "| projection | INT8 grouped ms | bf16 torch._grouped_mm ms | bf16 loop ms | grouped_mm / INT8 |",
+                  "|---|---|---|---|---|"]
+        for run in data[key].get("runs", []):
+            for shape, row in run["shapes"].items():
+                lines.append(f"| {shape} [{row['n']}x{row['k']}] | {row['int8 grouped']:.2f} | "
+                             f"{row['bf16 grouped_mm']:.2f} | {row['bf16 loop']:.2f} | **{row['speedup']:.2f}x** |")
+            mlp = run.get("mlp_ms", {})
+            if mlp:
+                lines += ["", f"- expert MLP with its producers: INT8 {mlp['int8']:.2f} ms vs bf16 {mlp['bf16']:.2f} ms "
+                          f"(**{mlp['speedup']:.2f}x**); tile {data[key].get('configs', {})}; goal per GEMM >= 1.5x"]
+        lines.append("")
     for key in sorted(k for k in data if k.startswith("layer_")):
         rows = data[key]
         lines += [f"### One decoder layer (attention + MoE), {key[6:]} tokens", ""] + _table(rows, "Tencent eager bf16")
@@ -401,6 +411,7 @@ def render(data: dict) -> str:
                   f"{s['tokens']} tokens from the same noise (a stand-in for the whole model, whose VAE, ViT and "
                   f"tokenizer are not part of this bench): cosine of the final latent **{s['cosine']:.5f}** (goal >= "
                   f"0.99), PSNR {s['psnr_db']:.1f} dB.", ""]
+    lines.extend(f"- {note}" for note in data.get("notes", []))
     return "\n".join(lines)
 
 

@@ -114,7 +114,9 @@ def main(argv=None) -> int:
             restore_model(loaded)
             torch.cuda.synchronize()
             restore_s = time.perf_counter() - t
-            wbytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+            # parameters and buffers: our INT8 layers hold their int8 weights and scales as buffers
+            wbytes = sum(t.numel() * t.element_size() for t in list(loaded.model.parameters())
+                         + list(loaded.model.buffers()))
             row.update(soft_unload_s=unload_s, restore_s=restore_s, weights_gb=wbytes / 2**30,
                        vram_parked_gb=parked / 2**30, vram_loaded_gb=before / 2**30,
                        restore_gb_per_s=wbytes / 2**30 / restore_s)
