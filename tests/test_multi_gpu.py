@@ -99,10 +99,10 @@ def test_memory_tracker_reports_each_gpu_of_a_split():
     assert "cuda:0" in str(report) and "cuda:1" in str(report)
 
 
-@pytest.mark.parametrize("mode", ["int8", "bf16"])
+@pytest.mark.parametrize("mode", ["int8", "bf16", "headroom-int8"])
 def test_hunyuan3_loader_spreads_over_both_gpus_with_gpu_budgets(tmp_path, mode):
-    """gpu_budgets_gb='A,B' with A below the model: INT8 through accelerate's device map (bitsandbytes), BF16
-    through our split; layers on cuda:0 and cuda:1, nothing left on the CPU, and it generates."""
+    """gpu_budgets_gb='A,B' with A below the model: INT8 through accelerate's device map (bitsandbytes), BF16 and
+    our INT8 engine through our split; layers on cuda:0 and cuda:1, nothing left on the CPU, and it generates."""
     if mode == "int8" and importlib.util.find_spec("bitsandbytes") is None:
         pytest.skip("needs bitsandbytes")
     from comfyui_headroom.integrations.hunyuan3.generate import GenerateRequest, generate
@@ -115,9 +115,11 @@ def test_hunyuan3_loader_spreads_over_both_gpus_with_gpu_budgets(tmp_path, mode)
     file_bytes = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
     # cuda:0 gets less than the model: INT8 (accelerate fills cuda:0 first) a quarter of the bf16 bytes, BF16 (our
     # planner keeps everything before the layers with the first layer) three quarters: those modules + 1 layer
-    first = (0.25 if mode == "int8" else 0.75) * file_bytes / 2**30
-    engine = {"int8_engine": "bitsandbytes"} if mode == "int8" else {}  # accelerate's spread, as sized above
-    loaded = load_hf_model(folder, mode, trust_remote_code=True, gpu_budgets_gb=f"{first:.4f},4", **engine)
+    # (our INT8 engine: the layers at INT8 size, half the bf16 bytes: the same fraction puts one layer on cuda:0)
+    first = {"int8": 0.25, "bf16": 0.75, "headroom-int8": 0.4}[mode] * file_bytes / 2**30
+    engine = {"int8_engine": "bitsandbytes" if mode == "int8" else "headroom"}
+    loaded = load_hf_model(folder, "int8" if mode != "bf16" else "bf16", trust_remote_code=True,
+                           gpu_budgets_gb=f"{first:.4f},4", **engine)
     devices = {str(p.device) for p in loaded.model.parameters()}
     assert {"cuda:0", "cuda:1"} <= devices and "cpu" not in devices, devices
     result = generate(loaded, GenerateRequest(prompt="a red fox", seed=3, steps=2, guidance=2.0, width=64,
