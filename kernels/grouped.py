@@ -78,7 +78,8 @@ def _check_offsets_values(fn: str, group_offsets: torch.Tensor, m_out: int) -> N
                                    f"{offsets.tolist()[:8]}{' ...' if offsets.numel() > 8 else ''}")
 
 
-def _check_int8_args(qa, a_scale, weight, weight_scale, group_offsets, row_index, out_dtype) -> int:
+def _check_int8_args(qa, a_scale, weight, weight_scale, group_offsets, row_index, out_dtype,
+                     out_row_index=None) -> int:
     """Shapes, dtypes and devices of :func:`grouped_int8_linear`'s arguments; returns ``M_out``."""
     fn = "grouped_int8_linear"
     if not isinstance(qa, torch.Tensor) or qa.dtype != torch.int8 or qa.ndim != 2:
@@ -105,10 +106,14 @@ def _check_int8_args(qa, a_scale, weight, weight_scale, group_offsets, row_index
         m_out = row_index.shape[0]
     else:
         m_out = m_rows
+    if out_row_index is not None and (not isinstance(out_row_index, torch.Tensor)
+                                      or out_row_index.dtype not in INDEX_DTYPES or out_row_index.shape != (m_out,)):
+        _fail(fn, "out_row_index", f"must be a 1-D int64 or int32 tensor [{m_out}] (where each output row goes), "
+                                   f"got {_describe(out_row_index)}")
     if out_dtype not in OUT_DTYPES:
         _fail(fn, "out_dtype", f"must be one of {', '.join(str(d) for d in OUT_DTYPES)}, got {out_dtype}")
     for name, t in (("a_scale", a_scale), ("weight", weight), ("weight_scale", weight_scale),
-                    ("group_offsets", group_offsets), ("row_index", row_index)):
+                    ("group_offsets", group_offsets), ("row_index", row_index), ("out_row_index", out_row_index)):
         if t is not None and t.device != qa.device:
             _fail(fn, name, f"is on {t.device} but qa is on {qa.device}; put every argument on one device")
     if qa.device.type == "cpu":  # reading the values costs nothing here
@@ -116,6 +121,9 @@ def _check_int8_args(qa, a_scale, weight, weight_scale, group_offsets, row_index
         if row_index is not None and m_out and (int(row_index.min()) < 0 or int(row_index.max()) >= m_rows):
             _fail(fn, "row_index", f"must index the {m_rows} rows of qa, got values in "
                                    f"[{int(row_index.min())}, {int(row_index.max())}]")
+        if out_row_index is not None and m_out and not torch.equal(
+                torch.sort(out_row_index.to(torch.int64)).values, torch.arange(m_out)):
+            _fail(fn, "out_row_index", f"must be a permutation of 0..{m_out - 1} (each output row written once)")
     return m_out
 
 
@@ -131,6 +139,7 @@ def grouped_int8_linear(
     group_offsets: torch.Tensor,
     row_index: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
+    out_row_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """All experts' W8A8 GEMMs: ``out [M_out, N] = (qa[src] . weight[e]^T) * a_scale[src] * weight_scale[e]``.
 
@@ -139,22 +148,25 @@ def grouped_int8_linear(
     float32 ``[E, N]``; ``group_offsets`` int64/int32 ``[E + 1]``: output rows ``offsets[e]:offsets[e + 1]`` use
     expert ``e``. ``row_index`` int64/int32 ``[M_out]`` (optional): output row ``m`` reads activation row
     ``row_index[m]`` (``src``), so a token routed to 8 experts is read 8 times without a gathered copy; without
-    it ``M_out == M_rows`` and ``src = m``. int32 accumulation, scales applied in float32, one rounding to
+    it ``M_out == M_rows`` and ``src = m``. ``out_row_index`` int64/int32 ``[M_out]`` (optional, a permutation):
+    row ``m``'s result is stored at ``out[out_row_index[m]]`` - a MoE's down projection writes its rows straight
+    back into token order, with no un-sorting copy. int32 accumulation, scales applied in float32, one rounding to
     ``out_dtype``.
 
     On CUDA (sm80+) and under ``TRITON_INTERPRET=1``: one Triton launch for all experts, no host synchronisation
     (:mod:`.triton_grouped_w8a8`); elsewhere, or where the kernel refuses the call, the per-expert loop.
     """
-    _check_int8_args(qa, a_scale, weight, weight_scale, group_offsets, row_index, out_dtype)
+    _check_int8_args(qa, a_scale, weight, weight_scale, group_offsets, row_index, out_dtype, out_row_index)
     if _triton_here(qa):
         from . import triton_grouped_w8a8
 
         try:
             return triton_grouped_w8a8.grouped_w8a8_matmul(qa, a_scale, weight, weight_scale, group_offsets,
-                                                           row_index, out_dtype)
+                                                           row_index, out_dtype, out_row_index=out_row_index)
         except KernelUnsupported as why:
             log.debug("headroom: grouped W8A8 kernel refused the call (%s); per-expert loop", why)
-    return grouped_int8_linear_loop(qa, a_scale, weight, weight_scale, group_offsets, row_index, out_dtype)
+    return grouped_int8_linear_loop(qa, a_scale, weight, weight_scale, group_offsets, row_index, out_dtype,
+                                    out_row_index)
 
 
 def _int8_matmul(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -175,10 +187,11 @@ def grouped_int8_linear_loop(
     group_offsets: torch.Tensor,
     row_index: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
+    out_row_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`grouped_int8_linear` as a loop over experts (reads the offsets on the host: synchronises). The scales
     multiply in the kernel's order (``acc * a_scale`` then ``* weight_scale``, float32), so both round alike."""
-    m_out = _check_int8_args(qa, a_scale, weight, weight_scale, group_offsets, row_index, out_dtype)
+    m_out = _check_int8_args(qa, a_scale, weight, weight_scale, group_offsets, row_index, out_dtype, out_row_index)
     num_experts, n, k = weight.shape
     bounds = group_offsets.tolist()
     if qa.device.type != "cpu":
@@ -192,7 +205,8 @@ def grouped_int8_linear_loop(
             continue
         src = row_index[start:end] if row_index is not None else slice(start, end)
         acc = _int8_matmul(qa[src], weight[e])
-        out[start:end] = (acc.float() * a_scale[src][:, None] * weight_scale[e][None, :]).to(out_dtype)
+        dst = out_row_index[start:end] if out_row_index is not None else slice(start, end)
+        out[dst] = (acc.float() * a_scale[src][:, None] * weight_scale[e][None, :]).to(out_dtype)
     return out
 
 

@@ -103,9 +103,10 @@ def tile_schedule(group_offsets: torch.Tensor, m_out: int, block_m: int) -> tupl
 
 @triton.jit
 def _grouped_w8a8_kernel(
-    a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, offsets_ptr, schedule_ptr, row_index_ptr,
+    a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, offsets_ptr, schedule_ptr, row_index_ptr, out_index_ptr,
     M_OUT, N, K, num_row_tiles, stride_am, stride_be, stride_bn, stride_cm, stride_wse,
-    HAS_ROW_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_ROW_INDEX: tl.constexpr, HAS_OUT_INDEX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -144,14 +145,19 @@ def _grouped_w8a8_kernel(
     a_scale = tl.load(as_ptr + src_rows)
     w_scale = tl.load(ws_ptr + expert.to(tl.int64) * stride_wse + cols)
     out = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+    if HAS_OUT_INDEX:
+        dst_rows = tl.load(out_index_ptr + rows).to(tl.int64)  # rows past the group end: masked below
+    else:
+        dst_rows = offs_m
+    c_ptrs = c_ptr + dst_rows[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < group_end) & (offs_n[None, :] < N))
 
 
 @triton.jit
 def _grouped_w8a8_tma_kernel(
-    a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, offsets_ptr, schedule_ptr,
+    a_ptr, b_ptr, c_ptr, as_ptr, ws_ptr, offsets_ptr, schedule_ptr, out_index_ptr,
     M_OUT, N, K, num_row_tiles, num_experts, stride_cm, stride_wse,
+    HAS_OUT_INDEX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_SMS: tl.constexpr,
 ):
@@ -185,7 +191,11 @@ def _grouped_w8a8_tma_kernel(
             a_scale = tl.load(as_ptr + offs_m, mask=row_ok, other=0.0)
             w_scale = tl.load(ws_ptr + expert.to(tl.int64) * stride_wse + offs_n, mask=offs_n < N, other=0.0)
             out = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
-            c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+            if HAS_OUT_INDEX:
+                dst_rows = tl.load(out_index_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
+            else:
+                dst_rows = offs_m
+            c_ptrs = c_ptr + dst_rows[:, None] * stride_cm + offs_n[None, :]
             tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < N))
 
 
@@ -205,6 +215,7 @@ def grouped_w8a8_matmul(
     row_index: torch.Tensor | None,
     out_dtype: torch.dtype,
     config: GemmConfig | None = None,
+    out_row_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The grouped W8A8 GEMM, one launch. Arguments as :func:`comfyui_headroom.kernels.grouped.grouped_int8_linear`
     (which checks them); ``config`` overrides the tile. Raises :class:`KernelUnsupported` where the kernel cannot
@@ -225,15 +236,18 @@ def grouped_w8a8_matmul(
     cfg = config or pick_config(qa.device, m_out, num_experts)
     schedule, bound = tile_schedule(group_offsets, m_out, cfg.block_m)
     if cfg.tma and _tma_fits(qa, weight, k):
-        return _grouped_tma(qa, a_scale, weight, weight_scale, group_offsets, row_index, out, cfg, schedule, bound)
+        return _grouped_tma(qa, a_scale, weight, weight_scale, group_offsets, row_index, out, cfg, schedule, bound,
+                            out_row_index)
     ws = weight_scale if weight_scale.stride(1) == 1 else weight_scale.contiguous()
     offsets = group_offsets.contiguous()
     index = row_index.contiguous() if row_index is not None else offsets  # dummy pointer when unused
+    out_index = out_row_index.contiguous() if out_row_index is not None else offsets
     grid = (bound * cdiv(n, cfg.block_n),)
     LAST_COMPILED["grouped"] = _launch_grouped(
-        grid, qa, weight, out, a_scale.contiguous(), ws, offsets, schedule, index,
+        grid, qa, weight, out, a_scale.contiguous(), ws, offsets, schedule, index, out_index,
         m_out, n, k, bound, qa.stride(0), weight.stride(0), weight.stride(1), out.stride(0), ws.stride(0),
-        HAS_ROW_INDEX=row_index is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        HAS_ROW_INDEX=row_index is not None, HAS_OUT_INDEX=out_row_index is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m, EVEN_K=k % cfg.block_k == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
@@ -244,7 +258,8 @@ def _tma_fits(qa: torch.Tensor, weight: torch.Tensor, k: int) -> bool:
             and weight.data_ptr() % 16 == 0 and qa.data_ptr() % 16 == 0)
 
 
-def _grouped_tma(qa, a_scale, weight, weight_scale, group_offsets, row_index, out, cfg, schedule, bound):
+def _grouped_tma(qa, a_scale, weight, weight_scale, group_offsets, row_index, out, cfg, schedule, bound,
+                 out_row_index=None):
     """The persistent TMA kernel; gathered rows are copied into expert order first (TMA cannot gather on Hopper:
     one int8 copy of the routed rows, ~1/40 of the GEMM's time at HunyuanImage-3's sizes)."""
     if row_index is not None:
@@ -257,7 +272,8 @@ def _grouped_tma(qa, a_scale, weight, weight_scale, group_offsets, row_index, ou
     tiles = bound * cdiv(n, cfg.block_n)
     LAST_COMPILED["grouped_tma"] = _launch_grouped_tma(
         (min(sms, tiles),), qa, weight, out, a_scale.contiguous(), ws, group_offsets.contiguous(), schedule,
-        out.shape[0], n, k, bound, num_experts, out.stride(0), ws.stride(0),
+        out_row_index.contiguous() if out_row_index is not None else schedule,  # dummy pointer when unused
+        out.shape[0], n, k, bound, num_experts, out.stride(0), ws.stride(0), HAS_OUT_INDEX=out_row_index is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, NUM_SMS=sms,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out

@@ -156,13 +156,14 @@ class Int8GroupedLinear(_GroupedBase):
         return self._add_lora(x, y, group_offsets, row_index) if self.lora else y
 
     def forward_sorted_int8(self, q: torch.Tensor, scale: torch.Tensor, group_offsets: torch.Tensor,
-                            row_index: torch.Tensor | None = None,
-                            out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        """The grouped GEMM on rows a producer already wrote in INT8 (no LoRA: it needs the float rows)."""
+                            row_index: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+                            out_row_index: torch.Tensor | None = None) -> torch.Tensor:
+        """The grouped GEMM on rows a producer already wrote in INT8 (no LoRA: it needs the float rows);
+        ``out_row_index`` stores row m at ``out[out_row_index[m]]`` (back in token order, no un-sorting copy)."""
         from ..kernels.grouped import grouped_int8_linear
 
         return grouped_int8_linear(q, scale, self.weight, self.weight_scale, group_offsets, row_index=row_index,
-                                   out_dtype=out_dtype)
+                                   out_dtype=out_dtype, out_row_index=out_row_index)
 
     def _apply(self, fn, recurse=True):
         # int8 weight and float32 scale keep their dtypes under .to(dtype); device moves apply to both.

@@ -73,6 +73,10 @@ def check_grouped_vs_loop(qa, a_scale, weight, weight_scale, offsets, row_index)
             ran = set(triton_grouped_w8a8.LAST_COMPILED)
             assert ran == ({variant} if variant == "grouped" or tma_runs else {"grouped"}), ran  # not the loop
             torch.testing.assert_close(out32, ref32, rtol=1e-6, atol=1e-6 * float(ref32.abs().max()))
+            perm = torch.randperm(out32.shape[0], device=qa.device)  # the scatter store: row m at out[perm[m]]
+            scattered = grouped_int8_linear(qa, a_scale, weight, weight_scale, offsets, row_index,
+                                            out_dtype=torch.float32, out_row_index=perm)
+            torch.testing.assert_close(scattered[perm], ref32, rtol=1e-6, atol=1e-6 * float(ref32.abs().max()))
             out = grouped_int8_linear(qa, a_scale, weight, weight_scale, offsets, row_index)
         assert out.dtype == torch.bfloat16
         assert_within_one_bf16_step(out, ref32)

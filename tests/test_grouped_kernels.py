@@ -185,8 +185,8 @@ if not INTERPRETING:
         cfg = tg.GROUPED_CONFIGS["sm90"][tile]
         fn = tg._grouped_w8a8_kernel
         pointers = {"a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": "*bf16", "as_ptr": "*fp32", "ws_ptr": "*fp32",
-                    "offsets_ptr": "*i64", "schedule_ptr": "*i32", "row_index_ptr": "*i64"}
-        constexprs = dict(HAS_ROW_INDEX=gather, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                    "offsets_ptr": "*i64", "schedule_ptr": "*i32", "row_index_ptr": "*i64", "out_index_ptr": "*i64"}
+        constexprs = dict(HAS_ROW_INDEX=gather, HAS_OUT_INDEX=not gather, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                           GROUP_M=cfg.group_m, EVEN_K=True)
         signature = {name: pointers.get(name, "constexpr" if name in constexprs else "i32") for name in fn.arg_names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name not in constexprs}
@@ -267,10 +267,12 @@ if not INTERPRETING:
             ("out_dtype", dict(out_dtype=torch.int8)),
             ("weight", dict(weight=weight.to("meta"))),
             ("group_offsets", dict(group_offsets=offsets.to("meta"))),
+            ("out_row_index", dict(out_row_index=torch.tensor([0, 1, 2, 3]))),  # 5 output rows
+            ("out_row_index", dict(out_row_index=torch.tensor([0, 1, 1, 3, 4]))),  # not a permutation
         ]
         return good, bad
 
-    @pytest.mark.parametrize("case", range(20))
+    @pytest.mark.parametrize("case", range(22))
     @pytest.mark.parametrize("fn", [grouped_int8_linear, grouped_int8_linear_loop])
     def test_int8_bad_inputs_name_the_argument(fn, case, gen):
         good, bad = _bad_int8_calls(gen)
@@ -279,7 +281,14 @@ if not INTERPRETING:
             fn(**{**good, **change})
 
     def test_bad_call_list_is_fully_parametrized(gen):
-        assert len(_bad_int8_calls(gen)[1]) == 20
+        assert len(_bad_int8_calls(gen)[1]) == 22
+
+    def test_out_row_index_scatters_rows_in_the_loop(gen):
+        case = make_int8_case([3, 0, 4, 2], 8, 16, gen, rows=5)
+        order = torch.randperm(9, generator=gen)
+        plain = grouped_int8_linear_loop(*case, out_dtype=torch.float32)
+        scattered = grouped_int8_linear(*case, out_dtype=torch.float32, out_row_index=order)
+        assert torch.equal(scattered[order], plain)
 
     def test_float_linear_bad_inputs(gen):
         x = torch.randn(5, 16).to(torch.bfloat16)
@@ -358,6 +367,18 @@ if INTERPRETING:
         out = grouped_int8_linear(*case, out_dtype=torch.float16)  # the "cpu" architecture's own tile
         assert "grouped" in triton_grouped_w8a8.LAST_COMPILED
         torch.testing.assert_close(out, grouped_int8_linear_loop(*case, out_dtype=torch.float16), rtol=1e-3, atol=0)
+
+    @pytest.mark.parametrize("gather", [False, True])
+    def test_interp_grouped_scatter_store_matches_loop(gather, gen):
+        # out_row_index: each row stored at its token x slot position (a MoE's down projection, un-sorted in place)
+        case = make_int8_case([5, 0, 17, 3], 40, 70, gen, rows=9 if gather else None)
+        order = torch.randperm(25, generator=gen)
+        triton_grouped_w8a8.LAST_COMPILED.clear()
+        with triton_grouped_w8a8.override(TILE):
+            out = grouped_int8_linear(*case, out_dtype=torch.float32, out_row_index=order)
+        assert "grouped" in triton_grouped_w8a8.LAST_COMPILED
+        ref = grouped_int8_linear_loop(*case, out_dtype=torch.float32)
+        assert torch.equal(out[order], ref)
 
     def test_interp_grouped_is_not_the_loop_by_accident(gen):
         # Sanity of the comparison itself: shifting one expert's rows by one changes the result.

@@ -117,8 +117,11 @@ class StackedExperts(nn.Module):
         return cls(grouped.from_linears([m.gate_and_up_proj for m in mlps], f"{what}.gate_and_up_proj"),
                    grouped.from_linears([m.down_proj for m in mlps], f"{what}.down_proj"))
 
-    def forward_rows(self, x: torch.Tensor, token_of_row: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """Every sorted row through its expert: ``x [T, hidden]`` -> ``[rows, hidden]`` in ``x.dtype``."""
+    def forward_rows(self, x: torch.Tensor, token_of_row: torch.Tensor, offsets: torch.Tensor,
+                     order: torch.Tensor) -> torch.Tensor:
+        """Every sorted row through its expert: ``x [T, hidden]`` -> ``[T * k, hidden]`` in ``x.dtype``, back in
+        token x slot order (sorted row i belongs at ``order[i]``). The INT8 down projection stores its rows there
+        itself; the other forms un-sort with a copy."""
         from ...kernels.grouped import silu_gate, silu_gate_quantize
 
         up, down = self.gate_and_up_proj, self.down_proj
@@ -126,10 +129,17 @@ class StackedExperts(nn.Module):
         if self.int8 and not down.lora:
             q, scale = silu_gate_quantize(h)
             del h
-            return down.forward_sorted_int8(q, scale, offsets, out_dtype=x.dtype)
+            return down.forward_sorted_int8(q, scale, offsets, out_dtype=x.dtype, out_row_index=order)
         act = silu_gate(h)
         del h
-        return down.forward_sorted(act, offsets).to(x.dtype)
+        return _unsorted(down.forward_sorted(act, offsets).to(x.dtype), order)
+
+
+def _unsorted(rows: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Sorted rows back to token x slot order."""
+    out = torch.empty_like(rows)
+    out[order] = rows
+    return out
 
 
 def _expert_loop(experts: nn.ModuleList, x: torch.Tensor, token_of_row: torch.Tensor,
@@ -197,14 +207,11 @@ class HeadroomMoE(nn.Module):
         weights, experts = route(self.gate, x)
         order, token_of_row, offsets = sort_by_expert(experts, self.num_experts)
         if isinstance(self.experts, StackedExperts):
-            rows = self.experts.forward_rows(x, token_of_row, offsets)
+            unsorted = self.experts.forward_rows(x, token_of_row, offsets, order)
         else:
-            rows = _expert_loop(self.experts, x, token_of_row, offsets)
-        # Back to [token, slot] order, then each token's k rows weighted and summed in one batched matmul
-        # (float32 accumulation inside; Tencent's einsum combines in the activation dtype too).
-        unsorted = torch.empty_like(rows)
-        unsorted[order] = rows
-        del rows
+            unsorted = _unsorted(_expert_loop(self.experts, x, token_of_row, offsets), order)
+        # Each token's k rows weighted and summed in one batched matmul (float32 accumulation inside; Tencent's
+        # einsum combines in the activation dtype too).
         t, k = experts.shape
         combined = torch.bmm(weights.to(x.dtype).view(t, 1, k), unsorted.view(t, k, -1))
         return combined.view(t, -1)
