@@ -125,7 +125,7 @@ class HeadroomLoadDiffusionModelInt8:
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         config = Int8LoadConfig(weight_format=weight_format, quantize_on_load=bool(quantize_on_load),
                                 skip_patterns=skip_list(skip_patterns), min_features=int(min_features),
-                                rotation_group=rotation_group(rotate),
+                                rotation_group=rotation_group(rotate), compute=compute,
                                 default_skips=native_skip_patterns(bool(quantize_modulation)))
         split_over = parse_devices(devices, torch.cuda.device_count())
         device_budgets = parse_device_budgets(gpu_budgets_gb, split_over) if split_over else None

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ...kernels.dispatch import COMPUTE_CHOICES, force_kernel
 from ...kernels.int8 import DEFAULT_BLOCK_SIZE, FP8_DTYPES, METHODS
 from ...kernels.rotation import dequantize_unrotated, rotation_fits
 from ...quant.chunked import WeightError, float_rows, quantize_streamed
@@ -99,10 +100,13 @@ class Int8LoadConfig:
     quantize_device: str | None = None  # None: CUDA when available (fast), else CPU
     float_dtype: torch.dtype | None = None  # dtype of the layers kept in float; None: ComfyUI decides
     rotation_group: int = 0  # > 0: quantize-on-load stores Q(W H) (Hadamard, QuaRot) where the group fits
+    compute: str = "auto"  # this model's kernel (kernels.dispatch.COMPUTE_CHOICES); "auto": the dispatcher decides
 
     def __post_init__(self) -> None:
         if self.weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"weight_format must be one of {', '.join(WEIGHT_FORMATS)}; got {self.weight_format!r}")
+        if self.compute not in COMPUTE_CHOICES:
+            raise ValueError(f"compute must be one of {', '.join(COMPUTE_CHOICES)}; got {self.compute!r}")
         if self.rotation_group:
             from ...kernels.rotation import check_group
 
@@ -314,7 +318,12 @@ def _int8_forward(layer, x: torch.Tensor, comfy_ops) -> torch.Tensor:
     scale = layer.weight_scale
     if scale.device != x.device:
         scale = scale.to(x.device, non_blocking=True)
-    y = layer.int8_forward(x, weight, scale, bias)
+    compute = layer._config.compute
+    if compute == "auto":
+        y = layer.int8_forward(x, weight, scale, bias)
+    else:  # the kernel chosen for THIS model, for this call only (another model may sample with another)
+        with force_kernel(compute):
+            y = layer.int8_forward(x, weight, scale, bias)
     if stream is not None:
         comfy_ops.uncast_bias_weight(layer, weight, bias, stream)
     return y

@@ -1,9 +1,11 @@
-"""Around every ComfyUI sampling run of an INT8 MODEL: the loader's kernel choice, and what the run used.
+"""Around every ComfyUI sampling run of an INT8 MODEL: what the run used (peak memory, kernel calls).
 
-``Load Diffusion Model (INT8)`` has a ``compute`` input (auto / triton / int_mm / w8a16 / reference). It is
-applied for the duration of each sampling run through ComfyUI's ``OUTER_SAMPLE`` wrapper, so two models in one
-graph can sample with different kernels; the run's peak memory and kernel calls are kept per model for the
-GPU Info node (:func:`last_run_of`). The kernel choice is process-wide while a run lasts (docs/comfyui.md).
+``Load Diffusion Model (INT8)`` has a ``compute`` input (auto / triton / int_mm / w8a16 / reference). It belongs to
+the model it was chosen for: the load's :class:`~comfyui_headroom.integrations.comfyui.ops.Int8LoadConfig` carries
+it and each of the model's INT8 layers applies it to its own calls (``ops._int8_forward``), so two models in one
+graph - or one process - each run their own kernel, whatever samples when. This wrapper only records each run
+(ComfyUI's ``OUTER_SAMPLE``): its peak memory and kernel calls, per model, for the GPU Info node
+(:func:`last_run_of`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import logging
 import weakref
 
-from ...kernels.dispatch import COMPUTE_CHOICES, force_kernel, forced_kernel, kernel_summary, reset_kernel_stats
+from ...kernels.dispatch import COMPUTE_CHOICES, kernel_summary, reset_kernel_stats
 from ...memory import MemoryTracker
 
 __all__ = ["COMPUTE_CHOICES", "install_sampling_wrapper", "last_run_of"]
@@ -22,18 +24,14 @@ _LAST_RUN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def install_sampling_wrapper(patcher, compute: str) -> None:
-    """Force kernel ``compute`` ("auto" = the dispatcher decides) and track memory during ``patcher``'s runs."""
+    """Track memory and kernel calls during ``patcher``'s runs; ``compute`` (applied by the layers themselves) is
+    recorded with them."""
     import comfy.patcher_extension
 
     def outer_sample(executor, *args, **kwargs):
-        previous = forced_kernel()
         reset_kernel_stats()
-        force_kernel(None if compute == "auto" else compute)
-        try:
-            with MemoryTracker() as tracker:
-                out = executor(*args, **kwargs)
-        finally:
-            force_kernel(previous)
+        with MemoryTracker() as tracker:
+            out = executor(*args, **kwargs)
         model = getattr(getattr(executor, "class_obj", None), "model_patcher", None)
         model = getattr(model, "model", None) or patcher.model
         _LAST_RUN[model] = {"report": tracker.report, "kernels": kernel_summary(), "compute": compute}

@@ -393,3 +393,24 @@ def test_stacked_loras_each_get_a_branch(stock, int8, flux_file, inputs):
     layer = int8_l.model.diffusion_model.single_blocks[0].linear1
     assert len(layer.lora) == 2 and layer.lora[1][2] == pytest.approx(-0.5)
     assert rel(b, run(float_l, inputs)) < 0.02
+
+
+def test_compute_belongs_to_its_model(flux_file, inputs):
+    """Two loads of one file with different ``compute``: each model's INT8 layers run their own kernel, whichever
+    runs when and with no sampling wrapper around the call (it was process-wide while a run lasted). On a CPU the
+    automatic choice is the reference; ``int_mm`` runs where ``torch._int_mm`` takes the shape."""
+    from comfyui_headroom.kernels.dispatch import forced_kernel, kernel_summary, reset_kernel_stats
+
+    with pytest.raises(ValueError, match="compute must be one of"):
+        Int8LoadConfig(compute="fastest")
+    forced, _ = load_int8_diffusion_model(flux_file, Int8LoadConfig(compute="int_mm"))
+    auto, _ = load_int8_diffusion_model(flux_file, Int8LoadConfig())
+    kernels, outputs = {}, {}
+    for name, patcher in (("int_mm", forced), ("auto", auto), ("int_mm again", forced)):
+        reset_kernel_stats()
+        outputs[name] = run(patcher, inputs)
+        kernels[name] = set(kernel_summary())
+    assert "int_mm" in kernels["int_mm"] and "int_mm" in kernels["int_mm again"], kernels
+    assert kernels["auto"] == {"reference"}, kernels
+    assert forced_kernel() is None  # nothing left forced for the process
+    assert rel(outputs["int_mm"], outputs["auto"]) < 0.02  # same model, another kernel
