@@ -11,10 +11,13 @@ import comfy.model_management as mm
 import comfy.sd
 import pytest
 import torch
-from comfyui_headroom.integrations.comfyui.load import load_int8_diffusion_model, load_int8_text_encoder
+from comfyui_headroom.integrations.comfyui.load import (
+    load_int8_diffusion_model,
+    load_int8_text_encoder,
+)
 from comfyui_headroom.integrations.comfyui.ops import Int8LoadConfig
 from comfyui_headroom.quant.linear import int8_layers
-from comfyui_headroom.quant.lora import LoraShapeError, UnsupportedPatchError
+from comfyui_headroom.quant.lora import UnsupportedPatchError
 from comfyui_models import clip_l_state_dict, flux_lora_state_dict, flux_state_dict
 from safetensors.torch import load_file, save_file
 from testutil import outlier_weight
@@ -399,7 +402,11 @@ def test_compute_belongs_to_its_model(flux_file, inputs):
     """Two loads of one file with different ``compute``: each model's INT8 layers run their own kernel, whichever
     runs when and with no sampling wrapper around the call (it was process-wide while a run lasted). On a CPU the
     automatic choice is the reference; ``int_mm`` runs where ``torch._int_mm`` takes the shape."""
-    from comfyui_headroom.kernels.dispatch import forced_kernel, kernel_summary, reset_kernel_stats
+    from comfyui_headroom.kernels.dispatch import (
+        forced_kernel,
+        kernel_summary,
+        reset_kernel_stats,
+    )
 
     with pytest.raises(ValueError, match="compute must be one of"):
         Int8LoadConfig(compute="fastest")
