@@ -71,6 +71,33 @@ def emit(result: dict, json_path: str | None) -> str:
 
 
 
+def event_median_ms(fn, reps: int = 20, warmup: int = 5) -> float:
+    """Median milliseconds of ``fn()`` after ``warmup`` calls: CUDA events around each call on a GPU (no L2 flush:
+    what a model's step sees), ``perf_counter`` without CUDA."""
+    import statistics
+    import time
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def median_ms(fn, rep_ms: int = 60) -> float:
     """``triton.testing.do_bench`` median in ms (L2 flushed before each repetition)."""
     import triton

@@ -23,37 +23,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from benchlib import import_package, versions
+from benchlib import event_median_ms, import_package, versions
 
 EXPERTS, TOP_K, HIDDEN, EXPERT_WIDTH = 64, 8, 4096, 3072
 
 
 def _time_ms(fn, device: str, reps: int = 20, warmup: int = 5) -> float:
-    """Median milliseconds of ``fn()``: CUDA events around each call on a GPU, ``perf_counter`` on the CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median milliseconds of ``fn()`` (benchlib.event_median_ms: CUDA events on a GPU, perf_counter on the CPU)."""
+    return event_median_ms(fn, reps=reps, warmup=warmup)
 
 
 def routing(tokens: int, experts: int, top_k: int, gen: torch.Generator, device: str):

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from benchlib import import_package, versions, write_section
+from benchlib import event_median_ms, import_package, versions, write_section
 
 TITLE = "HunyuanImage-3 at real sizes (MoE block, decoder layer)"
 SIZES = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, attention_head_dim=128, num_experts=64,
@@ -125,16 +125,8 @@ def timed(fn, repeats: int = 8) -> dict:
         fn()
         torch.cuda.synchronize()
         extra = (torch.cuda.max_memory_allocated() - base) / 2**30
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    times.sort()
-    return {"ms": times[len(times) // 2], "extra_vram_gb": extra}
+        ms = event_median_ms(fn, reps=repeats, warmup=0)
+    return {"ms": ms, "extra_vram_gb": extra}
 
 
 def _free():
