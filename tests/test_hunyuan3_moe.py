@@ -230,6 +230,9 @@ def test_int8_engine_reads_a_headroom_convert_folder_without_quantizing_again(tm
     assert converted.telemetry["read_as_int8"] >= 2 and direct.telemetry["read_as_int8"] == 0
     stack = converted.model.model.layers[0].mlp.experts.gate_and_up_proj
     assert torch.equal(stack.weight, direct.model.model.layers[0].mlp.experts.gate_and_up_proj.weight)
+    for mode in ("bf16", "nf4"):  # they would read the int8 values as numbers
+        with pytest.raises(LoaderError, match="holds headroom INT8 weights"):
+            load_hf_model(out, mode, trust_remote_code=True)
 
 
 @CPU_ROAD

@@ -365,6 +365,9 @@ def _choose_engine(folder: Path, mode: str, method: str | None, int8_engine: str
     """Who runs the weights. A folder's own format decides over the choice: bitsandbytes' saved folders load
     with bitsandbytes, ``headroom convert`` folders with ours (bitsandbytes cannot read them)."""
     if mode != "int8":
+        if method is None and _headroom_converted(folder):
+            raise LoaderError(f"{folder} holds headroom INT8 weights (written by headroom convert); {mode.upper()} "
+                              "cannot read them - load it with the INT8 loader, or load the float original")
         return mode if mode == "bf16" else f"bitsandbytes-{mode}"
     if method is not None:  # a bitsandbytes-saved folder
         if int8_engine == "headroom":
