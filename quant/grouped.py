@@ -21,6 +21,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..kernels.grouped import (
+    grouped_float_linear,
+    grouped_int8_linear,
+    quantize_token_rows,
+)
 from ..kernels.int8 import quantize_weight
 from .lora import Branch, apply_side_branches
 
@@ -87,8 +92,6 @@ class GroupedLinear(_GroupedBase):
     def forward_sorted(self, x: torch.Tensor, group_offsets: torch.Tensor,
                        row_index: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` rows (or ``x[row_index]``) sorted by expert, ``group_offsets [E + 1]`` -> ``[rows, out]``."""
-        from ..kernels.grouped import grouped_float_linear
-
         rows = x[row_index] if row_index is not None else x
         y = grouped_float_linear(rows.to(self.weight.dtype), self.weight, group_offsets)
         return self._add_lora(x, y, group_offsets, row_index) if self.lora else y
@@ -149,8 +152,6 @@ class Int8GroupedLinear(_GroupedBase):
                        row_index: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` float ``[T, in]``; output row m is expert e's projection of ``x[row_index[m]]`` (or ``x[m]``) for
         ``group_offsets[e] <= m < group_offsets[e + 1]``. ``x`` is quantized once per row, before the gather."""
-        from ..kernels.grouped import quantize_token_rows
-
         q, scale = quantize_token_rows(x)
         y = self.forward_sorted_int8(q, scale, group_offsets, row_index, x.dtype)
         return self._add_lora(x, y, group_offsets, row_index) if self.lora else y
@@ -160,8 +161,6 @@ class Int8GroupedLinear(_GroupedBase):
                             out_row_index: torch.Tensor | None = None) -> torch.Tensor:
         """The grouped GEMM on rows a producer already wrote in INT8 (no LoRA: it needs the float rows);
         ``out_row_index`` stores row m at ``out[out_row_index[m]]`` (back in token order, no un-sorting copy)."""
-        from ..kernels.grouped import grouped_int8_linear
-
         return grouped_int8_linear(q, scale, self.weight, self.weight_scale, group_offsets, row_index=row_index,
                                    out_dtype=out_dtype, out_row_index=out_row_index)
 

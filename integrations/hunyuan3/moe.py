@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...kernels.grouped import silu_gate, silu_gate_quantize
 from ...quant.grouped import GroupedLinear, Int8GroupedLinear
 from ...quant.linear import Int8Linear
 
@@ -122,8 +123,6 @@ class StackedExperts(nn.Module):
         """Every sorted row through its expert: ``x [T, hidden]`` -> ``[T * k, hidden]`` in ``x.dtype``, back in
         token x slot order (sorted row i belongs at ``order[i]``). The INT8 down projection stores its rows there
         itself; the other forms un-sort with a copy."""
-        from ...kernels.grouped import silu_gate, silu_gate_quantize
-
         up, down = self.gate_and_up_proj, self.down_proj
         h = up.forward_sorted(x, offsets, row_index=token_of_row)
         if self.int8 and not down.lora:
@@ -190,8 +189,6 @@ class HeadroomMoE(nn.Module):
     def _shared(self, x: torch.Tensor) -> torch.Tensor:
         """The shared expert on ``x [T, hidden]``. With INT8 layers, SiLU-gate and the quantization for ``down_proj``
         run as one producer (as for the routed experts); otherwise Tencent's own MLP forward."""
-        from ...kernels.grouped import silu_gate, silu_gate_quantize
-
         mlp = self.shared_mlp
         up, down = getattr(mlp, "gate_and_up_proj", None), getattr(mlp, "down_proj", None)
         if not (isinstance(up, Int8Linear) and isinstance(down, Int8Linear)
