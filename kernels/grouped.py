@@ -165,8 +165,7 @@ def grouped_int8_linear(
                                                            row_index, out_dtype, out_row_index=out_row_index)
         except KernelUnsupported as why:
             log.debug("headroom: grouped W8A8 kernel refused the call (%s); per-expert loop", why)
-    return grouped_int8_linear_loop(qa, a_scale, weight, weight_scale, group_offsets, row_index, out_dtype,
-                                    out_row_index)
+    return _loop(qa, a_scale, weight, weight_scale, group_offsets, row_index, out_dtype, out_row_index)
 
 
 def _int8_matmul(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -191,7 +190,13 @@ def grouped_int8_linear_loop(
 ) -> torch.Tensor:
     """:func:`grouped_int8_linear` as a loop over experts (reads the offsets on the host: synchronises). The scales
     multiply in the kernel's order (``acc * a_scale`` then ``* weight_scale``, float32), so both round alike."""
-    m_out = _check_int8_args(qa, a_scale, weight, weight_scale, group_offsets, row_index, out_dtype, out_row_index)
+    _check_int8_args(qa, a_scale, weight, weight_scale, group_offsets, row_index, out_dtype, out_row_index)
+    return _loop(qa, a_scale, weight, weight_scale, group_offsets, row_index, out_dtype, out_row_index)
+
+
+def _loop(qa, a_scale, weight, weight_scale, group_offsets, row_index, out_dtype, out_row_index) -> torch.Tensor:
+    """The loop on checked arguments (:func:`grouped_int8_linear` checks them once before it falls back here)."""
+    m_out = row_index.shape[0] if row_index is not None else qa.shape[0]
     num_experts, n, k = weight.shape
     bounds = group_offsets.tolist()
     if qa.device.type != "cpu":

@@ -60,6 +60,7 @@ from .folder import (
     int8_layers_on_disk,
     read_json_object,
     remote_code_modules,
+    safetensors_metadata,
     weight_files,
 )
 from .inputs import (
@@ -310,8 +311,8 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
     budget_gb, external_vram_gb, gpu_layers, reserve_gb = check_load_numbers(budget_gb, external_vram_gb, gpu_layers,
                                                                              reserve_gb)
     folder = Path(path)
-    method, mode = _resolve_mode(folder, mode, trust_remote_code)
-    engine = _choose_engine(folder, mode, method, int8_engine)
+    method, mode, files = _resolve_mode(folder, mode, trust_remote_code)
+    engine = _choose_engine(folder, files, mode, method, int8_engine)
     require_packages(packages_for(mode, "headroom" if engine == HEADROOM_INT8 else "bitsandbytes"))
     config, skeleton = _checked_skeleton(folder, trust_remote_code, attn_implementation)
     if skip_patterns is not None:
@@ -321,8 +322,8 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
     if engine == HEADROOM_INT8:
         plan = _LoadPlan(mode="int8", method=None, patterns=patterns,
                          skips=plan_skips(convertible_linears(skeleton), patterns))
-        model, telemetry = _load_headroom_int8(folder, skeleton, plan, budget_gb, external_vram_gb, device_map,
-                                               gpu_layers, device, gpu_budgets_gb)
+        model, telemetry = _load_headroom_int8(folder, files, skeleton, plan, budget_gb, external_vram_gb,
+                                               device_map, gpu_layers, device, gpu_budgets_gb)
     else:
         plan = _plan_skips(folder, skeleton, mode, method, patterns)
         _plan_placement(plan, skeleton, budget_gb, external_vram_gb, device_map, gpu_layers, device, gpu_budgets_gb)
@@ -361,11 +362,11 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
 HEADROOM_INT8 = "headroom-int8"
 
 
-def _choose_engine(folder: Path, mode: str, method: str | None, int8_engine: str) -> str:
+def _choose_engine(folder: Path, files: Sequence[Path], mode: str, method: str | None, int8_engine: str) -> str:
     """Who runs the weights. A folder's own format decides over the choice: bitsandbytes' saved folders load
     with bitsandbytes, ``headroom convert`` folders with ours (bitsandbytes cannot read them)."""
     if mode != "int8":
-        if method is None and _headroom_converted(folder):
+        if method is None and _headroom_converted(files):
             raise LoaderError(f"{folder} holds headroom INT8 weights (written by headroom convert); {mode.upper()} "
                               "cannot read them - load it with the INT8 loader, or load the float original")
         return mode if mode == "bf16" else f"bitsandbytes-{mode}"
@@ -373,22 +374,21 @@ def _choose_engine(folder: Path, mode: str, method: str | None, int8_engine: str
         if int8_engine == "headroom":
             log.info("%s was saved by bitsandbytes (%s): loading it with bitsandbytes", folder, method)
         return "bitsandbytes-int8"
-    if _headroom_converted(folder):
+    if _headroom_converted(files):
         if int8_engine != "headroom":
             log.info("%s was written by headroom convert: loading it with headroom's INT8 engine", folder)
         return HEADROOM_INT8
     return HEADROOM_INT8 if int8_engine == "headroom" else "bitsandbytes-int8"
 
 
-def _headroom_converted(folder: Path) -> bool:
+def _headroom_converted(files: Sequence[Path]) -> bool:
+    """``headroom convert`` wrote these weights (its format version in the first shard's header)."""
     from ...quant.formats.metadata import is_headroom_metadata
-    from ...quant.safetensors_stream import read_header
 
-    files = weight_files(folder)
-    return bool(files) and is_headroom_metadata(read_header(files[0]).metadata)
+    return bool(files) and is_headroom_metadata(safetensors_metadata(files[0]))
 
 
-def _load_headroom_int8(folder: Path, skeleton: nn.Module, plan: _LoadPlan, budget_gb: float, external_vram_gb: float,
+def _load_headroom_int8(folder: Path, files: Sequence[Path], skeleton: nn.Module, plan: _LoadPlan, budget_gb: float, external_vram_gb: float,
                         device_map, gpu_layers: int | None, device: int, gpu_budgets_gb: str):
     """Our INT8 engine (:mod:`.int8_engine`): the skeleton's layers swapped for INT8 ones, placed by their INT8
     sizes, filled tensor by tensor from the files. Returns (model, load telemetry)."""
@@ -432,7 +432,7 @@ def _load_headroom_int8(folder: Path, skeleton: nn.Module, plan: _LoadPlan, budg
     tracker = _tracker()
     with tracker:
         allocated = allocate(skeleton, device_for(layer_devices, rest, LAYERS_PREFIX))
-        counts = fill_from_files(skeleton, weight_files(folder), allocated, work, folder)
+        counts = fill_from_files(skeleton, files, allocated, work, folder)
     report = getattr(tracker, "report", None)
     telemetry = report.as_dict() if report is not None else {}
     telemetry.update(counts)
@@ -479,19 +479,20 @@ def _mask_free_moe(model: nn.Module, mode: str, engine: str) -> dict[str, int]:
 
 
 
-def _resolve_mode(folder: Path, mode: str, trust_remote_code: bool) -> tuple[str | None, str]:
+def _resolve_mode(folder: Path, mode: str, trust_remote_code: bool) -> tuple[str | None, str, list[Path]]:
     """Check the folder's files (config.json and consent for its code, the weights' index and headers, the
     tokenizer's JSON; ``folder.py``); a pre-quantized folder decides the mode itself. Returns (its
-    quantization_method or None, the mode to load in)."""
+    quantization_method or None, the mode to load in, the checked weight files)."""
     config = check_model_folder(folder, trust_remote_code)
-    method = detect_quantization_method(folder, config, weight_files(folder))
+    files = weight_files(folder)
+    method = detect_quantization_method(folder, config, files)
     check_tokenizer_files(folder)
     if method:
         disk_mode = QUANTIZATION_METHODS[method]
         if mode != disk_mode:
             log.info("%s is pre-quantized (%s): loading as %s, not %s", folder, method, disk_mode, mode)
         mode = disk_mode
-    return method, mode
+    return method, mode, files
 
 
 def _checked_skeleton(folder: Path, trust_remote_code: bool, attn_implementation: str | None):

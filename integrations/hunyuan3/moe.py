@@ -160,10 +160,7 @@ class HeadroomMoE(nn.Module):
     def __init__(self, gate: nn.Module, shared_mlp: nn.Module | None, experts: nn.Module, num_experts: int) -> None:
         super().__init__()
         self.gate = gate
-        if shared_mlp is not None:
-            self.shared_mlp = shared_mlp
-        else:
-            self.shared_mlp = None
+        self.shared_mlp = shared_mlp
         self.experts = experts
         self.num_experts = num_experts
 
