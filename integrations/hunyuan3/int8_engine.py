@@ -112,13 +112,15 @@ class _Filler:
         self.quantized_here = 0
         self.read_int8 = 0
         self.ignored: list[str] = []
+        self._keys: set[str] = set()  # the open file's tensor names
 
     def fill_file(self, file: Path) -> None:
         from safetensors import safe_open
 
         with safe_open(str(file), framework="pt") as f:
             ours = is_headroom_metadata(f.metadata())
-            keys = list(f.keys())
+            keys = list(f.keys())  # the file's own order
+            self._keys = set(keys)
             for key in keys:
                 if key.endswith(SCALE_SUFFIX) and ours:
                     continue  # read with its weight
@@ -159,19 +161,20 @@ class _Filler:
         value = f.get_tensor(key)
         if value.dtype == torch.int8 and target.dtype != torch.int8:
             # a layer the skip list keeps float (the router, ...) that the converter quantized: back to float
-            weight, scale = self._int8_pair(file, f, key, ours, module_name)
+            weight, scale = self._int8_pair(file, f, key, ours, module_name, weight=value)
             value = dequantize_weight(weight, normalise_scale(scale, tuple(weight.shape), key), torch.float32)
         _check_shape(file, key, value, target)
         target.copy_(value.to(device=target.device, dtype=target.dtype))
         self.filled.add(key)
 
-    def _int8_pair(self, file: Path, f, key: str, ours: bool, module_name: str):
-        """(weight, scale): an int8 weight of our format with its scale, or a float weight and None."""
-        weight = f.get_tensor(key)
+    def _int8_pair(self, file: Path, f, key: str, ours: bool, module_name: str, weight: torch.Tensor | None = None):
+        """(weight, scale): an int8 weight of our format with its scale, or a float weight and None. ``weight``: the
+        tensor of ``key`` when the caller read it already."""
+        weight = f.get_tensor(key) if weight is None else weight
         if weight.dtype != torch.int8:
             return weight, None
         scale_key = f"{module_name}.{SCALE_SUFFIX}"
-        if not ours or scale_key not in f.keys():
+        if not ours or scale_key not in self._keys:
             raise LoaderError(f"{file}: {key} is int8 but not in headroom's format (no {scale_key} in a file written "
                               "by headroom convert); convert the float original with `headroom convert`, or load "
                               "this folder with int8_engine=bitsandbytes if bitsandbytes wrote it")
