@@ -12,6 +12,8 @@ says whether a layer can take a producer's output for a call: ``takes_int8_input
 * :func:`norm_modulate_quantize` - (optional gated residual) + LayerNorm + ``* (1 + scale) + shift`` + INT8;
 * :func:`quantize_heads`         - the attention output ``[B, H, N, D]`` as ``[B*N, H*D]`` rows, in INT8;
 * :func:`gelu_quantize`          - tanh-GELU + INT8;
+* :func:`silu_mul_quantize`      - ``silu(gate) * up`` + INT8 (SwiGLU MLPs: Flux 2, Z-Image);
+* :func:`rms_norm_scale_quantize` - RMSNorm (optional weight) + ``* (1 + scale)`` + INT8 (Z-Image / Lumina 2);
 
 Each runs a Triton kernel on CUDA (and under ``TRITON_INTERPRET=1``), and the same math in torch elsewhere.
 A producer computes in float32 from its bf16 inputs and rounds once, where the eager chain rounds to bf16
@@ -96,3 +98,25 @@ def gelu_quantize(x: torch.Tensor) -> Int8Rows:
 
         return Int8Rows(*quantize_rows(x2, gelu=True))
     return Int8Rows(*quantize_activation(F.gelu(x2.float(), approximate="tanh")))
+
+
+def silu_mul_quantize(gate: torch.Tensor, up: torch.Tensor) -> Int8Rows:
+    """INT8 rows of ``F.silu(gate) * up`` for ``gate``, ``up`` ``[..., I]`` of one shape (views such as the two
+    halves of one tensor are fine), flattened to ``[M, I]``: the SwiGLU MLP's down-projection input."""
+    if gate.shape != up.shape:
+        raise ValueError(f"silu_mul_quantize: gate {tuple(gate.shape)} and up {tuple(up.shape)} must match")
+    g, u = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
+    return Int8Rows(*quantize_activation(F.silu(g.float()) * u.float()))
+
+
+def rms_norm_scale_quantize(x: torch.Tensor, weight: torch.Tensor | None, scale: torch.Tensor,
+                            eps: float = 1e-6) -> Int8Rows:
+    """INT8 rows of ``rms_norm(x, weight) * (1 + scale)`` for ``x [B, N, K]``, ``weight [K]`` (or None) and
+    ``scale [B, K]`` (one per image): Lumina 2 / Z-Image's ``modulate(attention_norm1(x), scale)``."""
+    b, n, k = x.shape
+    if scale.shape != (b, k) or (weight is not None and weight.shape != (k,)):
+        raise ValueError(f"rms_norm_scale_quantize: scale must be [{b}, {k}] and weight [{k}], got "
+                         f"{tuple(scale.shape)} and {None if weight is None else tuple(weight.shape)}")
+    h = F.rms_norm(x.float(), (k,), None if weight is None else weight.float(), eps)
+    h = h * (1 + scale.float()[:, None])
+    return Int8Rows(*quantize_activation(h.reshape(b * n, k)))

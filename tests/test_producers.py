@@ -79,6 +79,20 @@ def test_quantize_heads_and_gelu_torch_paths(gen):
     _check_rows(producers.gelu_quantize(x), F.gelu(x.double(), approximate="tanh").reshape(12, 40))
 
 
+def test_silu_mul_and_rms_norm_scale_torch_paths(gen):
+    h = (2 * torch.randn(3, 7, 2 * 96, generator=gen)).to(BF16)
+    gate, up = h.chunk(2, dim=-1)  # the two halves of one tensor, as Flux 2's SiLU gate splits them
+    _check_rows(producers.silu_mul_quantize(gate, up), (F.silu(gate.double()) * up.double()).reshape(-1, 96))
+    x, _, _, scale, _ = _inputs(2, 9, 64, gen)
+    weight = (1 + 0.1 * torch.randn(64, generator=gen)).to(BF16)
+    h = F.rms_norm(x.double(), (64,), weight.double(), 1e-5) * (1 + scale.double()[:, None])
+    _check_rows(producers.rms_norm_scale_quantize(x, weight, scale, 1e-5), h.reshape(-1, 64))
+    with pytest.raises(ValueError, match="must match"):
+        producers.silu_mul_quantize(gate, up[:, :3])
+    with pytest.raises(ValueError, match=r"scale must be \[2, 64\]"):
+        producers.rms_norm_scale_quantize(x, weight, scale[:1], 1e-5)
+
+
 def test_forward_int8_is_the_layers_gemm_on_its_own_quantization(gen):
     layer = Int8Linear.from_linear(torch.nn.Linear(64, 48).to(BF16))
     x = torch.randn(32, 64, generator=gen).to(BF16)
