@@ -13,6 +13,7 @@ from collections import OrderedDict
 
 import torch
 
+from ..integrations.comfyui.fused import FUSE_CHOICES, fuse_mode
 from ..integrations.comfyui.ops import WEIGHT_FORMATS
 from ..integrations.comfyui.sampling import COMPUTE_CHOICES
 from .inputs import ROTATIONS, rotation_group, skip_list
@@ -98,6 +99,11 @@ class HeadroomLoadDiffusionModelInt8:
                     "With devices: GB of weights per device, e.g. '40,40' (one number = the same on each). "
                     "Blocks fill the devices in order; blocks that fit on no device stream from pinned RAM onto "
                     "the last one. Empty = split evenly by bytes."}),
+                "fuse_blocks": (list(FUSE_CHOICES), {"default": "auto", "advanced": True, "tooltip":
+                    "Fused INT8 blocks: norm + modulation, attention output and MLP activation write the next "
+                    "layer's input in INT8 (Flux, Flux 2, HunyuanImage 2.1, ...). auto = where a W8A8 kernel "
+                    "runs (or as HEADROOM_FUSE_BLOCKS says); on = always (CPU too); off = ComfyUI's own block "
+                    "code. Patches, LoRAs and per-token modulation run ComfyUI's code for that call."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -113,7 +119,7 @@ class HeadroomLoadDiffusionModelInt8:
 
     def load(self, unet_name, weight_format, quantize_on_load, compute, skip_patterns, gpu_budget_gb,
              blocks_resident, min_features=1024, rotate="none", quantize_modulation=False, devices="",
-             gpu_budgets_gb="", unique_id=None):
+             gpu_budgets_gb="", fuse_blocks="auto", unique_id=None):
         import folder_paths
         import torch
 
@@ -126,7 +132,8 @@ class HeadroomLoadDiffusionModelInt8:
         config = Int8LoadConfig(weight_format=weight_format, quantize_on_load=bool(quantize_on_load),
                                 skip_patterns=skip_list(skip_patterns), min_features=int(min_features),
                                 rotation_group=rotation_group(rotate), compute=compute,
-                                default_skips=native_skip_patterns(bool(quantize_modulation)))
+                                default_skips=native_skip_patterns(bool(quantize_modulation)),
+                                fuse_blocks=fuse_blocks)
         split_over = parse_devices(devices, torch.cuda.device_count())
         device_budgets = parse_device_budgets(gpu_budgets_gb, split_over) if split_over else None
         with _tracker() as tracker:
@@ -143,7 +150,9 @@ class HeadroomLoadDiffusionModelInt8:
         if split_over:
             placement = f"blocks split over {', '.join(split_over)}" + (
                 f" (budgets {gpu_budgets_gb} GB)" if device_budgets else " (evenly by bytes)")
-        status = (f"{unet_name}: {record.summary()}; compute {compute}; {placement}; "
+        fused = f"fused blocks {record.fused_blocks} ({fuse_mode(fuse_blocks)})" if record.fused_blocks else \
+            "no fused blocks for this architecture"
+        status = (f"{unet_name}: {record.summary()}; compute {compute}; {fused}; {placement}; "
                   f"load {tracker.report}")
         if record.int8_layers == 0:
             status += " | WARNING: no layer is INT8 (quantize_on_load off, or every layer skipped)"

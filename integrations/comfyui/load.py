@@ -15,6 +15,7 @@ import torch
 from ...kernels.int8 import FP8_DTYPES
 from ...quant.safetensors_stream import read_header
 from ...units import GB
+from .fused import install_fused_blocks
 from .ops import NATIVE_SKIP_PATTERNS, TEXT_ENCODER_SKIP_PATTERNS, Int8LoadConfig, LoadLog, make_int8_ops
 from .patcher import adopt_patcher
 
@@ -58,6 +59,7 @@ def load_int8_diffusion_model(path: str, config: Int8LoadConfig, budget_bytes: i
     start = time.perf_counter()
     base = comfy.sd.load_diffusion_model(path, model_options=options, disable_dynamic=True)
     record.seconds = time.perf_counter() - start
+    record.fused_blocks = install_fused_blocks(base.model.diffusion_model, config.fuse_blocks, config.compute)
     reinit = (reload_int8_diffusion_model, (path, config, budget_bytes, blocks_resident, tuple(devices),
                                             tuple(device_budgets)))
     return adopt_patcher(base, budget_bytes, reinit, blocks_resident, devices, device_budgets), record

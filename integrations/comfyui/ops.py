@@ -101,12 +101,16 @@ class Int8LoadConfig:
     float_dtype: torch.dtype | None = None  # dtype of the layers kept in float; None: ComfyUI decides
     rotation_group: int = 0  # > 0: quantize-on-load stores Q(W H) (Hadamard, QuaRot) where the group fits
     compute: str = "auto"  # this model's kernel (kernels.dispatch.COMPUTE_CHOICES); "auto": the dispatcher decides
+    fuse_blocks: str = "auto"  # fused block forwards (fused.FUSE_CHOICES); "auto" defers to HEADROOM_FUSE_BLOCKS
 
     def __post_init__(self) -> None:
         if self.weight_format not in WEIGHT_FORMATS:
             raise ValueError(f"weight_format must be one of {', '.join(WEIGHT_FORMATS)}; got {self.weight_format!r}")
         if self.compute not in COMPUTE_CHOICES:
             raise ValueError(f"compute must be one of {', '.join(COMPUTE_CHOICES)}; got {self.compute!r}")
+        from .fused import fuse_mode
+
+        fuse_mode(self.fuse_blocks)  # a bad value (or HEADROOM_FUSE_BLOCKS) is named before anything loads
         if self.rotation_group:
             from ...kernels.rotation import check_group
 
@@ -142,6 +146,7 @@ class LoadLog:
     linear_layers: int = 0
     loaded_layers: int = 0
     seconds: float = 0.0
+    fused_blocks: int = 0  # blocks given a fused forward (fused.install_fused_blocks)
     progress: Callable[[int, int], None] | None = None
 
     @property

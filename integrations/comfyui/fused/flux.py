@@ -1,0 +1,159 @@
+"""Fused forwards of ComfyUI's flux blocks (``comfy.ldm.flux.layers``): Flux, Flux 2 (global modulation, SiLU-gated
+MLP) and HunyuanImage 2.1 / HunyuanVideo, which build the same two classes.
+
+Each mirrors its ComfyUI forward line by line; what changes is only where a linear layer's input comes from:
+norm + modulation (+ the gated residual of the previous half-block) write the qkv / MLP input as INT8 rows, the
+attention output is quantized per stream straight from ``[B, H, N, D]``, the MLP activation is fused with its
+quantization. RoPE is ComfyUI's ``apply_rope`` and attention ComfyUI's ``optimized_attention``, as bound by
+``comfy.ldm.flux.math``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ....kernels.producers import gelu_quantize, norm_modulate_quantize, quantize_heads, silu_mul_quantize
+from .pieces import FallBack, attention_heads, layers_take_rows, no_extra_arguments, no_patches, per_image
+
+ATTENTION_PATCHES = ("attn1_patch", "attn1_output_patch")
+
+
+def _flux_math():
+    """``comfy.ldm.flux.math``; FallBack when something replaced the attention function the blocks call (another
+    node pack's patch: its function is what ComfyUI's forward would run)."""
+    import comfy.ldm.flux.layers as layers
+    import comfy.ldm.flux.math as flux_math
+
+    if layers.attention is not flux_math.attention:
+        raise FallBack("comfy.ldm.flux.layers.attention replaced")
+    return flux_math
+
+
+def _mlp_parts(mlp) -> tuple:
+    """``(fc1, producer of fc2's rows, fc2)`` of a flux MLP: Linear, GELU(tanh) or SiLU gate, Linear."""
+    if not isinstance(mlp, nn.Sequential) or len(mlp) != 3:
+        raise FallBack(f"MLP {type(mlp).__name__}")
+    fc1, act, fc2 = mlp
+    return fc1, _activation_producer(act), fc2
+
+
+def _activation_producer(act):
+    if isinstance(act, nn.GELU) and act.approximate == "tanh":
+        return gelu_quantize
+    if type(act).__name__ == "SiLUActivation":  # silu(first half) * second half
+        return lambda h: silu_mul_quantize(*h.chunk(2, dim=-1))
+    raise FallBack(f"MLP activation {type(act).__name__}")
+
+
+class _Stream:
+    """One stream (img or txt) of a double block: its layers, its modulation rows and its qkv."""
+
+    def __init__(self, block, name: str, x: torch.Tensor):
+        self.x = x
+        self.norm1, self.norm2 = getattr(block, f"{name}_norm1"), getattr(block, f"{name}_norm2")
+        self.attn = getattr(block, f"{name}_attn")
+        self.fc1, self.act, self.fc2 = _mlp_parts(getattr(block, f"{name}_mlp"))
+        self.layers = (self.attn.qkv, self.attn.proj, self.fc1, self.fc2)
+
+    def modulation(self, mod1, mod2) -> None:
+        b, _, width = self.x.shape
+        self.shift1, self.scale1, self.gate1 = (per_image(t, b, width, "double block") for t in
+                                                (mod1.shift, mod1.scale, mod1.gate))
+        self.shift2, self.scale2, self.gate2 = (per_image(t, b, width, "double block") for t in
+                                                (mod2.shift, mod2.scale, mod2.gate))
+
+    def qkv(self, heads: int) -> tuple:
+        b, n, _ = self.x.shape
+        rows, _ = norm_modulate_quantize(self.x, self.shift1, self.scale1, self.norm1.eps)
+        qkv = self.attn.qkv.forward_int8(rows, self.x.dtype)
+        q, k, v = qkv.view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = self.attn.norm(q, k, v)
+        return q, k, v
+
+    def finish(self, heads_out: torch.Tensor) -> torch.Tensor:
+        """The stream after its attention output ``[B, H, N, D]``: projection, gated residual, MLP, gated residual."""
+        b, n, width = self.x.shape
+        dtype = self.x.dtype
+        attn = self.attn.proj.forward_int8(quantize_heads(heads_out), dtype).view(b, n, width)
+        rows, x = norm_modulate_quantize(self.x, self.shift2, self.scale2, self.norm2.eps, y=attn, gate=self.gate1)
+        hidden = self.fc1.forward_int8(rows, dtype)
+        mlp = self.fc2.forward_int8(self.act(hidden), dtype).view(b, n, width)
+        return torch.addcmul(x, self.gate2[:, None], mlp)
+
+
+def double_stream_block(block, mode, img, txt, vec, pe, attn_mask=None, modulation_dims_img=None,
+                        modulation_dims_txt=None, transformer_options={}, **kwargs):
+    """``DoubleStreamBlock.forward`` with producer-fed INT8 layers."""
+    no_extra_arguments(kwargs)
+    if modulation_dims_img is not None or modulation_dims_txt is not None:
+        raise FallBack("modulation_dims")
+    no_patches(transformer_options, ATTENTION_PATCHES)
+    flux_math = _flux_math()
+    img_stream, txt_stream = _Stream(block, "img", img), _Stream(block, "txt", txt)
+    layers_take_rows(img_stream.layers, img, mode)
+    layers_take_rows(txt_stream.layers, txt, mode)
+    if block.modulation:
+        img_stream.modulation(*block.img_mod(vec))
+        txt_stream.modulation(*block.txt_mod(vec))
+    else:
+        (img_mods, txt_mods) = vec
+        img_stream.modulation(*img_mods)
+        txt_stream.modulation(*txt_mods)
+
+    img_q, img_k, img_v = img_stream.qkv(block.num_heads)
+    txt_q, txt_k, txt_v = txt_stream.qkv(block.num_heads)
+    q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
+    del img_q, img_k, img_v, txt_q, txt_k, txt_v
+    if pe is not None:
+        q, k = flux_math.apply_rope(q, k, pe)
+    out = attention_heads(flux_math.optimized_attention, q, k, v, attn_mask, transformer_options)
+    del q, k, v
+    n_txt = txt.shape[1]
+    img = img_stream.finish(out[:, :, n_txt:])
+    txt = txt_stream.finish(out[:, :, :n_txt])
+    if txt.dtype == torch.float16:
+        txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
+    return img, txt
+
+
+def single_stream_block(block, mode, x, vec, pe, attn_mask=None, modulation_dims=None, transformer_options={},
+                        **kwargs):
+    """``SingleStreamBlock.forward`` with producer-fed INT8 layers (linear2's input, attention output next to the
+    MLP activation, is quantized as one row, as the layer multiplies it)."""
+    no_extra_arguments(kwargs)
+    if modulation_dims is not None:
+        raise FallBack("modulation_dims")
+    if block.yak_mlp:
+        raise FallBack("yak MLP")
+    no_patches(transformer_options, ATTENTION_PATCHES)
+    flux_math = _flux_math()
+    layers_take_rows((block.linear1, block.linear2), x, mode)
+    mod = block.modulation(vec)[0] if block.modulation else vec
+    b, n, width = x.shape
+    dtype = x.dtype
+    shift, scale, gate = (per_image(t, b, width, "single block") for t in (mod.shift, mod.scale, mod.gate))
+
+    rows, _ = norm_modulate_quantize(x, shift, scale, block.pre_norm.eps)
+    qkv, mlp = torch.split(block.linear1.forward_int8(rows, dtype).view(b, n, -1),
+                           [3 * block.hidden_size, block.mlp_hidden_dim_first], dim=-1)
+    q, k, v = qkv.view(b, n, 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k = block.norm(q, k, v)
+    if pe is not None:
+        q, k = flux_math.apply_rope(q, k, pe)
+    out = attention_heads(flux_math.optimized_attention, q, k, v, attn_mask, transformer_options)
+    del q, k, v
+    attn = out.transpose(1, 2).reshape(b * n, width)
+    mlp = block.mlp_act(mlp).reshape(b * n, -1)
+    rows = torch.ops.headroom.quantize_activation(torch.cat((attn, mlp), dim=-1))
+    output = block.linear2.forward_int8(rows, dtype).view(b, n, width)
+    x = torch.addcmul(x, gate[:, None], output)
+    if x.dtype == torch.float16:
+        x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
+    return x
+
+
+FORWARDS = {
+    "comfy.ldm.flux.layers:DoubleStreamBlock": double_stream_block,
+    "comfy.ldm.flux.layers:SingleStreamBlock": single_stream_block,
+}

@@ -1,0 +1,65 @@
+"""What every fused block forward needs: the per-call checks, modulation vectors as producer rows, ComfyUI's
+attention with the heads kept apart (so the output projection's producer reads them without a transpose copy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from ....quant.linear import Int8Linear
+
+
+class FallBack(Exception):
+    """This call runs ComfyUI's own forward; the message says why (counted per block, :func:`.blocks.fused_stats`)."""
+
+
+def layers_take_rows(layers: Iterable, x: torch.Tensor, mode: str) -> None:
+    """FallBack unless every layer can run on a producer's INT8 rows of ``x``: ``auto`` also needs the W8A8 kernel
+    to be what the dispatcher picks here; ``on`` takes any kernel (the reference GEMM on a CPU)."""
+    for layer in layers:
+        if not isinstance(layer, Int8Linear) or layer.weight_scale is None:
+            raise FallBack("a float linear layer")
+        if layer.lora or layer.rotation_group:
+            raise FallBack("LoRA side branch" if layer.lora else "Hadamard-rotated weight")
+        if getattr(layer, "weight_function", None) or getattr(layer, "bias_function", None):
+            raise FallBack("weight or bias patch functions")
+        if layer.weight.device != x.device:
+            raise FallBack("weight on another device (partial loading)")
+        if mode == "auto" and not layer.takes_int8_input(x):
+            raise FallBack("no W8A8 kernel for this call")
+
+
+def no_patches(transformer_options: Mapping, patch_keys: Iterable[str]) -> None:
+    """FallBack when ``transformer_options`` carries a patch this block would apply or a block replacement."""
+    patches = transformer_options.get("patches") or {}
+    for key in patch_keys:
+        if patches.get(key):
+            raise FallBack(f"transformer_options patch {key!r}")
+    if any((transformer_options.get("patches_replace") or {}).values()):
+        raise FallBack("transformer_options patches_replace")
+
+
+def no_extra_arguments(kwargs: Mapping) -> None:
+    """FallBack for keyword arguments a fused forward does not know (a newer ComfyUI's): never guess."""
+    if kwargs:
+        raise FallBack(f"unknown arguments {sorted(kwargs)}")
+
+
+def per_image(t: torch.Tensor, batch: int, width: int, what: str) -> torch.Tensor:
+    """A modulation vector ``[B, 1, K]`` or ``[B, K]`` as the ``[B, K]`` rows producers take (a view); FallBack
+    for per-token modulation or anything else."""
+    if t.ndim == 3 and t.shape[1] == 1:
+        t = t[:, 0]
+    if t.shape != (batch, width) or t.stride(-1) != 1:
+        raise FallBack(f"{what} modulation of shape {tuple(t.shape)} (per token, or not [batch, width])")
+    return t
+
+
+def attention_heads(attention, q, k, v, mask, transformer_options) -> torch.Tensor:
+    """ComfyUI's attention function ``attention`` (``optimized_attention`` as the block's module bound it) on
+    ``q, k, v [B, H, N, D]``, its output left as ``[B, H, N, D]`` (a view that
+    :func:`~comfyui_headroom.kernels.producers.quantize_heads` reads without a copy)."""
+    return attention(q, k, v, q.shape[1], mask=mask, skip_reshape=True, skip_output_reshape=True,
+                     transformer_options=transformer_options)

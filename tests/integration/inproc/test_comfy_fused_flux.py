@@ -1,0 +1,157 @@
+"""Fused INT8 flux blocks (integrations/comfyui/fused/flux.py) inside a real ComfyUI, on the CPU.
+
+``fuse_blocks="on"`` runs the fused forwards with the torch producers and the reference GEMM, so the code path a GPU
+takes (producer rows -> ``forward_int8``) is what runs here; ``off`` is ComfyUI's own block code on the same INT8
+layers. Both are sampled with KSampler from one tiny Flux built through ComfyUI's model detection.
+"""
+
+import comfy.sd
+import pytest
+import torch
+from comfyui_headroom.integrations.comfyui.fused import fuse_mode, install_fused_blocks
+from comfyui_headroom.integrations.comfyui.ops import Int8LoadConfig, make_int8_ops
+from comfyui_models import flux_lora_state_dict, flux_state_dict
+from fused_util import cosine, ksample, load, stats
+from safetensors.torch import save_file
+
+
+@pytest.fixture(scope="module")
+def flux_file(workdir):
+    path = workdir / "flux_fused.safetensors"
+    save_file(flux_state_dict(depth=2, single=2), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def models(flux_file):
+    return {mode: load(flux_file, mode) for mode in ("on", "off")}
+
+
+@pytest.fixture(scope="module")
+def conditioning():
+    g = torch.Generator().manual_seed(0)
+    cond = lambda: [[torch.randn(1, 12, 768, generator=g), {"pooled_output": torch.randn(1, 768, generator=g)}]]
+    return torch.randn(1, 16, 8, 8, generator=g), cond(), cond()
+
+
+def test_fused_flux_samples_like_comfyuis_block_code(models, conditioning):
+    latent, positive, negative = conditioning
+    fused, plain = (ksample(models[m], latent, positive, negative) for m in ("on", "off"))
+    on, off = stats(models["on"]), stats(models["off"])
+    assert on["blocks"] == off["blocks"] == 4
+    assert on["fused_calls"] > 0 and on["fallback_calls"] == 0, on  # every block call took the fused path
+    assert off["fused_calls"] == 0 and off["fallbacks"] == {"fusing off": off["fallback_calls"]}, off
+    assert cosine(fused, plain) >= 0.999
+    assert not torch.equal(fused, plain)  # really another code path (producers round once, in float32)
+
+
+def test_attention_patch_takes_comfyuis_forward(models, conditioning):
+    latent, positive, negative = conditioning
+    seen = []
+
+    def attn1_patch(q, k, v, pe=None, attn_mask=None, extra_options=None):
+        seen.append(q.shape)
+        return {"q": q * 1.5}
+
+    outputs = {}
+    for mode, base in models.items():
+        patched = base.clone()
+        patched.set_model_attn1_patch(attn1_patch)
+        before = stats(base)["fused_calls"]
+        outputs[mode] = ksample(patched, latent, positive, negative)
+        assert stats(base)["fused_calls"] == before  # no fused call while the patch is on
+    assert seen and stats(models["on"])["fallbacks"].get("transformer_options patch 'attn1_patch'", 0) > 0
+    assert torch.equal(outputs["on"], outputs["off"])  # both ran ComfyUI's forward, patch applied
+
+
+def test_lora_still_applies_through_comfyuis_forward(models, flux_file, conditioning):
+    from safetensors.torch import load_file
+
+    latent, positive, negative = conditioning
+    lora = flux_lora_state_dict(load_file(flux_file), std=0.1)
+    results = {}
+    for mode, base in models.items():
+        with_lora, _ = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0)
+        results[mode] = ksample(with_lora, latent, positive, negative)
+    assert torch.equal(results["on"], results["off"])
+    assert stats(models["on"])["fallbacks"].get("LoRA side branch", 0) > 0
+    assert cosine(results["on"], ksample(models["off"], latent, positive, negative)) < 0.9999  # the LoRA acted
+
+
+def _block_pair(cls_name: str, seed: int, **kwargs):
+    """Two copies of one ComfyUI flux block with INT8 layers from the same float weights (min_features lowered so
+    a 256-wide block quantizes): the first gets a fused forward."""
+    import comfy.ldm.flux.layers as layers
+    import comfy.ops
+
+    torch.manual_seed(seed)
+    ref = getattr(layers, cls_name)(256, 2, mlp_ratio=3.0, operations=comfy.ops.manual_cast, dtype=torch.bfloat16,
+                                    **kwargs)
+    state = {k: torch.randn_like(v) * 0.05 if v.ndim == 2 else (torch.ones_like(v) if "norm" in k else
+                                                                torch.randn_like(v) * 0.01)
+             for k, v in ref.state_dict().items()}
+    blocks = []
+    for _ in range(2):
+        ops = make_int8_ops(Int8LoadConfig(min_features=64))
+        block = getattr(layers, cls_name)(256, 2, mlp_ratio=3.0, operations=ops, dtype=torch.bfloat16, **kwargs)
+        block.load_state_dict(state)
+        blocks.append(block)
+    assert install_fused_blocks(blocks[0], "on") == 1
+    return blocks
+
+
+def _mods(n: int, batch: int, g):
+    from comfy.ldm.flux.layers import ModulationOut
+
+    return [ModulationOut(*(0.3 * torch.randn(batch, 1, 3 * 256, generator=g, dtype=torch.bfloat16)).chunk(3, -1))
+            for _ in range(n)]
+
+
+def test_flux2_blocks_global_modulation_and_silu_gate():
+    """Flux 2's configuration of the same classes: no per-block modulation (the model hands the vectors in) and a
+    SiLU-gated MLP; the detection of a real Flux 2 forces 48 heads of 128, too wide for a CPU test."""
+    g = torch.Generator().manual_seed(3)
+    fused, plain = _block_pair("DoubleStreamBlock", 1, modulation=False, mlp_silu_act=True)
+    img, txt = (torch.randn(2, n, 256, generator=g, dtype=torch.bfloat16) for n in (24, 8))
+    m = _mods(4, 2, g)
+    vec = ((m[0], m[1]), (m[2], m[3]))
+    pe = None
+    with torch.no_grad():
+        a = fused(img=img.clone(), txt=txt.clone(), vec=vec, pe=pe)
+        b = plain(img=img.clone(), txt=txt.clone(), vec=vec, pe=pe)
+    assert fused._headroom_fused_calls == 1
+    for x, y in zip(a, b):
+        assert cosine(x, y) >= 0.999
+    single_fused, single_plain = _block_pair("SingleStreamBlock", 2, modulation=False, mlp_silu_act=True)
+    x = torch.randn(2, 32, 256, generator=g, dtype=torch.bfloat16)
+    vec = _mods(1, 2, g)[0]
+    with torch.no_grad():
+        a, b = single_fused(x.clone(), vec=vec, pe=None), single_plain(x.clone(), vec=vec, pe=None)
+    assert single_fused._headroom_fused_calls == 1 and cosine(a, b) >= 0.999
+
+
+def test_per_token_modulation_and_unknown_arguments_fall_back():
+    g = torch.Generator().manual_seed(4)
+    fused, plain = _block_pair("SingleStreamBlock", 5)
+    x = torch.randn(1, 16, 256, generator=g, dtype=torch.bfloat16)
+    vec = torch.randn(1, 256, generator=g, dtype=torch.bfloat16)
+    dims = [(0, 8, 0), (8, 16, 0)]
+    with torch.no_grad():
+        a = fused(x.clone(), vec=vec, pe=None, modulation_dims=dims)
+        b = plain(x.clone(), vec=vec, pe=None, modulation_dims=dims)
+    assert torch.equal(a, b) and fused._headroom_fallbacks["modulation_dims"] == 1
+    with torch.no_grad(), pytest.raises(TypeError):  # ComfyUI's own forward rejects what it does not know
+        fused(x.clone(), vec=vec, pe=None, some_new_option=1)
+    assert fused._headroom_fallbacks["unknown arguments ['some_new_option']"] == 1
+
+
+def test_fuse_mode_choices_and_environment(monkeypatch):
+    monkeypatch.delenv("HEADROOM_FUSE_BLOCKS", raising=False)
+    assert fuse_mode("auto") == "auto" and fuse_mode("OFF") == "off"
+    monkeypatch.setenv("HEADROOM_FUSE_BLOCKS", "on")
+    assert fuse_mode("auto") == "on" and fuse_mode("off") == "off"  # the environment sets what auto means
+    with pytest.raises(ValueError, match="fuse_blocks must be one of auto, on, off"):
+        Int8LoadConfig(fuse_blocks="fast")
+    monkeypatch.setenv("HEADROOM_FUSE_BLOCKS", "yes")
+    with pytest.raises(ValueError, match="HEADROOM_FUSE_BLOCKS='yes'"):
+        Int8LoadConfig()
