@@ -1,0 +1,121 @@
+"""Fused INT8 Kandinsky 5 blocks (integrations/comfyui/fused/kandinsky5.py) inside a real ComfyUI, on the CPU.
+
+One tiny Kandinsky 5 (video) with seeded random weights, loaded through ComfyUI's own model detection (a width it
+does not know gets the lite video's 64-wide heads), fused ``on`` (torch producers + reference GEMM) and ``off``
+(ComfyUI's own block code on the same INT8 layers), sampled with KSampler on a 5-D video latent.
+"""
+
+import comfy.ldm.kandinsky5.model as k5
+import comfy.ops
+import comfy.sd
+import pytest
+import torch
+from comfyui_headroom.quant.linear import Int8Linear
+from fused_util import cosine, ksample, load, stats
+from safetensors.torch import save_file
+
+DIM, TEXT, POOLED = 128, 3584, 768  # ComfyUI's detection reads neither text width: the class defaults
+ATTENTION = ("to_query", "to_key", "to_value", "out_layer")
+
+
+def _random_state(module: torch.nn.Module, seed: int) -> dict:
+    """Seeded weights of sensible scale: linears ~ 1/sqrt(fan_in), norm weights near one, small biases."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, v in module.state_dict().items():
+        r = torch.randn(v.shape, generator=g)
+        if "norm" in key:
+            r = 1 + 0.1 * r
+        elif v.ndim == 2:
+            r = r * v.shape[1] ** -0.5
+        else:
+            r = 0.01 * r
+        state[key] = r.to(torch.bfloat16).contiguous()
+    return state
+
+
+@pytest.fixture(scope="module")
+def k5_file(workdir):
+    model = k5.Kandinsky5(model_dim=DIM, time_dim=64, ff_dim=256, num_text_blocks=1, num_visual_blocks=2,
+                          dtype=torch.bfloat16, operations=comfy.ops.manual_cast)
+    path = workdir / "kandinsky5_fused.safetensors"
+    save_file(_random_state(model, 0), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def models(k5_file):
+    return {mode: load(k5_file, mode, min_features=64) for mode in ("on", "off")}
+
+
+@pytest.fixture(scope="module")
+def conditioning():
+    g = torch.Generator().manual_seed(0)
+    cond = lambda: [[torch.randn(1, 8, TEXT, generator=g), {"pooled_output": torch.randn(1, POOLED, generator=g)}]]
+    return torch.randn(1, 16, 2, 8, 8, generator=g), cond(), cond()
+
+
+def test_detection_builds_kandinsky5_with_int8_block_layers(models):
+    for patcher in models.values():
+        assert type(patcher.model).__name__ == "Kandinsky5"
+        net = patcher.model.diffusion_model
+        assert type(net) is k5.Kandinsky5 and net.model_dim == DIM
+        layers = [f"self_attention.{n}" for n in ATTENTION] + ["feed_forward.in_layer", "feed_forward.out_layer"]
+        for blocks, names in ((net.text_transformer_blocks, layers),
+                              (net.visual_transformer_blocks, layers + [f"cross_attention.{n}" for n in ATTENTION])):
+            for block in blocks:
+                for name in names:
+                    layer = block.get_submodule(name)
+                    assert isinstance(layer, Int8Linear) and layer.weight.dtype == torch.int8, name
+
+
+def test_fused_kandinsky5_samples_like_comfyuis_block_code(models, conditioning):
+    latent, positive, negative = conditioning
+    fused, plain = (ksample(models[m], latent, positive, negative) for m in ("on", "off"))
+    on, off = stats(models["on"]), stats(models["off"])
+    assert on["blocks"] == off["blocks"] == 3  # one text (encoder) block, two visual (decoder) blocks
+    assert on["fused_calls"] > 0 and on["fallback_calls"] == 0, on
+    assert off["fused_calls"] == 0 and off["fallbacks"] == {"fusing off": off["fallback_calls"]}, off
+    assert cosine(fused, plain) >= 0.999
+    assert not torch.equal(fused, plain)  # really another code path
+
+
+def test_attention_override_takes_comfyuis_forward(models, conditioning):
+    latent, positive, negative = conditioning
+    seen = []
+
+    def override(func, *args, **kwargs):
+        seen.append(args[0].shape)
+        return func(*args, **kwargs) * 1.25
+
+    outputs = {}
+    for mode, base in models.items():
+        patched = base.clone()
+        patched.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
+        before = stats(base)["fused_calls"]
+        outputs[mode] = ksample(patched, latent, positive, negative)
+        assert stats(base)["fused_calls"] == before
+    assert seen
+    assert stats(models["on"])["fallbacks"].get("transformer_options optimized_attention_override", 0) > 0
+    assert torch.equal(outputs["on"], outputs["off"])
+    assert not torch.equal(outputs["on"], ksample(models["off"], latent, positive, negative))
+
+
+def test_lora_still_applies_through_comfyuis_forward(models, conditioning):
+    latent, positive, negative = conditioning
+    g = torch.Generator().manual_seed(2)
+    targets = ["text_transformer_blocks.0.self_attention.to_value", "visual_transformer_blocks.0.cross_attention.to_key",
+               "visual_transformer_blocks.1.feed_forward.in_layer"]
+    lora = {}
+    for name in targets:  # one layer of every block: every call takes ComfyUI's forward
+        out_f = 256 if name.endswith("in_layer") else DIM
+        lora[f"diffusion_model.{name}.lora_up.weight"] = 0.1 * torch.randn(out_f, 8, generator=g)
+        lora[f"diffusion_model.{name}.lora_down.weight"] = 0.1 * torch.randn(8, DIM, generator=g)
+    results = {}
+    for mode, base in models.items():
+        with_lora, _ = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0)
+        results[mode] = ksample(with_lora, latent, positive, negative)
+    assert torch.equal(results["on"], results["off"])
+    assert stats(models["on"])["fallbacks"].get("LoRA side branch", 0) > 0
+    assert cosine(results["on"], ksample(models["off"], latent, positive, negative)) < 0.9999  # the LoRA acted
+
