@@ -59,7 +59,12 @@ def per_image(t: torch.Tensor, batch: int, width: int, what: str) -> torch.Tenso
 
 def attention_heads(attention, q, k, v, mask, transformer_options) -> torch.Tensor:
     """ComfyUI's attention function ``attention`` (``optimized_attention`` as the block's module bound it) on
-    ``q, k, v [B, H, N, D]``, its output left as ``[B, H, N, D]`` (a view that
-    :func:`~comfyui_headroom.kernels.producers.quantize_heads` reads without a copy)."""
-    return attention(q, k, v, q.shape[1], mask=mask, skip_reshape=True, skip_output_reshape=True,
-                     transformer_options=transformer_options)
+    ``q, k, v [B, H, N, D]``, its output as ``[B, H, N, D]`` (a view that
+    :func:`~comfyui_headroom.kernels.producers.quantize_heads` reads without a copy). An override in
+    ``transformer_options`` that ignores ``skip_output_reshape`` and returns ``[B, N, H*D]`` is viewed back."""
+    b, heads, n, d = q.shape
+    out = attention(q, k, v, heads, mask=mask, skip_reshape=True, skip_output_reshape=True,
+                    transformer_options=transformer_options)
+    if out.ndim == 3:
+        out = out.view(b, n, heads, -1).transpose(1, 2)
+    return out

@@ -155,3 +155,27 @@ def test_fuse_mode_choices_and_environment(monkeypatch):
     monkeypatch.setenv("HEADROOM_FUSE_BLOCKS", "yes")
     with pytest.raises(ValueError, match="HEADROOM_FUSE_BLOCKS='yes'"):
         Int8LoadConfig()
+
+
+def test_attention_override_still_chooses_the_attention(models, conditioning):
+    """An ``optimized_attention_override`` (how nodes pick an attention kernel per model) runs inside the fused
+    path too; one that drops ``skip_output_reshape`` and returns ``[B, N, H*D]`` still gives the right rows."""
+    import comfy.ldm.modules.attention as attention
+
+    latent, positive, negative = conditioning
+    calls = []
+
+    def override(func, q, k, v, heads, skip_output_reshape=False, **kwargs):
+        calls.append(skip_output_reshape)
+        return attention.attention_basic(q, k, v, heads, **kwargs)  # drops skip_output_reshape on purpose
+
+    outputs = {}
+    for mode, base in models.items():
+        patched = base.clone()
+        patched.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
+        before = stats(base)["fused_calls"]
+        outputs[mode] = ksample(patched, latent, positive, negative)
+        if mode == "on":
+            assert stats(base)["fused_calls"] > before
+    assert True in calls and False in calls  # the fused path asked for heads, ComfyUI's forward did not
+    assert cosine(outputs["on"], outputs["off"]) >= 0.999
