@@ -16,6 +16,9 @@ says whether a layer can take a producer's output for a call: ``takes_int8_input
 * :func:`rms_norm_scale_quantize` - RMSNorm (optional weight) + ``* (1 + scale)`` + INT8 (Z-Image / Lumina 2);
 
 Each runs a Triton kernel on CUDA (and under ``TRITON_INTERPRET=1``), and the same math in torch elsewhere.
+Under ``torch.compile`` each is a ``torch.ops.headroom.*`` custom op (:mod:`.ops`, with a fake implementation;
+registered when the kernels' dispatcher loads, as for any ``Int8Linear``), so compiled graphs keep the producers as
+single calls; eager calls skip the dispatcher and run the ``*_eager`` bodies directly.
 A producer computes in float32 from its bf16 inputs and rounds once, where the eager chain rounds to bf16
 after every op: the INT8 values can differ from "eager op, then quantize" by one step where a value sits
 near a rounding edge (tests bound it against a float64 reference).
@@ -68,6 +71,11 @@ def norm_modulate_quantize(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
         if t is not None and (t.shape != (b, k) or t.stride(-1) != 1):
             raise ValueError(f"norm_modulate_quantize: {name} must be [{b}, {k}] with contiguous rows, "
                              f"got {tuple(t.shape)} strides {t.stride()}")
+    if torch.compiler.is_compiling():
+        if residual:
+            q, s, x_new = torch.ops.headroom.norm_modulate_quantize_residual(x, shift, scale, eps, y, gate)
+            return Int8Rows(q, s), x_new
+        return Int8Rows(*torch.ops.headroom.norm_modulate_quantize(x, shift, scale, eps)), None
     return norm_modulate_quantize_eager(x, shift, scale, eps, y if residual else None, gate if residual else None)
 
 
@@ -92,6 +100,8 @@ def norm_modulate_quantize_eager(x, shift, scale, eps, y=None, gate=None) -> tup
 
 def quantize_heads(o: torch.Tensor) -> Int8Rows:
     """INT8 rows of ``o.transpose(1, 2).reshape(B * N, H * D)`` for an attention output ``o [B, H, N, D]``."""
+    if torch.compiler.is_compiling():
+        return Int8Rows(*torch.ops.headroom.quantize_heads(o))
     return quantize_heads_eager(o)
 
 
@@ -109,6 +119,8 @@ def quantize_heads_eager(o: torch.Tensor) -> Int8Rows:
 
 def gelu_quantize(x: torch.Tensor) -> Int8Rows:
     """INT8 rows of ``F.gelu(x, approximate="tanh")`` for ``x [..., K]``, flattened to ``[M, K]``."""
+    if torch.compiler.is_compiling():
+        return Int8Rows(*torch.ops.headroom.gelu_quantize(x))
     return gelu_quantize_eager(x)
 
 
@@ -126,6 +138,8 @@ def silu_mul_quantize(gate: torch.Tensor, up: torch.Tensor) -> Int8Rows:
     halves of one tensor are fine), flattened to ``[M, I]``: the SwiGLU MLP's down-projection input."""
     if gate.shape != up.shape:
         raise ValueError(f"silu_mul_quantize: gate {tuple(gate.shape)} and up {tuple(up.shape)} must match")
+    if torch.compiler.is_compiling():
+        return Int8Rows(*torch.ops.headroom.silu_mul_quantize(gate, up))
     return silu_mul_quantize_eager(gate, up)
 
 
@@ -149,6 +163,8 @@ def rms_norm_scale_quantize(x: torch.Tensor, weight: torch.Tensor | None, scale:
     if scale.shape != (b, k) or (weight is not None and weight.shape != (k,)):
         raise ValueError(f"rms_norm_scale_quantize: scale must be [{b}, {k}] and weight [{k}], got "
                          f"{tuple(scale.shape)} and {None if weight is None else tuple(weight.shape)}")
+    if torch.compiler.is_compiling():
+        return Int8Rows(*torch.ops.headroom.rms_norm_scale_quantize(x, weight, scale, eps))
     return rms_norm_scale_quantize_eager(x, weight, scale, eps)
 
 
