@@ -175,3 +175,20 @@ def test_ops_return_what_the_eager_producers_return(gen):
     q, s = torch.ops.headroom.gelu_quantize(x)
     q_ref, s_ref = quantize_activation(h)
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_inductor_compiled_block_keeps_producers_on_gpu(gen):
+    """On the GPU with the automatic kernel choice (Triton W8A8 from sm80 on, bar Ampere/Ada's _int_mm): inductor,
+    fullgraph, producers in the graph; output = the eager producer path up to inductor's own float rounding."""
+    block, recorder = _int8_block().cuda(), GraphRecorder()
+    x, c = (t.cuda() for t in _block_inputs(gen, tokens=256))
+    with torch.no_grad():
+        eager = block(x, c)
+        assert block.producer_forwards == 1
+        torch.compile(block, backend=recorder, fullgraph=True)(x, c)
+        torch._dynamo.reset()
+        compiled = torch.compile(block, fullgraph=True)(x, c)
+    assert PRODUCER_OPS <= set(recorder.graphs[0])
+    cos = F.cosine_similarity(compiled.double().flatten(), eager.double().flatten(), dim=0)
+    assert float(cos) > 0.9999
