@@ -277,3 +277,26 @@ def test_rms_norm_scale_quantize_kernel(k, with_weight, gen, monkeypatch):
     else:
         q, s = triton_producers.rms_norm_scale_quantize(x.reshape(10, k), weight, scale, 5, 1e-5)
         _close_to_torch_path(producers.Int8Rows(q, s), expected)
+
+
+def test_compiled_block_runs_the_producer_kernels_as_eager(gen):
+    """torch.compile (aot_eager, fullgraph) of the producer-fed block on the interpreted Triton kernels: the
+    custom ops run the same kernels as eager, so the output is the same bit for bit."""
+    from comfyui_headroom.demo.model import DemoConfig, DiTBlock
+    from comfyui_headroom.quant.replace import quantize_model
+
+    torch.manual_seed(0)
+    block = DiTBlock(DemoConfig(hidden=64, depth=1, heads=2)).to(BF16)
+    quantize_model(block, min_features=1, skip=[], keep_default_skips=False)
+    block.int8_producers = True
+    x = torch.randn(1, 24, 64, generator=gen).to(BF16)
+    c = torch.randn(1, 64, generator=gen).to(BF16)
+    torch._dynamo.reset()
+    with torch.no_grad(), kernels.force_kernel("triton"):
+        eager = block(x, c)
+        kernels.reset_kernel_stats()
+        compiled = torch.compile(block, backend="aot_eager", fullgraph=True)(x, c)
+    torch._dynamo.reset()
+    assert block.producer_forwards == 1  # eager took the producer path (compiled calls are not counted)
+    assert kernels.kernel_summary()["triton_w8a8"]["shapes"]["24x192x64"] == 1  # qkv on INT8 rows, compiled
+    assert torch.equal(compiled, eager)
