@@ -62,7 +62,7 @@ def norm_modulate_quantize(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
     modulation; views such as ``chunk`` outputs are fine). Returns ``(Int8Rows [B*N, K], x')``, ``x'`` in
     ``x.dtype`` (None without ``y``): the residual stream the rest of the block continues with.
     """
-    b, n, k = x.shape
+    b, _, k = x.shape
     residual = y is not None
     if residual and (gate is None or y.shape != x.shape):
         raise ValueError(f"norm_modulate_quantize: y {tuple(y.shape)} must match x {tuple(x.shape)} and come "
@@ -159,7 +159,7 @@ def rms_norm_scale_quantize(x: torch.Tensor, weight: torch.Tensor | None, scale:
                             eps: float = 1e-6) -> Int8Rows:
     """INT8 rows of ``rms_norm(x, weight) * (1 + scale)`` for ``x [B, N, K]``, ``weight [K]`` (or None) and
     ``scale [B, K]`` (one per image): Lumina 2 / Z-Image's ``modulate(attention_norm1(x), scale)``."""
-    b, n, k = x.shape
+    b, _, k = x.shape
     if scale.shape != (b, k) or (weight is not None and weight.shape != (k,)):
         raise ValueError(f"rms_norm_scale_quantize: scale must be [{b}, {k}] and weight [{k}], got "
                          f"{tuple(scale.shape)} and {None if weight is None else tuple(weight.shape)}")
