@@ -125,12 +125,15 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.hidden, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(cfg.hidden, cfg.mlp_ratio)
         self.int8_producers = False  # see forward_int8_producers; DemoDiT.use_int8_producers switches it
-        self.producer_forwards = 0  # calls that took forward_int8_producers (the demo's report reads it)
+        # Eager calls that took forward_int8_producers (the demo's report reads it). Not counted under
+        # torch.compile: dynamo would guard on the count and recompile the block on every call.
+        self.producer_forwards = 0
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         mods = self.modulation(F.silu(c)).chunk(6, dim=-1)
         if self.int8_producers and self._producers_apply(x):
-            self.producer_forwards += 1
+            if not torch.compiler.is_compiling():
+                self.producer_forwards += 1
             return self.forward_int8_producers(x, *mods)
         shift1, scale1, gate1, shift2, scale2, gate2 = mods
         x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
@@ -145,7 +148,8 @@ class DiTBlock(nn.Module):
     def forward_int8_producers(self, x, shift1, scale1, gate1, shift2, scale2, gate2) -> torch.Tensor:
         """:meth:`forward` for INT8 (W8A8) layers, line for line, with every Linear input written in INT8 by the
         op that makes it (:mod:`comfyui_headroom.kernels.producers`): norm + modulation, the attention output,
-        GELU. Attention itself is the same code as in :meth:`forward`."""
+        GELU. Attention itself is the same code as in :meth:`forward`. Under ``torch.compile`` it traces whole: the
+        producers and the GEMMs on their INT8 rows are ``headroom::*`` custom ops (kernels/ops.py)."""
         from ..kernels.producers import gelu_quantize, norm_modulate_quantize, quantize_heads
 
         b, n, h = x.shape

@@ -269,6 +269,35 @@ def choose_kernel(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
     return auto_kernel(x, weight, weight_scale)
 
 
+def choose_kernel_while_tracing(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> str:
+    """:func:`choose_kernel` for code that ``torch.compile`` traces, without a graph break.
+
+    Why: :func:`choose_kernel` reads per-device caches, the GPU's capability and logs, which dynamo does not
+    trace. Here the traced part only gathers the call's static facts (device, rows, weight and scale shapes, the
+    forced kernel); :func:`_choice_from_facts` turns them into the answer once, while tracing, and dynamo's guards
+    on those facts recompile when one changes. The choice depends on M only through ``M <= SMALL_M`` (W8A16) and
+    ``_int_mm``'s ``M > 16``, so every M above both is one stand-in: a symbolic M (dynamic shapes) becomes one guard,
+    not a recompilation per token count.
+    """
+    m = x.numel() // x.shape[-1]
+    above_thresholds = max(SMALL_M, 16) + 1
+    m = above_thresholds if m >= above_thresholds else int(m)
+    return _choice_from_facts(x.device, m, tuple(int(d) for d in weight.shape),
+                              tuple(int(d) for d in weight_scale.shape), forced_kernel())
+
+
+@torch.compiler.assume_constant_result
+def _choice_from_facts(device: torch.device, m: int, weight_shape: tuple, scale_shape: tuple,
+                       forced: str | None) -> str:
+    """:func:`choose_kernel` on stand-ins of one element each (zero strides) on ``device``; ``forced`` is the
+    state :func:`choose_kernel` reads itself, an argument so that dynamo guards on it."""
+    n, k = weight_shape
+    x = torch.empty_strided((m, k), (0, 0), dtype=torch.int8, device=device)
+    weight = torch.empty_strided((n, k), (0, 0), dtype=torch.int8, device=device)
+    weight_scale = torch.empty_strided(scale_shape, (0,) * len(scale_shape), dtype=torch.float32, device=device)
+    return choose_kernel(x, weight, weight_scale)
+
+
 def log_once(key, message: str, level: int = logging.INFO) -> None:
     """Log ``message`` the first time ``key`` is seen in this process (kernel choices repeat every step)."""
     with _state.lock:
@@ -396,7 +425,18 @@ def int8_linear_int8_input(qa: torch.Tensor, a_scale: torch.Tensor, weight: torc
                            bias: torch.Tensor | None, out_dtype: torch.dtype, block_size: int = 128) -> torch.Tensor:
     """:func:`int8_linear` for an activation that is already INT8 (``qa int8 [M, K]``, per-row ``a_scale``), as
     fused producers (:mod:`.producers`) write it: the GEMM of the kernel the automatic (or forced) choice names
-    (``triton_w8a8``, ``int_mm``; anything else computes it with the reference). Planned like :func:`int8_linear`."""
+    (``triton_w8a8``, ``int_mm``; anything else computes it with the reference). Planned like :func:`int8_linear`;
+    under ``torch.compile`` the custom op ``torch.ops.headroom.int8_linear_int8_input`` (:mod:`.ops`), which runs
+    :func:`int8_linear_int8_input_eager` at run time."""
+    if torch.compiler.is_compiling():
+        return torch.ops.headroom.int8_linear_int8_input(qa, a_scale, weight, weight_scale, bias, out_dtype,
+                                                         block_size)
+    return int8_linear_int8_input_eager(qa, a_scale, weight, weight_scale, bias, out_dtype, block_size)
+
+
+def int8_linear_int8_input_eager(qa: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor,
+                                 weight_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                                 block_size: int = 128) -> torch.Tensor:
     if qa.is_cuda and _plans_allowed():
         return _planned_int8_input(qa, a_scale, weight, weight_scale, bias, out_dtype, block_size)
     return _int8_input_normal(qa, a_scale, weight, weight_scale, bias, out_dtype, block_size)

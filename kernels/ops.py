@@ -6,6 +6,15 @@
 * ``headroom::quantize_activation`` - per-row INT8 of a 2-D activation;
 * ``headroom::rotated_int8_linear`` - a Hadamard-rotated layer (:mod:`.hadamard`: rotation fused into the
   activation quantization where the Triton W8A8 kernel runs); ``headroom::hadamard_rotate`` - ``x H``.
+* the producers of :mod:`.producers` (an op that writes a W8A8 layer's input in INT8), each returning
+  ``(q int8 [M, K], scale float32 [M])``: ``headroom::norm_modulate_quantize``,
+  ``headroom::norm_modulate_quantize_residual`` (also returns the new residual stream),
+  ``headroom::quantize_heads``, ``headroom::gelu_quantize``, ``headroom::silu_mul_quantize``,
+  ``headroom::rms_norm_scale_quantize``; and ``headroom::int8_linear_int8_input``, the GEMM on such rows
+  (:func:`.dispatch.int8_linear_int8_input`: kernel chosen at run time). The public functions call them only
+  under ``torch.compile``; eager calls skip the dispatcher. No autograd: INT8 rows carry no gradient (layers
+  that need one keep the float path, see ``Int8Linear.takes_int8_input``). Every output is contiguous, as the
+  fakes say: inductor lays out what follows from the fake's strides.
 
 Each has a fake (meta) implementation giving the output's shape/dtype, so dynamo and inductor never
 run a kernel while tracing, and an autograd formula (gradient through the dequantized weight). Stats and checks run inside the real implementations, at run time.
@@ -16,8 +25,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import backends
-from .dispatch import dispatch_and_run, run_kernel
+from . import backends, producers
+from .dispatch import dispatch_and_run, int8_linear_int8_input_eager, run_kernel
 from .int8 import dequantize_weight
 
 NAMESPACE = "headroom"
@@ -145,3 +154,109 @@ if not _registered("rotated_int8_linear"):
 
     rotated_int8_linear.register_autograd(_rotated_backward, setup_context=_rotated_setup_context)
 
+
+
+# ------------------------------------------------------------------ producers and the GEMM on their INT8 rows
+
+def _fake_rows(m, k, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return like.new_empty((m, k), dtype=torch.int8), like.new_empty((m,), dtype=torch.float32)
+
+
+def _contiguous_rows(rows) -> Tuple[torch.Tensor, torch.Tensor]:
+    return rows.q.contiguous(), rows.scale.contiguous()
+
+
+if not _registered("norm_modulate_quantize"):
+
+    @torch.library.custom_op(f"{NAMESPACE}::norm_modulate_quantize", mutates_args=())
+    def norm_modulate_quantize(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                               eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        rows, _ = producers.norm_modulate_quantize_eager(x, shift, scale, eps)
+        return _contiguous_rows(rows)
+
+    @norm_modulate_quantize.register_fake
+    def _(x, shift, scale, eps):
+        b, n, k = x.shape
+        return _fake_rows(b * n, k, x)
+
+
+if not _registered("norm_modulate_quantize_residual"):
+
+    @torch.library.custom_op(f"{NAMESPACE}::norm_modulate_quantize_residual", mutates_args=())
+    def norm_modulate_quantize_residual(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                                        y: torch.Tensor, gate: torch.Tensor
+                                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows, x_new = producers.norm_modulate_quantize_eager(x, shift, scale, eps, y, gate)
+        return (*_contiguous_rows(rows), x_new.contiguous())
+
+    @norm_modulate_quantize_residual.register_fake
+    def _(x, shift, scale, eps, y, gate):
+        b, n, k = x.shape
+        return (*_fake_rows(b * n, k, x), x.new_empty((b, n, k)))
+
+
+if not _registered("quantize_heads"):
+
+    @torch.library.custom_op(f"{NAMESPACE}::quantize_heads", mutates_args=())
+    def quantize_heads(o: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _contiguous_rows(producers.quantize_heads_eager(o))
+
+    @quantize_heads.register_fake
+    def _(o):
+        b, h, n, d = o.shape
+        return _fake_rows(b * n, h * d, o)
+
+
+if not _registered("gelu_quantize"):
+
+    @torch.library.custom_op(f"{NAMESPACE}::gelu_quantize", mutates_args=())
+    def gelu_quantize(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _contiguous_rows(producers.gelu_quantize_eager(x))
+
+    @gelu_quantize.register_fake
+    def _(x):
+        k = x.shape[-1]
+        return _fake_rows(x.numel() // k, k, x)
+
+
+if not _registered("silu_mul_quantize"):
+
+    @torch.library.custom_op(f"{NAMESPACE}::silu_mul_quantize", mutates_args=())
+    def silu_mul_quantize(gate: torch.Tensor, up: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _contiguous_rows(producers.silu_mul_quantize_eager(gate, up))
+
+    @silu_mul_quantize.register_fake
+    def _(gate, up):
+        k = gate.shape[-1]
+        return _fake_rows(gate.numel() // k, k, gate)
+
+
+if not _registered("rms_norm_scale_quantize"):
+
+    @torch.library.custom_op(f"{NAMESPACE}::rms_norm_scale_quantize", mutates_args=())
+    def rms_norm_scale_quantize(x: torch.Tensor, weight: Optional[torch.Tensor], scale: torch.Tensor,
+                                eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _contiguous_rows(producers.rms_norm_scale_quantize_eager(x, weight, scale, eps))
+
+    @rms_norm_scale_quantize.register_fake
+    def _(x, weight, scale, eps):
+        b, n, k = x.shape
+        return _fake_rows(b * n, k, x)
+
+
+if not _registered("int8_linear_int8_input"):
+
+    @torch.library.custom_op(f"{NAMESPACE}::int8_linear_int8_input", mutates_args=())
+    def int8_linear_int8_input(qa: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor,
+                               weight_scale: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
+                               block_size: int) -> torch.Tensor:
+        return int8_linear_int8_input_eager(qa, a_scale, weight, weight_scale, bias, out_dtype,
+                                            block_size).contiguous()
+
+    @int8_linear_int8_input.register_fake
+    def _(qa, a_scale, weight, weight_scale, bias, out_dtype, block_size):
+        if qa.dtype != torch.int8 or qa.ndim != 2 or qa.shape[1] != weight.shape[1] or a_scale.shape != qa.shape[:1]:
+            raise ValueError(f"int8_linear_int8_input: expected int8 rows [M, {weight.shape[1]}] and float32 scales "
+                             f"[M] for the int8 weight {tuple(weight.shape)}, got {qa.dtype} {tuple(qa.shape)} and "
+                             f"{tuple(a_scale.shape)}")
+        return qa.new_empty((qa.shape[0], weight.shape[0]), dtype=out_dtype)

@@ -16,6 +16,9 @@ says whether a layer can take a producer's output for a call: ``takes_int8_input
 * :func:`rms_norm_scale_quantize` - RMSNorm (optional weight) + ``* (1 + scale)`` + INT8 (Z-Image / Lumina 2);
 
 Each runs a Triton kernel on CUDA (and under ``TRITON_INTERPRET=1``), and the same math in torch elsewhere.
+Under ``torch.compile`` each is a ``torch.ops.headroom.*`` custom op (:mod:`.ops`, with a fake implementation;
+registered when the kernels' dispatcher loads, as for any ``Int8Linear``), so compiled graphs keep the producers as
+single calls; eager calls skip the dispatcher and run the ``*_eager`` bodies directly.
 A producer computes in float32 from its bf16 inputs and rounds once, where the eager chain rounds to bf16
 after every op: the INT8 values can differ from "eager op, then quantize" by one step where a value sits
 near a rounding edge (tests bound it against a float64 reference).
@@ -44,6 +47,12 @@ def _triton_here(t: torch.Tensor) -> bool:
     return HAS_TRITON and (t.is_cuda or interpreting())
 
 
+def _row_view(t: torch.Tensor) -> torch.Tensor:
+    """``t [..., K]`` as ``[M, K]`` rows with unit stride in K (a view where one exists)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
 def norm_modulate_quantize(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
                            y: torch.Tensor | None = None, gate: torch.Tensor | None = None
                            ) -> tuple[Int8Rows, torch.Tensor | None]:
@@ -53,7 +62,7 @@ def norm_modulate_quantize(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
     modulation; views such as ``chunk`` outputs are fine). Returns ``(Int8Rows [B*N, K], x')``, ``x'`` in
     ``x.dtype`` (None without ``y``): the residual stream the rest of the block continues with.
     """
-    b, n, k = x.shape
+    b, _, k = x.shape
     residual = y is not None
     if residual and (gate is None or y.shape != x.shape):
         raise ValueError(f"norm_modulate_quantize: y {tuple(y.shape)} must match x {tuple(x.shape)} and come "
@@ -62,6 +71,18 @@ def norm_modulate_quantize(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
         if t is not None and (t.shape != (b, k) or t.stride(-1) != 1):
             raise ValueError(f"norm_modulate_quantize: {name} must be [{b}, {k}] with contiguous rows, "
                              f"got {tuple(t.shape)} strides {t.stride()}")
+    if torch.compiler.is_compiling():
+        if residual:
+            q, s, x_new = torch.ops.headroom.norm_modulate_quantize_residual(x, shift, scale, eps, y, gate)
+            return Int8Rows(q, s), x_new
+        return Int8Rows(*torch.ops.headroom.norm_modulate_quantize(x, shift, scale, eps)), None
+    return norm_modulate_quantize_eager(x, shift, scale, eps, y if residual else None, gate if residual else None)
+
+
+def norm_modulate_quantize_eager(x, shift, scale, eps, y=None, gate=None) -> tuple[Int8Rows, torch.Tensor | None]:
+    """:func:`norm_modulate_quantize` on checked arguments, without the compile routing (the custom op runs it)."""
+    b, n, k = x.shape
+    residual = y is not None
     if _triton_here(x) and shift.stride(0) == scale.stride(0) and (not residual or gate.stride(0) == shift.stride(0)):
         from . import triton_producers
 
@@ -79,6 +100,12 @@ def norm_modulate_quantize(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
 
 def quantize_heads(o: torch.Tensor) -> Int8Rows:
     """INT8 rows of ``o.transpose(1, 2).reshape(B * N, H * D)`` for an attention output ``o [B, H, N, D]``."""
+    if torch.compiler.is_compiling():
+        return Int8Rows(*torch.ops.headroom.quantize_heads(o))
+    return quantize_heads_eager(o)
+
+
+def quantize_heads_eager(o: torch.Tensor) -> Int8Rows:
     b, h, n, d = o.shape
     if _triton_here(o) and o.stride(-1) == 1:
         from . import triton_producers
@@ -92,6 +119,12 @@ def quantize_heads(o: torch.Tensor) -> Int8Rows:
 
 def gelu_quantize(x: torch.Tensor) -> Int8Rows:
     """INT8 rows of ``F.gelu(x, approximate="tanh")`` for ``x [..., K]``, flattened to ``[M, K]``."""
+    if torch.compiler.is_compiling():
+        return Int8Rows(*torch.ops.headroom.gelu_quantize(x))
+    return gelu_quantize_eager(x)
+
+
+def gelu_quantize_eager(x: torch.Tensor) -> Int8Rows:
     x2 = _rows(x)
     if _triton_here(x2):
         from .triton_quant import quantize_rows
@@ -105,7 +138,20 @@ def silu_mul_quantize(gate: torch.Tensor, up: torch.Tensor) -> Int8Rows:
     halves of one tensor are fine), flattened to ``[M, I]``: the SwiGLU MLP's down-projection input."""
     if gate.shape != up.shape:
         raise ValueError(f"silu_mul_quantize: gate {tuple(gate.shape)} and up {tuple(up.shape)} must match")
-    g, u = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
+    if torch.compiler.is_compiling():
+        return Int8Rows(*torch.ops.headroom.silu_mul_quantize(gate, up))
+    return silu_mul_quantize_eager(gate, up)
+
+
+def silu_mul_quantize_eager(gate: torch.Tensor, up: torch.Tensor) -> Int8Rows:
+    g, u = _row_view(gate), _row_view(up)
+    if _triton_here(g):
+        from . import triton_producers
+
+        try:
+            return Int8Rows(*triton_producers.silu_mul_quantize(g, u))
+        except KernelUnsupported:
+            pass  # rows too long for one pass: the torch path below
     return Int8Rows(*quantize_activation(F.silu(g.float()) * u.float()))
 
 
@@ -113,10 +159,26 @@ def rms_norm_scale_quantize(x: torch.Tensor, weight: torch.Tensor | None, scale:
                             eps: float = 1e-6) -> Int8Rows:
     """INT8 rows of ``rms_norm(x, weight) * (1 + scale)`` for ``x [B, N, K]``, ``weight [K]`` (or None) and
     ``scale [B, K]`` (one per image): Lumina 2 / Z-Image's ``modulate(attention_norm1(x), scale)``."""
-    b, n, k = x.shape
+    b, _, k = x.shape
     if scale.shape != (b, k) or (weight is not None and weight.shape != (k,)):
         raise ValueError(f"rms_norm_scale_quantize: scale must be [{b}, {k}] and weight [{k}], got "
                          f"{tuple(scale.shape)} and {None if weight is None else tuple(weight.shape)}")
+    if torch.compiler.is_compiling():
+        return Int8Rows(*torch.ops.headroom.rms_norm_scale_quantize(x, weight, scale, eps))
+    return rms_norm_scale_quantize_eager(x, weight, scale, eps)
+
+
+def rms_norm_scale_quantize_eager(x: torch.Tensor, weight: torch.Tensor | None, scale: torch.Tensor,
+                                  eps: float) -> Int8Rows:
+    b, n, k = x.shape
+    if _triton_here(x):
+        from . import triton_producers
+
+        try:
+            return Int8Rows(*triton_producers.rms_norm_scale_quantize(
+                _rows(x), None if weight is None else weight.contiguous(), _row_view(scale), n, eps))
+        except KernelUnsupported:
+            pass  # rows too long for one pass: the torch path below
     h = F.rms_norm(x.float(), (k,), None if weight is None else weight.float(), eps)
     h = h * (1 + scale.float()[:, None])
     return Int8Rows(*quantize_activation(h.reshape(b * n, k)))

@@ -6,6 +6,10 @@
   the batch, as a DiT's timestep modulation is).
 * :func:`quantize_heads` - per-row INT8 of an attention output ``[B, H, N, D]`` read as the ``[B*N, H*D]``
   rows its output projection multiplies, without the ``transpose(1, 2).reshape`` copy first.
+* :func:`silu_mul_quantize` - per-row INT8 of ``silu(gate) * up`` (a SwiGLU MLP's down-projection input);
+  ``gate`` and ``up`` may be row-strided views such as the two halves of one tensor.
+* :func:`rms_norm_scale_quantize` - RMSNorm (optional weight), ``* (1 + scale)`` per group of rows, per-row
+  INT8: one program per row, like :func:`norm_modulate_quantize`.
 
 The quantization itself (scale = amax / 127, round half to even, clamp to +-127) is the one of
 :mod:`.triton_quant`, so a producer's INT8 equals ``quantize_rows`` of the float value it computes.
@@ -68,8 +72,47 @@ def _quantize_heads_kernel(
     tl.store(s_ptr + row, s)
 
 
+@triton.jit
+def _silu_mul_quantize_kernel(
+    gate_ptr, up_ptr, q_ptr, s_ptr, K, stride_gate, stride_up,
+    BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    g = tl.load(gate_ptr + row * stride_gate + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + row * stride_up + offs, mask=mask, other=0.0).to(tl.float32)
+    h = g * tl.sigmoid(g) * u  # masked lanes: 0 * 0.5 * 0 = 0, out of the row's amax
+    s, inv_s = _row_scale(tl.max(tl.abs(h), axis=0))
+    tl.store(q_ptr + row * K + offs, _quantize_value(h, inv_s), mask=mask)
+    tl.store(s_ptr + row, s)
+
+
+@triton.jit
+def _rms_norm_scale_quantize_kernel(
+    x_ptr, weight_ptr, scale_ptr, q_ptr, s_ptr,
+    K, rows_per_group, stride_x, stride_scale, eps,
+    BLOCK_K: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    group = row // rows_per_group
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    h = x * (1.0 / tl.sqrt(tl.sum(x * x, axis=0) / K + eps))  # F.rms_norm: x * rsqrt(mean(x^2) + eps)
+    if HAS_WEIGHT:
+        h = h * tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + group * stride_scale + offs, mask=mask, other=0.0).to(tl.float32)
+    h = tl.where(mask, h * (1.0 + scale), 0.0)
+    s, inv_s = _row_scale(tl.max(tl.abs(h), axis=0))
+    tl.store(q_ptr + row * K + offs, _quantize_value(h, inv_s), mask=mask)
+    tl.store(s_ptr + row, s)
+
+
 _launch_norm_modulate = cached_launcher(_norm_modulate_quantize_kernel)
 _launch_heads = cached_launcher(_quantize_heads_kernel)
+_launch_silu_mul = cached_launcher(_silu_mul_quantize_kernel)
+_launch_rms_norm_scale = cached_launcher(_rms_norm_scale_quantize_kernel)
 
 
 def _single_pass_block(k: int, what: str) -> tuple[int, int]:
@@ -111,4 +154,33 @@ def quantize_heads(o):
     if b * n:
         _launch_heads((b * n,), o, q, s, n, k, o.stride(0), o.stride(1), o.stride(2),
                       HEAD_DIM=d, BLOCK_K=block, num_warps=warps)
+    return q, s
+
+
+def _int8_rows_out(m: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.empty((m, k), dtype=torch.int8, device=device),
+            torch.empty((m,), dtype=torch.float32, device=device))
+
+
+def silu_mul_quantize(gate, up):
+    """``gate``, ``up`` ``[M, I]`` (unit stride in I, any row stride each) -> ``(q int8 [M, I], scale float32
+    [M])``: the per-row INT8 of ``silu(gate) * up``."""
+    m, k = gate.shape
+    block, warps = _single_pass_block(k, "silu_mul_quantize")
+    q, s = _int8_rows_out(m, k, gate.device)
+    if m:
+        _launch_silu_mul((m,), gate, up, q, s, k, gate.stride(0), up.stride(0), BLOCK_K=block, num_warps=warps)
+    return q, s
+
+
+def rms_norm_scale_quantize(x, weight, scale, rows_per_group: int, eps: float):
+    """``x [M, K]`` (unit stride in K), ``weight [K]`` contiguous or None, ``scale [M / rows_per_group, K]`` (unit
+    stride in K) -> ``(q int8 [M, K], scale float32 [M])``: per-row INT8 of ``rms_norm(x, weight) * (1 + scale)``."""
+    m, k = x.shape
+    block, warps = _single_pass_block(k, "rms_norm_scale_quantize")
+    q, s = _int8_rows_out(m, k, x.device)
+    if m:
+        has_weight = weight is not None
+        _launch_rms_norm_scale((m,), x, weight if has_weight else scale, scale, q, s, k, rows_per_group, x.stride(0),
+                               scale.stride(0), float(eps), BLOCK_K=block, HAS_WEIGHT=has_weight, num_warps=warps)
     return q, s

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..kernels import int8_linear
-from ..kernels.dispatch import choose_kernel, int8_linear_int8_input
+from ..kernels.dispatch import choose_kernel, choose_kernel_while_tracing, int8_linear_int8_input
 from ..kernels.hadamard import rotated_int8_linear
 from ..kernels.int8 import (
     DEFAULT_BLOCK_SIZE,
@@ -156,19 +156,22 @@ class Int8Linear(nn.Module):
 
     def takes_int8_input(self, x: torch.Tensor) -> bool:
         """True when this layer would run ``x``'s rows through a W8A8 GEMM (Triton or ``_int_mm``) with
-        nothing else needing the float input: no LoRA branch, no rotation, no gradient, not inside
-        ``torch.compile`` (whose graphs call the layer's custom op instead). Then a producer
-        (:mod:`comfyui_headroom.kernels.producers`) may hand it INT8 rows for :meth:`forward_int8`."""
+        nothing else needing the float input: no LoRA branch, no rotation, no gradient. Then a producer
+        (:mod:`comfyui_headroom.kernels.producers`) may hand it INT8 rows for :meth:`forward_int8`.
+        Inside ``torch.compile`` the same answer comes from the call's static facts (device, rows, weight and
+        scale shapes, forced kernel), so the decision neither breaks the graph nor differs from eager."""
         if self.lora or self.rotation_group or self.weight_scale is None:
             return False
-        if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
+        if x.requires_grad and torch.is_grad_enabled():
             return False
-        return choose_kernel(x, self.weight, self.weight_scale) in ("triton_w8a8", "int_mm")
+        choose = choose_kernel_while_tracing if torch.compiler.is_compiling() else choose_kernel
+        return choose(x, self.weight, self.weight_scale) in ("triton_w8a8", "int_mm")
 
     def forward_int8(self, rows, out_dtype: torch.dtype) -> torch.Tensor:
         """The layer on an input that a producer (:mod:`comfyui_headroom.kernels.producers`) already wrote in
         INT8: ``rows`` = ``(q int8 [M, K], scale float32 [M])`` -> ``[M, out]`` in ``out_dtype``. Only the GEMM
-        runs; callers check :meth:`takes_int8_input` first (no LoRA, no rotation: both need the float input)."""
+        runs; callers check :meth:`takes_int8_input` first (no LoRA, no rotation: both need the float input).
+        Under ``torch.compile`` the GEMM is the custom op ``headroom::int8_linear_int8_input``."""
         if self.lora or self.rotation_group:
             raise ValueError("forward_int8: this layer has LoRA branches or a rotated weight, which need the float "
                              "input; call the layer on the float activation instead")

@@ -16,6 +16,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_kernel
 from comfyui_headroom import kernels  # noqa: E402
 from comfyui_headroom.kernels import configs  # noqa: E402
 from comfyui_headroom.kernels.configs import GemmConfig, QuantConfig  # noqa: E402
+from comfyui_headroom.kernels.support import KernelUnsupported  # noqa: E402
 from comfyui_headroom.kernels.triton_quant import quantize_rows  # noqa: E402
 from comfyui_headroom.kernels.triton_w8a8 import _pick_config, w8a8_matmul  # noqa: E402
 from comfyui_headroom.kernels.triton_w8a16 import w8a16_matmul  # noqa: E402
@@ -211,3 +212,91 @@ def test_producer_fed_layers_match_the_plain_block(gen):
     assert kernels.kernel_summary()["triton_w8a8"]["shapes"]["8x192x64"] == 2  # qkv: once plain, once fed
     cos = torch.nn.functional.cosine_similarity(plain.double().flatten(), fused.double().flatten(), dim=0)
     assert float(cos) > 0.999
+
+
+def _close_to_torch_path(rows, torch_rows) -> None:
+    """A Triton producer vs the torch path of the same producer: scales to float32 rounding, values within one
+    step (the two compute silu/rsqrt with different float32 roundings), almost all equal."""
+    torch.testing.assert_close(rows.scale, torch_rows.scale, rtol=1e-5, atol=0)
+    diff = (rows.q.int() - torch_rows.q.int()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.02
+
+
+def _torch_path(monkeypatch, fn, *args):
+    from comfyui_headroom.kernels import producers
+
+    with monkeypatch.context() as patch:
+        patch.setattr(producers, "_triton_here", lambda t: False)
+        return fn(*args)
+
+
+@pytest.mark.parametrize("k", [96, 200])  # 200 > QUANT.max_single_pass: KernelUnsupported, the torch path
+def test_silu_mul_quantize_kernel_on_halves_of_one_tensor(k, gen, monkeypatch):
+    from comfyui_headroom.kernels import producers, triton_producers
+
+    h = (2 * torch.randn(2, 5, 2 * k, generator=gen)).to(BF16)
+    gate, up = h.chunk(2, dim=-1)  # row stride 2k each
+    rows = producers.silu_mul_quantize(gate, up)
+    expected = _torch_path(monkeypatch, producers.silu_mul_quantize, gate, up)
+    _close_to_torch_path(rows, expected)
+    _close_int8(rows, (torch.nn.functional.silu(gate.double()) * up.double()).reshape(10, k))
+    if k <= QUANT.max_single_pass:  # the kernel itself ran (not the fallback)
+        _close_to_torch_path(producers.Int8Rows(*triton_producers.silu_mul_quantize(
+            gate.reshape(10, k), up.reshape(10, k))), expected)
+    else:
+        with pytest.raises(KernelUnsupported):
+            triton_producers.silu_mul_quantize(gate.reshape(10, k), up.reshape(10, k))
+        assert torch.equal(rows.q, expected.q) and torch.equal(rows.scale, expected.scale)
+
+
+def test_silu_mul_quantize_kernel_on_two_tensors_of_different_row_strides(gen, monkeypatch):
+    from comfyui_headroom.kernels import producers
+
+    gate = (2 * torch.randn(7, 3 * 64, generator=gen)).to(BF16)[:, 64:128]  # row stride 192
+    up = torch.randn(7, 64, generator=gen).to(BF16)  # row stride 64
+    rows = producers.silu_mul_quantize(gate, up)
+    _close_to_torch_path(rows, _torch_path(monkeypatch, producers.silu_mul_quantize, gate, up))
+
+
+@pytest.mark.parametrize("k,with_weight", [(96, True), (96, False), (200, True)])
+def test_rms_norm_scale_quantize_kernel(k, with_weight, gen, monkeypatch):
+    from comfyui_headroom.kernels import producers, triton_producers
+
+    x = (3 * torch.randn(2, 5, k, generator=gen) + 1).to(BF16)
+    weight = (1 + 0.1 * torch.randn(k, generator=gen)).to(BF16) if with_weight else None
+    scale = _modulation(2, k, gen)[1]  # a chunk view: row stride 3k
+    rows = producers.rms_norm_scale_quantize(x, weight, scale, 1e-5)
+    expected = _torch_path(monkeypatch, producers.rms_norm_scale_quantize, x, weight, scale, 1e-5)
+    _close_to_torch_path(rows, expected)
+    h = torch.nn.functional.rms_norm(x.double(), (k,), None if weight is None else weight.double(), 1e-5)
+    _close_int8(rows, (h * (1 + scale.double()[:, None])).reshape(10, k))
+    if k > QUANT.max_single_pass:
+        with pytest.raises(KernelUnsupported):
+            triton_producers.rms_norm_scale_quantize(x.reshape(10, k), weight, scale, 5, 1e-5)
+        assert torch.equal(rows.q, expected.q) and torch.equal(rows.scale, expected.scale)
+    else:
+        q, s = triton_producers.rms_norm_scale_quantize(x.reshape(10, k), weight, scale, 5, 1e-5)
+        _close_to_torch_path(producers.Int8Rows(q, s), expected)
+
+
+def test_compiled_block_runs_the_producer_kernels_as_eager(gen):
+    """torch.compile (aot_eager, fullgraph) of the producer-fed block on the interpreted Triton kernels: the
+    custom ops run the same kernels as eager, so the output is the same bit for bit."""
+    from comfyui_headroom.demo.model import DemoConfig, DiTBlock
+    from comfyui_headroom.quant.replace import quantize_model
+
+    torch.manual_seed(0)
+    block = DiTBlock(DemoConfig(hidden=64, depth=1, heads=2)).to(BF16)
+    quantize_model(block, min_features=1, skip=[], keep_default_skips=False)
+    block.int8_producers = True
+    x = torch.randn(1, 24, 64, generator=gen).to(BF16)
+    c = torch.randn(1, 64, generator=gen).to(BF16)
+    torch._dynamo.reset()
+    with torch.no_grad(), kernels.force_kernel("triton"):
+        eager = block(x, c)
+        kernels.reset_kernel_stats()
+        compiled = torch.compile(block, backend="aot_eager", fullgraph=True)(x, c)
+    torch._dynamo.reset()
+    assert block.producer_forwards == 1  # eager took the producer path (compiled calls are not counted)
+    assert kernels.kernel_summary()["triton_w8a8"]["shapes"]["24x192x64"] == 1  # qkv on INT8 rows, compiled
+    assert torch.equal(compiled, eager)

@@ -186,3 +186,21 @@ def test_demo_model_fed_by_producers_on_gpu(gen):
     assert _cosine(plain, fed) > 0.9999 and _cosine(fed, ref) > 0.999
     summary = kernels.kernel_summary()
     assert summary["triton_w8a8"]["shapes"]["256x3072x1024"] == 4  # qkv of 2 blocks, plain and fed
+
+
+@CUDA
+@pytest.mark.parametrize("k", [3072, 9216])
+def test_triton_silu_mul_quantize_on_gpu(k, gen):
+    h = (2 * torch.randn(2, 300, 2 * k, generator=gen)).to(BF16).cuda()
+    gate, up = h.chunk(2, dim=-1)  # the two halves of one tensor: row stride 2k
+    _check_rows(producers.silu_mul_quantize(gate, up), (F.silu(gate.double()) * up.double()).reshape(-1, k))
+
+
+@CUDA
+@pytest.mark.parametrize("with_weight", [True, False])
+@pytest.mark.parametrize("k", [2304, 3840])
+def test_triton_rms_norm_scale_quantize_on_gpu(k, with_weight, gen):
+    x, _, _, scale, _ = _inputs(2, 300, k, gen, "cuda")
+    weight = (1 + 0.1 * torch.randn(k, generator=gen)).to(BF16).cuda() if with_weight else None
+    h = F.rms_norm(x.double(), (k,), None if weight is None else weight.double(), 1e-5) * (1 + scale.double()[:, None])
+    _check_rows(producers.rms_norm_scale_quantize(x, weight, scale, 1e-5), h.reshape(-1, k))
