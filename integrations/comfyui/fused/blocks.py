@@ -15,7 +15,8 @@ from collections import Counter
 import torch
 
 from ....kernels.dispatch import force_kernel
-from .pieces import FallBack
+from ....quant.linear import int8_layers
+from .pieces import FallBack, layer_problem
 
 FUSE_CHOICES = ("auto", "on", "off")
 FUSE_ENV = "HEADROOM_FUSE_BLOCKS"
@@ -52,6 +53,26 @@ def _class_key(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
+def _first_problem(block, args, kwargs) -> str | None:
+    """Why this call cannot be fused, from what every family shares: the mode, gradients, and any INT8 layer of the
+    block with a LoRA branch, rotation, patch functions or a weight elsewhere. Decided before the family's forward
+    runs, so that inside a ``torch.compile`` trace no exception is raised for it (one crossing a graph break costs
+    another break); only there is the kernel choice checked here too (eager: the family checks it per stream)."""
+    if block._headroom_fuse_mode == "off":
+        return "fusing off"
+    if torch.is_grad_enabled():
+        return "gradients enabled"
+    x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    if x is None:
+        return "no tensor argument"
+    compiling = torch.compiler.is_compiling()
+    for layer in block._headroom_int8_layers:
+        problem = layer_problem(layer, x, block._headroom_fuse_mode, check_kernel=compiling)
+        if problem:
+            return problem
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _fused_class(cls: type) -> type:
     """``cls`` with a forward that tries the fused path first (one subclass per ComfyUI class)."""
@@ -59,19 +80,20 @@ def _fused_class(cls: type) -> type:
 
     def forward(self, *args, **kwargs):
         try:
-            if self._headroom_fuse_mode == "off":
-                raise FallBack("fusing off")
-            if torch.is_grad_enabled():
-                raise FallBack("gradients enabled")
+            reason = _first_problem(self, args, kwargs)
+            if reason:
+                raise FallBack(reason)
             if self._headroom_compute == "auto":
                 out = fused(self, self._headroom_fuse_mode, *args, **kwargs)
             else:  # the kernel chosen for this model (ops._int8_forward does the same per layer)
                 with force_kernel(self._headroom_compute):
                     out = fused(self, self._headroom_fuse_mode, *args, **kwargs)
         except FallBack as why:
-            self._headroom_fallbacks[str(why)] += 1
+            if not torch.compiler.is_compiling():  # a counter in a traced graph would be a guard: recompiles
+                self._headroom_fallbacks[why.args[0]] += 1
             return cls.forward(self, *args, **kwargs)
-        self._headroom_fused_calls += 1
+        if not torch.compiler.is_compiling():
+            self._headroom_fused_calls += 1
         return out
 
     forward.__doc__ = f"{cls.__name__}.forward, fused where the INT8 layers take producer rows (headroom)."
@@ -92,6 +114,7 @@ def install_fused_blocks(model: torch.nn.Module, mode: str = "auto", compute: st
             module.__class__ = _fused_class(cls)
             module._headroom_fused_calls = 0
             module._headroom_fallbacks = Counter()
+        module._headroom_int8_layers = tuple(layer for _, layer in int8_layers(module))
         module._headroom_fuse_mode = mode
         module._headroom_compute = compute
         count += 1
@@ -111,7 +134,7 @@ def uninstall_fused_blocks(model: torch.nn.Module) -> int:
 
 def fused_stats(model: torch.nn.Module) -> dict:
     """``{"blocks", "mode", "fused_calls", "fallback_calls", "fallbacks": {reason: calls}}`` over ``model``'s
-    blocks with a fused forward (counts since install)."""
+    blocks with a fused forward (eager calls since install; calls inside ``torch.compile`` are not counted)."""
     blocks, fused, reasons, modes = 0, 0, Counter(), set()
     for module in model.modules():
         if getattr(type(module), "_headroom_base", None) is None:

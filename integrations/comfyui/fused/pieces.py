@@ -15,20 +15,29 @@ class FallBack(Exception):
     """This call runs ComfyUI's own forward; the message says why (counted per block, :func:`.blocks.fused_stats`)."""
 
 
+def layer_problem(layer, x: torch.Tensor, mode: str, check_kernel: bool = True) -> str | None:
+    """Why ``layer`` cannot run on a producer's INT8 rows of ``x`` (None: it can). ``auto`` also needs the W8A8
+    kernel to be what the dispatcher picks here (``check_kernel``: the one check that costs microseconds); ``on``
+    takes any kernel (the reference GEMM on a CPU)."""
+    if not isinstance(layer, Int8Linear) or layer.weight_scale is None:
+        return "a float linear layer"
+    if layer.lora or layer.rotation_group:
+        return "LoRA side branch" if layer.lora else "Hadamard-rotated weight"
+    if getattr(layer, "weight_function", None) or getattr(layer, "bias_function", None):
+        return "weight or bias patch functions"
+    if layer.weight.device != x.device:
+        return "weight on another device (partial loading)"
+    if check_kernel and mode == "auto" and not layer.takes_int8_input(x):
+        return "no W8A8 kernel for this call"
+    return None
+
+
 def layers_take_rows(layers: Iterable, x: torch.Tensor, mode: str) -> None:
-    """FallBack unless every layer can run on a producer's INT8 rows of ``x``: ``auto`` also needs the W8A8 kernel
-    to be what the dispatcher picks here; ``on`` takes any kernel (the reference GEMM on a CPU)."""
+    """FallBack unless every layer can run on a producer's INT8 rows of ``x`` (:func:`layer_problem`)."""
     for layer in layers:
-        if not isinstance(layer, Int8Linear) or layer.weight_scale is None:
-            raise FallBack("a float linear layer")
-        if layer.lora or layer.rotation_group:
-            raise FallBack("LoRA side branch" if layer.lora else "Hadamard-rotated weight")
-        if getattr(layer, "weight_function", None) or getattr(layer, "bias_function", None):
-            raise FallBack("weight or bias patch functions")
-        if layer.weight.device != x.device:
-            raise FallBack("weight on another device (partial loading)")
-        if mode == "auto" and not layer.takes_int8_input(x):
-            raise FallBack("no W8A8 kernel for this call")
+        problem = layer_problem(layer, x, mode)
+        if problem:
+            raise FallBack(problem)
 
 
 def no_patches(transformer_options: Mapping, patch_keys: Iterable[str]) -> None:

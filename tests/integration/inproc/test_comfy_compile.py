@@ -82,3 +82,22 @@ def test_torch_compile_model_node_samples_our_int8_model(flux_path):
     assert any(layer.weight.dtype == torch.int8 for _, layer in int8_layers(compiled_model.model))
     err = float((compiled - eager).norm() / eager.norm())
     assert err < 1e-3, err
+
+
+@pytest.mark.parametrize("fuse_blocks", ["on", "auto"])
+def test_fused_blocks_trace_with_their_producers(flux_path, fuse_blocks):
+    """Fused blocks under dynamo: no graph break of ours (a fallback - ``auto`` on a CPU has no W8A8 kernel - is
+    traced too), and with ``on`` the graph holds the producers and the GEMM on INT8 rows as custom ops."""
+    stock = _explain(comfy.sd.load_diffusion_model(flux_path))
+    patcher, _ = load_int8_diffusion_model(flux_path, Int8LoadConfig(fuse_blocks=fuse_blocks))
+    ours = _explain(patcher)
+    assert ours.graph_break_count <= stock.graph_break_count, [b.reason for b in ours.break_reasons]
+    for brk in ours.break_reasons:
+        assert not any("comfyui_headroom" in frame.filename for frame in brk.user_stack), brk.reason
+    called = _called(ours)
+    producers = {"headroom.norm_modulate_quantize", "headroom.norm_modulate_quantize_residual",
+                 "headroom.quantize_heads", "headroom.gelu_quantize", "headroom.int8_linear_int8_input"}
+    if fuse_blocks == "on":
+        assert producers <= called, called
+    else:
+        assert "headroom.int8_linear" in called and not producers & called, called
