@@ -204,3 +204,13 @@ def test_triton_rms_norm_scale_quantize_on_gpu(k, with_weight, gen):
     weight = (1 + 0.1 * torch.randn(k, generator=gen)).to(BF16).cuda() if with_weight else None
     h = F.rms_norm(x.double(), (k,), None if weight is None else weight.double(), 1e-5) * (1 + scale.double()[:, None])
     _check_rows(producers.rms_norm_scale_quantize(x, weight, scale, 1e-5), h.reshape(-1, k))
+
+
+def test_tencent_silu_gate_is_silu_mul_with_halves_swapped(gen):
+    """HunyuanImage-3's shared expert under torch.compile takes ``silu_mul_quantize`` (a custom op) instead of the
+    grouped module's ``silu_gate_quantize`` (x1 * silu(x2)): the two give the same INT8 rows."""
+    from comfyui_headroom.kernels.grouped import silu_gate_quantize
+
+    h = (3 * torch.randn(40, 2 * 80, generator=gen)).to(BF16)
+    a, b = silu_gate_quantize(h), producers.silu_mul_quantize(h[:, 80:], h[:, :80])
+    assert torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale)

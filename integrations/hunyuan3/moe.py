@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...kernels.grouped import silu_gate, silu_gate_quantize
+from ...kernels.producers import silu_mul_quantize
 from ...quant.grouped import GroupedLinear, Int8GroupedLinear
 from ...quant.linear import Int8Linear
 
@@ -193,6 +194,9 @@ class HeadroomMoE(nn.Module):
             return mlp(x[None])[0]  # Tencent's HunyuanMLP splits gate and up on dim 2: [batch, tokens, hidden]
         h = up(x)
         if down.takes_int8_input(h[:, : down.in_features]):
+            if torch.compiler.is_compiling():  # the producer that is a custom op (Tencent's order: x1 * silu(x2))
+                half = down.in_features
+                return down.forward_int8(silu_mul_quantize(h[:, half:], h[:, :half]), x.dtype)
             return down.forward_int8(silu_gate_quantize(h), x.dtype)
         return down(silu_gate(h))
 
