@@ -10,7 +10,7 @@
   ``(q int8 [M, K], scale float32 [M])``: ``headroom::norm_modulate_quantize``,
   ``headroom::norm_modulate_quantize_residual`` (also returns the new residual stream),
   ``headroom::quantize_heads``, ``headroom::gelu_quantize``, ``headroom::silu_mul_quantize``,
-  ``headroom::rms_norm_scale_quantize``; and ``headroom::int8_linear_int8_input``, the GEMM on such rows
+  ``headroom::rms_norm_scale_quantize``, ``headroom::heads_activation_quantize``; and ``headroom::int8_linear_int8_input``, the GEMM on such rows
   (:func:`.dispatch.int8_linear_int8_input`: kernel chosen at run time). The public functions call them only
   under ``torch.compile``; eager calls skip the dispatcher. No autograd: INT8 rows carry no gradient (layers
   that need one keep the float path, see ``Int8Linear.takes_int8_input``). Every output is contiguous, as the
@@ -229,6 +229,19 @@ if not _registered("silu_mul_quantize"):
     def _(gate, up):
         k = gate.shape[-1]
         return _fake_rows(gate.numel() // k, k, gate)
+
+
+if not _registered("heads_activation_quantize"):
+
+    @torch.library.custom_op(f"{NAMESPACE}::heads_activation_quantize", mutates_args=())
+    def heads_activation_quantize(o: torch.Tensor, mlp: torch.Tensor,
+                                  silu_gate: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _contiguous_rows(producers.heads_activation_quantize_eager(o, mlp, silu_gate))
+
+    @heads_activation_quantize.register_fake
+    def _(o, mlp, silu_gate):
+        b, h, n, d = o.shape
+        return _fake_rows(b * n, h * d + (mlp.shape[-1] // 2 if silu_gate else mlp.shape[-1]), o)
 
 
 if not _registered("rms_norm_scale_quantize"):

@@ -14,6 +14,8 @@ says whether a layer can take a producer's output for a call: ``takes_int8_input
 * :func:`gelu_quantize`          - tanh-GELU + INT8;
 * :func:`silu_mul_quantize`      - ``silu(gate) * up`` + INT8 (SwiGLU MLPs: Flux 2, Z-Image);
 * :func:`rms_norm_scale_quantize` - RMSNorm (optional weight) + ``* (1 + scale)`` + INT8 (Z-Image / Lumina 2);
+* :func:`heads_activation_quantize` - ``[attention heads | GELU or SiLU gate of the MLP]`` as one INT8 row (a
+  parallel block's output projection, Flux's ``linear2``);
 
 Each runs a Triton kernel on CUDA (and under ``TRITON_INTERPRET=1``), and the same math in torch elsewhere.
 Under ``torch.compile`` each is a ``torch.ops.headroom.*`` custom op (:mod:`.ops`, with a fake implementation;
@@ -182,3 +184,34 @@ def rms_norm_scale_quantize_eager(x: torch.Tensor, weight: torch.Tensor | None, 
     h = F.rms_norm(x.float(), (k,), None if weight is None else weight.float(), eps)
     h = h * (1 + scale.float()[:, None])
     return Int8Rows(*quantize_activation(h.reshape(b * n, k)))
+
+
+def heads_activation_quantize(o: torch.Tensor, mlp: torch.Tensor, silu_gate: bool = False) -> Int8Rows:
+    """INT8 rows of ``cat(o.transpose(1, 2).reshape(B*N, H*D), act(mlp))`` for an attention output ``o [B, H, N, D]``
+    and the MLP's pre-activation ``mlp [B, N, F]`` (``act`` = tanh GELU) or ``[B, N, 2F]`` with ``silu_gate``
+    (``silu(first half) * second half``): the input of a parallel block's joint output layer, without the transpose,
+    activation and concatenation copies."""
+    b, h, n, d = o.shape
+    if mlp.shape[:-1] != (b, n) or (silu_gate and mlp.shape[-1] % 2):
+        raise ValueError(f"heads_activation_quantize: mlp {tuple(mlp.shape)} must be [{b}, {n}, F]"
+                         + (" with F even (SiLU gate halves)" if silu_gate else ""))
+    if torch.compiler.is_compiling():
+        return Int8Rows(*torch.ops.headroom.heads_activation_quantize(o, mlp, silu_gate))
+    return heads_activation_quantize_eager(o, mlp, silu_gate)
+
+
+def heads_activation_quantize_eager(o: torch.Tensor, mlp: torch.Tensor, silu_gate: bool = False) -> Int8Rows:
+    b, h, n, d = o.shape
+    rows = _row_view(mlp)
+    if _triton_here(o) and o.stride(-1) == 1:
+        from . import triton_producers
+
+        return Int8Rows(*triton_producers.heads_activation_quantize(o, rows, silu_gate))
+    m = rows.float()
+    if silu_gate:
+        gate, up = m.chunk(2, dim=-1)
+        act = F.silu(gate) * up
+    else:
+        act = F.gelu(m, approximate="tanh")
+    heads = o.transpose(1, 2).reshape(b * n, h * d).float()
+    return Int8Rows(*quantize_activation(torch.cat((heads, act), dim=-1)))

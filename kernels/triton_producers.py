@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .support import KernelUnsupported
 from .launch import cached_launcher
-from .triton_quant import _quantize_value, _row_scale, row_block
+from .triton_quant import _quantize_value, _row_scale, gelu_tanh, row_block
 
 
 @triton.jit
@@ -109,8 +109,53 @@ def _rms_norm_scale_quantize_kernel(
     tl.store(s_ptr + row, s)
 
 
+@triton.jit
+def _heads_activation_value(o_ptr, m_row, offs, b, n, K1, F, stride_b, stride_h, stride_n,
+                            HEAD_DIM: tl.constexpr, SILU_GATE: tl.constexpr):
+    """Values ``offs`` of one row of ``[heads | act(mlp)]``: attention heads first, then the MLP activation of the
+    row's ``mlp`` values at ``m_row``."""
+    in_heads = offs < K1
+    head_src = o_ptr + b * stride_b + n * stride_n + (offs // HEAD_DIM) * stride_h + offs % HEAD_DIM
+    x = tl.load(head_src, mask=in_heads, other=0.0).to(tl.float32)
+    f = offs - K1
+    in_mlp = (f >= 0) & (f < F)
+    a = tl.load(m_row + f, mask=in_mlp, other=0.0).to(tl.float32)
+    if SILU_GATE:
+        up = tl.load(m_row + F + f, mask=in_mlp, other=0.0).to(tl.float32)
+        a = a * tl.sigmoid(a) * up
+    else:
+        a = gelu_tanh(a)
+    return tl.where(in_heads, x, tl.where(in_mlp, a, 0.0))
+
+
+@triton.jit
+def _heads_activation_quantize_kernel(
+    o_ptr, m_ptr, q_ptr, s_ptr, tokens, K1, F, stride_b, stride_h, stride_n, stride_m_row,
+    HEAD_DIM: tl.constexpr, SILU_GATE: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # row = b * tokens + n
+    b = row // tokens
+    n = row % tokens
+    K = K1 + F
+    m_row = m_ptr + row * stride_m_row
+    amax_vec = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        v = _heads_activation_value(o_ptr, m_row, offs, b, n, K1, F, stride_b, stride_h, stride_n, HEAD_DIM,
+                                    SILU_GATE)
+        amax_vec = tl.maximum(amax_vec, tl.abs(v))
+    s, inv_s = _row_scale(tl.max(amax_vec, axis=0))
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        v = _heads_activation_value(o_ptr, m_row, offs, b, n, K1, F, stride_b, stride_h, stride_n, HEAD_DIM,
+                                    SILU_GATE)
+        tl.store(q_ptr + row * K + offs, _quantize_value(v, inv_s), mask=offs < K)
+    tl.store(s_ptr + row, s)
+
+
 _launch_norm_modulate = cached_launcher(_norm_modulate_quantize_kernel)
 _launch_heads = cached_launcher(_quantize_heads_kernel)
+_launch_heads_activation = cached_launcher(_heads_activation_quantize_kernel)
 _launch_silu_mul = cached_launcher(_silu_mul_quantize_kernel)
 _launch_rms_norm_scale = cached_launcher(_rms_norm_scale_quantize_kernel)
 
@@ -183,4 +228,19 @@ def rms_norm_scale_quantize(x, weight, scale, rows_per_group: int, eps: float):
         has_weight = weight is not None
         _launch_rms_norm_scale((m,), x, weight if has_weight else scale, scale, q, s, k, rows_per_group, x.stride(0),
                                scale.stride(0), float(eps), BLOCK_K=block, HAS_WEIGHT=has_weight, num_warps=warps)
+    return q, s
+
+
+def heads_activation_quantize(o, mlp, silu_gate: bool):
+    """``o [B, H, N, D]`` (unit stride in D) and ``mlp [B*N, F or 2F]`` (unit stride in F, any row stride) ->
+    ``(q int8 [B*N, H*D + F], scale float32 [B*N])``: per-row INT8 of ``[o as rows | act(mlp)]`` with ``act`` tanh
+    GELU, or with ``silu_gate`` ``silu(first half) * second half``. Rows of any length (two reads of a row)."""
+    b, h, n, d = o.shape
+    k1 = h * d
+    f = mlp.shape[1] // 2 if silu_gate else mlp.shape[1]
+    q, s = _int8_rows_out(b * n, k1 + f, o.device)
+    block, _, warps = row_block(k1 + f)  # one block per row when it fits, else the loop block
+    if b * n:
+        _launch_heads_activation((b * n,), o, mlp, q, s, n, k1, f, o.stride(0), o.stride(1), o.stride(2),
+                                 mlp.stride(0), HEAD_DIM=d, SILU_GATE=silu_gate, BLOCK_K=block, num_warps=warps)
     return q, s

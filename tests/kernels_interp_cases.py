@@ -258,6 +258,25 @@ def test_silu_mul_quantize_kernel_on_two_tensors_of_different_row_strides(gen, m
     _close_to_torch_path(rows, _torch_path(monkeypatch, producers.silu_mul_quantize, gate, up))
 
 
+@pytest.mark.parametrize("silu_gate,f", [(False, 48), (True, 48), (False, 160)])  # 64 + 160 > max_single_pass
+def test_heads_activation_quantize_kernel(silu_gate, f, gen, monkeypatch):
+    """Flux's single block: attention heads [B, H, N, D] next to the MLP activation, read from a column slice of
+    linear1's output (its row stride), as one INT8 row."""
+    from comfyui_headroom.kernels import producers
+
+    b, h, n, d = 2, 4, 5, 16
+    o = torch.randn(b, n, h, d, generator=gen).to(BF16).transpose(1, 2)  # the layout attention returns
+    width = 2 * f if silu_gate else f
+    linear1_out = (2 * torch.randn(b, n, 3 * h * d + width, generator=gen)).to(BF16)
+    mlp = linear1_out[..., 3 * h * d:]
+    rows = producers.heads_activation_quantize(o, mlp, silu_gate)
+    _close_to_torch_path(rows, _torch_path(monkeypatch, producers.heads_activation_quantize, o, mlp, silu_gate))
+    m = mlp.double().reshape(b * n, width)
+    act = (torch.nn.functional.silu(m[:, :f]) * m[:, f:]) if silu_gate else \
+        torch.nn.functional.gelu(m, approximate="tanh")
+    _close_int8(rows, torch.cat((o.double().transpose(1, 2).reshape(b * n, h * d), act), dim=-1))
+
+
 @pytest.mark.parametrize("k,with_weight", [(96, True), (96, False), (200, True)])
 def test_rms_norm_scale_quantize_kernel(k, with_weight, gen, monkeypatch):
     from comfyui_headroom.kernels import producers, triton_producers

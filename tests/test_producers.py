@@ -214,3 +214,16 @@ def test_tencent_silu_gate_is_silu_mul_with_halves_swapped(gen):
     h = (3 * torch.randn(40, 2 * 80, generator=gen)).to(BF16)
     a, b = silu_gate_quantize(h), producers.silu_mul_quantize(h[:, 80:], h[:, :80])
     assert torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale)
+
+
+@pytest.mark.parametrize("silu_gate", [False, True])
+def test_heads_activation_quantize_torch_path(silu_gate, gen):
+    o = torch.randn(2, 3, 7, 32, generator=gen).to(BF16)
+    mlp = (2 * torch.randn(2, 7, 80, generator=gen)).to(BF16)
+    m = mlp.double().reshape(14, 80)
+    act = torch.nn.functional.silu(m[:, :40]) * m[:, 40:] if silu_gate else F.gelu(m, approximate="tanh")
+    rows = producers.heads_activation_quantize(o, mlp, silu_gate)
+    assert rows.q.shape == (14, 96 + act.shape[1])
+    _check_rows(rows, torch.cat((o.double().transpose(1, 2).reshape(14, 96), act), dim=-1))
+    with pytest.raises(ValueError, match="must be"):
+        producers.heads_activation_quantize(o, mlp[:, :3])

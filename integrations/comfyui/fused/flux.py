@@ -13,7 +13,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ....kernels.producers import gelu_quantize, norm_modulate_quantize, quantize_heads, silu_mul_quantize
+from ....kernels.producers import (
+    gelu_quantize,
+    heads_activation_quantize,
+    norm_modulate_quantize,
+    quantize_heads,
+    silu_mul_quantize,
+)
 from .pieces import FallBack, attention_heads, layers_take_rows, no_extra_arguments, no_patches, per_image
 
 ATTENTION_PATCHES = ("attn1_patch", "attn1_output_patch")
@@ -38,12 +44,19 @@ def _mlp_parts(mlp) -> tuple:
     return fc1, _activation_producer(act), fc2
 
 
-def _activation_producer(act):
+def _silu_gate(act) -> bool:
+    """True for Flux 2's SiLU gate (``silu(first half) * second half``), False for tanh GELU; FallBack otherwise."""
     if isinstance(act, nn.GELU) and act.approximate == "tanh":
-        return gelu_quantize
-    if type(act).__name__ == "SiLUActivation":  # silu(first half) * second half
-        return lambda h: silu_mul_quantize(*h.chunk(2, dim=-1))
+        return False
+    if type(act).__name__ == "SiLUActivation":
+        return True
     raise FallBack(f"MLP activation {type(act).__name__}")
+
+
+def _activation_producer(act):
+    if _silu_gate(act):
+        return lambda h: silu_mul_quantize(*h.chunk(2, dim=-1))
+    return gelu_quantize
 
 
 class _Stream:
@@ -120,12 +133,13 @@ def double_stream_block(block, mode, img, txt, vec, pe, attn_mask=None, modulati
 def single_stream_block(block, mode, x, vec, pe, attn_mask=None, modulation_dims=None, transformer_options={},
                         **kwargs):
     """``SingleStreamBlock.forward`` with producer-fed INT8 layers (linear2's input, attention output next to the
-    MLP activation, is quantized as one row, as the layer multiplies it)."""
+    MLP activation, is written as one INT8 row by one producer, as the layer multiplies it)."""
     no_extra_arguments(kwargs)
     if modulation_dims is not None:
         raise FallBack("modulation_dims")
     if block.yak_mlp:
         raise FallBack("yak MLP")
+    silu_gate = _silu_gate(block.mlp_act)
     no_patches(transformer_options, ATTENTION_PATCHES)
     flux_math = _flux_math()
     layers_take_rows((block.linear1, block.linear2), x, mode)
@@ -143,9 +157,7 @@ def single_stream_block(block, mode, x, vec, pe, attn_mask=None, modulation_dims
         q, k = flux_math.apply_rope(q, k, pe)
     out = attention_heads(flux_math.optimized_attention, q, k, v, attn_mask, transformer_options)
     del q, k, v
-    attn = out.transpose(1, 2).reshape(b * n, width)
-    mlp = block.mlp_act(mlp).reshape(b * n, -1)
-    rows = torch.ops.headroom.quantize_activation(torch.cat((attn, mlp), dim=-1))
+    rows = heads_activation_quantize(out, mlp, silu_gate)
     output = block.linear2.forward_int8(rows, dtype).view(b, n, width)
     x = torch.addcmul(x, gate[:, None], output)
     if x.dtype == torch.float16:
