@@ -430,11 +430,12 @@ def _place_on_disk(plan: PlacementPlan, ram_budget: int, slots: int) -> None:
     for keep in range(len(streamed) - 1, -1, -1):
         kept = set(spread_positions(len(streamed), keep))
         disk = [s for i, s in enumerate(streamed) if i not in kept]
-        ring = slots * max(b for _, b in disk)
+        buffers = min(slots, len(disk))
+        ring = buffers * max(b for _, b in disk)
         if sum(b for i, (_, b) in enumerate(streamed) if i in kept) + ring <= ram_budget:
-            plan.disk, plan.disk_slots, plan.disk_ring_bytes = disk, slots, ring
+            plan.disk, plan.disk_slots, plan.disk_ring_bytes = disk, buffers, ring
             return
-    raise PlanError(f"RAM budget {_gb(ram_budget)} is below the disk read ring of {slots} buffers x the largest "
+    raise PlanError(f"RAM budget {_gb(ram_budget)} is below the disk read ring of {buffers} buffers x the largest "
                     f"block ({_gb(ring)}); give ram_budget_gb at least {ring / GB:.2f}, or lower prefetch")
 
 

@@ -295,9 +295,11 @@ class BlockStreamer:
         return post_hook
 
     # -- teardown ----------------------------------------------------------------------------------------------
-    def disable(self, device=None) -> None:
+    def disable(self, device=None, load_disk_blocks: bool = True) -> None:
         """Remove the hooks and the ring. Streamed blocks end up as ordinary modules on the host (pinned
-        memory), or on ``device`` when given. Idempotent."""
+        memory), or on ``device`` when given; disk blocks are read back from their file first, or - with
+        ``load_disk_blocks=False``, for a caller about to drop the model - left without data (meta device).
+        Idempotent."""
         if not self._active:
             return
         if self.cuda:
@@ -312,6 +314,9 @@ class BlockStreamer:
         if self.disk_reader is not None:
             self.disk_reader.close()
         for index, entry in self._streamed.items():
+            if entry.host is None and not load_disk_blocks:
+                _to_meta(entry.layout.refs)
+                continue
             if entry.host is None:  # on disk: read back into host memory, the block becomes ordinary again
                 entry.host = empty_host(entry.layout.nbytes, self.pin_memory)
                 self.disk_reader.read_into(index, entry.host)
@@ -398,7 +403,7 @@ def enable_block_streaming(model_or_blocks, device, *, blocks=None, blocks_resid
     resident = [n not in streamed for n in names]
     on_disk_names = set(plan.disk_blocks())
     on_disk = [n in on_disk_names for n in names]
-    if on_disk_names and disk is not None and not isinstance(disk, SafetensorsSource):
+    if disk is not None and not isinstance(disk, SafetensorsSource):
         disk = SafetensorsSource(disk)
     streamer = BlockStreamer(mods, names, resident, device, prefetch=prefetch, pin_memory=pin_memory,
                              on_disk=on_disk, disk_source=disk)
@@ -434,6 +439,18 @@ def _materialize_meta(refs):
             else:
                 ref.set(placeholder(tensor.shape, tensor.dtype))
     return refs
+
+
+def _to_meta(refs) -> None:
+    """Point tensors at the meta device: a block that will never run again owns no memory and cannot compute
+    garbage."""
+    for ref in refs:
+        tensor = ref.get()
+        meta = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+        if ref.kind == "param":
+            ref.owner._parameters[ref.attr] = nn.Parameter(meta, requires_grad=False)
+        else:
+            ref.set(meta)
 
 
 def _move_rest(module: nn.Module, block_ids: set[int], device) -> None:
