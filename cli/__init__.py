@@ -1,4 +1,4 @@
-"""Command line: ``headroom convert|inspect|demo|gpu-info|kernels`` (also ``python -m comfyui_headroom``).
+"""Command line: ``headroom convert|inspect|demo|doctor|gpu-info|kernels`` (also ``python -m comfyui_headroom``).
 
 The CLI is a face over the library: one module per subcommand here, each with a ``register(subparsers)``
 function that adds its parser and sets ``func``. The library never imports this package; it raises its own
@@ -15,7 +15,7 @@ import sys
 
 # Each subcommand and the module that registers it (relative to this package), in the order --help lists them.
 # `headroom convert ...` builds the parser of that one module only: another subcommand's imports never delay it.
-SUBCOMMANDS = {"convert": ".convert", "inspect": ".convert", "demo": ".demo", "gpu-info": ".memory",
+SUBCOMMANDS = {"convert": ".convert", "inspect": ".convert", "demo": ".demo", "doctor": ".doctor", "gpu-info": ".memory",
                "kernels": ".kernels"}
 SUBCOMMAND_MODULES = tuple(dict.fromkeys(SUBCOMMANDS.values()))
 

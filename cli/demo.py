@@ -21,6 +21,9 @@ def register(subparsers) -> None:
     parser.add_argument("--budget-gb", type=float, default=None,
                         help="VRAM for weights; blocks that do not fit stream from pinned RAM "
                              "(default on a GPU: half of the blocks stream)")
+    parser.add_argument("--ram-budget-gb", type=float, default=None,
+                        help="RAM for streamed INT8 blocks; the ones that do not fit are read from the INT8 file on "
+                             "every step (the disk tier); the report compares the output with the run without it")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 8 on a GPU, 4 on CPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model weights and of the latent noise")
     parser.add_argument("--tokens", type=int, default=None,
@@ -47,6 +50,7 @@ def _run(args: argparse.Namespace) -> int:
         size=args.size, device=args.device, budget_gb=args.budget_gb,
         steps=args.steps, seed=args.seed, tokens=args.tokens,
         method=args.method, cache_dir=args.cache_dir, out_dir=args.out, cuda_graphs=args.cuda_graphs,
+        ram_budget_gb=args.ram_budget_gb,
     )
     try:
         report = run_demo(options)

@@ -45,6 +45,7 @@ class DemoOptions:
     cache_dir: str | None = None
     out_dir: str | None = None
     cuda_graphs: bool = True  # on a GPU, blocks replay from CUDA graphs (memory/graphs.py); ignored on CPU
+    ram_budget_gb: float | None = None  # RAM for streamed blocks: the INT8 blocks that do not fit are read from disk
 
 
 def default_cache_dir() -> Path:
@@ -120,18 +121,28 @@ def load_bf16_model(path: Path, cfg: DemoConfig, device) -> DemoDiT:
     return model.eval()
 
 
-def load_int8_model(path: Path, cfg: DemoConfig, producers: bool = True) -> tuple[DemoDiT, int, int]:
+def load_int8_model(path: Path, cfg: DemoConfig, producers: bool = True,
+                    lazy_blocks: bool = False) -> tuple[DemoDiT, int, int]:
     """Read a converted file into the demo model (on CPU). -> (model, INT8 layers, float Linears).
 
     Every Linear whose weight the file holds in INT8 (any layout :func:`parse_int8_layer` knows) becomes an
     :class:`Int8Linear` wrapping the file's tensors; everything else is assigned as it is. ``producers``: the
     blocks feed their INT8 layers from fused producers where a W8A8 kernel runs
-    (:meth:`DemoDiT.use_int8_producers`).
+    (:meth:`DemoDiT.use_int8_producers`). ``lazy_blocks``: the blocks' tensors are not read (meta device);
+    the streamer reads them from the file (the disk tier), so the model never has to fit in RAM.
     """
     from ..quant import Int8Linear
     from ..quant.formats import parse_int8_layer
 
-    tensors = load_file(str(path), device="cpu")
+    if lazy_blocks:
+        from ..quant.safetensors_stream import read_header
+
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("blocks.")}
+        tensors.update({k: torch.empty(info.shape, dtype=info.dtype, device="meta")
+                        for k, info in read_header(path).tensors.items() if k.startswith("blocks.")})
+    else:
+        tensors = load_file(str(path), device="cpu")
     metadata = _read_metadata(path)
     model = build_empty(cfg)
     int8_layers = float_layers = 0
@@ -154,7 +165,7 @@ def load_int8_model(path: Path, cfg: DemoConfig, producers: bool = True) -> tupl
     if unexpected:
         raise ValueError(f"{path}: tensors the demo model does not have: {', '.join(unexpected[:5])}; "
                          "delete the file and run again")
-    missing = [k for k, v in model.state_dict().items() if v.is_meta]
+    missing = [k for k, v in model.state_dict().items() if v.is_meta and not (lazy_blocks and k.startswith("blocks."))]
     if missing:
         raise ValueError(f"{path}: tensors missing for {', '.join(missing[:5])}; delete the file and run again")
     model.use_int8_producers(producers)
@@ -169,6 +180,7 @@ class Placement:
     blocks_streamed: int
     weights_vram_bytes: int  # resident weights + the streaming ring: what the weights take on the device
     ring_slots: int = 0
+    tiers: dict | None = None  # blocks per tier: {"gpu": .., "ram": .., "disk": ..} ("gpu": on the compute device)
     streamer: object = None  # the BlockStreamer keeping the hooks alive, when blocks stream
     graphs: object = None  # the BlockGraphs of resident-only placements with cuda_graphs (a streamer owns its own)
 
@@ -176,9 +188,13 @@ class Placement:
         """Block copies host -> device so far (0 when nothing streams)."""
         return self.streamer.stats.copies if self.streamer is not None else 0
 
+    def disk_read_gb_s(self) -> float | None:
+        reader = self.streamer.disk_reader if self.streamer is not None else None
+        return reader.stats.gb_per_s if reader is not None else None
+
     def release(self) -> None:
         if self.streamer is not None:
-            self.streamer.disable()
+            self.streamer.disable(load_disk_blocks=False)  # the model is dropped next: no read-back
             self.streamer = None
         if self.graphs is not None:
             self.graphs.remove()
@@ -196,12 +212,15 @@ def default_budget_bytes(model: DemoDiT) -> int:
 
 
 def place(model: DemoDiT, device: torch.device, budget_bytes: int | None = None,
-          blocks_resident: int | None = None, prefetch: int | None = None, cuda_graphs: bool = False) -> Placement:
+          blocks_resident: int | None = None, prefetch: int | None = None, cuda_graphs: bool = False,
+          ram_budget_bytes: int | None = None, disk=None) -> Placement:
     """Move the model to ``device``. With a budget (bytes of VRAM for weights: the planner decides) or a
     number of resident blocks, the other blocks stream from pinned RAM through the memory package's streamer
     (its defaults: streamed blocks spread between resident ones, a ring of prefetch + 1 GPU slots). On a
     CPU device the same hooks run with plain copies (that is how the tests run them). ``cuda_graphs`` (CUDA
-    only): every block replays from CUDA graphs, resident or streamed (:mod:`comfyui_headroom.memory.graphs`)."""
+    only): every block replays from CUDA graphs, resident or streamed (:mod:`comfyui_headroom.memory.graphs`).
+    ``ram_budget_bytes``: RAM for the streamed blocks; the others are read from ``disk`` (the model's file) on
+    every step. On a CPU device every block then streams (the device is RAM itself)."""
     from ..memory import enable_block_streaming, module_bytes
     from ..memory.graphs import graph_blocks
 
@@ -210,19 +229,24 @@ def place(model: DemoDiT, device: torch.device, budget_bytes: int | None = None,
 
     def resident_only() -> Placement:
         model.to(device)
-        return Placement(len(model.blocks), 0, total, graphs=graph_blocks(list(model.blocks)) if graphs else None)
+        return Placement(len(model.blocks), 0, total, tiers={"gpu": len(model.blocks), "ram": 0, "disk": 0},
+                         graphs=graph_blocks(list(model.blocks)) if graphs else None)
 
+    if ram_budget_bytes is not None and device.type == "cpu" and budget_bytes is None and blocks_resident is None:
+        blocks_resident = 0
     if budget_bytes is None and blocks_resident is None:
         return resident_only()
     options = {} if prefetch is None else {"prefetch": prefetch}
     streamer = enable_block_streaming(model, device, blocks="blocks", budget_bytes=budget_bytes,
-                                      blocks_resident=blocks_resident, cuda_graphs=graphs, **options)
+                                      blocks_resident=blocks_resident, cuda_graphs=graphs,
+                                      ram_budget_bytes=ram_budget_bytes, disk=disk, **options)
     streamed = len(streamer.streamed_indices)
     if not streamed:  # everything fits: no hooks needed
         streamer.disable(device)
         return resident_only()
     vram = total - streamer.streamed_bytes + streamer.ring_bytes
-    return Placement(len(model.blocks) - streamed, streamed, vram, min(streamer.prefetch + 1, streamed), streamer)
+    return Placement(len(model.blocks) - streamed, streamed, vram, min(streamer.prefetch + 1, streamed),
+                     streamer.tier_counts(), streamer)
 
 
 # --------------------------------------------------------------------------------------------- the run
@@ -265,12 +289,13 @@ class _Run:
     load_s: float
     memory: object  # MemoryReport
     int8_producers: bool  # some block fed its INT8 layers from fused producers
+    disk_read_gb_s: float | None = None  # the disk tier's read rate (None: nothing on disk)
 
 
 def _run_one(load, device: torch.device, budget: int | None, noise, steps: int, warmup: bool,
-             cuda_graphs: bool) -> _Run:
+             cuda_graphs: bool, ram_budget: int | None = None, disk=None) -> _Run:
     """Load (to CPU), place under the budget (on a GPU; default :func:`default_budget_bytes`), sample,
-    clean up. On a CPU everything stays resident."""
+    clean up. On a CPU everything stays resident, unless a RAM budget streams the blocks (from RAM and ``disk``)."""
     from ..memory import MemoryTracker
 
     with MemoryTracker() as tracker:
@@ -278,17 +303,19 @@ def _run_one(load, device: torch.device, budget: int | None, noise, steps: int, 
         model = load()
         if device.type == "cuda" and budget is None:
             budget = default_budget_bytes(model)
-        placement = place(model, device, budget if device.type == "cuda" else None, cuda_graphs=cuda_graphs)
+        placement = place(model, device, budget if device.type == "cuda" else None, cuda_graphs=cuda_graphs,
+                          ram_budget_bytes=ram_budget, disk=disk)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         load_s = time.perf_counter() - start
         result = sample(model, noise, steps, device, warmup=warmup)
+    disk_rate = placement.disk_read_gb_s()
     placement.release()
     producers = any(block.producer_forwards for block in model.blocks)
     del model
     _free(device)
     return _Run(result, placement, budget if device.type == "cuda" else None, load_s, tracker.report,
-                producers)
+                producers, disk_rate)
 
 
 def run_demo(options: DemoOptions) -> dict:
@@ -318,7 +345,22 @@ def run_demo(options: DemoOptions) -> dict:
         return model
 
     budget = int(options.budget_gb * GB) if options.budget_gb is not None else None
-    int8 = _run_one(load_int8, device, budget, noise, steps, warmup, options.cuda_graphs)
+    ram_budget = None
+    if options.ram_budget_gb is not None:
+        if not (options.ram_budget_gb >= 0 and math.isfinite(options.ram_budget_gb)):
+            raise ValueError(f"--ram-budget-gb must be a number >= 0, got {options.ram_budget_gb}")
+        ram_budget = int(options.ram_budget_gb * GB)
+    resident_int8 = None
+    if ram_budget is not None:  # the reference: the same INT8 model without a RAM budget (nothing on disk)
+        resident_int8 = _run_one(load_int8, device, budget, noise, steps, warmup, options.cuda_graphs)
+
+    def load_int8_from_disk():  # the blocks are read from the file by the streamer, never loaded whole
+        nonlocal int8_layers, float_layers
+        model, int8_layers, float_layers = load_int8_model(int8_path, cfg, lazy_blocks=True)
+        return model
+
+    int8 = _run_one(load_int8 if ram_budget is None else load_int8_from_disk, device, budget, noise, steps, warmup,
+                    options.cuda_graphs, ram_budget, int8_path)
     kernel, kernel_calls = _most_used_kernel()
     # bf16 runs under the same budget: --budget-gb, or the one the INT8 run got (its blocks are twice as
     # large, so more of them stream; the planner raises a budget below its streaming ring, with a warning).
@@ -365,6 +407,13 @@ def run_demo(options: DemoOptions) -> dict:
         "blocks_streamed": int8.placement.blocks_streamed,
         "blocks_resident_bf16": bf16.placement.blocks_resident,
         "blocks_streamed_bf16": bf16.placement.blocks_streamed,
+        "ram_budget_gb": options.ram_budget_gb,
+        "blocks_on_gpu": int8.placement.tiers["gpu"],
+        "blocks_in_ram": int8.placement.tiers["ram"],
+        "blocks_on_disk": int8.placement.tiers["disk"],
+        "disk_read_gb_s": int8.disk_read_gb_s,
+        "equal_to_resident": None if resident_int8 is None else
+        bool(torch.equal(int8_run.latent, resident_int8.result.latent)),
         "load_time_s": int8.load_s,
         "load_time_bf16_s": bf16.load_s,
         "step_time_int8_s": int8_run.step_time_s,
@@ -404,6 +453,11 @@ def format_report(r: dict) -> str:
             f"{r['blocks_streamed_bf16']} streamed ({r['weights_vram_bf16_gb']:.2f} GB)"
             + ("; both replayed from CUDA graphs" if r.get("cuda_graphs") else ""),
         ]
+    if r.get("ram_budget_gb") is not None:
+        rate = f", read at {r['disk_read_gb_s']:.2f} GB/s" if r.get("disk_read_gb_s") else ""
+        blocks.append(f"  RAM budget : {r['ram_budget_gb']:.2f} GB - INT8 blocks {r['blocks_on_gpu']} on the device, "
+                      f"{r['blocks_in_ram']} in RAM, {r['blocks_on_disk']} on disk{rate}; output "
+                      f"{'bit for bit equal to' if r['equal_to_resident'] else 'DIFFERENT from'} the run without it")
     lines = [
         f"headroom demo: {r['size']} DiT, {r['parameters'] / 1e6:.0f} M parameters, {r['blocks']} blocks, "
         f"{r['tokens']} tokens, {r['steps']} steps on {where}",

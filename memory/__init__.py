@@ -4,7 +4,8 @@ Public API (see docs/memory.md):
 
 * :class:`MemoryTracker` - peak VRAM per device, peak RSS, wall time of a run.
 * :func:`estimate_inference_vram_gb`, :func:`should_offload`, :func:`record_run` - seed 000's smart offload.
-* :func:`plan_placement`, :func:`default_budget_bytes` - what lives where under a VRAM budget.
+* :func:`plan_placement`, :func:`default_budget_bytes`, :func:`default_ram_budget_bytes` - what lives where
+  (GPU / pinned RAM / disk) under VRAM and RAM budgets; :mod:`.disk` reads disk blocks, :mod:`.doctor` reports.
 * :func:`enable_block_streaming` / :func:`disable_block_streaming` / :func:`streamer_of` - block streaming.
 * :func:`graph_blocks` - replay blocks from CUDA graphs (also ``enable_block_streaming(..., cuda_graphs=True)``).
 * :func:`enable_multi_device` / :func:`disable_multi_device` / :func:`split_of` - one model split across devices.
@@ -25,7 +26,8 @@ from .estimate import (
     should_offload,
 )
 from .multi_device import MultiDeviceSplit, disable_multi_device, enable_multi_device, split_of
-from .planner import PlacementPlan, PlanError, default_budget_bytes, plan_placement
+from .disk import DiskTierError, SafetensorsSource
+from .planner import PlacementPlan, PlanError, default_budget_bytes, default_ram_budget_bytes, plan_placement
 from .streaming import BlockStreamer, disable_block_streaming, enable_block_streaming, streamer_of
 from .tensors import UnsupportedModuleError, module_bytes
 from .tracker import MemoryReport, MemoryTracker
@@ -44,6 +46,9 @@ __all__ = [
     "BlockGraphs",
     "BlockStreamer",
     "CalibrationStore",
+    "DiskTierError",
+    "SafetensorsSource",
+    "default_ram_budget_bytes",
     "ForceUnloadReport",
     "MemoryReport",
     "MemoryTracker",

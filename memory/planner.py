@@ -1,4 +1,4 @@
-"""Budget planner: which blocks live on which GPU, which are streamed from pinned RAM.
+"""Budget planner: which blocks live on which GPU, which are streamed from pinned RAM, which from disk.
 
 The plan is data (print it, test it, ``as_dict()`` it); :func:`enable_block_streaming` executes it.
 
@@ -17,6 +17,11 @@ Rules:
   (resident 0, 2, 4 ... at 50 %), so every copy overlaps the compute of the blocks before it and a step costs
   about max(compute, streamed bytes / PCIe bandwidth). ``order="first"`` keeps the first blocks resident and
   streams the tail (seed 000's device map); several devices always fill in order.
+* Third tier (``ram_budget_bytes``): the streamed blocks that do not fit in that much host RAM are read from
+  their safetensors file on every step (:mod:`.disk`). The RAM budget holds the pinned streamed blocks plus the
+  disk read ring (``prefetch + 1`` buffers as large as the largest disk block); the blocks kept in RAM are
+  spread among the streamed ones, so every disk read overlaps the copies and compute of other blocks.
+  None (default): no RAM limit, nothing on disk. :func:`default_ram_budget_bytes`: what the machine can spare.
 * Default budget per device: 55 % of its total VRAM (seed 000). A budget above the card is clamped to the
   card; a single-device budget below what the critical parts need is raised to that minimum; both with a
   warning that says what was done. Several budgets whose sum is below the critical need are an error.
@@ -43,6 +48,9 @@ DEFAULT_BUDGET_FRACTION = 0.55
 DEFAULT_PREFETCH = 2  # blocks copied ahead: a ring of 3 slots absorbs jitter when copy ~ compute
 ORDERS = ("spread", "first")
 STREAMED = "pinned"  # the location name of streamed blocks
+ON_DISK = "disk"  # the location name of blocks read from their file on every step
+RAM_RESERVE_BYTES = 6 * GB  # default RAM budget leaves this + RAM_RESERVE_FRACTION of the total to the OS and ComfyUI
+RAM_RESERVE_FRACTION = 0.10
 
 
 class PlanError(ValueError):
@@ -56,6 +64,20 @@ def default_budget_bytes(total_bytes: int, fraction: float = DEFAULT_BUDGET_FRAC
         raise ValueError(f"budget fraction {fraction!r}: expected a number above 0 and at most 1 (0.55 = 55 % of the "
                          "card)")
     return int(total_bytes * fraction)
+
+
+def default_ram_budget_bytes(available_bytes: int | None = None, total_bytes: int | None = None) -> int:
+    """Host RAM the streamed blocks may use by default: what is available now (psutil) minus room for the OS,
+    ComfyUI and the model's other parts (6 GB + 10 % of the total); never below 0."""
+    if available_bytes is None or total_bytes is None:
+        import psutil
+
+        memory = psutil.virtual_memory()
+        available_bytes = memory.available if available_bytes is None else available_bytes
+        total_bytes = memory.total if total_bytes is None else total_bytes
+    available = _nbytes("available RAM", available_bytes)
+    total = _nbytes("total RAM", total_bytes, positive=True)
+    return max(0, available - RAM_RESERVE_BYTES - int(RAM_RESERVE_FRACTION * total))
 
 
 def _nbytes(what: str, value, positive: bool = False) -> int:
@@ -114,19 +136,52 @@ class PlacementPlan:
     block_names: list[str]
     units: list[Unit]
     warnings: list[str] = field(default_factory=list)
+    disk: list[tuple[str, int]] = field(default_factory=list)  # the streamed blocks read from their file
+    ram_budget_bytes: int | None = None
+    disk_slots: int = 0  # pinned read buffers of the disk tier
+    disk_ring_bytes: int = 0
 
     @property
     def streamed_bytes(self) -> int:
+        """Bytes of every streamed block, from pinned RAM or from disk (what crosses PCIe per step)."""
         return sum(b for _, b in self.streamed)
 
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes read from disk per pass over the blocks."""
+        return sum(b for _, b in self.disk)
+
+    @property
+    def pinned_bytes(self) -> int:
+        return self.streamed_bytes - self.disk_bytes
+
+    @property
+    def ram_bytes(self) -> int:
+        """Host RAM the streamed blocks take: pinned blocks + the disk read ring."""
+        return self.pinned_bytes + self.disk_ring_bytes
+
     def device_of(self, name: str) -> str:
-        """Device holding module ``name`` (``"pinned"`` for streamed blocks)."""
+        """Device holding module ``name`` (``"pinned"`` for streamed blocks in RAM, ``"disk"`` for those read
+        from their file)."""
         for dp in self.devices:
             if any(n == name for n, _ in dp.modules):
                 return dp.device
+        if any(n == name for n, _ in self.disk):
+            return ON_DISK
         if any(n == name for n, _ in self.streamed):
             return STREAMED
         raise KeyError(name)
+
+    def disk_blocks(self) -> list[str]:
+        return [n for n, _ in self.disk]
+
+    def pinned_blocks(self) -> list[str]:
+        on_disk = set(self.disk_blocks())
+        return [n for n, _ in self.streamed if n not in on_disk]
+
+    def tier_counts(self) -> dict[str, int]:
+        """Blocks per tier: ``{"gpu": .., "ram": .., "disk": ..}``."""
+        return {"gpu": len(self.resident_blocks()), "ram": len(self.pinned_blocks()), "disk": len(self.disk)}
 
     def resident_blocks(self, device: str | None = None) -> list[str]:
         blocks = set(self.block_names)
@@ -144,6 +199,13 @@ class PlacementPlan:
             "streamed_bytes": self.streamed_bytes,
             "stream_device": self.stream_device,
             "ring_slots": self.ring_slots,
+            "disk": [list(m) for m in self.disk],
+            "disk_bytes": self.disk_bytes,
+            "ram_budget_bytes": self.ram_budget_bytes,
+            "ram_bytes": self.ram_bytes,
+            "disk_slots": self.disk_slots,
+            "disk_ring_bytes": self.disk_ring_bytes,
+            "tiers": self.tier_counts(),
             "warnings": list(self.warnings),
         }
 
@@ -156,7 +218,15 @@ class PlacementPlan:
             ring = f", ring {self.ring_slots} x slot = {_gb(dp.ring_bytes)}" if dp.ring_bytes else ""
             lines.append(f"{dp.device}: {_gb(dp.bytes)} of {_gb(dp.budget_bytes)} budget - {len(blocks)}/{n_blocks} "
                          f"blocks{_span(blocks)}, {len(others)} other modules{ring}")
-        if self.streamed:
+        if self.streamed and self.disk:
+            pinned = self.pinned_blocks()
+            lines.append(f"streamed from pinned RAM onto {self.stream_device}: {len(pinned)} blocks{_span(pinned)}, "
+                         f"{_gb(self.pinned_bytes)}")
+            lines.append(f"streamed from disk onto {self.stream_device}: {len(self.disk)} blocks"
+                         f"{_span(self.disk_blocks())}, {_gb(self.disk_bytes)} read per step through "
+                         f"{self.disk_slots} pinned buffers ({_gb(self.disk_ring_bytes)}); RAM "
+                         f"{_gb(self.ram_bytes)} of {_gb(self.ram_budget_bytes or 0)} budget")
+        elif self.streamed:
             lines.append(f"streamed from pinned RAM onto {self.stream_device}: {len(self.streamed)} blocks"
                          f"{_span([n for n, _ in self.streamed])}, {_gb(self.streamed_bytes)}")
         else:
@@ -262,7 +332,8 @@ def _totals_list(totals, names: list[str]) -> list[int] | None:
 
 def plan_placement(model_or_blocks, budgets=None, critical: Sequence[str] = (),
                    blocks_resident: int | None = None, *, blocks=None, devices: Sequence | None = None,
-                   device_totals=None, prefetch: int = DEFAULT_PREFETCH, order: str = "spread") -> PlacementPlan:
+                   device_totals=None, prefetch: int = DEFAULT_PREFETCH, order: str = "spread",
+                   ram_budget_bytes: int | None = None) -> PlacementPlan:
     """Plan where every module lives under per-device budgets (bytes). See the module docstring.
 
     ``budgets``: ``{device: bytes}``, a list aligned with ``devices``, one number (each device), or None
@@ -270,8 +341,12 @@ def plan_placement(model_or_blocks, budgets=None, critical: Sequence[str] = (),
     used for the default budget and for clamping budgets above the card. ``prefetch``: blocks copied
     ahead (ring of ``prefetch + 1`` slots). ``order``: "spread" or "first" (module docstring). ``critical``:
     the caller's substring patterns; a block they name is never streamed, a unit they name is flagged critical.
+    ``ram_budget_bytes``: host RAM for the streamed blocks; those that do not fit are read from disk (module
+    docstring); None = no limit.
     """
     _whole("prefetch", prefetch, 1)
+    if ram_budget_bytes is not None:
+        ram_budget_bytes = _nbytes("ram_budget_bytes", ram_budget_bytes)
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     if blocks_resident is not None:
@@ -333,6 +408,8 @@ def plan_placement(model_or_blocks, budgets=None, critical: Sequence[str] = (),
             result.block_names = block_names
             result.units = units
             result.warnings = warnings
+            if ram_budget_bytes is not None:
+                _place_on_disk(result, ram_budget_bytes, slots)
             for w in warnings:
                 log.warning("headroom plan: %s", w)
             return result
@@ -341,6 +418,25 @@ def plan_placement(model_or_blocks, budgets=None, critical: Sequence[str] = (),
             raise PlanError(f"cannot place the model: {result}; budgets {dict(zip(names, map(_gb, budget_list)))}, "
                             f"resident need {_gb(need)}, streaming ring {_gb(ring_min)}")
         streamed.add(resident_optional[-1].name)
+
+
+def _place_on_disk(plan: PlacementPlan, ram_budget: int, slots: int) -> None:
+    """Keep as many streamed blocks in pinned RAM as the RAM budget holds next to the disk read ring, spread
+    among the streamed ones; the others go on disk. PlanError when not even the ring fits."""
+    plan.ram_budget_bytes = ram_budget
+    streamed = plan.streamed
+    if sum(b for _, b in streamed) <= ram_budget:
+        return
+    for keep in range(len(streamed) - 1, -1, -1):
+        kept = set(spread_positions(len(streamed), keep))
+        disk = [s for i, s in enumerate(streamed) if i not in kept]
+        buffers = min(slots, len(disk))
+        ring = buffers * max(b for _, b in disk)
+        if sum(b for i, (_, b) in enumerate(streamed) if i in kept) + ring <= ram_budget:
+            plan.disk, plan.disk_slots, plan.disk_ring_bytes = disk, buffers, ring
+            return
+    raise PlanError(f"RAM budget {_gb(ram_budget)} is below the disk read ring of {buffers} buffers x the largest "
+                    f"block ({_gb(ring)}); give ram_budget_gb at least {ring / GB:.2f}, or lower prefetch")
 
 
 def spread_positions(n: int, keep: int) -> list[int]:

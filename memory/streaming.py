@@ -1,4 +1,4 @@
-"""Block streaming: run a model whose non-resident blocks live in pinned host memory.
+"""Block streaming: run a model whose non-resident blocks live in pinned host memory or on disk.
 
 Entry point: :func:`enable_block_streaming` -> :class:`BlockStreamer` (``.disable()`` puts the model back
 to normal). How it works:
@@ -12,6 +12,10 @@ to normal). How it works:
   tensors are re-pointed at views of the slot. The compute stream waits on the copy's event before a
   streamed block runs; a slot is refilled only after the compute stream has passed the event recorded when
   its previous block finished (forward hook). No pageable copies, no allocation per step.
+* Disk tier (a plan with ``ram_budget_bytes``, see :mod:`.planner`): a block on disk owns no host buffer; its
+  tensors point at one-element placeholders between passes and a background thread (:class:`.disk.DiskReader`)
+  reads it from its safetensors file into a small ring of pinned buffers ahead of the GPU copy. Prefetch only
+  copies a disk block that has been read already (it never waits for the disk); the block's own pre-hook waits.
 * Without CUDA (or with a CPU ``device``) the same code runs with plain synchronous copies, so the CPU tests
   exercise the hooks and the bookkeeping.
 
@@ -32,6 +36,7 @@ from torch import nn
 
 from ..units import GB
 from .blocks import resolve_blocks
+from .disk import DiskReader, SafetensorsSource, placeholder, plan_block_read, read_block_once
 from .planner import DEFAULT_PREFETCH, plan_placement
 from .tensors import FlatLayout, collect_tensor_refs, empty_host
 
@@ -61,7 +66,7 @@ class _Slot:
 @dataclass
 class _Streamed:
     layout: FlatLayout
-    host: torch.Tensor
+    host: torch.Tensor | None  # None: the block is on disk
     host_views: list[torch.Tensor]
     slot: int | None = None
     ready_event: object | None = None
@@ -73,7 +78,8 @@ class BlockStreamer:
     :func:`enable_block_streaming`."""
 
     def __init__(self, blocks: list[nn.Module], names: list[str], resident: list[bool], device,
-                 prefetch: int = DEFAULT_PREFETCH, pin_memory: bool | None = None):
+                 prefetch: int = DEFAULT_PREFETCH, pin_memory: bool | None = None,
+                 on_disk: list[bool] | None = None, disk_source: SafetensorsSource | None = None):
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
         if len(blocks) != len(resident):
@@ -99,12 +105,38 @@ class BlockStreamer:
         self._next_slot = 0
         self._active = True
         self.graphs = None  # BlockGraphs when enable_block_streaming(..., cuda_graphs=True)
+        self.disk_reader: DiskReader | None = None
+        on_disk = on_disk or [False] * len(blocks)
+        disk_order = [i for i in range(len(blocks)) if on_disk[i] and not resident[i]]
+        if disk_order and disk_source is None:
+            raise ValueError(f"{len(disk_order)} blocks are planned on disk but no disk source was given: pass "
+                             "disk=<the model's safetensors file(s)>")
+        # Blocks never loaded (meta) are read from the file once, into RAM (or the device).
+        unloaded = [i for i in range(len(blocks)) if i not in disk_order and _has_meta(blocks[i])]
+        if unloaded and disk_source is None:
+            raise ValueError(f"block {names[unloaded[0]]} has no data (meta device) and no disk source was given: "
+                             "load it, or pass disk=<the model's safetensors file(s)>")
+        # Plan every read before touching the model: a block the file cannot serve leaves it as it was.
+        layouts = {i: FlatLayout(_materialize_meta(collect_tensor_refs(blocks[i]))) for i in disk_order + unloaded}
+        reads = {i: plan_block_read(names[i], layouts[i], disk_source) for i in layouts}
 
         for i, (block, keep) in enumerate(zip(blocks, resident)):
+            if i in unloaded:
+                host = empty_host(layouts[i].nbytes, self.pin_memory and not keep)
+                read_block_once(reads[i], host)
+                layouts[i].point_to(layouts[i].views(host))
             if keep:
                 block.to(self.device)
+            elif i in disk_order:
+                self._streamed[i] = self._park_on_disk(layouts[i])
+            elif i in unloaded:  # already in its own host buffer: that is its parking place
+                self._streamed[i] = _Streamed(layouts[i], host, layouts[i].views(host))
+                layouts[i].point_to(self._streamed[i].host_views)
             else:
                 self._streamed[i] = self._park(block)
+        reads = {i: reads[i] for i in disk_order}
+        if disk_order:
+            self.disk_reader = DiskReader(reads, disk_order, prefetch + 1, self.pin_memory)
         order = [i for i in range(len(blocks)) if not resident[i]]
         self._lookahead = {}
         for i in range(len(blocks)):  # the next `prefetch` streamed blocks after position i (cyclic)
@@ -135,6 +167,12 @@ class BlockStreamer:
         layout.point_to(views)
         return _Streamed(layout, host, views)
 
+    @staticmethod
+    def _park_on_disk(layout: FlatLayout) -> _Streamed:
+        views = [placeholder(shape, dtype) for shape, dtype in zip(layout.shapes, layout.dtypes)]
+        layout.point_to(views)  # the block's own copies (if it was loaded) are let go
+        return _Streamed(layout, None, views)
+
     # -- properties ----------------------------------------------------------------------------------------
     @property
     def streamed_indices(self) -> list[int]:
@@ -154,8 +192,23 @@ class BlockStreamer:
         return entry.slot if entry is not None else None
 
     def host_buffers(self) -> list[torch.Tensor]:
-        """The flat host buffers the copies read from (pinned on CUDA)."""
-        return [self._streamed[i].host for i in self.streamed_indices]
+        """The flat host buffers of the blocks streamed from RAM (pinned on CUDA)."""
+        return [self._streamed[i].host for i in self.streamed_indices if self._streamed[i].host is not None]
+
+    @property
+    def disk_indices(self) -> list[int]:
+        return [i for i in self.streamed_indices if self._streamed[i].host is None]
+
+    def tier_counts(self) -> dict[str, int]:
+        """Blocks per tier: ``{"gpu": .., "ram": .., "disk": ..}`` (``gpu``: resident on the device)."""
+        disk = len(self.disk_indices)
+        return {"gpu": len(self.blocks) - len(self._streamed), "ram": len(self._streamed) - disk, "disk": disk}
+
+    @property
+    def host_bytes(self) -> int:
+        """Host RAM the streamed blocks take: their pinned buffers + the disk read ring."""
+        ring = self.disk_reader.ring_bytes if self.disk_reader is not None else 0
+        return sum(h.numel() for h in self.host_buffers()) + ring
 
     # -- the streaming machinery -----------------------------------------------------------------------------
     def _slot_views(self, index: int, slot: int) -> list[torch.Tensor]:
@@ -173,6 +226,12 @@ class BlockStreamer:
             if on_demand:
                 self.stats.hits += 1
             return
+        staging = None
+        if entry.host is None:  # on disk: prefetch copies it only once the reader has it
+            staging = self.disk_reader.take(index) if on_demand else self.disk_reader.try_take(index)
+            if staging is None:
+                return
+        source = entry.host if staging is None else staging[1]
         slot_id = self._next_slot
         self._next_slot = (self._next_slot + 1) % len(self._slots)
         slot = self._slots[slot_id]
@@ -185,12 +244,18 @@ class BlockStreamer:
             with torch.cuda.stream(self.copy_stream):
                 if slot.free_event is not None:
                     self.copy_stream.wait_event(slot.free_event)
-                slot.buffer[:n].copy_(entry.host, non_blocking=True)
+                slot.buffer[:n].copy_(source[:n], non_blocking=True)
                 if entry.ready_event is None:
                     entry.ready_event = torch.cuda.Event()
                 entry.ready_event.record(self.copy_stream)
+            if staging is not None:
+                copied = torch.cuda.Event()
+                copied.record(self.copy_stream)
+                self.disk_reader.release(staging[0], copied)
         else:
-            slot.buffer[:n].copy_(entry.host)
+            slot.buffer[:n].copy_(source[:n])
+            if staging is not None:
+                self.disk_reader.release(staging[0])
         slot.holder = index
         entry.slot = slot_id
         entry.layout.fast_point_to(self._slot_views(index, slot_id))
@@ -230,9 +295,11 @@ class BlockStreamer:
         return post_hook
 
     # -- teardown ----------------------------------------------------------------------------------------------
-    def disable(self, device=None) -> None:
+    def disable(self, device=None, load_disk_blocks: bool = True) -> None:
         """Remove the hooks and the ring. Streamed blocks end up as ordinary modules on the host (pinned
-        memory), or on ``device`` when given. Idempotent."""
+        memory), or on ``device`` when given; disk blocks are read back from their file first, or - with
+        ``load_disk_blocks=False``, for a caller about to drop the model - left without data (meta device).
+        Idempotent."""
         if not self._active:
             return
         if self.cuda:
@@ -244,7 +311,16 @@ class BlockStreamer:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self.disk_reader is not None:
+            self.disk_reader.close()
         for index, entry in self._streamed.items():
+            if entry.host is None and not load_disk_blocks:
+                _to_meta(entry.layout.refs)
+                continue
+            if entry.host is None:  # on disk: read back into host memory, the block becomes ordinary again
+                entry.host = empty_host(entry.layout.nbytes, self.pin_memory)
+                self.disk_reader.read_into(index, entry.host)
+                entry.host_views = entry.layout.views(entry.host)
             entry.layout.point_to(entry.host_views)
             entry.slot = None
             entry.slot_views.clear()
@@ -252,6 +328,7 @@ class BlockStreamer:
                 self.blocks[index].to(device)
         self._slots.clear()
         self._streamed.clear()
+        self.disk_reader = None
         for holder in list(_OWNERS.get(id(self), [])):
             owner = holder()
             if owner is not None and getattr(owner, _ATTR, None) is self:
@@ -260,9 +337,15 @@ class BlockStreamer:
 
     def summary(self) -> str:
         n = len(self.blocks)
-        return (f"streaming {len(self._streamed)}/{n} blocks onto {self.device} "
+        text = (f"streaming {len(self._streamed)}/{n} blocks onto {self.device} "
                 f"({self.streamed_bytes / GB:.2f} GB from {'pinned' if self.pin_memory else 'pageable'} host "
                 f"memory, ring {len(self._slots)} x {self.ring_bytes / max(len(self._slots), 1) / GB:.2f} GB)")
+        if self.disk_reader is not None:
+            tiers, stats = self.tier_counts(), self.disk_reader.stats
+            rate = f", read {stats.gb_per_s:.2f} GB/s" if stats.gb_per_s else ""
+            text += (f"; blocks: {tiers['gpu']} on the GPU, {tiers['ram']} in RAM, {tiers['disk']} on disk "
+                     f"({self.host_bytes / GB:.2f} GB of RAM{rate})")
+        return text
 
     def __repr__(self) -> str:
         return f"<BlockStreamer {self.summary() if self._active else 'disabled'}>"
@@ -274,7 +357,8 @@ _OWNERS: dict[int, list] = {}
 def enable_block_streaming(model_or_blocks, device, *, blocks=None, blocks_resident: int | None = None,
                            budget_bytes: int | None = None, prefetch: int = DEFAULT_PREFETCH,
                            pin_memory: bool | None = None, critical=(), plan=None, order: str = "spread",
-                           cuda_graphs: bool = False) -> BlockStreamer:
+                           cuda_graphs: bool = False, ram_budget_bytes: int | None = None,
+                           disk=None) -> BlockStreamer:
     """Stream the blocks of a model that do not stay resident on ``device``; returns the :class:`BlockStreamer`.
 
     ``model_or_blocks``: a model (its blocks found automatically or named by ``blocks``: ``"model.layers"``,
@@ -288,6 +372,10 @@ def enable_block_streaming(model_or_blocks, device, *, blocks=None, blocks_resid
     ``pin_memory``: default True on CUDA (streaming from pageable memory is ~8x slower), False on CPU.
     ``cuda_graphs=True`` replays every block from CUDA graphs (:mod:`.graphs`; one per ring slot for a streamed
     block): the step no longer depends on the CPU's speed; ignored off CUDA.
+    ``ram_budget_bytes`` (with no ``plan``): host RAM for the streamed blocks; the others are read from ``disk``
+    (a :class:`.disk.SafetensorsSource`, or the model's safetensors file(s)) on every pass - the disk tier. Disk
+    blocks must hold exactly the file's tensors (names ``<block name>.<tensor>``, same dtype and shape); their
+    parameters may be on the meta device (never loaded).
     Remove with ``streamer.disable()`` or :func:`disable_block_streaming`.
     """
     device = torch.device(device)
@@ -306,16 +394,22 @@ def enable_block_streaming(model_or_blocks, device, *, blocks=None, blocks_resid
         count_only = budget is None and blocks_resident is not None
         plan = plan_placement(target, 1 << 62 if count_only else budget, critical or (), blocks_resident,
                               blocks=blocks if model is not None else None, devices=[device],
-                              device_totals=None if count_only else totals, prefetch=prefetch, order=order)
+                              device_totals=None if count_only else totals, prefetch=prefetch, order=order,
+                              ram_budget_bytes=ram_budget_bytes)
     if list(plan.block_names) != names:
         raise ValueError(f"the plan was made for blocks {plan.block_names[:3]}... but this model's blocks are "
                          f"{names[:3]}...: plan and stream the same model with the same `blocks`")
     streamed = set(plan.streamed_blocks())
     resident = [n not in streamed for n in names]
+    on_disk_names = set(plan.disk_blocks())
+    on_disk = [n in on_disk_names for n in names]
+    if disk is not None and not isinstance(disk, SafetensorsSource):
+        disk = SafetensorsSource(disk)
+    streamer = BlockStreamer(mods, names, resident, device, prefetch=prefetch, pin_memory=pin_memory,
+                             on_disk=on_disk, disk_source=disk)
     if model is not None:
         block_ids = {id(m) for m in mods}
         _move_rest(model, block_ids, device)
-    streamer = BlockStreamer(mods, names, resident, device, prefetch=prefetch, pin_memory=pin_memory)
     if cuda_graphs:
         if device.type == "cuda":
             from .graphs import graph_blocks
@@ -328,6 +422,35 @@ def enable_block_streaming(model_or_blocks, device, *, blocks=None, blocks_resid
         _OWNERS[id(streamer)] = [weakref.ref(model)]
     log.info("headroom: %s", streamer.summary())
     return streamer
+
+
+def _has_meta(module: nn.Module) -> bool:
+    return any(t.device.type == "meta" for t in list(module.parameters()) + list(module.buffers()))
+
+
+def _materialize_meta(refs):
+    """Give tensors on the meta device (a block never loaded) a placeholder, so they can be re-pointed."""
+    for ref in refs:
+        tensor = ref.get()
+        if tensor.device.type == "meta":
+            if ref.kind == "param":
+                ref.owner._parameters[ref.attr] = nn.Parameter(placeholder(tensor.shape, tensor.dtype),
+                                                               requires_grad=False)
+            else:
+                ref.set(placeholder(tensor.shape, tensor.dtype))
+    return refs
+
+
+def _to_meta(refs) -> None:
+    """Point tensors at the meta device: a block that will never run again owns no memory and cannot compute
+    garbage."""
+    for ref in refs:
+        tensor = ref.get()
+        meta = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+        if ref.kind == "param":
+            ref.owner._parameters[ref.attr] = nn.Parameter(meta, requires_grad=False)
+        else:
+            ref.set(meta)
 
 
 def _move_rest(module: nn.Module, block_ids: set[int], device) -> None:

@@ -269,3 +269,26 @@ def test_rotated_file_loads_as_rotated_int8_layers(tmp_path):
     with torch.no_grad():
         out, expected = model(x, torch.tensor([0.7])), ref(x, torch.tensor([0.7]))
     assert 0.99 < cosine_similarity(out, expected) < 1.0
+
+
+def test_demo_with_a_ram_budget_streams_int8_blocks_from_disk_bit_for_bit(tmp_path, monkeypatch):
+    """`headroom demo --ram-budget-gb X` below the model's size: most INT8 blocks are read from the file on every
+    step, the output is bit for bit the run without a RAM budget, and the report has the disk tier's keys."""
+    from comfyui_headroom.demo.run import DemoOptions, run_demo
+
+    cfg = DemoConfig(hidden=1024, depth=6, heads=8, mlp_ratio=1, latent_channels=4, latent_size=8)
+    monkeypatch.setitem(SIZES, "wide6", cfg)
+    block_mb = (6 + 3 + 1 + 1 + 1) * 1024 * 1024 / 2 ** 20  # INT8 weights of one block (scales, biases on top)
+    ram_gb = (4 * block_mb + 2) / 1024  # a ring of 3 read buffers + one block in RAM
+    report = run_demo(DemoOptions(size="wide6", device="cpu", steps=2, cache_dir=str(tmp_path / "cache"),
+                                  out_dir=str(tmp_path / "out"), ram_budget_gb=ram_gb))
+    assert report["int8_layers"] == 5 * 6
+    assert (report["blocks_on_gpu"], report["blocks_in_ram"], report["blocks_on_disk"]) == (0, 1, 5)
+    assert report["equal_to_resident"] is True
+    assert report["disk_read_gb_s"] > 0 and report["peak_ram_gb"] > 0
+    json.dumps(report)
+    assert "0 on the device, 1 in RAM, 5 on disk" in format_report(report) and "bit for bit equal" in format_report(report)
+    plain = run_demo(DemoOptions(size="wide6", device="cpu", steps=2, cache_dir=str(tmp_path / "cache"),
+                                 out_dir=str(tmp_path / "out")))
+    assert plain["equal_to_resident"] is None and plain["blocks_on_disk"] == 0 and plain["disk_read_gb_s"] is None
+    assert plain["cosine"] == report["cosine"]  # the same INT8 latent, compared with the same bf16 run
