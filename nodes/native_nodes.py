@@ -99,6 +99,12 @@ class HeadroomLoadDiffusionModelInt8:
                     "With devices: GB of weights per device, e.g. '40,40' (one number = the same on each). "
                     "Blocks fill the devices in order; blocks that fit on no device stream from pinned RAM onto "
                     "the last one. Empty = split evenly by bytes."}),
+                "ram_budget_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 4096.0, "step": 0.5, "advanced": True,
+                                            "tooltip":
+                    "With blocks_resident: at most this many GB of RAM for the streamed blocks; the others are "
+                    "read from the SSD on every step (the disk tier; 'headroom doctor' says what fits). A "
+                    "bf16/fp16/fp8 file is converted once into the INT8 cache ($HEADROOM_CACHE/int8) first. "
+                    "0 = no RAM limit."}),
                 "fuse_blocks": (list(FUSE_CHOICES), {"default": "auto", "advanced": True, "tooltip":
                     "Fused INT8 blocks: norm + modulation, attention output and MLP activation write the next "
                     "layer's input in INT8 (Flux, Flux 2, HunyuanImage 2.1, ...). auto = where a W8A8 kernel "
@@ -119,7 +125,7 @@ class HeadroomLoadDiffusionModelInt8:
 
     def load(self, unet_name, weight_format, quantize_on_load, compute, skip_patterns, gpu_budget_gb,
              blocks_resident, min_features=1024, rotate="none", quantize_modulation=False, devices="",
-             gpu_budgets_gb="", fuse_blocks="auto", unique_id=None):
+             gpu_budgets_gb="", ram_budget_gb=0.0, fuse_blocks="auto", unique_id=None):
         import folder_paths
         import torch
 
@@ -140,13 +146,18 @@ class HeadroomLoadDiffusionModelInt8:
             patcher, record = load_int8_diffusion_model(path, config, budget_from_gb(gpu_budget_gb),
                                                         progress=_progress(unique_id),
                                                         blocks_resident=int(blocks_resident), devices=split_over,
-                                                        device_budgets=device_budgets or ())
+                                                        device_budgets=device_budgets or (),
+                                                        ram_budget_bytes=budget_from_gb(ram_budget_gb))
         install_sampling_wrapper(patcher, compute)
         placement = "ComfyUI memory manager"
         if gpu_budget_gb > 0:
             placement = f"GPU weight budget {gpu_budget_gb:g} GB (rest streamed by ComfyUI partial loading)"
         if blocks_resident > 0:
             placement = f"block streaming, {blocks_resident} blocks resident"
+        if record.disk_file:
+            placement += (f", RAM budget {ram_budget_gb:g} GB: blocks beyond it streamed from "
+                          f"{os.path.basename(record.disk_file)}"
+                          + (" (converted into the INT8 cache now)" if record.disk_cache_written else ""))
         if split_over:
             placement = f"blocks split over {', '.join(split_over)}" + (
                 f" (budgets {gpu_budgets_gb} GB)" if device_budgets else " (evenly by bytes)")

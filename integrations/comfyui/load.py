@@ -15,6 +15,7 @@ import torch
 from ...kernels.int8 import FP8_DTYPES
 from ...quant.safetensors_stream import read_header
 from ...units import GB
+from .disk_tier import float_dtype_of, int8_file_for_disk, source_for
 from .fused import install_fused_blocks
 from .ops import NATIVE_SKIP_PATTERNS, TEXT_ENCODER_SKIP_PATTERNS, Int8LoadConfig, LoadLog, make_int8_ops
 from .patcher import adopt_patcher
@@ -33,20 +34,33 @@ def _file_dtype_summary(path: str) -> tuple[dict, torch.dtype | None, int]:
 
 def load_int8_diffusion_model(path: str, config: Int8LoadConfig, budget_bytes: int = 0,
                               progress: Callable[[int, int], None] | None = None, blocks_resident: int = 0,
-                              devices: Sequence[str] = (), device_budgets: Sequence[int] = ()):
+                              devices: Sequence[str] = (), device_budgets: Sequence[int] = (),
+                              ram_budget_bytes: int = 0):
     """``(Int8ModelPatcher, LoadLog)`` for the diffusion model at ``path``, through ComfyUI's loader.
 
-    ``blocks_resident`` > 0: headroom block streaming; ``devices`` (two or more): the blocks split over them when
-    ComfyUI loads the model (``device_budgets``: bytes per device, else evenly by bytes)."""
-    if devices and (blocks_resident or budget_bytes):
+    ``blocks_resident`` > 0: headroom block streaming; with ``ram_budget_bytes`` > 0 the streamed blocks that do
+    not fit that much RAM are read from an INT8 file on every pass (the disk tier, :mod:`.disk_tier`: a float file is
+    converted once into the INT8 cache and loaded from there). ``devices`` (two or more): the blocks split over
+    them when ComfyUI loads the model (``device_budgets``: bytes per device, else evenly by bytes)."""
+    if devices and (blocks_resident or budget_bytes or ram_budget_bytes):
         raise ValueError("devices: a split over several GPUs takes its budgets from gpu_budgets_gb (one per "
-                         "device; what fits on no device streams from pinned RAM), not from blocks_resident or "
-                         "gpu_budget_gb: leave those at 0")
+                         "device; what fits on no device streams from pinned RAM), not from blocks_resident, "
+                         "gpu_budget_gb or ram_budget_gb: leave those at 0")
+    if ram_budget_bytes and not blocks_resident:
+        raise ValueError("ram_budget_gb: the disk tier is part of headroom's block streaming; set blocks_resident "
+                         "(how many blocks stay on the GPU) as well, or ram_budget_gb to 0")
     import comfy.sd
 
-    metadata, dominant, _ = _file_dtype_summary(path)
+    source_path, cache_written = path, False
+    if ram_budget_bytes:
+        source_path, cache_written = int8_file_for_disk(path, config)
+        if config.float_dtype is None:  # streamed as stored: the kept-float layers hold the file's dtype
+            config = dataclasses.replace(config, float_dtype=float_dtype_of(source_path))
+    metadata, dominant, _ = _file_dtype_summary(source_path)
     config.file_metadata = metadata
     record = LoadLog(progress=progress)
+    record.disk_file = source_path if ram_budget_bytes else None
+    record.disk_cache_written = cache_written
     ops = make_int8_ops(config, record)
     options: dict = {"custom_operations": ops}
     if config.float_dtype is not None:
@@ -57,19 +71,21 @@ def load_int8_diffusion_model(path: str, config: Int8LoadConfig, budget_bytes: i
 
         options["dtype"] = model_management.unet_dtype(supported_dtypes=[torch.bfloat16, torch.float16, torch.float32])
     start = time.perf_counter()
-    base = comfy.sd.load_diffusion_model(path, model_options=options, disable_dynamic=True)
+    base = comfy.sd.load_diffusion_model(source_path, model_options=options, disable_dynamic=True)
     record.seconds = time.perf_counter() - start
     record.fused_blocks = install_fused_blocks(base.model.diffusion_model, config.fuse_blocks, config.compute)
+    disk = source_for(source_path, base.model.diffusion_model) if ram_budget_bytes else None
     reinit = (reload_int8_diffusion_model, (path, config, budget_bytes, blocks_resident, tuple(devices),
-                                            tuple(device_budgets)))
-    return adopt_patcher(base, budget_bytes, reinit, blocks_resident, devices, device_budgets), record
+                                            tuple(device_budgets), ram_budget_bytes))
+    return adopt_patcher(base, budget_bytes, reinit, blocks_resident, devices, device_budgets,
+                         ram_budget_bytes, disk), record
 
 
 def reload_int8_diffusion_model(path, config, budget_bytes=0, blocks_resident=0, devices=(), device_budgets=(),
-                                disable_dynamic=True):
+                                ram_budget_bytes=0, disable_dynamic=True):
     """``cached_patcher_init`` target: ComfyUI calls it to build a fresh copy (multi-GPU, deep clones)."""
     return load_int8_diffusion_model(path, config, budget_bytes, blocks_resident=blocks_resident, devices=devices,
-                                     device_budgets=device_budgets)[0]
+                                     device_budgets=device_budgets, ram_budget_bytes=ram_budget_bytes)[0]
 
 
 def load_int8_text_encoder(paths: Sequence[str], clip_type, config: Int8LoadConfig, model_options: dict | None = None,

@@ -147,6 +147,8 @@ class LoadLog:
     loaded_layers: int = 0
     seconds: float = 0.0
     fused_blocks: int = 0  # blocks given a fused forward (fused.install_fused_blocks)
+    disk_file: str | None = None  # the INT8 file the disk tier streams blocks from (ram_budget_gb > 0)
+    disk_cache_written: bool = False  # that file was converted into the INT8 cache by this load
     progress: Callable[[int, int], None] | None = None
 
     @property

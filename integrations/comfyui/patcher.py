@@ -107,6 +107,8 @@ def patcher_class():
         headroom_blocks_resident = 0  # > 0: headroom block streaming instead of ComfyUI's partial loading
         headroom_devices: tuple = ()  # >= 2 devices: the blocks split over them instead of one load device
         headroom_device_budgets: tuple = ()  # bytes per device for that split; () = split evenly by bytes
+        headroom_ram_budget_bytes = 0  # > 0 (with blocks_resident): streamed blocks beyond it are read from disk
+        headroom_disk = None  # the SafetensorsSource those blocks are read from (integrations/comfyui/disk_tier.py)
 
         def clone(self, *args, **kwargs):
             n = super().clone(*args, **kwargs)
@@ -116,6 +118,8 @@ def patcher_class():
                 n.headroom_blocks_resident = self.headroom_blocks_resident
                 n.headroom_devices = self.headroom_devices
                 n.headroom_device_budgets = self.headroom_device_budgets
+                n.headroom_ram_budget_bytes = self.headroom_ram_budget_bytes
+                n.headroom_disk = self.headroom_disk
             return n
 
         def _int8_modules(self) -> dict:
@@ -162,12 +166,16 @@ def patcher_class():
             self._attach_side_branches(device_to)
 
         def load_streaming(self, device_to: torch.device) -> None:
-            """Keep ``headroom_blocks_resident`` blocks on ``device_to``, stream the rest from pinned RAM
-            (memory/streaming.py); everything outside the blocks goes to ``device_to``."""
+            """Keep ``headroom_blocks_resident`` blocks on ``device_to``, stream the rest from pinned RAM - and,
+            with a RAM budget, those beyond it from the INT8 file (memory/streaming.py, the disk tier);
+            everything outside the blocks goes to ``device_to``."""
             def place(dm) -> int:
                 streamer = streamer_of(dm)
                 if streamer is None:
-                    streamer = enable_block_streaming(dm, device_to, blocks_resident=self.headroom_blocks_resident)
+                    disk = {"ram_budget_bytes": self.headroom_ram_budget_bytes, "disk": self.headroom_disk} \
+                        if self.headroom_ram_budget_bytes else {}
+                    streamer = enable_block_streaming(dm, device_to, blocks_resident=self.headroom_blocks_resident,
+                                                      **disk)
                 log.info("headroom: %s", streamer.summary())
                 return max(0, self.model_size() - streamer.streamed_bytes + streamer.ring_bytes)
 
@@ -221,11 +229,25 @@ def patcher_class():
                 for module in self._int8_modules().values():
                     module.lora = []
                     module._headroom_patches = None
+                if self._streaming() and streamer_of(self.model.diffusion_model).disk_indices:
+                    return self._unpatch_disk_tier(device_to or self.offload_device)
                 if self._streaming():
                     disable_block_streaming(self.model.diffusion_model, device=device_to or self.offload_device)
                 if self._split():
                     disable_multi_device(self.model.diffusion_model, device=device_to or self.offload_device)
             return super().unpatch_model(device_to, unpatch_weights)
+
+        def _unpatch_disk_tier(self, device_to) -> None:
+            """Unload a model whose disk-tier blocks own no RAM: they stay without data (meta) until the next load
+            streams them from the file again, so ComfyUI's ``model.to(offload device)`` is done here for
+            everything else (a meta tensor cannot be moved)."""
+            dm = self.model.diffusion_model
+            streamer_of(dm).disable(device=device_to, load_disk_blocks=False)
+            for child in self.model.children():
+                if child is not dm:
+                    child.to(device_to)
+            super().unpatch_model(None, True)
+            self.model.device = device_to
 
         def _attach_side_branches(self, device_to) -> None:
             modules = self._int8_modules()
@@ -240,7 +262,7 @@ def patcher_class():
 
 
 def adopt_patcher(patcher, budget_bytes: int = 0, reinit: tuple | None = None, blocks_resident: int = 0,
-                  devices=(), device_budgets=()):
+                  devices=(), device_budgets=(), ram_budget_bytes: int = 0, disk=None):
     """A clone of ``patcher`` (same model) as an ``Int8ModelPatcher``."""
     cls = patcher_class()
     n = patcher.clone()
@@ -250,6 +272,8 @@ def adopt_patcher(patcher, budget_bytes: int = 0, reinit: tuple | None = None, b
     n.headroom_blocks_resident = int(blocks_resident)
     n.headroom_devices = tuple(devices)
     n.headroom_device_budgets = tuple(device_budgets or ())
+    n.headroom_ram_budget_bytes = int(ram_budget_bytes)
+    n.headroom_disk = disk
     if reinit is not None:
         n.cached_patcher_init = reinit
     return n

@@ -1,0 +1,97 @@
+"""The disk tier on the ComfyUI-native road: which INT8 file the streamed blocks are read from, and its key prefix.
+
+Blocks on disk are read from a safetensors file as stored, so the file must hold exactly what the model's layers
+hold: a headroom-format INT8 file (``headroom convert``). A bf16 / fp16 / fp8 file is converted once into the
+INT8 cache (:func:`int8_file_for_disk`, the converter of quant/ with the loader's own skip rules, written
+atomically), reused while the source file and the settings are unchanged. ComfyUI's other INT8 layouts
+(``int8_tensorwise`` with ``comfy_quant`` keys) store scales in another shape than our layers hold them: refused,
+with what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ...memory.disk import SafetensorsSource
+from ...quant.convert import convert_file
+from ...quant.formats.metadata import is_headroom_metadata
+from ...quant.safetensors_stream import read_header
+from .ops import Int8LoadConfig, Int8LoadError
+
+CACHE_ENV = "HEADROOM_CACHE"
+# Key prefixes ComfyUI strips from a diffusion model's file (``unet_prefix_from_state_dict``), most specific first.
+KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "")
+
+
+def cache_dir() -> Path:
+    """``$HEADROOM_CACHE/int8`` if set, else ``~/.cache/comfyui-headroom/int8``: not ComfyUI's model folders,
+    where a cache file would show up in the loader's list."""
+    root = os.environ.get(CACHE_ENV)
+    return (Path(root) if root else Path.home() / ".cache" / "comfyui-headroom") / "int8"
+
+
+def _cache_name(source: Path, config: Int8LoadConfig) -> str:
+    """A name that changes with the source file (path, size, mtime) and every setting the conversion depends on."""
+    stat = source.stat()
+    key = json.dumps({"path": str(source.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                      "method": config.method, "block_size": config.block_size, "rotate": config.rotation_group,
+                      "skips": list(config.patterns)}, sort_keys=True)
+    return f"{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}-int8.safetensors"
+
+
+def int8_file_for_disk(path: str, config: Int8LoadConfig) -> tuple[str, bool]:
+    """``(file the disk tier streams from, whether it was written now)``: ``path`` itself when headroom wrote it as
+    INT8, else its INT8 conversion in the cache (written once). Int8LoadError for what cannot be streamed."""
+    header = read_header(path)
+    comfy_layout = any(name.endswith(".comfy_quant") for name in header.tensors)
+    if is_headroom_metadata(header.metadata) and not comfy_layout:
+        return path, False
+    if comfy_layout or any(info.dtype == torch.int8 for info in header.tensors.values()):
+        raise Int8LoadError(
+            f"{path}: ram_budget_gb streams blocks from the file as stored, and this INT8 file is not in headroom's "
+            "format (its scales differ from what the layers hold). Convert its float original with "
+            "'headroom convert', or set ram_budget_gb to 0.")
+    if not config.quantize_on_load:
+        raise Int8LoadError(f"{path}: ram_budget_gb needs the INT8 layers the file is streamed into; turn "
+                            "quantize_on_load on (the file is converted once into the INT8 cache) or set "
+                            "ram_budget_gb to 0.")
+    if config.min_features != Int8LoadConfig.min_features:
+        raise Int8LoadError(f"{path}: ram_budget_gb converts the file with the converter's min_features "
+                            f"({Int8LoadConfig.min_features}); set min_features back to it or ram_budget_gb to 0.")
+    target = cache_dir() / _cache_name(Path(path), config)
+    if target.exists():
+        return str(target), False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    convert_file(path, target, method=config.method, block_size=config.block_size, skip=list(config.patterns),
+                 keep_default_skips=False, device=str(config.device_for_quantization()), progress=False,
+                 rotate=config.rotation_group)
+    return str(target), True
+
+
+def source_for(path: str, model) -> SafetensorsSource:
+    """The file's tensors as the disk tier reads them, under the key prefix that maps ``model``'s parameter names
+    onto the file's keys. Int8LoadError when none does (ComfyUI converted the file's key names on load)."""
+    source = SafetensorsSource([path])
+    probe = next((name for name, _ in model.named_parameters()), None)
+    for prefix in KEY_PREFIXES:
+        if probe is not None and prefix + probe in source.tensors:
+            source.prefix = prefix
+            return source
+    raise Int8LoadError(f"{path}: its tensor names are not the model's ({probe!r} not found under any of "
+                        f"{', '.join(repr(p) for p in KEY_PREFIXES)}); ComfyUI renamed them on load, so blocks "
+                        "cannot be streamed from it. Convert the file with 'headroom convert' or set ram_budget_gb to 0.")
+
+
+def float_dtype_of(path: str) -> torch.dtype | None:
+    """The dtype of the file's float tensors (the most bytes): the disk tier streams them as stored, so the model's
+    float layers must hold that dtype too."""
+    counts: dict = {}
+    for info in read_header(path).tensors.values():
+        if info.dtype.is_floating_point:
+            counts[info.dtype] = counts.get(info.dtype, 0) + info.nbytes
+    return max(counts, key=counts.get) if counts else None

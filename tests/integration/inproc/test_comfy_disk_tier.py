@@ -1,0 +1,100 @@
+"""The disk tier on the ComfyUI-native road (integrations/comfyui/disk_tier.py), in a real ComfyUI on the CPU.
+
+A tiny bf16 Flux loaded with ``blocks_resident`` and a RAM budget below its streamed blocks: the file is converted
+once into the INT8 cache, the blocks beyond the budget are read from that file on every pass (their parameters own
+no RAM between passes), and the output is bit for bit the one of the same INT8 file loaded resident.
+"""
+
+import comfy.model_management as mm
+import pytest
+import torch
+from comfyui_headroom.integrations.comfyui.disk_tier import cache_dir
+from comfyui_headroom.integrations.comfyui.load import load_int8_diffusion_model
+from comfyui_headroom.integrations.comfyui.ops import Int8LoadConfig, Int8LoadError
+from comfyui_headroom.memory import streamer_of
+from comfyui_headroom.quant.convert import convert_file
+from comfyui_models import flux_state_dict
+from safetensors.torch import save_file
+
+MB = 2**20
+
+
+@pytest.fixture(scope="module")
+def flux_file(workdir):
+    path = workdir / "flux_disk.safetensors"
+    save_file(flux_state_dict(depth=1, single=8, seed=7), str(path))
+    return str(path)
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADROOM_CACHE", str(tmp_path))
+    return cache_dir()
+
+
+def _forward(dm, inputs):
+    with torch.no_grad():
+        return dm(inputs["x"], inputs["t"], context=inputs["context"], y=inputs["y"]).float()
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    return dict(x=torch.randn(1, 16, 8, 8, generator=g), t=torch.tensor([0.7]),
+                context=torch.randn(1, 12, 768, generator=g), y=torch.randn(1, 768, generator=g))
+
+
+def test_blocks_beyond_the_ram_budget_stream_from_the_int8_cache(flux_file, cache, inputs):
+    patcher, record = load_int8_diffusion_model(flux_file, Int8LoadConfig(), blocks_resident=1,
+                                                ram_budget_bytes=60 * MB)
+    assert record.disk_cache_written and record.disk_file.startswith(str(cache))
+    dm = patcher.model.diffusion_model
+    patcher.load_streaming(torch.device("cpu"))
+    streamer = streamer_of(dm)
+    tiers = streamer.tier_counts()
+    assert tiers["gpu"] == 1 and tiers["disk"] >= 1, tiers
+    disk_block = streamer.blocks[streamer.disk_indices[0]]
+    weight = next(p for p in disk_block.parameters() if p.dtype == torch.int8)
+    assert weight.stride() == (0, 0)  # between passes a disk block points at a one-element placeholder
+    first = _forward(dm, inputs)
+    second = _forward(dm, inputs)
+    assert streamer.disk_reader.stats.reads >= 2 * tiers["disk"]
+
+    resident, _ = load_int8_diffusion_model(record.disk_file, Int8LoadConfig(float_dtype=torch.bfloat16))
+    mm.load_models_gpu([resident])
+    expected = _forward(resident.model.diffusion_model, inputs)
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+
+    patcher.unpatch_model(torch.device("cpu"))  # unload: disk blocks stay without data, nothing read back
+    assert streamer_of(dm) is None and weight.device.type in ("meta", "cpu")
+    assert any(p.device.type == "meta" for p in disk_block.parameters())
+    patcher.load_streaming(torch.device("cpu"))  # the next load streams them from the file again
+    assert torch.equal(_forward(dm, inputs), expected)
+    patcher.unpatch_model(torch.device("cpu"))
+
+    again, record2 = load_int8_diffusion_model(flux_file, Int8LoadConfig(), blocks_resident=1,
+                                               ram_budget_bytes=60 * MB)
+    assert record2.disk_file == record.disk_file and not record2.disk_cache_written  # the cache is reused
+
+
+def test_disk_tier_needs_block_streaming_and_a_headroom_int8_file(flux_file, workdir, cache):
+    with pytest.raises(ValueError, match="set blocks_resident"):
+        load_int8_diffusion_model(flux_file, Int8LoadConfig(), ram_budget_bytes=60 * MB)
+    with pytest.raises(Int8LoadError, match="quantize_on_load"):
+        load_int8_diffusion_model(flux_file, Int8LoadConfig(quantize_on_load=False), blocks_resident=1,
+                                  ram_budget_bytes=60 * MB)
+    comfy_layout = workdir / "flux_disk_comfy_int8.safetensors"
+    convert_file(flux_file, comfy_layout, layout="comfy", progress=False, overwrite=True)
+    with pytest.raises(Int8LoadError, match="not in headroom's format"):
+        load_int8_diffusion_model(str(comfy_layout), Int8LoadConfig(), blocks_resident=1, ram_budget_bytes=60 * MB)
+
+
+def test_changed_int8_file_under_a_disk_tier_model_is_named(flux_file, cache, inputs):
+    patcher, record = load_int8_diffusion_model(flux_file, Int8LoadConfig(), blocks_resident=1,
+                                                ram_budget_bytes=60 * MB)
+    patcher.load_streaming(torch.device("cpu"))
+    with open(record.disk_file, "r+b") as f:  # truncate the cache file under the running model
+        f.truncate(f.seek(0, 2) - 4096)
+    with pytest.raises(Exception, match="flux_disk") as err:
+        _forward(patcher.model.diffusion_model, inputs)
+    assert "size" in str(err.value) or "changed" in str(err.value) or "truncat" in str(err.value), str(err.value)
