@@ -200,6 +200,8 @@ class HeadroomMemoryReport:
         else:
             kernels = ", ".join(f"{name} x{entry['calls']}" for name, entry in run["kernels"].items()) or "none"
             text = f"{run['report']} | compute {run['compute']} | INT8 kernels: {kernels}"
+            if run.get("placement"):
+                text += f" | {run['placement']}"
         return {"ui": {"text": [text]}, "result": (text,)}
 
 

@@ -4,8 +4,8 @@
 the model it was chosen for: the load's :class:`~comfyui_headroom.integrations.comfyui.ops.Int8LoadConfig` carries
 it and each of the model's INT8 layers applies it to its own calls (``ops._int8_forward``), so two models in one
 graph - or one process - each run their own kernel, whatever samples when. This wrapper only records each run
-(ComfyUI's ``OUTER_SAMPLE``): its peak memory and kernel calls, per model, for the GPU Info node
-(:func:`last_run_of`).
+(ComfyUI's ``OUTER_SAMPLE``): its peak memory, kernel calls and block placement (GPU / RAM / disk tiers, disk read
+rate), per model, for the Memory Report node (:func:`last_run_of`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import logging
 import weakref
 
 from ...kernels.dispatch import COMPUTE_CHOICES, kernel_summary, reset_kernel_stats
-from ...memory import MemoryTracker
+from ...memory import MemoryTracker, streamer_of
 
 __all__ = ["COMPUTE_CHOICES", "install_sampling_wrapper", "last_run_of"]
 
@@ -34,7 +34,9 @@ def install_sampling_wrapper(patcher, compute: str) -> None:
             out = executor(*args, **kwargs)
         model = getattr(getattr(executor, "class_obj", None), "model_patcher", None)
         model = getattr(model, "model", None) or patcher.model
-        _LAST_RUN[model] = {"report": tracker.report, "kernels": kernel_summary(), "compute": compute}
+        streamer = streamer_of(getattr(model, "diffusion_model", None) or model)
+        _LAST_RUN[model] = {"report": tracker.report, "kernels": kernel_summary(), "compute": compute,
+                            "placement": streamer.summary() if streamer is not None else None}
         log.info("headroom sampling run: %s", tracker.report)
         return out
 
@@ -42,5 +44,6 @@ def install_sampling_wrapper(patcher, compute: str) -> None:
 
 
 def last_run_of(model_patcher) -> dict | None:
-    """``{"report", "kernels", "compute"}`` of the last sampling run of this MODEL, or None."""
+    """``{"report", "kernels", "compute", "placement"}`` of the last sampling run of this MODEL, or None
+    (``placement``: headroom's block streaming after the run - blocks per tier, disk read rate - or None)."""
     return _LAST_RUN.get(getattr(model_patcher, "model", None))
