@@ -45,13 +45,14 @@ class ComfyServer:
     """Start/stop ComfyUI; queue API-format prompts and wait for their history."""
 
     def __init__(self, base: Path, comfy_dir: str | None = None, python: str | None = None,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), cpu: bool = True) -> None:
         self.base = Path(base)
         self.comfy_dir = comfy_dir or os.environ["COMFYUI_DIR"]
         self.python = python or os.environ["HEADROOM_COMFY_PYTHON"]
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.extra_args = extra_args
+        self.cpu = cpu  # False: ComfyUI picks the GPU and its default memory mode (bench/dynamic_vram.py)
         self.proc: subprocess.Popen | None = None
         self.log_path = self.base / "server.log"
         for sub in ("custom_nodes", "models/diffusion_models", "models/text_encoders", "models/loras",
@@ -72,8 +73,8 @@ class ComfyServer:
     # -- life cycle ----------------------------------------------------------------------------------
     def start(self) -> "ComfyServer":
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
-        cmd = [self.python, os.path.join(self.comfy_dir, "main.py"), "--cpu", "--listen", "127.0.0.1",
-               "--port", str(self.port), "--base-directory", str(self.base),
+        cmd = [self.python, os.path.join(self.comfy_dir, "main.py"), *(["--cpu"] if self.cpu else []),
+               "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory", str(self.base),
                "--database-url", "sqlite:///:memory:", *self.extra_args]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=self.base, env=env, stdout=self._log, stderr=subprocess.STDOUT)
