@@ -260,7 +260,7 @@ def oom_advice(model_path, gpu_budget_bytes: int | None = None, ram_budget_bytes
     try:
         report = diagnose(model_path, gpu_budget_bytes, ram_budget_bytes, read_test_bytes=16 * MB,
                           measure_pcie=False)
-        lines = [line for entry in report["plans"] for line in plan_lines(entry)]
+        lines = [f"placement plan for {model_path}:"] + [line for entry in report["plans"] for line in plan_lines(entry)]
     except Exception as err:  # noqa: BLE001 - advice is best effort
         return f"(headroom doctor could not plan {model_path}: {err})"
     lines.append("what to change: a lower GPU budget leaves more VRAM for activations (more blocks stream); a lower "

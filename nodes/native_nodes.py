@@ -6,6 +6,7 @@ status line. ComfyUI is imported inside the functions only (the package imports 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -133,6 +134,7 @@ class HeadroomLoadDiffusionModelInt8:
         from ..integrations.comfyui.ops import Int8LoadConfig, native_skip_patterns
         from ..integrations.comfyui.sampling import install_sampling_wrapper
         from ..memory.budgets import parse_device_budgets, parse_devices
+        from ..memory.doctor import oom_advice
 
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         config = Int8LoadConfig(weight_format=weight_format, quantize_on_load=bool(quantize_on_load),
@@ -148,7 +150,8 @@ class HeadroomLoadDiffusionModelInt8:
                                                         blocks_resident=int(blocks_resident), devices=split_over,
                                                         device_budgets=device_budgets or (),
                                                         ram_budget_bytes=budget_from_gb(ram_budget_gb))
-        install_sampling_wrapper(patcher, compute)
+        install_sampling_wrapper(patcher, compute, oom_advice=functools.partial(
+            oom_advice, path, budget_from_gb(gpu_budget_gb) or None, budget_from_gb(ram_budget_gb) or None))
         placement = "ComfyUI memory manager"
         if gpu_budget_gb > 0:
             placement = f"GPU weight budget {gpu_budget_gb:g} GB (rest streamed by ComfyUI partial loading)"

@@ -23,15 +23,22 @@ log = logging.getLogger("comfyui_headroom")
 _LAST_RUN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def install_sampling_wrapper(patcher, compute: str) -> None:
+def install_sampling_wrapper(patcher, compute: str, oom_advice=None) -> None:
     """Track memory and kernel calls during ``patcher``'s runs; ``compute`` (applied by the layers themselves) is
-    recorded with them."""
+    recorded with them. ``oom_advice()`` -> text appended to an out-of-memory error of a run (the placement plan
+    and what to change, :func:`comfyui_headroom.memory.doctor.oom_advice`)."""
     import comfy.patcher_extension
+    import torch
 
     def outer_sample(executor, *args, **kwargs):
         reset_kernel_stats()
         with MemoryTracker() as tracker:
-            out = executor(*args, **kwargs)
+            try:
+                out = executor(*args, **kwargs)
+            except torch.OutOfMemoryError as err:
+                if oom_advice is None:
+                    raise
+                raise torch.OutOfMemoryError(f"{err}\n\nheadroom: {oom_advice()}") from err
         model = getattr(getattr(executor, "class_obj", None), "model_patcher", None)
         model = getattr(model, "model", None) or patcher.model
         streamer = streamer_of(getattr(model, "diffusion_model", None) or model)

@@ -98,3 +98,27 @@ def test_changed_int8_file_under_a_disk_tier_model_is_named(flux_file, cache, in
     with pytest.raises(Exception, match="flux_disk") as err:
         _forward(patcher.model.diffusion_model, inputs)
     assert "size" in str(err.value) or "changed" in str(err.value) or "truncat" in str(err.value), str(err.value)
+
+
+def test_out_of_memory_while_sampling_shows_the_plan(flux_file, monkeypatch):
+    """An OOM inside a sampling run of our model comes out with the doctor's plan for the file and what to change."""
+    import functools
+
+    from comfyui_headroom.integrations.comfyui.sampling import install_sampling_wrapper
+    from comfyui_headroom.memory.doctor import oom_advice
+    from fused_util import ksample
+
+    patcher, _ = load_int8_diffusion_model(flux_file, Int8LoadConfig())
+    install_sampling_wrapper(patcher, "auto", oom_advice=functools.partial(oom_advice, flux_file, None, 60 * MB))
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(patcher.model, "apply_model", no_memory)
+    g = torch.Generator().manual_seed(0)
+    cond = [[torch.randn(1, 12, 768, generator=g), {"pooled_output": torch.randn(1, 768, generator=g)}]]
+    with pytest.raises(torch.OutOfMemoryError) as err:
+        ksample(patcher, torch.randn(1, 16, 8, 8, generator=g), cond, cond)
+    text = str(err.value)
+    assert "Tried to allocate 20.00 GiB" in text and "headroom:" in text
+    assert "flux_disk" in text and "what to change" in text and "disk" in text, text
