@@ -15,7 +15,7 @@ from comfyui_headroom.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPIN
 pytestmark = pytest.mark.comfyui
 
 OURS = [name for name in NODE_CLASS_MAPPINGS if name.startswith("Headroom") and
-        NODE_CLASS_MAPPINGS[name].__module__.rsplit(".", 1)[-1] in ("native_nodes", "memory_nodes")]
+        NODE_CLASS_MAPPINGS[name].__module__.rsplit(".", 1)[-1] in ("native_nodes", "memory_nodes", "doctor_node")]
 
 
 def rel(a, b):
@@ -87,7 +87,7 @@ EXPECTED_INPUTS = {
     "HeadroomLoadDiffusionModelInt8": {"required": ("unet_name", "weight_format", "quantize_on_load", "compute",
                                                     "skip_patterns", "gpu_budget_gb", "blocks_resident"),
                                        "optional": ("min_features", "rotate", "quantize_modulation", "devices",
-                                                    "gpu_budgets_gb")},
+                                                    "gpu_budgets_gb", "ram_budget_gb", "fuse_blocks")},
     "HeadroomLoadClipInt8": {"required": ("clip_name", "type", "weight_format", "skip_patterns"),
                              "optional": ("device", "min_features")},
     "HeadroomLoraLoaderInt8": {"required": ("model", "lora_name", "strength", "offload_to_cpu")},
@@ -97,6 +97,7 @@ EXPECTED_INPUTS = {
     "HeadroomSoftUnload": {"required": ("anything", "model")},
     "HeadroomGpuInfo": {"required": (), "optional": ("anything",)},
     "HeadroomMemoryReport": {"required": ("model",), "optional": ("anything",)},
+    "HeadroomDoctor": {"required": ("model_path", "gpu_budget_gb", "ram_budget_gb")},
 }
 
 
