@@ -24,5 +24,24 @@ def ksample(patcher, latent: torch.Tensor, positive, negative, steps: int = 2, c
     return out["samples"].float()
 
 
+def random_state(module: torch.nn.Module, seed: int) -> dict:
+    """Seeded bf16 weights of a sensible scale for ``module``'s state dict: linear weights ~ 1/sqrt(fan_in), norm
+    weights near one, small biases, other tensors (pad tokens) ~ 0.5."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, v in module.state_dict().items():
+        r = torch.randn(v.shape, generator=g)
+        if "norm" in key:
+            r = 1 + 0.1 * r
+        elif v.ndim == 2 and key.endswith(".weight"):
+            r = r * v.shape[1] ** -0.5
+        elif key.endswith("bias"):
+            r = 0.01 * r
+        else:
+            r = 0.5 * r
+        state[key] = r.to(torch.bfloat16).contiguous()
+    return state
+
+
 def stats(patcher) -> dict:
     return fused_stats(patcher.model.diffusion_model)

@@ -11,27 +11,11 @@ import comfy.sd
 import pytest
 import torch
 from comfyui_headroom.quant.linear import Int8Linear
-from fused_util import cosine, ksample, load, stats
+from fused_util import cosine, ksample, load, random_state, stats
 from safetensors.torch import save_file
 
 DIM, TEXT, POOLED = 128, 3584, 768  # ComfyUI's detection reads neither text width: the class defaults
 ATTENTION = ("to_query", "to_key", "to_value", "out_layer")
-
-
-def _random_state(module: torch.nn.Module, seed: int) -> dict:
-    """Seeded weights of sensible scale: linears ~ 1/sqrt(fan_in), norm weights near one, small biases."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, v in module.state_dict().items():
-        r = torch.randn(v.shape, generator=g)
-        if "norm" in key:
-            r = 1 + 0.1 * r
-        elif v.ndim == 2:
-            r = r * v.shape[1] ** -0.5
-        else:
-            r = 0.01 * r
-        state[key] = r.to(torch.bfloat16).contiguous()
-    return state
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +23,7 @@ def k5_file(workdir):
     model = k5.Kandinsky5(model_dim=DIM, time_dim=64, ff_dim=256, num_text_blocks=1, num_visual_blocks=2,
                           dtype=torch.bfloat16, operations=comfy.ops.manual_cast)
     path = workdir / "kandinsky5_fused.safetensors"
-    save_file(_random_state(model, 0), str(path))
+    save_file(random_state(model, 0), str(path))
     return str(path)
 
 

@@ -19,31 +19,13 @@ import torch
 from comfyui_headroom.integrations.comfyui.fused import install_fused_blocks
 from comfyui_headroom.integrations.comfyui.ops import Int8LoadConfig, make_int8_ops
 from comfyui_headroom.quant.linear import Int8Linear
-from fused_util import cosine, ksample, load, stats
+from fused_util import cosine, ksample, load, random_state, stats
 from safetensors.torch import save_file
 
 DIM, CAP = 256, 64
 TINY_ZIMAGE = {"n_heads": 4, "n_kv_heads": 4, "axes_dims": [16, 24, 24], "axes_lens": [1536, 512, 512],
                "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True, "time_scale": 1000.0}
 FUSED_LAYERS = ("attention.qkv", "attention.out", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
-
-
-def _random_state(module: torch.nn.Module, seed: int) -> dict:
-    """Seeded weights of sensible scale: linears ~ 1/sqrt(fan_in), norm weights near one, small biases."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, v in module.state_dict().items():
-        r = torch.randn(v.shape, generator=g)
-        if "norm" in key:
-            r = 1 + 0.1 * r
-        elif v.ndim == 2 and key.endswith(".weight"):
-            r = r * v.shape[1] ** -0.5
-        elif key.endswith("bias"):
-            r = 0.01 * r
-        else:  # pad tokens
-            r = 0.5 * r
-        state[key] = r.to(torch.bfloat16).contiguous()
-    return state
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +50,7 @@ def zimage_file(workdir):
                            pad_tokens_multiple=32, dtype=torch.bfloat16, operations=comfy.ops.manual_cast,
                            **TINY_ZIMAGE)
     path = workdir / "zimage_fused.safetensors"
-    save_file(_random_state(model, 0), str(path))
+    save_file(random_state(model, 0), str(path))
     return str(path)
 
 
@@ -154,7 +136,7 @@ def _block_pair(seed: int, **kwargs):
                     norm_eps=1e-5, qk_norm=True, **kwargs)
     ref = lumina.JointTransformerBlock(**settings, operation_settings={"operations": comfy.ops.manual_cast,
                                                                         "dtype": torch.bfloat16})
-    state = _random_state(ref, seed)
+    state = random_state(ref, seed)
     blocks = []
     for _ in range(2):
         block = lumina.JointTransformerBlock(**settings, operation_settings={
