@@ -35,6 +35,7 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, args.comfy)
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = args.cpu
@@ -67,22 +68,9 @@ def main() -> None:
                         "params": params, "bf16_gb": params * 2 / 2**30}
     kitchen_path = None
     try:
-        from comfy_kitchen.tensor import QuantizedTensor
-        from comfyui_headroom.integrations.comfyui.ops import NATIVE_SKIP_PATTERNS
+        from comfy_fused import kitchen_file  # ComfyUI's own INT8 layout, written with comfy-kitchen
 
-        out = {}
-        for key, value in sd.items():
-            if key.endswith(".weight") and value.ndim == 2 and min(value.shape) >= 1024 and \
-                    not any(p in key for p in NATIVE_SKIP_PATTERNS):
-                qt = QuantizedTensor.from_float(value.to(dev), "TensorWiseINT8Layout", per_channel=True)
-                out.update({k: v.cpu() for k, v in qt.state_dict(key).items()})
-                out[key[:-len("weight")] + "comfy_quant"] = torch.tensor(
-                    list(json.dumps({"format": "int8_tensorwise"}).encode()), dtype=torch.uint8)
-            else:
-                out[key] = value
-        kitchen_path = "/tmp/headroom_flux_wide_kitchen_int8.safetensors"
-        save_file(out, kitchen_path)
-        del out
+        kitchen_path = kitchen_file(sd, "/tmp/headroom_flux_wide_kitchen_int8.safetensors", dev)
     except Exception as err:  # comfy-kitchen missing on this machine
         results["checks"]["comfy_kitchen"] = f"not available: {type(err).__name__}: {err}"
     lora_sd = flux_lora_state_dict(sd, rank=16, std=0.05)
