@@ -520,7 +520,7 @@ def _plan_disk_tier(plan: _LoadPlan, skeleton: nn.Module, device: torch.device, 
     on_disk = {layer_index(n) for n in tiers.disk_blocks()}
     counts = tiers.tier_counts()
     plan.notes.append(f"INT8 disk tier (RAM budget {ram_budget_gb:g} GB): {counts['gpu']} of {layers} decoder layers "
-                      f"resident on {device}, {counts['ram']} stream from pinned RAM, {counts['disk']} from disk")
+                      f"resident on {device}, {counts['ram']} stream from RAM, {counts['disk']} from disk")
     cpu = torch.device("cpu")
     return {i: None if i in on_disk else device if i < resident else cpu for i in range(layers)}
 
