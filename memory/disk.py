@@ -81,9 +81,15 @@ class TensorLocation:
 
 class SafetensorsSource:
     """Where every tensor of one or more safetensors files is on disk. ``prefix`` is put before a module's
-    tensor name to find its key (``"model.diffusion_model."`` for ComfyUI-style files)."""
+    tensor name to find its key (``"model.diffusion_model."`` for ComfyUI-style files).
 
-    def __init__(self, files, prefix: str = ""):
+    ``stacked(name, shape)`` (optional): for a module tensor the files do not hold under its own name, the names
+    (without ``prefix``) of the file tensors that, stacked along dim 0 in that order, make it - or None. A model
+    that keeps ``E`` per-expert ``[out, in]`` weights as one ``[E, out, in]`` tensor reads them this way, as
+    stored (each part must have the tensor's dtype and ``numel / E`` elements)."""
+
+    def __init__(self, files, prefix: str = "", stacked=None):
+        self.stacked = stacked
         paths = [Path(files)] if isinstance(files, (str, os.PathLike)) else [Path(f) for f in files]
         if not paths:
             raise ValueError("SafetensorsSource needs at least one safetensors file")
@@ -138,6 +144,10 @@ def plan_block_read(name: str, layout: FlatLayout, source: SafetensorsSource) ->
         loc = source.locate(f"{name}.{ref.name}")
         files = ", ".join(str(s.path) for s in source.stamps)
         if loc is None:
+            parts = _stacked_parts(source, f"{name}.{ref.name}", dest, size, dtype, shape)
+            if parts is not None:
+                found.extend(parts)
+                continue
             raise DiskTierError(f"block {name}: tensor '{source.prefix}{name}.{ref.name}' is not in {files}; the "
                                 "disk tier reads blocks exactly as stored - keep this block in RAM (raise "
                                 "ram_budget_gb) or stream from the file the model was loaded from")
@@ -165,6 +175,28 @@ def plan_block_read(name: str, layout: FlatLayout, source: SafetensorsSource) ->
         end = loc.offset + size
     nbytes = sum(n for _, pieces in runs for _, n in pieces)
     return BlockRead(name, source.stamps[found[0][0].file], runs, nbytes, layout.nbytes)
+
+
+def _stacked_parts(source: SafetensorsSource, key: str, dest: int, size: int, dtype: torch.dtype, shape):
+    """(location, destination, bytes) of the file tensors that make ``key`` stacked along dim 0, or None when
+    ``source.stacked`` names none that are all in the files. DiskTierError when they are there but do not fit."""
+    names = source.stacked(key, tuple(shape)) if source.stacked is not None and len(shape) >= 1 else None
+    if not names:
+        return None
+    locs = [source.locate(n) for n in names]
+    if any(loc is None for loc in locs):
+        return None
+    if len(names) != shape[0] or size % len(names):
+        raise DiskTierError(f"tensor '{source.prefix}{key}' {tuple(shape)} cannot be stacked from {len(names)} file "
+                            f"tensors ({source.prefix}{names[0]} ...); keep this block in RAM (raise ram_budget_gb)")
+    part = size // len(names)
+    for part_name, loc in zip(names, locs):
+        if loc.dtype != dtype or loc.nbytes != part:
+            raise DiskTierError(f"tensor '{source.prefix}{part_name}' is {loc.dtype} {tuple(loc.shape)} in "
+                                f"{source.stamps[loc.file].path} but the model stacks it as {dtype} {tuple(shape[1:])} "
+                                f"into '{key}' (converted while loading); quantize the model once into a file "
+                                "(headroom convert) and stream from that file, or raise ram_budget_gb")
+    return [(loc, dest + e * part, part) for e, loc in enumerate(locs)]
 
 
 def _drop_cache(fd: int, offset: int, length: int) -> None:

@@ -17,10 +17,12 @@ from ..integrations.hunyuan3.inputs import (
     DEVICE_MAPS,
     INT8_ENGINES,
     MAX_GB,
+    MAX_RAM_GB,
     MAX_GPU_LAYERS,
     OFFLOAD_MODES,
     POST_ACTIONS,
     check_load_numbers,
+    check_ram_budget,
 )
 from .hunyuan3_types import CATEGORY, MODEL_TYPE
 
@@ -108,7 +110,13 @@ class ModelCache:
         with self._lock:
             if self.loaded is None or (loaded is not None and self.loaded is not loaded):
                 return False
-            self.key, self.loaded = None, None
+            dropped, self.key, self.loaded = self.loaded, None, None
+        # Force unload: a streaming model's hooks, ring and disk reader thread go first (its disk layers are not
+        # read back just to be dropped); the object may still be cached by ComfyUI, which reloads it on its next run.
+        try:
+            dropped.release()
+        except Exception as err:  # noqa: BLE001 - the model is dropped anyway
+            log.warning("hunyuan3: releasing the model: %s", err)
         gc.collect()
         try:
             import torch
@@ -137,7 +145,7 @@ _register_force_unload_hook()
 
 def load_cached(folder: str, mode: str, budget_gb: float, external_vram_gb: float, trust_remote_code: bool,
                 attn_implementation: str, device_map: str = "auto", gpu_layers: int = 0, gpu_budgets_gb: str = "",
-                int8_engine: str = INT8_ENGINES[0]):
+                int8_engine: str = INT8_ENGINES[0], ram_budget_gb: float = 0.0):
     """Load (or reuse) a model; a changed folder (files, sizes, mtimes) reloads."""
     from ..integrations.hunyuan3.loader import folder_fingerprint, load_hf_model
 
@@ -145,8 +153,9 @@ def load_cached(folder: str, mode: str, budget_gb: float, external_vram_gb: floa
     # Checked before the cached model is dropped: a bad number must not cost the loaded model.
     budget_gb, external_vram_gb, gpu_layers, _ = check_load_numbers(budget_gb, external_vram_gb,
                                                                     gpu_layers if device_map == "manual" else None)
+    ram_budget_gb = check_ram_budget(ram_budget_gb)
     key = (path, mode, budget_gb, external_vram_gb, attn_implementation, device_map, gpu_layers,
-           (gpu_budgets_gb or "").strip(), int8_engine if mode == "int8" else None)
+           (gpu_budgets_gb or "").strip(), int8_engine if mode == "int8" else None, ram_budget_gb)
     fingerprint = folder_fingerprint(path)
     cached = CACHE.get(key, fingerprint)
     if cached is not None:
@@ -156,7 +165,7 @@ def load_cached(folder: str, mode: str, budget_gb: float, external_vram_gb: floa
     loaded = load_hf_model(path, mode=mode, budget_gb=budget_gb, external_vram_gb=external_vram_gb,
                            trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
                            device_map=device_map, gpu_layers=gpu_layers, gpu_budgets_gb=gpu_budgets_gb,
-                           int8_engine=int8_engine)
+                           int8_engine=int8_engine, ram_budget_gb=ram_budget_gb)
     CACHE.put(key, loaded)
     return loaded, False
 
@@ -202,6 +211,12 @@ class _Hunyuan3LoaderBase:
                 "headroom: our W8A8 kernels (attention and every expert in INT8, the 64 experts of a layer in one "
                 "grouped GEMM; faster than bf16). bitsandbytes: LLM.int8 (the community loaders' engine, about a "
                 "third of bf16's speed). A folder saved by either loads with its own engine."})
+            types["optional"]["ram_budget_gb"] = ("FLOAT", {"default": 0.0, "min": 0.0, "max": MAX_RAM_GB,
+                "step": 1.0, "advanced": True, "tooltip":
+                "Disk tier (int8_engine headroom, one GPU): host RAM for the decoder layers that do not fit the GPU "
+                "budget; the ones beyond it stay on disk and stream from the SSD on every step. 0 = no RAM limit "
+                "(nothing on disk). A bf16 folder is quantized once into <folder>.headroom-int8-cache next to it "
+                "(or under $HEADROOM_CACHE); a headroom convert folder streams as stored."})
         return types
 
     @classmethod
@@ -214,10 +229,11 @@ class _Hunyuan3LoaderBase:
             return model_folder
 
     def load(self, model_folder, gpu_budget_gb, external_vram_gb, trust_remote_code, attn_implementation,
-             device_map="auto", gpu_layers=6, gpu_budgets_gb="", int8_engine=INT8_ENGINES[0]):
+             device_map="auto", gpu_layers=6, gpu_budgets_gb="", int8_engine=INT8_ENGINES[0], ram_budget_gb=0.0):
         folder = resolve_model_folder(model_folder)
         loaded, reused = load_cached(folder, self.MODE, gpu_budget_gb, external_vram_gb, trust_remote_code,
-                                     attn_implementation, device_map, gpu_layers, gpu_budgets_gb, int8_engine)
+                                     attn_implementation, device_map, gpu_layers, gpu_budgets_gb, int8_engine,
+                                     ram_budget_gb)
         report = ("(cached) " if reused else "") + loaded.summary()
         return {"ui": {"text": [report]}, "result": (loaded, report)}
 

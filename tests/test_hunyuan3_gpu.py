@@ -165,3 +165,25 @@ def test_bf16_gpu_budgets_split_path_matches_resident(fake_folder):
     got = generate(spread, _request(post_action="soft_unload"))
     assert "soft unload skipped" in got.status  # the split owns the placement, as a streamer does
     assert np.array_equal(np.asarray(want), np.asarray(got.image))
+
+
+def test_headroom_int8_disk_tier_on_cuda_gives_the_resident_image(tmp_path):
+    """ram_budget_gb on CUDA: 1 layer on the GPU, 1 in pinned RAM, 4 streamed from the INT8 cache on disk; the image
+    equals the load where the same layers stream from pinned RAM (same kernels), the status names the disk read rate."""
+    from comfyui_headroom.integrations.hunyuan3 import disk_tier
+    from comfyui_headroom.memory import module_bytes
+
+    folder = build_fake_folder(tmp_path / "fake6", num_hidden_layers=6)
+    ram = load_hf_model(folder, "int8", budget_gb=2.0, device_map="manual", gpu_layers=1, trust_remote_code=True)
+    want = np.asarray(generate(ram, _request()).image)
+    layer = module_bytes(ram.streamer.blocks[1])
+    ram.release()
+    loaded = load_hf_model(folder, "int8", budget_gb=2.0, device_map="manual", gpu_layers=1, trust_remote_code=True,
+                           ram_budget_gb=4.2 * layer / GB)
+    assert loaded.streamer.tier_counts() == {"gpu": 1, "ram": 1, "disk": 4}
+    assert loaded.streamer.pin_memory and disk_tier.cache_folder(folder).is_dir()
+    result = generate(loaded, _request())
+    assert np.array_equal(want, np.asarray(result.image))
+    assert "4 on disk" in result.status and "GB/s" in result.status
+    loaded.release()
+    assert torch.cuda.memory_allocated() < 64 * 2**20

@@ -167,6 +167,10 @@ def soft_unload_model(loaded) -> str:
     scales and weight aliases travel with them); the next run restores it at PCIe speed."""
     model = loaded.model
     device = model_device(model)
+    tiers = loaded.tiers_text() if hasattr(loaded, "tiers_text") else ""
+    if tiers:  # the disk tier: the same answer as for any streamed model, with where its layers are
+        return (f"soft unload skipped: a streamed model keeps its placement ({tiers.split(' (')[0]}); use unload "
+                "or Force Unload to free it (its disk layers hold no RAM)")
     if device.type != "cuda":
         return "soft unload: model already in RAM"
     if loaded.placement_owner is not None:
@@ -288,6 +292,9 @@ def generate(loaded, request: GenerateRequest, on_step: Callable[[int, int], Non
     if parked:
         unpark_modules(model, parked, device)
     _undo_budget_override(loaded)
+    tiers = loaded.tiers_text() if hasattr(loaded, "tiers_text") else ""
+    if tiers:
+        notes.append(tiers)
     if isinstance(image, (list, tuple)):
         image = image[0]
     report = tracker.report
@@ -302,6 +309,24 @@ def generate(loaded, request: GenerateRequest, on_step: Callable[[int, int], Non
     log.info("%s", status)
     return GenerateResult(image=image, status=status, width=width, height=height, decision=decision, memory=report,
                           info={"steps_seen": steps_seen, "notes": notes})
+
+
+def _oom_plan(loaded) -> str:
+    """The plan in use (the disk tier's, when there is one) and memory.doctor's advice for this model; never raises."""
+    lines = []
+    try:
+        plan = getattr(loaded, "tier_plan", None)
+        if plan is not None:
+            lines += ["the plan of the decoder layers in use:", str(plan)]
+            tiers = loaded.tiers_text()
+            if tiers:
+                lines.append(tiers)
+    except Exception as err:  # noqa: BLE001 - the OOM message must not turn into another error
+        lines.append(f"(plan unavailable: {err})")
+    from ...memory.doctor import oom_advice
+
+    lines.append(oom_advice(loaded.path, loaded.budget_bytes, getattr(loaded, "ram_budget_bytes", None)))
+    return "\n".join(lines)
 
 
 def _recover_from_oom(loaded, parked, device, before, width, height, request, decision, err) -> str:
@@ -326,6 +351,7 @@ def _recover_from_oom(loaded, parked, device, before, width, height, request, de
            f"{after / GB:.2f} GB (before the run {before / GB:.2f} GB). [{err_text}]")
     if drift > VRAM_TOLERANCE and device.type == "cuda":  # less than before is fine: nothing leaked
         msg += f" WARNING: VRAM did not return within {VRAM_TOLERANCE:.0%} ({drift:+.1%}); run Force Unload."
+    msg += "\n" + _oom_plan(loaded)
     log.error("%s", msg)
     return msg
 

@@ -112,6 +112,15 @@ def check_count(name: str, value: Any, high: int, error: type[Exception] = Loade
     return count
 
 
+MAX_RAM_GB = 65536.0
+
+
+def check_ram_budget(ram_budget_gb, error: type[Exception] = LoaderError) -> float:
+    """``ram_budget_gb`` (the disk tier): a number of GB from 0 (no RAM limit: nothing on disk) up."""
+    return check_gb("ram_budget_gb", 0.0 if ram_budget_gb is None else ram_budget_gb,
+                    zero=" (0 = no RAM limit, nothing streams from disk)", high=MAX_RAM_GB, error=error)
+
+
 def check_load_numbers(budget_gb, external_vram_gb, gpu_layers=None, reserve_gb=None):
     """The loader's numbers, checked before anything is read or freed: (budget, external, layers, reserve)."""
     budget = check_gb("gpu_budget_gb", budget_gb, zero=BUDGET_ZERO)

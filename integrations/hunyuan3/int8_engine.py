@@ -72,9 +72,10 @@ def swap_in_int8_layers(skeleton: nn.Module, quantize: Sequence[str]) -> dict[st
     return counts
 
 
-def allocate(model: nn.Module, device_of: Callable[[str], torch.device]) -> set[str]:
+def allocate(model: nn.Module, device_of: Callable[[str], torch.device | None]) -> set[str]:
     """Give every meta tensor uninitialised storage on its device (``device_of(full name)``); tensors the model's
-    code created for real (non-persistent buffers such as RoPE tables) move there. Returns the allocated names: the
+    code created for real (non-persistent buffers such as RoPE tables) move there. ``device_of`` None: the tensor
+    stays as it is (a disk-tier layer: on meta, streamed from a file later). Returns the allocated names: the
     ones the files must fill."""
     empty: set[str] = set()
     for module_name, module in model.named_modules():
@@ -83,6 +84,8 @@ def allocate(model: nn.Module, device_of: Callable[[str], torch.device]) -> set[
             if param is None:
                 continue
             device = device_of(prefix + key)
+            if device is None:
+                continue
             if param.device.type == "meta":
                 module._parameters[key] = nn.Parameter(torch.empty_like(param, device=device), requires_grad=False)
                 empty.add(prefix + key)
@@ -92,6 +95,8 @@ def allocate(model: nn.Module, device_of: Callable[[str], torch.device]) -> set[
             if buf is None:
                 continue
             device = device_of(prefix + key)
+            if device is None:
+                continue
             if buf.device.type == "meta":
                 module._buffers[key] = torch.empty_like(buf, device=device)
                 if key not in module._non_persistent_buffers_set:
@@ -104,8 +109,11 @@ def allocate(model: nn.Module, device_of: Callable[[str], torch.device]) -> set[
 class _Filler:
     """Writes the files' tensors into the allocated model (see the module docstring, step 3)."""
 
-    def __init__(self, model: nn.Module, work_device: torch.device) -> None:
+    def __init__(self, model: nn.Module, work_device: torch.device, skip: Sequence[str] = (),
+                 only: str | None = None) -> None:
         self.model = model
+        self.skip = tuple(skip)  # key prefixes not read (disk-tier layers: streamed from a file later)
+        self.only = only  # read only the keys under this prefix (one layer, for the disk-tier cache)
         self.work = work_device  # where quantization runs (the GPU when there is one)
         self.modules = dict(model.named_modules())
         self.filled: set[str] = set()
@@ -124,6 +132,8 @@ class _Filler:
             for key in keys:
                 if key.endswith(SCALE_SUFFIX) and ours:
                     continue  # read with its weight
+                if (self.skip and key.startswith(self.skip)) or (self.only is not None and not key.startswith(self.only)):
+                    continue
                 self._fill(file, f, key, ours)
 
     def _fill(self, file: Path, f, key: str, ours: bool) -> None:
@@ -231,10 +241,11 @@ def _check_shape(file: Path, key: str, value: torch.Tensor, target: torch.Tensor
 
 
 def fill_from_files(model: nn.Module, files: Sequence[Path], allocated: set[str], work_device: torch.device,
-                    folder: Path, progress: bool = True) -> dict:
+                    folder: Path, progress: bool = True, skip: Sequence[str] = (), only: str | None = None) -> dict:
     """Read every file into the allocated model; returns counts for the load report. Raises :class:`LoaderError`
-    naming the tensors no file holds (after tying the embeddings where the config ties them)."""
-    filler = _Filler(model, work_device)
+    naming the tensors no file holds (after tying the embeddings where the config ties them). ``skip``: key
+    prefixes left unread (disk-tier layers); ``only``: read just the keys under this prefix."""
+    filler = _Filler(model, work_device, skip, only)
     with torch.no_grad():
         iterator = files
         if progress and len(files) > 1:

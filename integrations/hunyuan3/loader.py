@@ -69,6 +69,7 @@ from .inputs import (
     LoaderError,
     check_choice,
     check_load_numbers,
+    check_ram_budget,
     first_line,
     packages_for,
     require_packages,
@@ -121,6 +122,8 @@ class LoadedModel:
     engine: str = ""  # who runs the weights: headroom-int8 | bitsandbytes-int8 | bitsandbytes-nf4 | bf16
     moe: dict = field(default_factory=dict)  # MoE layers per engine (integrations/hunyuan3/moe.moe_engines)
     loras: list = field(default_factory=list)  # the LoRA stack, [LoraEntry(path, strength, ...)] (lora.py)
+    ram_budget_bytes: int | None = None  # ram_budget_gb > 0: host RAM for the streamed decoder layers (disk tier)
+    tier_plan: Any = None  # the disk tier's PlacementPlan (memory/planner.py), None without ram_budget_gb
 
     @property
     def placement_owner(self) -> BlockStreamer | MultiDeviceSplit | None:
@@ -134,7 +137,10 @@ class LoadedModel:
         owner = self.placement_owner
         if owner is not None:
             try:
-                owner.disable()
+                if hasattr(owner, "disk_reader"):  # a BlockStreamer: disk layers are not read back to be dropped
+                    owner.disable(load_disk_blocks=False)
+                else:
+                    owner.disable()
             except Exception:  # the weights go anyway
                 pass
         self.streamer = self.split = None
@@ -145,6 +151,23 @@ class LoadedModel:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def tiers_text(self) -> str:
+        """Where the decoder layers live with the disk tier (ram_budget_gb), and the disk read rate of the last
+        runs; "" for a model without a disk tier."""
+        streamer = self.streamer
+        if self.tier_plan is None or streamer is None or not hasattr(streamer, "tier_counts"):
+            return ""
+        tiers = streamer.tier_counts()
+        where = "on the GPU" if streamer.device.type == "cuda" else f"resident on {streamer.device}"
+        text = (f"decoder layers: {tiers['gpu']} {where}, {tiers['ram']} in RAM, {tiers['disk']} on disk "
+                f"(RAM budget {(self.ram_budget_bytes or 0) / GB:.2f} GB, {streamer.host_bytes / GB:.2f} GB used)")
+        reader = streamer.disk_reader
+        if reader is not None and reader.stats.reads:
+            rate = reader.stats.gb_per_s
+            text += (f"; disk read {reader.stats.bytes_read / GB:.2f} GB in {reader.stats.reads} layer reads"
+                     + (f" at {rate:.2f} GB/s" if rate else "") + f", waited {reader.stats.wait_s:.1f}s")
+        return text
 
     def summary(self) -> str:
         engine = f" ({self.engine})" if self.engine else ""
@@ -157,6 +180,9 @@ class LoadedModel:
         if self.moe:
             lines.append("MoE layers: " + ", ".join(f"{n} {engine}" for engine, n in sorted(self.moe.items())))
         lines.append(str(self.placement))
+        tiers = self.tiers_text()
+        if tiers:
+            lines.append(tiers)
         t = self.telemetry
         if t:
             vram = f", peak VRAM {t['peak_vram_bytes'] / GB:.2f} GB" if t.get("peak_vram_bytes") else ""
@@ -282,6 +308,9 @@ class _LoadPlan:
     gpu_budgets: dict[int, int] | None = None  # gpu_budgets_gb given: {gpu index: bytes}
     stream_resident: int | None = None  # BF16 on one GPU: stream the decoder layers after the first N
     split: bool = False  # BF16 over several GPUs: split the decoder layers over ``gpu_budgets`` after loading
+    tiers: Any = None  # ram_budget_gb: the three-tier PlacementPlan of the decoder layers (disk_tier.plan_tiers)
+    disk_source: Any = None  # ... and the SafetensorsSource its disk layers stream from
+    stream_device: torch.device | None = None  # ... and the device they stream onto
     notes: list[str] = field(default_factory=list)
 
 
@@ -290,7 +319,7 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
                   device_map: str | dict = "auto", gpu_layers: int | None = None,
                   skip: Sequence[str] | str | None = None, keep_attention: bool = True, device: int = 0,
                   reserve_gb: float | None = None, skip_patterns: Sequence[str] | None = None,
-                  gpu_budgets_gb: str = "", int8_engine: str = "headroom") -> LoadedModel:
+                  gpu_budgets_gb: str = "", int8_engine: str = "headroom", ram_budget_gb: float = 0.0) -> LoadedModel:
     """Load a transformers model folder under a VRAM budget.
 
     ``mode``: ``int8`` / ``nf4`` (bitsandbytes) or ``bf16``; a pre-quantized folder decides it itself.
@@ -305,14 +334,22 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
     stacked for the grouped kernel, quantized while loading (:mod:`.int8_engine`); ``bitsandbytes`` - LLM.int8.
     A bitsandbytes-saved folder loads with bitsandbytes, a ``headroom convert`` folder with ours.
     Every engine runs the mask-free MoE forward (:mod:`.moe`).
+    ``ram_budget_gb`` (headroom engine, one device; 0 = no RAM limit): host RAM for the decoder layers that do not
+    fit the VRAM budget; the ones beyond it stay on disk and stream from the safetensors files on every pass - as
+    stored from a ``headroom convert`` folder, else from an INT8 cache written once next to the model
+    (:mod:`.disk_tier`).
     """
     check_choice("mode", mode, MODES)
     check_choice("int8_engine", int8_engine, INT8_ENGINES)
     budget_gb, external_vram_gb, gpu_layers, reserve_gb = check_load_numbers(budget_gb, external_vram_gb, gpu_layers,
                                                                              reserve_gb)
+    ram_budget_gb = check_ram_budget(ram_budget_gb)
     folder = Path(path)
     method, mode, files = _resolve_mode(folder, mode, trust_remote_code)
     engine = _choose_engine(folder, files, mode, method, int8_engine)
+    if ram_budget_gb and engine != HEADROOM_INT8:
+        raise LoaderError(f"ram_budget_gb={ram_budget_gb:g} (the disk tier) needs the headroom INT8 engine; this load "
+                          f"runs {engine} - pick int8_engine=headroom on the INT8 loader, or set ram_budget_gb to 0")
     require_packages(packages_for(mode, "headroom" if engine == HEADROOM_INT8 else "bitsandbytes"))
     config, skeleton = _checked_skeleton(folder, trust_remote_code, attn_implementation)
     if skip_patterns is not None:
@@ -323,7 +360,7 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
         plan = _LoadPlan(mode="int8", method=None, patterns=patterns,
                          skips=plan_skips(convertible_linears(skeleton), patterns))
         model, telemetry = _load_headroom_int8(folder, files, skeleton, plan, budget_gb, external_vram_gb,
-                                               device_map, gpu_layers, device, gpu_budgets_gb)
+                                               device_map, gpu_layers, device, gpu_budgets_gb, ram_budget_gb)
     else:
         plan = _plan_skips(folder, skeleton, mode, method, patterns)
         _plan_placement(plan, skeleton, budget_gb, external_vram_gb, device_map, gpu_layers, device, gpu_budgets_gb)
@@ -342,14 +379,15 @@ def load_hf_model(path, mode: str = "int8", budget_gb: float = 0.0, external_vra
                      trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
                      device_map=device_map, gpu_layers=gpu_layers, skip=skip, keep_attention=keep_attention,
                      device=device, skip_patterns=skip_patterns, gpu_budgets_gb=gpu_budgets_gb,
-                     int8_engine=int8_engine)
+                     int8_engine=int8_engine, ram_budget_gb=ram_budget_gb)
     loaded = LoadedModel(model=model, path=str(folder), mode=mode, load_args=load_args, engine=engine, moe=moe,
                          budget_bytes=plan.budget_bytes, reserve_gb=reserve_gb, external_vram_gb=external_vram_gb,
                          dtype_report=report, placement=_placement_summary(model, streamer, split),
                          skip_plan=plan.skips, quantization_method=method, critical_layers=plan.critical_note,
                          tencent_code=is_tencent_code(skeleton), restored_generation_fields=restored,
                          telemetry=telemetry, notes=plan.notes, streamer=streamer, split=split,
-                         fingerprint=folder_fingerprint(folder))
+                         fingerprint=folder_fingerprint(folder), tier_plan=plan.tiers,
+                         ram_budget_bytes=int(ram_budget_gb * GB) if ram_budget_gb else None)
     # What the generators read (the community loaders keep the reserve on the model as ``_loader_reserve_gb``).
     model._loader_reserve_gb = reserve_gb
     model._headroom_budget_bytes = plan.budget_bytes
@@ -389,9 +427,10 @@ def _headroom_converted(files: Sequence[Path]) -> bool:
 
 
 def _load_headroom_int8(folder: Path, files: Sequence[Path], skeleton: nn.Module, plan: _LoadPlan, budget_gb: float, external_vram_gb: float,
-                        device_map, gpu_layers: int | None, device: int, gpu_budgets_gb: str):
+                        device_map, gpu_layers: int | None, device: int, gpu_budgets_gb: str, ram_budget_gb: float = 0.0):
     """Our INT8 engine (:mod:`.int8_engine`): the skeleton's layers swapped for INT8 ones, placed by their INT8
-    sizes, filled tensor by tensor from the files. Returns (model, load telemetry)."""
+    sizes, filled tensor by tensor from the files. With ``ram_budget_gb`` the decoder layers beyond the RAM budget
+    are not read (they stay on meta) and stream from disk (:mod:`.disk_tier`). Returns (model, load telemetry)."""
     from .int8_engine import allocate, device_for, fill_from_files, swap_in_int8_layers
 
     if isinstance(device_map, dict):
@@ -406,9 +445,24 @@ def _load_headroom_int8(folder: Path, files: Sequence[Path], skeleton: nn.Module
     rest = cpu
     multi_gpu_memory = _multi_gpu_max_memory(gpu_budgets_gb, "bf16", device_map, external_vram_gb)
     info = cuda_device_info(device)
+    if multi_gpu_memory is not None and ram_budget_gb:
+        raise LoaderError("ram_budget_gb (the disk tier) streams onto one GPU; leave gpu_budgets_gb empty or set "
+                          "ram_budget_gb to 0")
     if multi_gpu_memory is not None:
         _plan_several_gpus(plan, multi_gpu_memory)  # into RAM, then split over the GPUs by headroom
         plan.notes[-1] = plan.notes[-1].replace("BF16", "INT8")
+    elif info is None and ram_budget_gb:
+        # No CUDA (the CPU road, the tests): the layers stream onto the CPU; gpu_budget_gb (or device_map manual's
+        # gpu_layers) decides how many stay resident, 0 = none.
+        from .placement import bf16_stream_map
+
+        if device_map == "manual":
+            resident = gpu_layers or 0
+        elif budget_gb:
+            _, resident = bf16_stream_map(skeleton, int(budget_gb * GB), "cpu")
+        else:
+            resident = 0
+        layer_devices = _plan_disk_tier(plan, skeleton, cpu, min(resident, layers), ram_budget_gb, layers)
     elif info is None:
         plan.notes.append("no CUDA device: loaded on the CPU")
     else:
@@ -424,15 +478,27 @@ def _load_headroom_int8(folder: Path, files: Sequence[Path], skeleton: nn.Module
         resident = min(resident, layers)
         rest = gpu
         layer_devices = {i: gpu if i < resident else cpu for i in range(layers)}
-        if resident < layers:
+        if ram_budget_gb:
+            layer_devices = _plan_disk_tier(plan, skeleton, gpu, resident, ram_budget_gb, layers)
+        elif resident < layers:
             plan.stream_resident = resident
             plan.notes.append(f"INT8 budget {plan.budget_bytes / GB:.2f} GB: {resident} of {layers} decoder layers "
                               "on the GPU, the others stream from pinned RAM")
     work = torch.device("cuda", device) if info is not None else cpu
+    disk_layers = [f"{LAYERS_PREFIX}.{i}" for i, dev in sorted(layer_devices.items()) if dev is None]
     tracker = _tracker()
-    with tracker:
-        allocated = allocate(skeleton, device_for(layer_devices, rest, LAYERS_PREFIX))
-        counts = fill_from_files(skeleton, files, allocated, work, folder)
+    try:
+        with tracker:
+            allocated = allocate(skeleton, device_for(layer_devices, rest, LAYERS_PREFIX))
+            counts = fill_from_files(skeleton, files, allocated, work, folder,
+                                     skip=tuple(f"{n}." for n in disk_layers))
+            if disk_layers:
+                from .disk_tier import disk_source
+
+                plan.disk_source, notes = disk_source(folder, files, skeleton, disk_layers, plan.skips.quantize, work)
+                plan.notes.extend(notes)
+    except torch.OutOfMemoryError as err:
+        raise LoaderError(load_oom_message(folder, plan, ram_budget_gb, err)) from None
     report = getattr(tracker, "report", None)
     telemetry = report.as_dict() if report is not None else {}
     telemetry.update(counts)
@@ -441,6 +507,33 @@ def _load_headroom_int8(folder: Path, files: Sequence[Path], skeleton: nn.Module
     _load_generation_config(skeleton, folder)
     skeleton.eval()
     return skeleton, telemetry
+
+
+def _plan_disk_tier(plan: _LoadPlan, skeleton: nn.Module, device: torch.device, resident: int, ram_budget_gb: float,
+                    layers: int) -> dict[int, torch.device | None]:
+    """ram_budget_gb: the decoder layers' three tiers (:func:`.disk_tier.plan_tiers`); -> layer devices (None:
+    on disk, never allocated)."""
+    from .disk_tier import layer_index, plan_tiers
+
+    tiers = plan_tiers(skeleton, device, resident, int(ram_budget_gb * GB), LAYERS_PREFIX)
+    plan.tiers, plan.stream_device = tiers, device
+    on_disk = {layer_index(n) for n in tiers.disk_blocks()}
+    counts = tiers.tier_counts()
+    plan.notes.append(f"INT8 disk tier (RAM budget {ram_budget_gb:g} GB): {counts['gpu']} of {layers} decoder layers "
+                      f"resident on {device}, {counts['ram']} stream from RAM, {counts['disk']} from disk")
+    cpu = torch.device("cpu")
+    return {i: None if i in on_disk else device if i < resident else cpu for i in range(layers)}
+
+
+def load_oom_message(folder: Path, plan: _LoadPlan, ram_budget_gb: float, err: BaseException) -> str:
+    """An out-of-memory error while loading: what happened, the plan, and what to change (memory/doctor.py)."""
+    from ...memory.doctor import oom_advice
+
+    lines = [f"{folder}: out of memory while loading ({first_line(err)})"]
+    if plan.tiers is not None:
+        lines += ["the plan of the decoder layers:", str(plan.tiers)]
+    lines.append(oom_advice(folder, plan.budget_bytes, int(ram_budget_gb * GB) if ram_budget_gb else None))
+    return "\n".join(lines)
 
 
 def _load_generation_config(model: nn.Module, folder: Path) -> None:
@@ -713,13 +806,18 @@ def _start_streaming_or_split(model: nn.Module, plan: _LoadPlan, device: int):
     """BF16 beyond the budget: our block streaming on one GPU, or the split over several; returns
     (streamer, split), None where the plan has neither."""
     streamer = split = None
-    if plan.stream_resident is not None:
+    if plan.tiers is not None:
+        from ...memory.streaming import enable_block_streaming
+
+        streamer = enable_block_streaming(model, plan.stream_device, blocks=LAYERS_PREFIX, plan=plan.tiers,
+                                          disk=plan.disk_source)
+        plan.notes.append(f"INT8 streaming: {streamer.summary()}")
+    elif plan.stream_resident is not None:
         streamer = _start_streaming(model, device, plan.stream_resident)
         plan.notes.append(f"BF16 streaming: {streamer.summary()}")
     if plan.split:
         from ...memory import enable_multi_device
         from ...memory.budgets import plan_for_gpus
-        from .placement import LAYERS_PREFIX
 
         # HunyuanImage-3's critical modules (the community loaders' skip list) are the planner's critical
         # patterns.
@@ -756,7 +854,7 @@ def ensure_loaded(loaded: LoadedModel) -> bool:
     fresh = load_hf_model(**loaded.load_args)
     for name in ("model", "budget_bytes", "reserve_gb", "dtype_report", "placement", "skip_plan", "critical_layers",
                  "telemetry", "notes", "streamer", "split", "fingerprint", "restored_generation_fields", "engine",
-                 "moe"):
+                 "moe", "tier_plan", "ram_budget_bytes"):
         setattr(loaded, name, getattr(fresh, name))
     return True
 
