@@ -207,6 +207,16 @@ def _drop_cache(fd: int, offset: int, length: int) -> None:
             pass
 
 
+def _no_readahead(fd: int) -> None:
+    """Blocks are read whole, in one call each: the kernel's readahead past a read would only put pages of the next
+    tensors into the page cache, which :func:`_drop_cache` does not drop."""
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        except OSError:
+            pass
+
+
 def read_block(read: BlockRead, dest: torch.Tensor, scratch: torch.Tensor, fds: dict) -> int:
     """Fill ``dest`` (a uint8 CPU buffer of at least ``read.flat_bytes``) from disk; -> bytes read.
     ``scratch``: a uint8 buffer of at least ``MAX_GAP_BYTES`` for the bytes between tensors."""
@@ -214,6 +224,7 @@ def read_block(read: BlockRead, dest: torch.Tensor, scratch: torch.Tensor, fds: 
     fd = fds.get(read.file.path)
     if fd is None:
         fd = fds[read.file.path] = os.open(read.file.path, os.O_RDONLY)
+        _no_readahead(fd)
     dest_np, scratch_np = dest.numpy(), scratch.numpy()
     total = 0
     for offset, pieces in read.runs:
