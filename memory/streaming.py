@@ -117,7 +117,7 @@ class BlockStreamer:
             raise ValueError(f"block {names[unloaded[0]]} has no data (meta device) and no disk source was given: "
                              "load it, or pass disk=<the model's safetensors file(s)>")
         # Plan every read before touching the model: a block the file cannot serve leaves it as it was.
-        layouts = {i: FlatLayout(_materialize_meta(collect_tensor_refs(blocks[i]))) for i in disk_order + unloaded}
+        layouts = {i: FlatLayout(materialize_meta(collect_tensor_refs(blocks[i]))) for i in disk_order + unloaded}
         reads = {i: plan_block_read(names[i], layouts[i], disk_source) for i in layouts}
 
         for i, (block, keep) in enumerate(zip(blocks, resident)):
@@ -315,7 +315,7 @@ class BlockStreamer:
             self.disk_reader.close()
         for index, entry in self._streamed.items():
             if entry.host is None and not load_disk_blocks:
-                _to_meta(entry.layout.refs)
+                refs_to_meta(entry.layout.refs)
                 continue
             if entry.host is None:  # on disk: read back into host memory, the block becomes ordinary again
                 entry.host = empty_host(entry.layout.nbytes, self.pin_memory)
@@ -428,7 +428,7 @@ def _has_meta(module: nn.Module) -> bool:
     return any(t.device.type == "meta" for t in list(module.parameters()) + list(module.buffers()))
 
 
-def _materialize_meta(refs):
+def materialize_meta(refs):
     """Give tensors on the meta device (a block never loaded) a placeholder, so they can be re-pointed."""
     for ref in refs:
         tensor = ref.get()
@@ -441,7 +441,7 @@ def _materialize_meta(refs):
     return refs
 
 
-def _to_meta(refs) -> None:
+def refs_to_meta(refs) -> None:
     """Point tensors at the meta device: a block that will never run again owns no memory and cannot compute
     garbage."""
     for ref in refs:

@@ -35,7 +35,7 @@ from torch import nn
 
 from ...memory.disk import DiskTierError, SafetensorsSource, plan_block_read
 from ...memory.planner import DEFAULT_PREFETCH, PlacementPlan, PlanError, plan_placement
-from ...memory.streaming import _materialize_meta, _to_meta
+from ...memory.streaming import materialize_meta, refs_to_meta
 from ...memory.tensors import FlatLayout, collect_tensor_refs
 from ...units import GB
 from .inputs import LoaderError
@@ -78,7 +78,7 @@ def layer_index(name: str) -> int:
 
 def _layout(layer: nn.Module) -> FlatLayout:
     """The layer's flat layout, its meta tensors given one-element placeholders (no memory)."""
-    return FlatLayout(_materialize_meta(collect_tensor_refs(layer)))
+    return FlatLayout(materialize_meta(collect_tensor_refs(layer)))
 
 
 def direct_source(files: Sequence[Path], model: nn.Module, names: Sequence[str]) -> tuple[SafetensorsSource | None, str]:
@@ -93,7 +93,7 @@ def direct_source(files: Sequence[Path], model: nn.Module, names: Sequence[str])
             try:
                 plan_block_read(name, _layout(layer), source)
             finally:
-                _to_meta(collect_tensor_refs(layer))  # back to meta: never loaded
+                refs_to_meta(collect_tensor_refs(layer))  # back to meta: never loaded
     except DiskTierError as err:
         return None, str(err)
     return source, ""
@@ -218,7 +218,7 @@ def fill_layer_from_files(model: nn.Module, name: str, files: Sequence[Path], wo
         return {f"{name}.{ref.name}": ref.get().detach().contiguous().clone()
                 for ref in collect_tensor_refs(layer)}
     finally:
-        _to_meta(collect_tensor_refs(layer))
+        refs_to_meta(collect_tensor_refs(layer))
 
 
 def disk_source(folder: Path, files: Sequence[Path], model: nn.Module, names: Sequence[str], quantize: Sequence[str],
