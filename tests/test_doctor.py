@@ -2,7 +2,6 @@
 small budgets, exit 2 with one line for a path that is not a model."""
 
 import json
-from dataclasses import replace
 
 import pytest
 from cliutil import cli_user_error, run_cli
