@@ -45,3 +45,48 @@ def random_state(module: torch.nn.Module, seed: int) -> dict:
 
 def stats(patcher) -> dict:
     return fused_stats(patcher.model.diffusion_model)
+
+
+def sample_fused_and_unfused(models: dict, latent, positive, negative, blocks: int, min_cosine: float = 0.999):
+    """KSampler through the fused (``"on"``) and the unfused (``"off"``) model: every block call of ``on`` fused,
+    none of ``off``; the outputs agree to ``min_cosine`` and differ (another code path: producers round once, in
+    float32). -> ``(fused, plain)``."""
+    fused, plain = (ksample(models[m], latent, positive, negative) for m in ("on", "off"))
+    on, off = stats(models["on"]), stats(models["off"])
+    assert on["blocks"] == off["blocks"] == blocks
+    assert on["fused_calls"] > 0 and on["fallback_calls"] == 0, on
+    assert off["fused_calls"] == 0 and off["fallbacks"] == {"fusing off": off["fallback_calls"]}, off
+    assert cosine(fused, plain) >= min_cosine
+    assert not torch.equal(fused, plain)
+    return fused, plain
+
+
+def sample_falling_back(models: dict, latent, positive, negative, prepare, reason: str) -> dict:
+    """Each model, made ready by ``prepare(base) -> patcher`` (a patched clone, a LoRA), sampled with KSampler: no
+    fused call while it runs, ``reason`` among the fused model's fallbacks, the same output both ways (both ran
+    ComfyUI's forward) and another output than without ``prepare`` (it acted). -> outputs by mode."""
+    outputs = {}
+    for mode, base in models.items():
+        before = stats(base)["fused_calls"]
+        outputs[mode] = ksample(prepare(base), latent, positive, negative)
+        assert stats(base)["fused_calls"] == before, mode
+    assert stats(models["on"])["fallbacks"].get(reason, 0) > 0, stats(models["on"])
+    assert torch.equal(outputs["on"], outputs["off"])
+    assert not torch.equal(outputs["on"], ksample(models["off"], latent, positive, negative))
+    return outputs
+
+
+def with_transformer_option(key: str, value):
+    """``prepare`` for :func:`sample_falling_back`: a clone with ``transformer_options[key] = value``."""
+    def prepare(base):
+        patched = base.clone()
+        patched.model_options.setdefault("transformer_options", {})[key] = value
+        return patched
+    return prepare
+
+
+def with_lora(lora: dict):
+    """``prepare`` for :func:`sample_falling_back`: ComfyUI's LoRA loader path on the model."""
+    import comfy.sd
+
+    return lambda base: comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0)[0]

@@ -5,13 +5,21 @@ takes (producer rows -> ``forward_int8``) is what runs here; ``off`` is ComfyUI'
 layers. Both are sampled with KSampler from one tiny Flux built through ComfyUI's model detection.
 """
 
-import comfy.sd
 import pytest
 import torch
 from comfyui_headroom.integrations.comfyui.fused import fuse_mode, install_fused_blocks
 from comfyui_headroom.integrations.comfyui.ops import Int8LoadConfig, make_int8_ops
 from comfyui_models import flux_lora_state_dict, flux_state_dict
-from fused_util import cosine, ksample, load, stats
+from fused_util import (
+    cosine,
+    ksample,
+    load,
+    sample_falling_back,
+    sample_fused_and_unfused,
+    stats,
+    with_lora,
+    with_transformer_option,
+)
 from safetensors.torch import save_file
 
 
@@ -35,47 +43,30 @@ def conditioning():
 
 
 def test_fused_flux_samples_like_comfyuis_block_code(models, conditioning):
-    latent, positive, negative = conditioning
-    fused, plain = (ksample(models[m], latent, positive, negative) for m in ("on", "off"))
-    on, off = stats(models["on"]), stats(models["off"])
-    assert on["blocks"] == off["blocks"] == 4
-    assert on["fused_calls"] > 0 and on["fallback_calls"] == 0, on  # every block call took the fused path
-    assert off["fused_calls"] == 0 and off["fallbacks"] == {"fusing off": off["fallback_calls"]}, off
-    assert cosine(fused, plain) >= 0.999
-    assert not torch.equal(fused, plain)  # really another code path (producers round once, in float32)
+    sample_fused_and_unfused(models, *conditioning, blocks=4)
 
 
 def test_attention_patch_takes_comfyuis_forward(models, conditioning):
-    latent, positive, negative = conditioning
     seen = []
 
     def attn1_patch(q, k, v, pe=None, attn_mask=None, extra_options=None):
         seen.append(q.shape)
         return {"q": q * 1.5}
 
-    outputs = {}
-    for mode, base in models.items():
+    def prepare(base):
         patched = base.clone()
         patched.set_model_attn1_patch(attn1_patch)
-        before = stats(base)["fused_calls"]
-        outputs[mode] = ksample(patched, latent, positive, negative)
-        assert stats(base)["fused_calls"] == before  # no fused call while the patch is on
-    assert seen and stats(models["on"])["fallbacks"].get("transformer_options patch 'attn1_patch'", 0) > 0
-    assert torch.equal(outputs["on"], outputs["off"])  # both ran ComfyUI's forward, patch applied
+        return patched
+
+    sample_falling_back(models, *conditioning, prepare, "transformer_options patch 'attn1_patch'")
+    assert seen
 
 
 def test_lora_still_applies_through_comfyuis_forward(models, flux_file, conditioning):
     from safetensors.torch import load_file
 
-    latent, positive, negative = conditioning
     lora = flux_lora_state_dict(load_file(flux_file), std=0.1)
-    results = {}
-    for mode, base in models.items():
-        with_lora, _ = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0)
-        results[mode] = ksample(with_lora, latent, positive, negative)
-    assert torch.equal(results["on"], results["off"])
-    assert stats(models["on"])["fallbacks"].get("LoRA side branch", 0) > 0
-    assert cosine(results["on"], ksample(models["off"], latent, positive, negative)) < 0.9999  # the LoRA acted
+    sample_falling_back(models, *conditioning, with_lora(lora), "LoRA side branch")
 
 
 def _block_pair(cls_name: str, seed: int, **kwargs):
@@ -169,13 +160,9 @@ def test_attention_override_still_chooses_the_attention(models, conditioning):
         calls.append(skip_output_reshape)
         return attention.attention_basic(q, k, v, heads, **kwargs)  # drops skip_output_reshape on purpose
 
-    outputs = {}
-    for mode, base in models.items():
-        patched = base.clone()
-        patched.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
-        before = stats(base)["fused_calls"]
-        outputs[mode] = ksample(patched, latent, positive, negative)
-        if mode == "on":
-            assert stats(base)["fused_calls"] > before
+    before = stats(models["on"])["fused_calls"]
+    prepare = with_transformer_option("optimized_attention_override", override)
+    outputs = {mode: ksample(prepare(base), latent, positive, negative) for mode, base in models.items()}
+    assert stats(models["on"])["fused_calls"] > before
     assert True in calls and False in calls  # the fused path asked for heads, ComfyUI's forward did not
     assert cosine(outputs["on"], outputs["off"]) >= 0.999

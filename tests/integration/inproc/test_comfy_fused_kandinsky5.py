@@ -11,7 +11,14 @@ import comfy.sd
 import pytest
 import torch
 from comfyui_headroom.quant.linear import Int8Linear
-from fused_util import cosine, ksample, load, random_state, stats
+from fused_util import (
+    load,
+    random_state,
+    sample_falling_back,
+    sample_fused_and_unfused,
+    with_lora,
+    with_transformer_option,
+)
 from safetensors.torch import save_file
 
 DIM, TEXT, POOLED = 128, 3584, 768  # ComfyUI's detection reads neither text width: the class defaults
@@ -54,39 +61,23 @@ def test_detection_builds_kandinsky5_with_int8_block_layers(models):
 
 
 def test_fused_kandinsky5_samples_like_comfyuis_block_code(models, conditioning):
-    latent, positive, negative = conditioning
-    fused, plain = (ksample(models[m], latent, positive, negative) for m in ("on", "off"))
-    on, off = stats(models["on"]), stats(models["off"])
-    assert on["blocks"] == off["blocks"] == 3  # one text (encoder) block, two visual (decoder) blocks
-    assert on["fused_calls"] > 0 and on["fallback_calls"] == 0, on
-    assert off["fused_calls"] == 0 and off["fallbacks"] == {"fusing off": off["fallback_calls"]}, off
-    assert cosine(fused, plain) >= 0.999
-    assert not torch.equal(fused, plain)  # really another code path
+    # one text (encoder) block, two visual (decoder) blocks
+    sample_fused_and_unfused(models, *conditioning, blocks=3)
 
 
 def test_attention_override_takes_comfyuis_forward(models, conditioning):
-    latent, positive, negative = conditioning
     seen = []
 
     def override(func, *args, **kwargs):
         seen.append(args[0].shape)
         return func(*args, **kwargs) * 1.25
 
-    outputs = {}
-    for mode, base in models.items():
-        patched = base.clone()
-        patched.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
-        before = stats(base)["fused_calls"]
-        outputs[mode] = ksample(patched, latent, positive, negative)
-        assert stats(base)["fused_calls"] == before
+    sample_falling_back(models, *conditioning, with_transformer_option("optimized_attention_override", override),
+                        "transformer_options optimized_attention_override")
     assert seen
-    assert stats(models["on"])["fallbacks"].get("transformer_options optimized_attention_override", 0) > 0
-    assert torch.equal(outputs["on"], outputs["off"])
-    assert not torch.equal(outputs["on"], ksample(models["off"], latent, positive, negative))
 
 
 def test_lora_still_applies_through_comfyuis_forward(models, conditioning):
-    latent, positive, negative = conditioning
     g = torch.Generator().manual_seed(2)
     targets = ["text_transformer_blocks.0.self_attention.to_value", "visual_transformer_blocks.0.cross_attention.to_key",
                "visual_transformer_blocks.1.feed_forward.in_layer"]
@@ -95,11 +86,4 @@ def test_lora_still_applies_through_comfyuis_forward(models, conditioning):
         out_f = 256 if name.endswith("in_layer") else DIM
         lora[f"diffusion_model.{name}.lora_up.weight"] = 0.1 * torch.randn(out_f, 8, generator=g)
         lora[f"diffusion_model.{name}.lora_down.weight"] = 0.1 * torch.randn(8, DIM, generator=g)
-    results = {}
-    for mode, base in models.items():
-        with_lora, _ = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0)
-        results[mode] = ksample(with_lora, latent, positive, negative)
-    assert torch.equal(results["on"], results["off"])
-    assert stats(models["on"])["fallbacks"].get("LoRA side branch", 0) > 0
-    assert cosine(results["on"], ksample(models["off"], latent, positive, negative)) < 0.9999  # the LoRA acted
-
+    sample_falling_back(models, *conditioning, with_lora(lora), "LoRA side branch")

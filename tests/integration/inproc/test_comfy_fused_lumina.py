@@ -19,7 +19,15 @@ import torch
 from comfyui_headroom.integrations.comfyui.fused import install_fused_blocks
 from comfyui_headroom.integrations.comfyui.ops import Int8LoadConfig, make_int8_ops
 from comfyui_headroom.quant.linear import Int8Linear
-from fused_util import cosine, ksample, load, random_state, stats
+from fused_util import (
+    cosine,
+    load,
+    random_state,
+    sample_falling_back,
+    sample_fused_and_unfused,
+    with_lora,
+    with_transformer_option,
+)
 from safetensors.torch import save_file
 
 DIM, CAP = 256, 64
@@ -79,40 +87,24 @@ def test_detection_builds_the_lumina2_model_with_int8_block_layers(models):
 
 
 def test_fused_zimage_samples_like_comfyuis_block_code(models, conditioning):
-    latent, positive, negative = conditioning
-    fused, plain = (ksample(models[m], latent, positive, negative) for m in ("on", "off"))
-    on, off = stats(models["on"]), stats(models["off"])
-    assert on["blocks"] == off["blocks"] == 6  # layers, noise refiner (modulated), context refiner (not)
-    assert on["fused_calls"] > 0 and on["fallback_calls"] == 0, on  # every block call took the fused path
-    assert off["fused_calls"] == 0 and off["fallbacks"] == {"fusing off": off["fallback_calls"]}, off
-    assert cosine(fused, plain) >= 0.999
-    assert not torch.equal(fused, plain)  # really another code path (producers round once, in float32)
+    # layers, noise refiner (modulated), context refiner (not)
+    sample_fused_and_unfused(models, *conditioning, blocks=6)
 
 
 def test_attention_override_takes_comfyuis_forward(models, conditioning):
     """The one ``transformer_options`` entry the block consults (through ComfyUI's attention wrapper)."""
-    latent, positive, negative = conditioning
     seen = []
 
     def override(func, *args, **kwargs):
         seen.append(args[0].shape)
         return func(*args, **kwargs) * 1.25
 
-    outputs = {}
-    for mode, base in models.items():
-        patched = base.clone()
-        patched.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
-        before = stats(base)["fused_calls"]
-        outputs[mode] = ksample(patched, latent, positive, negative)
-        assert stats(base)["fused_calls"] == before  # no fused call while the override is on
+    sample_falling_back(models, *conditioning, with_transformer_option("optimized_attention_override", override),
+                        "transformer_options optimized_attention_override")
     assert seen
-    assert stats(models["on"])["fallbacks"].get("transformer_options optimized_attention_override", 0) > 0
-    assert torch.equal(outputs["on"], outputs["off"])  # both ran ComfyUI's forward, override applied
-    assert not torch.equal(outputs["on"], ksample(models["off"], latent, positive, negative))
 
 
 def test_lora_still_applies_through_comfyuis_forward(models, conditioning):
-    latent, positive, negative = conditioning
     g = torch.Generator().manual_seed(2)
     lora = {}
     targets = [(f"{group}.{i}.attention.qkv", (3 * DIM, DIM)) for group in ("layers", "context_refiner") for i in (0, 1)]
@@ -120,13 +112,7 @@ def test_lora_still_applies_through_comfyuis_forward(models, conditioning):
     for name, (out_f, in_f) in targets:  # one layer of every block: every call takes ComfyUI's forward
         lora[f"diffusion_model.{name}.lora_up.weight"] = 0.1 * torch.randn(out_f, 8, generator=g)
         lora[f"diffusion_model.{name}.lora_down.weight"] = 0.1 * torch.randn(8, in_f, generator=g)
-    results = {}
-    for mode, base in models.items():
-        with_lora, _ = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0)
-        results[mode] = ksample(with_lora, latent, positive, negative)
-    assert torch.equal(results["on"], results["off"])
-    assert stats(models["on"])["fallbacks"].get("LoRA side branch", 0) > 0
-    assert cosine(results["on"], ksample(models["off"], latent, positive, negative)) < 0.9999  # the LoRA acted
+    sample_falling_back(models, *conditioning, with_lora(lora), "LoRA side branch")
 
 
 def _block_pair(seed: int, **kwargs):

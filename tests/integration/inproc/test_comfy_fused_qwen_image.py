@@ -9,13 +9,12 @@ tiny model here keeps detection and ComfyUI's model classes but sets that config
 text context for this module's loads (``unet_extra_config``, which ComfyUI merges into the detected config).
 """
 
-import comfy.sd
 import pytest
 import torch
 from comfyui_headroom.integrations.comfyui.fused import install_fused_blocks
 from comfyui_headroom.integrations.comfyui.ops import Int8LoadConfig, make_int8_ops
 from comfyui_headroom.quant.linear import Int8Linear
-from fused_util import cosine, ksample, load, stats
+from fused_util import cosine, ksample, load, sample_falling_back, sample_fused_and_unfused, stats, with_lora
 from safetensors.torch import save_file
 
 TINY = {"num_attention_heads": 2, "attention_head_dim": 64, "joint_attention_dim": 64, "axes_dims_rope": (16, 24, 24)}
@@ -98,15 +97,9 @@ def test_detection_builds_qwen_image_with_int8_block_layers(models):
 
 def test_fused_qwen_image_samples_like_comfyuis_block_code(models, conditioning):
     latent, positive, negative, _ = conditioning
-    fused, plain = (ksample(models[m], latent, positive, negative) for m in ("on", "off"))
-    on, off = stats(models["on"]), stats(models["off"])
-    assert on["blocks"] == off["blocks"] == DEPTH
-    assert on["fused_calls"] > 0 and on["fallback_calls"] == 0, on
-    assert off["fused_calls"] == 0 and off["fallbacks"] == {"fusing off": off["fallback_calls"]}, off
     # The sampled latent of this tiny model is dominated by its input and output layers, so the blocks' share is
     # small: a bound tighter than the usual 0.999 (about 5e-7 from 1 here; swapping two gates gives 2e-3).
-    assert cosine(fused, plain) >= 0.99999
-    assert not torch.equal(fused, plain)  # really another code path (producers round once, in float32)
+    sample_fused_and_unfused(models, latent, positive, negative, blocks=DEPTH, min_cosine=0.99999)
 
 
 def test_text_attention_mask_is_honoured(models, conditioning):
@@ -127,16 +120,13 @@ def test_attention_patch_takes_comfyuis_forward(models, conditioning):
         seen.append(q.shape)
         return {"q": q * 1.5, "v": v * 2}
 
-    outputs = {}
-    for mode, base in models.items():
+    def prepare(base):
         patched = base.clone()
         patched.set_model_attn1_patch(attn1_patch)
-        before = stats(base)["fused_calls"]
-        outputs[mode] = ksample(patched, latent, positive, negative)
-        assert stats(base)["fused_calls"] == before  # no fused call while the patch is on
-    assert seen and stats(models["on"])["fallbacks"].get("transformer_options patch 'attn1_patch'", 0) > 0
-    assert torch.equal(outputs["on"], outputs["off"])  # both ran ComfyUI's forward, patch applied
-    assert cosine(outputs["on"], ksample(models["off"], latent, positive, negative)) < 0.9999  # the patch acted
+        return patched
+
+    sample_falling_back(models, latent, positive, negative, prepare, "transformer_options patch 'attn1_patch'")
+    assert seen
 
 
 def test_lora_still_applies_through_comfyuis_forward(models, conditioning):
@@ -147,15 +137,7 @@ def test_lora_still_applies_through_comfyuis_forward(models, conditioning):
         layer = f"diffusion_model.transformer_blocks.{i}.img_mlp.net.0.proj"
         lora[f"{layer}.lora_up.weight"] = torch.randn(512, 8, generator=g) * 0.1
         lora[f"{layer}.lora_down.weight"] = torch.randn(8, 128, generator=g) * 0.1
-    results = {}
-    before = stats(models["on"])["fused_calls"]
-    for mode, base in models.items():
-        with_lora, _ = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0)
-        results[mode] = ksample(with_lora, latent, positive, negative)
-    assert stats(models["on"])["fused_calls"] == before
-    assert torch.equal(results["on"], results["off"])
-    assert stats(models["on"])["fallbacks"].get("LoRA side branch", 0) > 0
-    assert cosine(results["on"], ksample(models["off"], latent, positive, negative)) < 0.9999  # the LoRA acted
+    sample_falling_back(models, latent, positive, negative, with_lora(lora), "LoRA side branch")
 
 
 def _block_pair(seed: int):

@@ -7,13 +7,12 @@ block code on the same INT8 layers). Block-level tests cover what the t2v model 
 cross-attention, ``cross_attn_norm`` off, per-token modulation (Wan 2.2 TI2V) and unknown arguments.
 """
 
-import comfy.sd
 import pytest
 import torch
 from comfyui_headroom.integrations.comfyui.fused import install_fused_blocks
 from comfyui_headroom.integrations.comfyui.ops import Int8LoadConfig, make_int8_ops
 from comfyui_headroom.quant.linear import Int8Linear
-from fused_util import cosine, ksample, load, stats
+from fused_util import cosine, load, sample_falling_back, sample_fused_and_unfused, with_lora
 from safetensors.torch import save_file
 
 DIM, FFN, HEADS, TEXT_DIM = 256, 512, 2, 4096
@@ -91,14 +90,7 @@ def test_detection_and_int8_layers(models):
 
 
 def test_fused_wan_samples_like_comfyuis_block_code(models, conditioning):
-    latent, positive, negative = conditioning
-    fused, plain = (ksample(models[m], latent, positive, negative) for m in ("on", "off"))
-    on, off = stats(models["on"]), stats(models["off"])
-    assert on["blocks"] == off["blocks"] == 2
-    assert on["fused_calls"] > 0 and on["fallback_calls"] == 0, on  # every block call took the fused path
-    assert off["fused_calls"] == 0 and off["fallbacks"] == {"fusing off": off["fallback_calls"]}, off
-    assert cosine(fused, plain) >= 0.999
-    assert not torch.equal(fused, plain)  # really another code path (producers round once, in float32)
+    sample_fused_and_unfused(models, *conditioning, blocks=2)
 
 
 def _attn1_patch(args):
@@ -111,39 +103,28 @@ def _attn2_patch(args):
 
 @pytest.mark.parametrize("name, patch", [("attn1_patch", _attn1_patch), ("attn2_patch", _attn2_patch)])
 def test_block_patch_takes_comfyuis_forward(models, conditioning, name, patch):
-    latent, positive, negative = conditioning
     seen = []
 
     def counted(args):
         seen.append(args["x"].shape)
         return patch(args)
 
-    outputs = {}
-    for mode, base in models.items():
+    def prepare(base):
         patched = base.clone()
         patched.set_model_patch(counted, name)
-        before = stats(base)["fused_calls"]
-        outputs[mode] = ksample(patched, latent, positive, negative)
-        assert stats(base)["fused_calls"] == before  # no fused call while the patch is on
-    assert seen and stats(models["on"])["fallbacks"].get(f"transformer_options patch {name!r}", 0) > 0
-    assert torch.equal(outputs["on"], outputs["off"])  # both ran ComfyUI's forward, patch applied
-    assert cosine(outputs["on"], ksample(models["off"], latent, positive, negative)) < 0.9999  # the patch acted
+        return patched
+
+    sample_falling_back(models, *conditioning, prepare, f"transformer_options patch {name!r}")
+    assert seen
 
 
 def test_lora_still_applies_through_comfyuis_forward(models, conditioning):
-    latent, positive, negative = conditioning
     g = torch.Generator().manual_seed(2)
     lora = {}
     for layer, (out_f, in_f) in {"blocks.0.ffn.0": (FFN, DIM), "blocks.1.self_attn.q": (DIM, DIM)}.items():
         lora[f"diffusion_model.{layer}.lora_down.weight"] = torch.randn(8, in_f, generator=g) * 0.1
         lora[f"diffusion_model.{layer}.lora_up.weight"] = torch.randn(out_f, 8, generator=g) * 0.1
-    results = {}
-    for mode, base in models.items():
-        with_lora, _ = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0)
-        results[mode] = ksample(with_lora, latent, positive, negative)
-    assert torch.equal(results["on"], results["off"])
-    assert stats(models["on"])["fallbacks"].get("LoRA side branch", 0) > 0
-    assert cosine(results["on"], ksample(models["off"], latent, positive, negative)) < 0.9999  # the LoRA acted
+    sample_falling_back(models, *conditioning, with_lora(lora), "LoRA side branch")
 
 
 def _block_pair(cross_attn_type: str, seed: int, cross_attn_norm: bool = True):
