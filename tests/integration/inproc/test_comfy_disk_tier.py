@@ -122,3 +122,22 @@ def test_out_of_memory_while_sampling_shows_the_plan(flux_file, monkeypatch):
     text = str(err.value)
     assert "Tried to allocate 20.00 GiB" in text and "headroom:" in text
     assert "flux_disk" in text and "what to change" in text and "disk" in text, text
+
+
+def test_memory_report_shows_the_tiers_of_the_last_run(flux_file, cache):
+    """What the Memory Report node prints for a disk-tier model: blocks per tier and the disk read rate."""
+    from comfyui_headroom.integrations.comfyui.sampling import install_sampling_wrapper, last_run_of
+    from comfyui_headroom.nodes.memory_nodes import HeadroomMemoryReport
+    from fused_util import ksample
+
+    patcher, _ = load_int8_diffusion_model(flux_file, Int8LoadConfig(), blocks_resident=1, ram_budget_bytes=60 * MB)
+    install_sampling_wrapper(patcher, "auto")
+    patcher.load_streaming(torch.device("cpu"))  # what ComfyUI's load does on a GPU
+    g = torch.Generator().manual_seed(0)
+    cond = [[torch.randn(1, 12, 768, generator=g), {"pooled_output": torch.randn(1, 768, generator=g)}]]
+    ksample(patcher, torch.randn(1, 16, 8, 8, generator=g), cond, cond, steps=1)
+    placement = last_run_of(patcher)["placement"]
+    assert "on disk" in placement and "GB/s" in placement, placement
+    text = HeadroomMemoryReport().report(patcher)["result"][0]
+    assert placement in text
+    patcher.unpatch_model(torch.device("cpu"))
