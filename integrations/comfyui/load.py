@@ -15,7 +15,7 @@ import torch
 from ...kernels.int8 import FP8_DTYPES
 from ...quant.safetensors_stream import read_header
 from ...units import GB
-from .disk_tier import float_dtype_of, int8_file_for_disk, source_for
+from .disk_tier import float_dtype_of, int8_file_for_disk, planned_disk_blocks, source_for
 from .fused import install_fused_blocks
 from .ops import NATIVE_SKIP_PATTERNS, TEXT_ENCODER_SKIP_PATTERNS, Int8LoadConfig, LoadLog, make_int8_ops
 from .patcher import adopt_patcher
@@ -54,8 +54,9 @@ def load_int8_diffusion_model(path: str, config: Int8LoadConfig, budget_bytes: i
     source_path, cache_written = path, False
     if ram_budget_bytes:
         source_path, cache_written = int8_file_for_disk(path, config)
-        if config.float_dtype is None:  # streamed as stored: the kept-float layers hold the file's dtype
-            config = dataclasses.replace(config, float_dtype=float_dtype_of(source_path))
+        config = dataclasses.replace(  # streamed as stored: the kept-float layers hold the file's dtype
+            config, float_dtype=config.float_dtype or float_dtype_of(source_path),
+            disk_blocks=planned_disk_blocks(source_path, blocks_resident, ram_budget_bytes))
     metadata, dominant, _ = _file_dtype_summary(source_path)
     config.file_metadata = metadata
     record = LoadLog(progress=progress)

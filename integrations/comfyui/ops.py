@@ -102,6 +102,7 @@ class Int8LoadConfig:
     rotation_group: int = 0  # > 0: quantize-on-load stores Q(W H) (Hadamard, QuaRot) where the group fits
     compute: str = "auto"  # this model's kernel (kernels.dispatch.COMPUTE_CHOICES); "auto": the dispatcher decides
     fuse_blocks: str = "auto"  # fused block forwards (fused.FUSE_CHOICES); "auto" defers to HEADROOM_FUSE_BLOCKS
+    disk_blocks: Sequence[str] = ()  # blocks the disk tier reads from the file: their linear layers keep no data
 
     def __post_init__(self) -> None:
         if self.weight_format not in WEIGHT_FORMATS:
@@ -218,7 +219,23 @@ def _load_linear(layer, state_dict: dict, prefix: str, missing_keys: list) -> No
             weight = torch.zeros(layer.out_features, layer.in_features, dtype=layer.float_dtype)
         _quantize_or_keep_float(layer, weight, fp8_scale, name)
     _load_bias(layer, bias, prefix, missing_keys)
+    if any(name.startswith(block + ".") for block in layer._config.disk_blocks):
+        _leave_on_disk(layer)
     record.step()
+
+
+def _leave_on_disk(layer) -> None:
+    """Let go of the layer's tensors (meta from here on): its block is planned on disk and read from the file on every
+    pass, so the load never holds it in RAM (the disk tier, integrations/comfyui/disk_tier.py)."""
+    for name in ("weight", "weight_scale", "bias"):
+        tensor = getattr(layer, name, None)
+        if tensor is None:
+            continue
+        meta = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+        if name in layer._parameters:
+            layer._parameters[name] = nn.Parameter(meta, requires_grad=False)
+        else:
+            layer._buffers[name] = meta
 
 
 def _take_int8_layer(state_dict: dict, prefix: str, name: str, file_metadata) -> Int8LayerTensors | None:

@@ -153,7 +153,8 @@ def patcher_class():
 
         def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
             on_gpu = device_to is not None and torch.device(device_to).type != "cpu"
-            if on_gpu and self.headroom_blocks_resident:
+            disk_tier = device_to is not None and self.headroom_ram_budget_bytes > 0  # on a CPU too: disk blocks
+            if (on_gpu or disk_tier) and self.headroom_blocks_resident:           # have no data outside the streamer
                 return self.load_streaming(torch.device(device_to))
             if on_gpu and self.headroom_devices:
                 return self.load_split(torch.device(device_to))
@@ -229,7 +230,7 @@ def patcher_class():
                 for module in self._int8_modules().values():
                     module.lora = []
                     module._headroom_patches = None
-                if self._streaming() and streamer_of(self.model.diffusion_model).disk_indices:
+                if self.headroom_ram_budget_bytes:
                     return self._unpatch_disk_tier(device_to or self.offload_device)
                 if self._streaming():
                     disable_block_streaming(self.model.diffusion_model, device=device_to or self.offload_device)
@@ -238,14 +239,13 @@ def patcher_class():
             return super().unpatch_model(device_to, unpatch_weights)
 
         def _unpatch_disk_tier(self, device_to) -> None:
-            """Unload a model whose disk-tier blocks own no RAM: they stay without data (meta) until the next load
-            streams them from the file again, so ComfyUI's ``model.to(offload device)`` is done here for
-            everything else (a meta tensor cannot be moved)."""
-            dm = self.model.diffusion_model
-            streamer_of(dm).disable(device=device_to, load_disk_blocks=False)
-            for child in self.model.children():
-                if child is not dm:
-                    child.to(device_to)
+            """Unload a model whose disk-tier blocks own no data (meta) until the next load streams them from the
+            file again: everything else moves to ``device_to`` here, since ComfyUI's ``model.to(device)`` cannot
+            move a meta tensor. Safe to call again on an unloaded model."""
+            streamer = streamer_of(self.model.diffusion_model)
+            if streamer is not None:
+                streamer.disable(device=device_to, load_disk_blocks=False)
+            self.model._apply(lambda t: t if t.is_meta else t.to(device_to))
             super().unpatch_model(None, True)
             self.model.device = device_to
 
