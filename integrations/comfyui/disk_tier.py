@@ -102,11 +102,14 @@ def planned_disk_blocks(path: str, blocks_resident: int, ram_budget_bytes: int) 
     inputs as at load time, on the same bytes), so the load can leave their linear layers without data. Names
     are the model's (the file's key prefix removed). A block planned otherwise later is still correct: the
     streamer reads blocks without data from the file, and parks loaded ones."""
-    from ...memory.doctor import header_model
+    from ...memory.doctor import DoctorError, header_model
     from ...memory.planner import plan_placement
 
     keys = list(read_header(path).tensors)
     prefix = next((p for p in KEY_PREFIXES if all(k.startswith(p) for k in keys)), "")
-    plan = plan_placement(header_model([Path(path)]), 1 << 62, (), blocks_resident, devices=["cpu"],
-                          ram_budget_bytes=ram_budget_bytes)
+    try:
+        tree = header_model([Path(path)])
+    except DoctorError:  # names that do not form a module tree: load every block, the streamer parks them
+        return ()
+    plan = plan_placement(tree, 1 << 62, (), blocks_resident, devices=["cpu"], ram_budget_bytes=ram_budget_bytes)
     return tuple(name[len(prefix):] for name in plan.disk_blocks() if name.startswith(prefix))
