@@ -145,3 +145,46 @@ def test_memory_report_shows_the_tiers_of_the_last_run(flux_file, cache):
     text = HeadroomMemoryReport().report(patcher)["result"][0]
     assert placement in text
     patcher.unpatch_model(torch.device("cpu"))
+
+
+RSS_SCRIPT = r"""
+import json, sys
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.sd
+from comfyui_headroom.memory import MemoryTracker
+from comfyui_headroom.integrations.comfyui.ops import Int8LoadConfig
+from comfyui_headroom.integrations.comfyui.load import load_int8_diffusion_model
+with MemoryTracker() as tracker:
+    patcher, record = load_int8_diffusion_model(sys.argv[1], Int8LoadConfig(), blocks_resident=1,
+                                                ram_budget_bytes=int(sys.argv[2]))
+print("RESULT " + json.dumps({"start": tracker.report.start_rss_bytes, "peak": tracker.report.peak_rss_bytes,
+                              "cache_written": record.disk_cache_written, "disk_file": record.disk_file}))
+"""
+
+
+def test_loading_a_disk_tier_model_holds_less_than_its_size(workdir, cache, monkeypatch):
+    """Seed 003: a model larger than the RAM it may use. Its INT8 cache (~0.5 GB, written once, here beforehand) is
+    loaded in a fresh process with a 100 MB RAM budget: peak RSS grows by far less than the model, because the
+    blocks planned on disk are never held."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from comfyui_headroom.integrations.comfyui.disk_tier import int8_file_for_disk
+
+    path = workdir / "flux_disk_rss.safetensors"
+    save_file(flux_state_dict(depth=1, single=24, seed=9), str(path))
+    int8_path, written = int8_file_for_disk(str(path), Int8LoadConfig())
+    model_bytes = os.path.getsize(int8_path)
+    env = dict(os.environ, HEADROOM_CACHE=str(cache.parent), PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(path), str(100 * MB)], capture_output=True, text=True,
+                         timeout=600, env=env)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads(line[len("RESULT "):])
+    assert written and not result["cache_written"] and result["disk_file"] == int8_path  # the cache was reused
+    growth = result["peak"] - result["start"]
+    print(f"\nINT8 model {model_bytes / MB:.0f} MB, RAM budget 100 MB: peak RSS growth {growth / MB:.0f} MB")
+    assert growth < 0.5 * model_bytes, (growth / MB, model_bytes / MB)
