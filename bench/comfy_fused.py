@@ -31,13 +31,14 @@ def families(small: bool) -> dict:
     """name -> (ComfyUI class path, constructor kwargs, input builder(dev, dtype) -> (args, kwargs))."""
     import torch
 
-    def flux_inputs(channels, side, ctx_dim, txt, patch=2, pooled=True):
+    def flux_inputs(channels, side, ctx_dim, txt, patch=2, pooled=True, frames=None):
         def make(dev, dtype):
             g = torch.Generator(device=dev).manual_seed(1)
             kwargs = {"context": torch.randn(1, txt, ctx_dim, generator=g, device=dev, dtype=dtype)}
             if pooled:
                 kwargs["y"] = torch.randn(1, 768, generator=g, device=dev, dtype=dtype)
-            x = torch.randn(1, channels, side * patch, side * patch, generator=g, device=dev, dtype=dtype)
+            frame_dims = () if frames is None else (frames,)  # Qwen-Image takes video-shaped latents [b, c, t, h, w]
+            x = torch.randn(1, channels, *frame_dims, side * patch, side * patch, generator=g, device=dev, dtype=dtype)
             return (x, torch.tensor([0.7], device=dev)), kwargs
         return make
 
@@ -60,7 +61,7 @@ def families(small: bool) -> dict:
         "qwen_image": ("comfy.ldm.qwen_image.model:QwenImageTransformer2DModel", dict(
             num_layers=4, attention_head_dim=128, num_attention_heads=heads,
             joint_attention_dim=3584 if not small else 512), flux_inputs(16, side, 3584 if not small else 512, 256,
-                                                                        pooled=False)),
+                                                                        pooled=False, frames=1)),
         "flux2": ("comfy.ldm.flux.model:Flux", dict(
             image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None,
             context_in_dim=15360 if not small else 512, hidden_size=6144 if not small else 256, mlp_ratio=3.0,

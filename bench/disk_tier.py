@@ -38,6 +38,9 @@ def _accelerate_disk_offload(load, noise, steps, device) -> float | None:
     except ImportError:
         return None
     model = load()
+    # accelerate moves each weight in its module's pre-forward hook; the fused producers call the INT8 GEMMs
+    # without going through the layer's __call__, so under its hooks the plain layer calls are used.
+    model.use_int8_producers(False)
     with tempfile.TemporaryDirectory() as folder:
         disk_offload(model, folder, execution_device=device)
         step = _sample(model, noise, steps, device).step_time_s
