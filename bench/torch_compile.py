@@ -9,9 +9,7 @@ bf16 compiled, INT8 eager (blocks fed by the fused producers), INT8 compiled wit
 layer the custom op ``headroom::int8_linear``: quantization + GEMM, inductor fusing the norms, modulation and
 activations around it; what compiled INT8 was before issue #18) and INT8 compiled with producers (the blocks'
 norm/modulation, attention-output and GELU producers and the GEMMs on their INT8 rows are ``headroom::*`` custom
-ops, kernels/ops.py), and INT8 compiled with the producers' torch math traced into the graph
-(``HEADROOM_COMPILED_PRODUCERS=inductor``: inductor writes and fuses those kernels, the GEMMs stay custom ops).
-For each INT8 run the result names the ``headroom`` ops of one traced block (a separate
+ops, kernels/ops.py). For each INT8 run the result names the ``headroom`` ops of one traced block (a separate
 trace with a recording backend), so a table row says what the compiled graph really ran. Goal (issue #18): INT8
 compiled >= 1.5x bf16 compiled. ``--device cpu`` only smoke-tests the script.
 """
@@ -19,7 +17,6 @@ compiled >= 1.5x bf16 compiled. ``--device cpu`` only smoke-tests the script.
 from __future__ import annotations
 
 import datetime
-import os
 import platform
 import sys
 import time
@@ -31,7 +28,6 @@ from benchlib import demo_bench_main, import_package, versions
 from end_to_end import _free, measure
 
 TITLE = "torch.compile"
-COMPILED_PRODUCERS_ENV = "HEADROOM_COMPILED_PRODUCERS"  # kernels/producers.py reads it while tracing
 
 
 GOAL_INT8_COMPILED_VS_BF16_COMPILED = 1.5
@@ -83,21 +79,18 @@ def run(args) -> dict:
     rows, reference = [], None
     bf16 = ("bf16", lambda: load_bf16_model(ckpt, cfg, "cpu"), ((False, None, "bf16 eager"), (True, None, "bf16 compiled")))
     int8 = ("INT8", lambda: load_int8_model(int8_path, cfg)[0],
-            ((False, True, "INT8 eager"), (True, False, "INT8 compiled, no producers"), (True, True, "INT8 compiled"),
-             (True, "inductor", "INT8 compiled, producers by inductor")))
+            ((False, True, "INT8 eager"), (True, False, "INT8 compiled, no producers"), (True, True, "INT8 compiled")))
     for precision, load, runs in (bf16, int8):
         model = load().to(dev)
         for compiled, producers, name in runs:
             if precision == "INT8":
-                model.use_int8_producers(bool(producers))
-            os.environ[COMPILED_PRODUCERS_ENV] = "inductor" if producers == "inductor" else "ops"
+                model.use_int8_producers(producers)
             runner = _compiled(model, args.mode) if compiled else model
             start = time.perf_counter()
             row = measure(name, runner, noise, args.steps, "all blocks on the GPU", dev, reference)
             row["wall_s"] = time.perf_counter() - start
             if precision == "INT8":
                 row["headroom_ops"] = _block_ops(model, cfg, dev, compiled)
-            os.environ.pop(COMPILED_PRODUCERS_ENV)
             if reference is None:
                 reference = row["latent"]
             rows.append(row)
@@ -121,7 +114,6 @@ def run(args) -> dict:
         "speedup_producers_compiled": by["INT8 compiled, no producers"] / by["INT8 compiled"],
         "speedup_int8_compiled_vs_bf16_compiled": by["bf16 compiled"] / by["INT8 compiled"],
         "speedup_int8_compiled_vs_bf16_eager": by["bf16 eager"] / by["INT8 compiled"],
-        "speedup_inductor_producers_vs_bf16_compiled": by["bf16 compiled"] / by["INT8 compiled, producers by inductor"],
     }
 
 
@@ -155,9 +147,6 @@ def render(r: dict) -> str:
         lines.append(f"- Producers under compile: {r['speedup_producers_compiled']:.2f}x INT8 compiled without them. "
                      f"Goal (issue #18) INT8 compiled >= {GOAL_INT8_COMPILED_VS_BF16_COMPILED}x bf16 compiled: "
                      f"{'met' if vs_bf16_compiled >= GOAL_INT8_COMPILED_VS_BF16_COMPILED else 'not met'}.")
-    if "speedup_inductor_producers_vs_bf16_compiled" in r:
-        lines.append(f"- Producers traced for inductor (`HEADROOM_COMPILED_PRODUCERS=inductor`): "
-                     f"{r['speedup_inductor_producers_vs_bf16_compiled']:.2f}x bf16 compiled.")
     return "\n".join(lines) + "\n"
 
 

@@ -20,9 +20,7 @@ says whether a layer can take a producer's output for a call: ``takes_int8_input
 Each runs a Triton kernel on CUDA (and under ``TRITON_INTERPRET=1``), and the same math in torch elsewhere.
 Under ``torch.compile`` each is a ``torch.ops.headroom.*`` custom op (:mod:`.ops`, with a fake implementation;
 registered when the kernels' dispatcher loads, as for any ``Int8Linear``), so compiled graphs keep the producers as
-single calls; eager calls skip the dispatcher and run the ``*_eager`` bodies directly. With
-``HEADROOM_COMPILED_PRODUCERS=inductor`` a compiled graph gets the producers' torch math instead (the ``_*_torch``
-functions), which inductor fuses with the elementwise ops around it; only the GEMMs stay custom ops.
+single calls; eager calls skip the dispatcher and run the ``*_eager`` bodies directly.
 A producer computes in float32 from its bf16 inputs and rounds once, where the eager chain rounds to bf16
 after every op: the INT8 values can differ from "eager op, then quantize" by one step where a value sits
 near a rounding edge (tests bound it against a float64 reference).
@@ -30,7 +28,6 @@ near a rounding edge (tests bound it against a float64 reference).
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -46,19 +43,6 @@ class Int8Rows(NamedTuple):
 
     q: torch.Tensor
     scale: torch.Tensor
-
-
-COMPILED_PRODUCERS_ENV = "HEADROOM_COMPILED_PRODUCERS"
-
-
-def inductor_writes_producers() -> bool:
-    """While tracing for ``torch.compile``: ``True`` when ``HEADROOM_COMPILED_PRODUCERS=inductor`` asks for the
-    producers' torch math in the graph (inductor generates and fuses their kernels), ``False`` (``ops``, the
-    default) for our Triton producers as opaque custom ops."""
-    mode = os.environ.get(COMPILED_PRODUCERS_ENV, "ops")
-    if mode not in ("ops", "inductor"):
-        raise ValueError(f"{COMPILED_PRODUCERS_ENV}={mode!r}: use 'ops' or 'inductor'")
-    return mode == "inductor"
 
 
 def _triton_here(t: torch.Tensor) -> bool:
@@ -89,8 +73,6 @@ def norm_modulate_quantize(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
         if t is not None and (t.shape != (b, k) or t.stride(-1) != 1):
             raise ValueError(f"norm_modulate_quantize: {name} must be [{b}, {k}] with contiguous rows, "
                              f"got {tuple(t.shape)} strides {t.stride()}")
-    if torch.compiler.is_compiling() and inductor_writes_producers():
-        return _norm_modulate_quantize_torch(x, shift, scale, eps, y, gate)
     if torch.compiler.is_compiling():
         if residual:
             q, s, x_new = torch.ops.headroom.norm_modulate_quantize_residual(x, shift, scale, eps, y, gate)
@@ -112,12 +94,6 @@ def norm_modulate_quantize_eager(x, shift, scale, eps, y=None, gate=None) -> tup
             return Int8Rows(q, s), x_new.view(b, n, k) if residual else None
         except KernelUnsupported:
             pass  # rows too long for one pass: the torch path below
-    return _norm_modulate_quantize_torch(x, shift, scale, eps, y, gate)
-
-
-def _norm_modulate_quantize_torch(x, shift, scale, eps, y=None, gate=None) -> tuple[Int8Rows, torch.Tensor | None]:
-    b, n, k = x.shape
-    residual = y is not None
     x_new = (x.float() + gate.float()[:, None] * y.float()).to(x.dtype) if residual else None
     h = F.layer_norm((x_new if residual else x).float(), (k,), eps=eps)
     h = h * (1 + scale.float()[:, None]) + shift.float()[:, None]
@@ -127,8 +103,6 @@ def _norm_modulate_quantize_torch(x, shift, scale, eps, y=None, gate=None) -> tu
 def quantize_heads(o: torch.Tensor) -> Int8Rows:
     """INT8 rows of ``o.transpose(1, 2).reshape(B * N, H * D)`` for an attention output ``o [B, H, N, D]``."""
     if torch.compiler.is_compiling():
-        if inductor_writes_producers():
-            return _quantize_heads_torch(o)
         return Int8Rows(*torch.ops.headroom.quantize_heads(o))
     return quantize_heads_eager(o)
 
@@ -142,19 +116,12 @@ def quantize_heads_eager(o: torch.Tensor) -> Int8Rows:
             return Int8Rows(*triton_producers.quantize_heads(o))
         except KernelUnsupported:
             pass
-    return _quantize_heads_torch(o)
-
-
-def _quantize_heads_torch(o: torch.Tensor) -> Int8Rows:
-    b, h, n, d = o.shape
     return Int8Rows(*quantize_activation(o.transpose(1, 2).reshape(b * n, h * d)))
 
 
 def gelu_quantize(x: torch.Tensor) -> Int8Rows:
     """INT8 rows of ``F.gelu(x, approximate="tanh")`` for ``x [..., K]``, flattened to ``[M, K]``."""
     if torch.compiler.is_compiling():
-        if inductor_writes_producers():
-            return _gelu_quantize_torch(_rows(x))
         return Int8Rows(*torch.ops.headroom.gelu_quantize(x))
     return gelu_quantize_eager(x)
 
@@ -165,10 +132,6 @@ def gelu_quantize_eager(x: torch.Tensor) -> Int8Rows:
         from .triton_quant import quantize_rows
 
         return Int8Rows(*quantize_rows(x2, gelu=True))
-    return _gelu_quantize_torch(x2)
-
-
-def _gelu_quantize_torch(x2: torch.Tensor) -> Int8Rows:
     return Int8Rows(*quantize_activation(F.gelu(x2.float(), approximate="tanh")))
 
 
@@ -178,8 +141,6 @@ def silu_mul_quantize(gate: torch.Tensor, up: torch.Tensor) -> Int8Rows:
     if gate.shape != up.shape:
         raise ValueError(f"silu_mul_quantize: gate {tuple(gate.shape)} and up {tuple(up.shape)} must match")
     if torch.compiler.is_compiling():
-        if inductor_writes_producers():
-            return _silu_mul_quantize_torch(_row_view(gate), _row_view(up))
         return Int8Rows(*torch.ops.headroom.silu_mul_quantize(gate, up))
     return silu_mul_quantize_eager(gate, up)
 
@@ -193,10 +154,6 @@ def silu_mul_quantize_eager(gate: torch.Tensor, up: torch.Tensor) -> Int8Rows:
             return Int8Rows(*triton_producers.silu_mul_quantize(g, u))
         except KernelUnsupported:
             pass  # rows too long for one pass: the torch path below
-    return _silu_mul_quantize_torch(g, u)
-
-
-def _silu_mul_quantize_torch(g: torch.Tensor, u: torch.Tensor) -> Int8Rows:
     return Int8Rows(*quantize_activation(F.silu(g.float()) * u.float()))
 
 
@@ -209,8 +166,6 @@ def rms_norm_scale_quantize(x: torch.Tensor, weight: torch.Tensor | None, scale:
         raise ValueError(f"rms_norm_scale_quantize: scale must be [{b}, {k}] and weight [{k}], got "
                          f"{tuple(scale.shape)} and {None if weight is None else tuple(weight.shape)}")
     if torch.compiler.is_compiling():
-        if inductor_writes_producers():
-            return _rms_norm_scale_quantize_torch(x, weight, scale, eps)
         return Int8Rows(*torch.ops.headroom.rms_norm_scale_quantize(x, weight, scale, eps))
     return rms_norm_scale_quantize_eager(x, weight, scale, eps)
 
@@ -226,12 +181,6 @@ def rms_norm_scale_quantize_eager(x: torch.Tensor, weight: torch.Tensor | None, 
                 _rows(x), None if weight is None else weight.contiguous(), _row_view(scale), n, eps))
         except KernelUnsupported:
             pass  # rows too long for one pass: the torch path below
-    return _rms_norm_scale_quantize_torch(x, weight, scale, eps)
-
-
-def _rms_norm_scale_quantize_torch(x: torch.Tensor, weight: torch.Tensor | None, scale: torch.Tensor,
-                                   eps: float) -> Int8Rows:
-    b, n, k = x.shape
     h = F.rms_norm(x.float(), (k,), None if weight is None else weight.float(), eps)
     h = h * (1 + scale.float()[:, None])
     return Int8Rows(*quantize_activation(h.reshape(b * n, k)))
@@ -247,8 +196,6 @@ def heads_activation_quantize(o: torch.Tensor, mlp: torch.Tensor, silu_gate: boo
         raise ValueError(f"heads_activation_quantize: mlp {tuple(mlp.shape)} must be [{b}, {n}, F]"
                          + (" with F even (SiLU gate halves)" if silu_gate else ""))
     if torch.compiler.is_compiling():
-        if inductor_writes_producers():
-            return _heads_activation_quantize_torch(o, _row_view(mlp), silu_gate)
         return Int8Rows(*torch.ops.headroom.heads_activation_quantize(o, mlp, silu_gate))
     return heads_activation_quantize_eager(o, mlp, silu_gate)
 
@@ -260,11 +207,6 @@ def heads_activation_quantize_eager(o: torch.Tensor, mlp: torch.Tensor, silu_gat
         from . import triton_producers
 
         return Int8Rows(*triton_producers.heads_activation_quantize(o, rows, silu_gate))
-    return _heads_activation_quantize_torch(o, rows, silu_gate)
-
-
-def _heads_activation_quantize_torch(o: torch.Tensor, rows: torch.Tensor, silu_gate: bool) -> Int8Rows:
-    b, h, n, d = o.shape
     m = rows.float()
     if silu_gate:
         gate, up = m.chunk(2, dim=-1)

@@ -67,27 +67,6 @@ def test_compiled_demo_block_keeps_producers_and_equals_eager(gen):
     assert block.producer_forwards == 1  # not counted under compile (the count would be a recompiling guard)
 
 
-def test_inductor_producers_trace_the_torch_math_and_keep_only_the_gemms(gen, monkeypatch):
-    """``HEADROOM_COMPILED_PRODUCERS=inductor``: no producer op in the graph (inductor gets their math to fuse), the
-    GEMMs on INT8 rows stay ops, and the output is eager's within one INT8 step of the producers' rounding."""
-    monkeypatch.setenv(producers.COMPILED_PRODUCERS_ENV, "inductor")
-    block, recorder = _int8_block(), GraphRecorder()
-    x, c = _block_inputs(gen)
-    with torch.no_grad(), kernels.force_kernel("int_mm"):
-        eager = block(x, c)
-        compiled = torch.compile(block, backend=recorder, fullgraph=True)(x, c)
-    (ops,) = recorder.graphs
-    assert not PRODUCER_OPS & set(ops), ops
-    assert ops.count("int8_linear_int8_input") == 4
-    assert (compiled.float() - eager.float()).abs().max() <= 0.02 * eager.float().abs().max()
-
-
-def test_an_unknown_compiled_producers_mode_is_refused(monkeypatch):
-    monkeypatch.setenv(producers.COMPILED_PRODUCERS_ENV, "fast")
-    with pytest.raises(ValueError, match="HEADROOM_COMPILED_PRODUCERS='fast'"):
-        producers.inductor_writes_producers()
-
-
 def test_compiled_block_decides_as_eager_and_recompiles_when_the_kernel_changes(gen):
     """Automatic choice on the CPU = reference: eager and compiled both take the plain forward; forcing
     ``_int_mm`` afterwards recompiles into the producer path (the forced kernel is guarded, not baked in)."""
