@@ -7,7 +7,7 @@
 * :func:`quantize_heads` - per-row INT8 of an attention output ``[B, H, N, D]`` read as the ``[B*N, H*D]``
   rows its output projection multiplies, without the ``transpose(1, 2).reshape`` copy first.
 * :func:`silu_mul_quantize` - per-row INT8 of ``silu(gate) * up`` (a SwiGLU MLP's down-projection input);
-  ``gate`` and ``up`` may be row-strided views such as the two halves of one tensor.
+  ``gate`` and ``up`` may be row-strided views such as the two halves of one tensor; rows of any length.
 * :func:`rms_norm_scale_quantize` - RMSNorm (optional weight), ``* (1 + scale)`` per group of rows, per-row
   INT8: one program per row, like :func:`norm_modulate_quantize`.
 
@@ -73,18 +73,36 @@ def _quantize_heads_kernel(
 
 
 @triton.jit
+def _silu_mul_value(gate_row, up_row, offs, K):
+    mask = offs < K
+    g = tl.load(gate_row + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_row + offs, mask=mask, other=0.0).to(tl.float32)
+    return g * tl.sigmoid(g) * u  # masked lanes: 0 * 0.5 * 0 = 0, out of the row's amax
+
+
+@triton.jit
 def _silu_mul_quantize_kernel(
     gate_ptr, up_ptr, q_ptr, s_ptr, K, stride_gate, stride_up,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, SINGLE_PASS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_K)
-    mask = offs < K
-    g = tl.load(gate_ptr + row * stride_gate + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(up_ptr + row * stride_up + offs, mask=mask, other=0.0).to(tl.float32)
-    h = g * tl.sigmoid(g) * u  # masked lanes: 0 * 0.5 * 0 = 0, out of the row's amax
-    s, inv_s = _row_scale(tl.max(tl.abs(h), axis=0))
-    tl.store(q_ptr + row * K + offs, _quantize_value(h, inv_s), mask=mask)
+    gate_row = gate_ptr + row * stride_gate
+    up_row = up_ptr + row * stride_up
+    if SINGLE_PASS:  # the row in registers, read once
+        offs = tl.arange(0, BLOCK_K)
+        h = _silu_mul_value(gate_row, up_row, offs, K)
+        s, inv_s = _row_scale(tl.max(tl.abs(h), axis=0))
+        tl.store(q_ptr + row * K + offs, _quantize_value(h, inv_s), mask=offs < K)
+    else:  # longer rows (Flux 2's 18432-wide MLP): amax in a first pass, the values again in a second
+        amax_vec = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            h = _silu_mul_value(gate_row, up_row, k0 + tl.arange(0, BLOCK_K), K)
+            amax_vec = tl.maximum(amax_vec, tl.abs(h))
+        s, inv_s = _row_scale(tl.max(amax_vec, axis=0))
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            h = _silu_mul_value(gate_row, up_row, offs, K)
+            tl.store(q_ptr + row * K + offs, _quantize_value(h, inv_s), mask=offs < K)
     tl.store(s_ptr + row, s)
 
 
@@ -209,12 +227,13 @@ def _int8_rows_out(m: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def silu_mul_quantize(gate, up):
     """``gate``, ``up`` ``[M, I]`` (unit stride in I, any row stride each) -> ``(q int8 [M, I], scale float32
-    [M])``: the per-row INT8 of ``silu(gate) * up``."""
+    [M])``: the per-row INT8 of ``silu(gate) * up``. Rows longer than one pass holds are read twice."""
     m, k = gate.shape
-    block, warps = _single_pass_block(k, "silu_mul_quantize")
+    block, single, warps = row_block(k)  # rows of any length: two reads of a row past one pass
     q, s = _int8_rows_out(m, k, gate.device)
     if m:
-        _launch_silu_mul((m,), gate, up, q, s, k, gate.stride(0), up.stride(0), BLOCK_K=block, num_warps=warps)
+        _launch_silu_mul((m,), gate, up, q, s, k, gate.stride(0), up.stride(0), BLOCK_K=block, SINGLE_PASS=single,
+                         num_warps=warps)
     return q, s
 
 

@@ -189,7 +189,7 @@ def test_demo_model_fed_by_producers_on_gpu(gen):
 
 
 @CUDA
-@pytest.mark.parametrize("k", [3072, 9216])
+@pytest.mark.parametrize("k", [3072, 9216, 18432])  # 18432 (Flux 2's MLP): past one pass, the two-pass loop
 def test_triton_silu_mul_quantize_on_gpu(k, gen):
     h = (2 * torch.randn(2, 300, 2 * k, generator=gen)).to(BF16).cuda()
     gate, up = h.chunk(2, dim=-1)  # the two halves of one tensor: row stride 2k
