@@ -10,7 +10,7 @@ it); what changes is only where the INT8 layers' inputs come from:
   (:func:`~comfyui_headroom.kernels.producers.norm_modulate_quantize`); ``to_query``, ``to_key`` and ``to_value``
   of the self-attention take the same input, so one producer call feeds all three;
 * the cross-attention's ``to_key`` / ``to_value`` read the text context (not modulated): its rows are quantized
-  once per call (``torch.ops.headroom.quantize_activation``) and feed both;
+  once per call (``pieces.quantize_rows``) and feed both;
 * the attention output stays ``[B, H, N, D]`` (``skip_output_reshape``) and is quantized from there for
   ``out_layer`` (``quantize_heads``), no transpose copy.
 
@@ -36,7 +36,15 @@ import torch
 from torch import nn
 
 from ....kernels.producers import Int8Rows, gelu_quantize, norm_modulate_quantize, quantize_heads
-from .pieces import FallBack, attention_heads, layers_take_rows, no_extra_arguments, no_patches, per_image
+from .pieces import (
+    FallBack,
+    attention_heads,
+    layers_take_rows,
+    no_extra_arguments,
+    no_patches,
+    per_image,
+    quantize_rows,
+)
 
 
 def _kandinsky5():
@@ -97,7 +105,7 @@ def _cross_attention(attn, rows, shape, context, transformer_options, dtype) -> 
     """``CrossAttention.forward``: the query from the visual rows, key and value from the text context's rows."""
     k5 = _kandinsky5()
     b, n, _ = shape
-    context_rows = torch.ops.headroom.quantize_activation(context.reshape(-1, context.shape[-1]))
+    context_rows = quantize_rows(context)
     q = attn.to_query.forward_int8(rows, dtype).view(b, n, attn.num_heads, -1)
     k = attn.to_key.forward_int8(context_rows, dtype).view(*context.shape[:-1], attn.num_heads, -1)
     v = attn.to_value.forward_int8(context_rows, dtype).view(*context.shape[:-1], attn.num_heads, -1)
@@ -109,7 +117,7 @@ def _activation_producer(act):
         raise FallBack(f"MLP activation {type(act).__name__}")
     if act.approximate == "tanh":
         return gelu_quantize
-    return lambda h: torch.ops.headroom.quantize_activation(act(h))  # exact GELU: torch op, then quantize
+    return lambda h: quantize_rows(act(h))  # exact GELU: torch op, then quantize
 
 
 def _feed_forward(ff, rows, shape, dtype) -> torch.Tensor:

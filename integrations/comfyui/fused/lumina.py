@@ -11,7 +11,7 @@ written out inside it; what changes is only where the INT8 layers' inputs come f
 * ``w1`` and ``w3`` take the same input: one ``rms_norm_scale_quantize`` of ``ffn_norm1`` + ``scale_mlp`` feeds both;
 * ``w2``: ``silu(w1 x) * w3 x`` fused with its quantization (``silu_mul_quantize``); in float16 ComfyUI clamps that
   product to the float16 range before ``w2`` reads it, so there it is computed with torch ops (silu, mul,
-  ``clamp_fp16``) and quantized with ``torch.ops.headroom.quantize_activation``.
+  ``clamp_fp16``) and quantized with ``pieces.quantize_rows``.
 
 Kept in torch, as ComfyUI computes them: the ``adaLN_modulation`` (its own layer forward), q/k RMSNorm + RoPE
 (``comfy.quant_ops.ck.rms_rope`` with the norm weights cast by ``comfy.ops.cast_bias_weight``, or the modules and
@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from ....kernels.producers import quantize_heads, rms_norm_scale_quantize, silu_mul_quantize
-from .pieces import FallBack, layers_take_rows, no_extra_arguments, no_patches, per_image
+from .pieces import FallBack, layers_take_rows, no_extra_arguments, no_patches, per_image, quantize_rows
 
 
 def _lumina_model():
@@ -111,9 +111,7 @@ def _feed_forward(ff, rows, shape, dtype) -> torch.Tensor:
     b, n, _ = shape
     up1, up3 = ff.w1.forward_int8(rows, dtype), ff.w3.forward_int8(rows, dtype)
     if dtype == torch.float16:  # ComfyUI clamps silu(w1 x) * w3 x to the float16 range before w2 reads it
-        from comfy.ldm.lumina.model import clamp_fp16
-
-        hidden = torch.ops.headroom.quantize_activation(clamp_fp16(torch.nn.functional.silu(up1) * up3))
+        hidden = quantize_rows(_clamp_fp16(torch.nn.functional.silu(up1) * up3))
     else:
         hidden = silu_mul_quantize(up1, up3)
     del up1, up3

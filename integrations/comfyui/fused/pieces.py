@@ -66,6 +66,12 @@ def per_image(t: torch.Tensor, batch: int, width: int, what: str) -> torch.Tenso
     return t
 
 
+def quantize_rows(t: torch.Tensor):
+    """INT8 rows of ``t [..., K]`` as ``[M, K]``, for an input no producer writes (a text context, an activation
+    computed with torch ops): one quantization pass (``headroom::quantize_activation``)."""
+    return torch.ops.headroom.quantize_activation(t.reshape(-1, t.shape[-1]))
+
+
 def attention_heads(attention, q, k, v, mask, transformer_options) -> torch.Tensor:
     """ComfyUI's attention function ``attention`` (``optimized_attention`` as the block's module bound it) on
     ``q, k, v [B, H, N, D]``, its output as ``[B, H, N, D]`` (a view that

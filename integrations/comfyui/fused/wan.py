@@ -15,7 +15,7 @@ comes from:
   LayerNorm, but ``layer_norm(x) * w + b`` is its ``layer_norm(x) * (1 + scale) + shift`` with ``scale = w - 1``
   and ``shift = b``, so the norm's parameters are handed to it as per-image modulation rows (float32). Where
   ``norm3`` is an Identity (``cross_attn_norm`` off) the residual is a torch ``addcmul`` and the rows are
-  quantized with ``torch.ops.headroom.quantize_activation``. The text context (and for I2V the CLIP image
+  quantized with ``pieces.quantize_rows``. The text context (and for I2V the CLIP image
   context) is quantized once per call and feeds both k and v (k_img and v_img);
 * FFN: ``x + cross_attn`` is a torch add (the producer's residual always has a gate), then ``norm2`` +
   modulation (``e[3]``, ``e[4]``) write fc1's rows, the tanh GELU is fused with fc2's quantization, and the
@@ -40,6 +40,7 @@ from .pieces import (
     no_extra_arguments,
     no_patches,
     per_image,
+    quantize_rows,
 )
 
 # transformer_options["patches"] keys that WanAttentionBlock and WanSelfAttention apply
@@ -54,11 +55,6 @@ def _wan_model():
     return wan_model
 
 
-def _rows(t: torch.Tensor):
-    """INT8 rows of ``t [..., K]`` as ``[M, K]``."""
-    return torch.ops.headroom.quantize_activation(t.reshape(-1, t.shape[-1]))
-
-
 def _attention(wan_model, q, k, v, heads: int, transformer_options) -> torch.Tensor:
     """ComfyUI's attention on ``[B, N, H*D]`` q, k, v as WanSelfAttention calls it, its output kept per head."""
     return wan_model.optimized_attention(q, k, v, heads=heads, skip_output_reshape=True,
@@ -68,7 +64,7 @@ def _attention(wan_model, q, k, v, heads: int, transformer_options) -> torch.Ten
 def _attention_rows(out: torch.Tensor):
     """The output projection's INT8 rows: from ``[B, H, N, D]`` without a transpose copy, or from ``[B, N, H*D]``
     where an attention function (an override, or attention_pytorch over SDP_BATCH_LIMIT) reshaped anyway."""
-    return quantize_heads(out) if out.ndim == 4 else _rows(out)
+    return quantize_heads(out) if out.ndim == 4 else quantize_rows(out)
 
 
 def _check_structure(block) -> tuple:
@@ -117,7 +113,7 @@ def _norm3_rows(norm, x, y, gate):
     b, _, width = x.shape
     if isinstance(norm, nn.Identity):
         x = torch.addcmul(x, y, gate[:, None])
-        return _rows(x), x
+        return quantize_rows(x), x
     if tuple(norm.normalized_shape) != (width,):
         raise FallBack(f"norm3 over {tuple(norm.normalized_shape)}")
     if getattr(norm, "weight_function", None) or getattr(norm, "bias_function", None):
@@ -154,7 +150,7 @@ def _self_attention(attn, rows, freqs, b: int, n: int, dtype, transformer_option
 def _context_kv(k_layer, v_layer, k_norm, context):
     """k and v of a cross-attention from one quantization of ``context [B, L, C]``."""
     b, length, _ = context.shape
-    rows = _rows(context)
+    rows = quantize_rows(context)
     k = k_norm(k_layer.forward_int8(rows, context.dtype).view(b, length, -1))
     v = v_layer.forward_int8(rows, context.dtype).view(b, length, -1)
     return k, v
