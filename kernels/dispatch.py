@@ -452,11 +452,17 @@ def _planned_int8_input(qa, a_scale, weight, weight_scale, bias, out_dtype, bloc
         lambda plan: plan.run_int8(qa, a_scale, weight, weight_scale, bias, out_dtype))
 
 
-def _int8_input_normal(qa, a_scale, weight, weight_scale, bias, out_dtype, block_size) -> torch.Tensor:
+def check_int8_rows(qa: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor) -> None:
+    """ValueError unless ``qa``/``a_scale`` are INT8 rows ``[M, K]`` and their ``[M]`` scales for ``weight [N, K]``
+    (the real GEMM on producer rows and its fake under ``torch.compile`` check the same)."""
     if qa.dtype != torch.int8 or qa.ndim != 2 or qa.shape[1] != weight.shape[1] or a_scale.shape != qa.shape[:1]:
         raise ValueError(f"int8_linear_int8_input: expected int8 rows [M, {weight.shape[1]}] and float32 scales "
                          f"[M] for the int8 weight {tuple(weight.shape)}, got {qa.dtype} {tuple(qa.shape)} and "
                          f"{tuple(a_scale.shape)}")
+
+
+def _int8_input_normal(qa, a_scale, weight, weight_scale, bias, out_dtype, block_size) -> torch.Tensor:
+    check_int8_rows(qa, a_scale, weight)
     if qa.device != weight.device or a_scale.device != weight.device:
         raise ValueError(f"int8_linear_int8_input: activation on {qa.device}, scales on {a_scale.device}, weight on "
                          f"{weight.device}; move the layer to the activation's device")

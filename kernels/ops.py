@@ -10,8 +10,9 @@
   ``(q int8 [M, K], scale float32 [M])``: ``headroom::norm_modulate_quantize``,
   ``headroom::norm_modulate_quantize_residual`` (also returns the new residual stream),
   ``headroom::quantize_heads``, ``headroom::gelu_quantize``, ``headroom::silu_mul_quantize``,
-  ``headroom::rms_norm_scale_quantize``, ``headroom::heads_activation_quantize``; and ``headroom::int8_linear_int8_input``, the GEMM on such rows
-  (:func:`.dispatch.int8_linear_int8_input`: kernel chosen at run time). The public functions call them only
+  ``headroom::rms_norm_scale_quantize``, ``headroom::heads_activation_quantize``; and
+  ``headroom::int8_linear_int8_input``, the GEMM on such rows (:func:`.dispatch.int8_linear_int8_input`: kernel
+  chosen at run time). The public functions call them only
   under ``torch.compile``; eager calls skip the dispatcher. No autograd: INT8 rows carry no gradient (layers
   that need one keep the float path, see ``Int8Linear.takes_int8_input``). Every output is contiguous, as the
   fakes say: inductor lays out what follows from the fake's strides.
@@ -26,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import backends, producers
-from .dispatch import dispatch_and_run, int8_linear_int8_input_eager, run_kernel
+from .dispatch import check_int8_rows, dispatch_and_run, int8_linear_int8_input_eager, run_kernel
 from .int8 import dequantize_weight
 
 NAMESPACE = "headroom"
@@ -268,8 +269,5 @@ if not _registered("int8_linear_int8_input"):
 
     @int8_linear_int8_input.register_fake
     def _(qa, a_scale, weight, weight_scale, bias, out_dtype, block_size):
-        if qa.dtype != torch.int8 or qa.ndim != 2 or qa.shape[1] != weight.shape[1] or a_scale.shape != qa.shape[:1]:
-            raise ValueError(f"int8_linear_int8_input: expected int8 rows [M, {weight.shape[1]}] and float32 scales "
-                             f"[M] for the int8 weight {tuple(weight.shape)}, got {qa.dtype} {tuple(qa.shape)} and "
-                             f"{tuple(a_scale.shape)}")
+        check_int8_rows(qa, a_scale, weight)
         return qa.new_empty((qa.shape[0], weight.shape[0]), dtype=out_dtype)
