@@ -50,9 +50,9 @@ class DemoOptions:
 
 def default_cache_dir() -> Path:
     """``$HEADROOM_CACHE/demo`` if set, else ``~/.cache/comfyui-headroom/demo``."""
-    root = os.environ.get("HEADROOM_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "comfyui-headroom"
-    return base / "demo"
+    from ..memory.disk import cache_root
+
+    return cache_root() / "demo"
 
 
 # ----------------------------------------------------------------------------------------------- files

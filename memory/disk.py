@@ -39,6 +39,16 @@ from .tensors import FlatLayout
 MAX_GAP_BYTES = 1 << 20  # bytes of other tensors read and thrown away rather than starting a second read
 
 
+CACHE_ENV = "HEADROOM_CACHE"
+
+
+def cache_root() -> Path:
+    """``$HEADROOM_CACHE`` if set, else ``~/.cache/comfyui-headroom``: where headroom keeps what it writes once and
+    reads again (the INT8 files the disk tier streams from, the demo's checkpoints)."""
+    root = os.environ.get(CACHE_ENV, "").strip()
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "comfyui-headroom"
+
+
 class DiskTierError(RuntimeError):
     """A disk-tier block cannot be read as planned (the message names the file, the block and what to do)."""
 

@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
-from ...memory.disk import SafetensorsSource
+from ...memory.disk import SafetensorsSource, cache_root
 from ...quant.convert import convert_file
 from ...quant.formats.metadata import is_headroom_metadata
 from ...quant.safetensors_stream import read_header
 from .ops import Int8LoadConfig, Int8LoadError
 
-CACHE_ENV = "HEADROOM_CACHE"
 # Key prefixes ComfyUI strips from a diffusion model's file (``unet_prefix_from_state_dict``), most specific first.
 KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "")
 
@@ -31,8 +29,7 @@ KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "")
 def cache_dir() -> Path:
     """``$HEADROOM_CACHE/int8`` if set, else ``~/.cache/comfyui-headroom/int8``: not ComfyUI's model folders,
     where a cache file would show up in the loader's list."""
-    root = os.environ.get(CACHE_ENV)
-    return (Path(root) if root else Path.home() / ".cache" / "comfyui-headroom") / "int8"
+    return cache_root() / "int8"
 
 
 def _cache_name(source: Path, config: Int8LoadConfig) -> str:

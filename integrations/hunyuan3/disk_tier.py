@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...memory.disk import DiskTierError, SafetensorsSource, plan_block_read
+from ...memory.disk import CACHE_ENV, DiskTierError, SafetensorsSource, cache_root, plan_block_read
 from ...memory.planner import DEFAULT_PREFETCH, PlacementPlan, PlanError, plan_placement
 from ...memory.streaming import materialize_meta, refs_to_meta
 from ...memory.tensors import FlatLayout, collect_tensor_refs
@@ -43,7 +43,6 @@ from .inputs import LoaderError
 log = logging.getLogger("comfyui_headroom")
 
 CACHE_SUFFIX = ".headroom-int8-cache"
-CACHE_ENV = "HEADROOM_CACHE"
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
 
@@ -108,10 +107,9 @@ def cache_folder(folder: Path) -> Path:
     beside = folder.parent / f"{folder.name}{CACHE_SUFFIX}"
     if beside.is_dir() and os.access(beside, os.W_OK) or os.access(folder.parent, os.W_OK):
         return beside
-    root = os.environ.get(CACHE_ENV, "").strip()
-    if root:
+    if os.environ.get(CACHE_ENV, "").strip():  # only where the user named a cache folder: not ~/.cache by default
         tag = hashlib.sha256(str(folder).encode()).hexdigest()[:12]
-        return Path(root).expanduser() / f"{folder.name}-{tag}{CACHE_SUFFIX}"
+        return cache_root() / f"{folder.name}-{tag}{CACHE_SUFFIX}"
     raise LoaderError(f"{folder.parent} is not writable, so the INT8 cache of the decoder layers that stream from "
                       f"disk cannot be written next to the model; set {CACHE_ENV}=<a folder on a fast SSD>, convert "
                       f"the model once with `headroom convert {folder} <new folder>` and load that, or raise "
