@@ -19,7 +19,7 @@ import torch
 from ...memory.disk import SafetensorsSource, cache_root
 from ...quant.convert import convert_file
 from ...quant.formats.metadata import is_headroom_metadata
-from ...quant.safetensors_stream import read_header
+from ...quant.safetensors_stream import Header
 from .ops import Int8LoadConfig, Int8LoadError
 
 # Key prefixes ComfyUI strips from a diffusion model's file (``unet_prefix_from_state_dict``), most specific first.
@@ -41,10 +41,11 @@ def _cache_name(source: Path, config: Int8LoadConfig) -> str:
     return f"{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}-int8.safetensors"
 
 
-def int8_file_for_disk(path: str, config: Int8LoadConfig) -> tuple[str, bool]:
-    """``(file the disk tier streams from, whether it was written now)``: ``path`` itself when headroom wrote it as
-    INT8, else its INT8 conversion in the cache (written once). Int8LoadError for what cannot be streamed."""
-    header = read_header(path)
+def int8_file_for_disk(header: Header, config: Int8LoadConfig) -> tuple[str, bool]:
+    """``(file the disk tier streams from, whether it was written now)`` for the file ``header`` describes: that file
+    itself when headroom wrote it as INT8, else its INT8 conversion in the cache (written once). Int8LoadError for
+    what cannot be streamed."""
+    path = str(header.path)
     comfy_layout = any(name.endswith(".comfy_quant") for name in header.tensors)
     if is_headroom_metadata(header.metadata) and not comfy_layout:
         return path, False
@@ -84,17 +85,17 @@ def source_for(path: str, model) -> SafetensorsSource:
                         "cannot be streamed from it. Convert the file with 'headroom convert' or set ram_budget_gb to 0.")
 
 
-def float_dtype_of(path: str) -> torch.dtype | None:
+def float_dtype_of(header: Header) -> torch.dtype | None:
     """The dtype of the file's float tensors (the most bytes): the disk tier streams them as stored, so the model's
     float layers must hold that dtype too."""
     counts: dict = {}
-    for info in read_header(path).tensors.values():
+    for info in header.tensors.values():
         if info.dtype.is_floating_point:
             counts[info.dtype] = counts.get(info.dtype, 0) + info.nbytes
     return max(counts, key=counts.get) if counts else None
 
 
-def planned_disk_blocks(path: str, blocks_resident: int, ram_budget_bytes: int) -> tuple[str, ...]:
+def planned_disk_blocks(header: Header, blocks_resident: int, ram_budget_bytes: int) -> tuple[str, ...]:
     """The blocks the streamer will read from disk, planned from the file's header alone (the same planner and
     inputs as at load time, on the same bytes), so the load can leave their linear layers without data. Names
     are the model's (the file's key prefix removed). A block planned otherwise later is still correct: the
@@ -102,10 +103,9 @@ def planned_disk_blocks(path: str, blocks_resident: int, ram_budget_bytes: int) 
     from ...memory.doctor import DoctorError, header_model
     from ...memory.planner import plan_placement
 
-    keys = list(read_header(path).tensors)
-    prefix = next((p for p in KEY_PREFIXES if all(k.startswith(p) for k in keys)), "")
+    prefix = next((p for p in KEY_PREFIXES if all(k.startswith(p) for k in header.tensors)), "")
     try:
-        tree = header_model([Path(path)])
+        tree = header_model([header.path])
     except DoctorError:  # names that do not form a module tree: load every block, the streamer parks them
         return ()
     plan = plan_placement(tree, 1 << 62, (), blocks_resident, devices=["cpu"], ram_budget_bytes=ram_budget_bytes)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ...kernels.int8 import FP8_DTYPES
-from ...quant.safetensors_stream import read_header
+from ...quant.safetensors_stream import Header, read_header
 from ...units import GB
 from .disk_tier import float_dtype_of, int8_file_for_disk, planned_disk_blocks, source_for
 from .fused import install_fused_blocks
@@ -21,9 +21,8 @@ from .ops import NATIVE_SKIP_PATTERNS, TEXT_ENCODER_SKIP_PATTERNS, Int8LoadConfi
 from .patcher import adopt_patcher
 
 
-def _file_dtype_summary(path: str) -> tuple[dict, torch.dtype | None, int]:
+def _file_dtype_summary(header: Header) -> tuple[dict, torch.dtype | None, int]:
     """(metadata, dominant float dtype of 2-D weights, total bytes) from the header only."""
-    header = read_header(path)
     counts: dict = {}
     for name, info in header.tensors.items():
         if name.endswith(".weight") and len(info.shape) == 2:
@@ -51,13 +50,16 @@ def load_int8_diffusion_model(path: str, config: Int8LoadConfig, budget_bytes: i
                          "(how many blocks stay on the GPU) as well, or ram_budget_gb to 0")
     import comfy.sd
 
+    header = read_header(path)
     source_path, cache_written = path, False
     if ram_budget_bytes:
-        source_path, cache_written = int8_file_for_disk(path, config)
+        source_path, cache_written = int8_file_for_disk(header, config)
+        if source_path != str(header.path):  # the INT8 cache of a float file
+            header = read_header(source_path)
         config = dataclasses.replace(  # streamed as stored: the kept-float layers hold the file's dtype
-            config, float_dtype=config.float_dtype or float_dtype_of(source_path),
-            disk_blocks=planned_disk_blocks(source_path, blocks_resident, ram_budget_bytes))
-    metadata, dominant, _ = _file_dtype_summary(source_path)
+            config, float_dtype=config.float_dtype or float_dtype_of(header),
+            disk_blocks=planned_disk_blocks(header, blocks_resident, ram_budget_bytes))
+    metadata, dominant, _ = _file_dtype_summary(header)
     config.file_metadata = metadata
     record = LoadLog(progress=progress)
     record.disk_file = source_path if ram_budget_bytes else None
@@ -94,7 +96,7 @@ def load_int8_text_encoder(paths: Sequence[str], clip_type, config: Int8LoadConf
     """``(CLIP, LoadLog)``: ComfyUI's text encoder(s) with INT8 linear layers (``te_model_options`` hook)."""
     import comfy.sd
 
-    metadata, _, _ = _file_dtype_summary(paths[0])
+    metadata, _, _ = _file_dtype_summary(read_header(paths[0]))
     if tuple(config.default_skips) == NATIVE_SKIP_PATTERNS:
         config = dataclasses.replace(config, default_skips=TEXT_ENCODER_SKIP_PATTERNS)
     config.file_metadata = metadata

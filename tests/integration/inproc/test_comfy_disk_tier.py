@@ -173,10 +173,11 @@ def test_loading_a_disk_tier_model_holds_less_than_its_size(workdir, cache, monk
     import sys
 
     from comfyui_headroom.integrations.comfyui.disk_tier import int8_file_for_disk
+    from comfyui_headroom.quant.safetensors_stream import read_header
 
     path = workdir / "flux_disk_rss.safetensors"
     save_file(flux_state_dict(depth=1, single=24, seed=9), str(path))
-    int8_path, written = int8_file_for_disk(str(path), Int8LoadConfig())
+    int8_path, written = int8_file_for_disk(read_header(str(path)), Int8LoadConfig())
     model_bytes = os.path.getsize(int8_path)
     env = dict(os.environ, HEADROOM_CACHE=str(cache.parent), PYTHONPATH=os.pathsep.join(sys.path))
     out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(path), str(100 * MB)], capture_output=True, text=True,
