@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     from comfyui_headroom.integrations.hunyuan3.generate import restore_model, soft_unload_model
     from comfyui_headroom.integrations.hunyuan3.loader import load_hf_model
     from comfyui_headroom.integrations.hunyuan3.placement import manual_device_map
+    from comfyui_headroom.memory.doctor import pinned_h2d_speed
     from transformers import AutoModelForCausalLM
 
     folder = Path("/tmp/hy3_wide")
@@ -141,17 +142,6 @@ def main(argv=None) -> int:
         row["streamer"] = loaded.streamer.summary()
         return row
 
-    def pinned_h2d_gbps() -> float:
-        host = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
-        dev = torch.empty_like(host, device="cuda")
-        dev.copy_(host, non_blocking=True)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(4):
-            dev.copy_(host, non_blocking=True)
-        torch.cuda.synchronize()
-        return 4 / (time.perf_counter() - t)
-
     def headroom_int8_streaming():
         # our INT8 engine with the same half of the layers in pinned RAM
         loaded = load_hf_model(folder, "int8", trust_remote_code=True, device_map="manual", gpu_layers=half)
@@ -159,7 +149,7 @@ def main(argv=None) -> int:
         row["streamer"] = loaded.streamer.summary()
         streamed = loaded.streamer.streamed_bytes
         row["streamed_gb"] = streamed / 2**30
-        row["pinned_h2d_gbps"] = pinned_h2d_gbps()
+        row["pinned_h2d_gbps"] = pinned_h2d_speed(1 << 30)
         resident_s = rows.get("headroom int8 resident", {}).get("s_per_step", 0.0)
         # each step moves every streamed layer once per transformer pass (CFG off: one pass per step)
         row["bound_s"] = max(resident_s, row["streamed_gb"] / row["pinned_h2d_gbps"])
