@@ -118,7 +118,7 @@ def kitchen_file(sd: dict, path: str, dev) -> str:
     return path
 
 
-def measure(patcher, make_inputs, iters: int, cuda: bool) -> dict:
+def measure(patcher, make_inputs, iters: int, cuda: bool, profile: bool = False) -> dict:
     """Median step (ms), peak VRAM (GB), attention share, and the output of one step."""
     import comfy.model_management as mm
     import torch
@@ -164,10 +164,30 @@ def measure(patcher, make_inputs, iters: int, cuda: bool) -> dict:
             total = start.elapsed_time(end)
             steps.append(total)
             shares.append(sum(a.elapsed_time(b) for a, b in attention_events) / total)
-    return {"step_ms": round(statistics.median(steps), 3) if steps else None,
-            "peak_vram_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-            "attention_share": round(statistics.median(shares), 3) if shares else None,
-            "output": out.float().cpu()}
+    result = {"step_ms": round(statistics.median(steps), 3) if steps else None,
+              "peak_vram_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+              "attention_share": round(statistics.median(shares), 3) if shares else None,
+              "output": out.float().cpu()}
+    if profile and cuda:
+        result["kernels"] = top_kernels(step)
+    return result
+
+
+def top_kernels(step, calls: int = 3, top: int = 15) -> list:
+    """The GPU kernels of ``calls`` steps under torch.profiler, most time first: ``[name, ms per step, count per
+    step]`` for the ``top`` ones and the rest summed (where a variant's step time goes)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    rows = [[e.key[:90], round(e.device_time_total / 1000 / calls, 3), e.count // calls] for e in events[:top]]
+    rest = sum(e.device_time_total for e in events[top:]) / 1000 / calls
+    return rows + [["(all other kernels)", round(rest, 3), sum(e.count for e in events[top:]) // calls]]
 
 
 def run_family(name, spec, args, cuda, dev) -> dict:
@@ -197,7 +217,7 @@ def run_family(name, spec, args, cuda, dev) -> dict:
     rows, outputs = [], {}
     for variant, load in variants.items():
         patcher = load()
-        result = measure(patcher, make_inputs, args.iters, cuda)
+        result = measure(patcher, make_inputs, args.iters, cuda, args.profile)
         outputs[variant] = result.pop("output")
         if variant.startswith("headroom"):
             result["fused"] = fused_stats(patcher.model.diffusion_model)
@@ -240,6 +260,7 @@ def main() -> None:
     ap.add_argument("--min-features", type=int, default=1024)
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--small", action="store_true", help="tiny widths (a smoke test of the script)")
+    ap.add_argument("--profile", action="store_true", help="also list each variant's top GPU kernels (torch.profiler)")
     ap.add_argument("--doc", default=None, help="write the section into this PERFORMANCE.md")
     args = ap.parse_args()
     sys.path.insert(0, args.comfy)
