@@ -32,13 +32,21 @@ def check_args(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         )
     if not x.is_floating_point():
         raise ValueError(f"int8_linear: input must be floating point, got {x.dtype}")
-    if weight.device != x.device or weight_scale.device != x.device:
-        raise ValueError(
-            f"int8_linear: input on {x.device} but weight on {weight.device} and scale on "
-            f"{weight_scale.device}; move the layer to the input's device"
-        )
+    check_layer_device("int8_linear", x.device, weight, weight_scale, bias)
     if block_size < 1:
         raise ValueError(f"int8_linear: block_size must be >= 1, got {block_size}")
+
+
+def check_layer_device(what: str, device: torch.device, weight: torch.Tensor, weight_scale: torch.Tensor,
+                       bias) -> None:
+    """ValueError unless the layer's weight, scale and bias are on the activation's ``device``: a kernel handed a
+    tensor from elsewhere (a bias left on ``meta`` by an offloading hook, say) reads a wrong address and brings the
+    whole CUDA context down."""
+    if (weight.device != device or weight_scale.device != device
+            or (bias is not None and bias.device != device)):
+        raise ValueError(
+            f"{what}: input on {device} but weight on {weight.device}, scale on {weight_scale.device}"
+            + ("" if bias is None else f" and bias on {bias.device}") + "; move the layer to the input's device")
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

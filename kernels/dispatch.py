@@ -36,7 +36,7 @@ import types
 
 import torch
 
-from .backends import BACKENDS, BACKENDS_INT8_INPUT, KERNELS, check_args, int_mm_supports
+from .backends import BACKENDS, BACKENDS_INT8_INPUT, KERNELS, check_args, check_layer_device, int_mm_supports
 from .configs import arch_of, capability
 from .support import HAS_TRITON, KernelUnsupported, interpreting
 
@@ -463,9 +463,9 @@ def check_int8_rows(qa: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tenso
 
 def _int8_input_normal(qa, a_scale, weight, weight_scale, bias, out_dtype, block_size) -> torch.Tensor:
     check_int8_rows(qa, a_scale, weight)
-    if qa.device != weight.device or a_scale.device != weight.device:
-        raise ValueError(f"int8_linear_int8_input: activation on {qa.device}, scales on {a_scale.device}, weight on "
-                         f"{weight.device}; move the layer to the activation's device")
+    if a_scale.device != qa.device:
+        raise ValueError(f"int8_linear_int8_input: INT8 rows on {qa.device} but their scales on {a_scale.device}")
+    check_layer_device("int8_linear_int8_input", qa.device, weight, weight_scale, bias)
     kernel = choose_kernel(qa, weight, weight_scale)
     if kernel not in BACKENDS_INT8_INPUT:  # e.g. the weight-only kernel at small M, which wants float input
         kernel = "reference"

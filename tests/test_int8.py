@@ -71,3 +71,22 @@ def test_bad_inputs_are_named():
         quantize_weight(torch.randn(4, 4, 4))
     with pytest.raises(ValueError, match="already"):
         quantize_weight(torch.zeros(4, 4, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("where", ["weight_scale", "bias"])
+def test_a_layer_tensor_on_another_device_is_refused_before_any_kernel(where, gen):
+    """A kernel given a bias or scale from another device (an offloading hook that left the bias on ``meta``, say)
+    would read a wrong address and, on a GPU, take the whole CUDA context down: both GEMM entry points refuse it."""
+    from comfyui_headroom.kernels import int8_linear
+    from comfyui_headroom.kernels.dispatch import int8_linear_int8_input
+
+    x = torch.randn(6, 32, generator=gen).to(torch.bfloat16)
+    qw, sw = quantize_weight(torch.randn(16, 32, generator=gen))
+    bias = torch.randn(16, generator=gen)
+    scale = sw.to("meta") if where == "weight_scale" else sw
+    b = bias.to("meta") if where == "bias" else bias
+    with pytest.raises(ValueError, match=f"{'bias' if where == 'bias' else 'scale'} on meta.*move the layer"):
+        int8_linear(x, qw, scale, b)
+    qa, sa = quantize_activation(x)
+    with pytest.raises(ValueError, match=f"{'bias' if where == 'bias' else 'scale'} on meta.*move the layer"):
+        int8_linear_int8_input(qa, sa, qw, scale, b, torch.bfloat16)
