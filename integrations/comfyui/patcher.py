@@ -79,6 +79,24 @@ def drop_lowvram_patches(modules: dict) -> None:
                                       if not (getattr(f, "is_lowvram_patch", False) and f.key == key)]
 
 
+def branch_bytes_off_cpu(modules: dict) -> int:
+    """Bytes of the layers' side branches held outside the CPU (VRAM ComfyUI should count as the model's)."""
+    return sum(t.numel() * t.element_size() for module in modules.values() for down, up, _ in module.lora
+               for t in (down, up) if t.device.type != "cpu")
+
+
+def park_branches_of_offloaded_layers(modules: dict, patches: dict, dtype: torch.dtype) -> int:
+    """After ComfyUI moved some INT8 weights back to the CPU (a partial unload), their side branches follow:
+    rebuilt as CPU copies (``apply_side_branches`` moves them to the input per call, as it does for
+    ``lora_offload``). Returns the branch bytes that left the GPU."""
+    offloaded = {key: module for key, module in modules.items()
+                 if module.lora and module.weight.device.type == "cpu"}
+    before = branch_bytes_off_cpu(offloaded)
+    if before:
+        attach_side_branches(offloaded, patches, None, dtype)
+    return before
+
+
 def inference_lora_dtype(model) -> torch.dtype:
     """The dtype LoRA side branches compute in: the model's inference dtype where it is a float one ComfyUI
     computes in (not fp8), else float32."""
@@ -165,6 +183,9 @@ def patcher_class():
             super().load(device_to, lowvram_model_memory=lowvram_model_memory,
                          force_patch_weights=force_patch_weights, full_load=full_load)
             self._attach_side_branches(device_to)
+            # partial loading: branches of the layers ComfyUI left on the CPU stay there with them
+            park_branches_of_offloaded_layers(self._int8_modules(), self.patches, inference_lora_dtype(self.model))
+            self.model.model_loaded_weight_memory += branch_bytes_off_cpu(self._int8_modules())
 
         def load_streaming(self, device_to: torch.device) -> None:
             """Keep ``headroom_blocks_resident`` blocks on ``device_to``, stream the rest from pinned RAM - and,
@@ -209,13 +230,23 @@ def patcher_class():
                 self.model.model_lowvram = False
                 self.model.current_weight_patches_uuid = self.patches_uuid
                 self._attach_side_branches(device_to)
+                self.model.model_loaded_weight_memory += branch_bytes_off_cpu(self._int8_modules())
 
         def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
             if self._split() or self._streaming():
                 return 0  # all or nothing: ComfyUI then unloads the model (unpatch_model)
             freed = super().partially_unload(device_to, memory_to_free, force_patch_weights)
             self._drop_own_lowvram_patches()
-            return freed
+            parked = park_branches_of_offloaded_layers(self._int8_modules(), self.patches,
+                                                       inference_lora_dtype(self.model))
+            self.model.model_loaded_weight_memory -= parked
+            if freed + parked:
+                # hand the freed blocks back to the driver: under DynamicVRAM the next model's weights are
+                # allocated outside torch's caching allocator and cannot reuse its cached blocks
+                import comfy.model_management
+
+                comfy.model_management.soft_empty_cache()
+            return freed + parked
 
         def _streaming(self) -> bool:
             dm = getattr(self.model, "diffusion_model", None)

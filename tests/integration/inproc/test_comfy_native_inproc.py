@@ -105,6 +105,37 @@ def test_stock_lora_loader_path_gives_side_branches(stock, int8, flux_file, inpu
     assert all(not m.lora for _, m in layers) and torch.allclose(again, base_int8)
 
 
+def test_partial_unload_takes_side_branches_off_the_gpu_with_their_weights(int8, flux_file, inputs):
+    """When ComfyUI moves INT8 weights back to the CPU to make room (a dynamic model in the next prompt, say), their
+    LoRA side branches leave the GPU too and count as freed; the output stays the same. No GPU here: the branches
+    ComfyUI would have on the GPU are stood in for by meta tensors (any device but the CPU)."""
+    from comfyui_headroom.integrations.comfyui.patcher import branch_bytes_off_cpu
+
+    lora = flux_lora_state_dict(load_file(flux_file), std=0.1)
+    patched, _ = comfy.sd.load_lora_for_models(int8[0], None, lora, 1.0, 0)
+    expected = run(patched, inputs)  # loads (on the CPU): branches attached, on the CPU
+    layers = {name: m for name, m in int8_layers(patched.model) if m.lora}
+    assert layers and branch_bytes_off_cpu(layers) == 0
+    on_cpu = {name: list(m.lora) for name, m in layers.items()}
+    for m in layers.values():
+        m.lora = [(down.to("meta"), up.to("meta"), scale) for down, up, scale in m.lora]
+    off_cpu = branch_bytes_off_cpu(layers)
+    assert off_cpu == sum(t.numel() * t.element_size() for branches in on_cpu.values()
+                          for down, up, _ in branches for t in (down, up))
+    patched.model.model_loaded_weight_memory += off_cpu  # what load counted for them
+    loaded = patched.model.model_loaded_weight_memory
+    freed = patched.partially_unload(torch.device("cpu"), memory_to_free=1)
+    assert freed >= off_cpu and patched.model.model_loaded_weight_memory == loaded - freed
+    assert branch_bytes_off_cpu(layers) == 0
+    for name, m in layers.items():
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
+                   for a, b in zip(m.lora, on_cpu[name]))
+    with torch.no_grad():
+        again = patched.model.diffusion_model(inputs["x"], inputs["t"], context=inputs["context"],
+                                              y=inputs["y"]).float()
+    assert torch.equal(again, expected)
+
+
 def test_diffusers_lora_with_offsets(stock, int8, inputs):
     # diffusers-style Flux LoRA on to_q of a single block: ComfyUI maps it to a row slice of linear1
     g = torch.Generator().manual_seed(5)
