@@ -211,11 +211,11 @@ if not _registered("quantize_heads"):
 if not _registered("gelu_quantize"):
 
     @torch.library.custom_op(f"{NAMESPACE}::gelu_quantize", mutates_args=())
-    def gelu_quantize(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return _contiguous_rows(producers.gelu_quantize_eager(x))
+    def gelu_quantize(x: torch.Tensor, approximate: str = "tanh") -> Tuple[torch.Tensor, torch.Tensor]:
+        return _contiguous_rows(producers.gelu_quantize_eager(x, approximate))
 
     @gelu_quantize.register_fake
-    def _(x):
+    def _(x, approximate="tanh"):
         k = x.shape[-1]
         return _fake_rows(x.numel() // k, k, x)
 

@@ -11,7 +11,7 @@ says whether a layer can take a producer's output for a call: ``takes_int8_input
 
 * :func:`norm_modulate_quantize` - (optional gated residual) + LayerNorm + ``* (1 + scale) + shift`` + INT8;
 * :func:`quantize_heads`         - the attention output ``[B, H, N, D]`` as ``[B*N, H*D]`` rows, in INT8;
-* :func:`gelu_quantize`          - tanh-GELU + INT8;
+* :func:`gelu_quantize`          - GELU (tanh or exact) + INT8;
 * :func:`silu_mul_quantize`      - ``silu(gate) * up`` + INT8 (SwiGLU MLPs: Flux 2, Z-Image);
 * :func:`rms_norm_scale_quantize` - RMSNorm (optional weight) + ``* (1 + scale)`` + INT8 (Z-Image / Lumina 2);
 * :func:`heads_activation_quantize` - ``[attention heads | GELU or SiLU gate of the MLP]`` as one INT8 row (a
@@ -119,20 +119,23 @@ def quantize_heads_eager(o: torch.Tensor) -> Int8Rows:
     return Int8Rows(*quantize_activation(o.transpose(1, 2).reshape(b * n, h * d)))
 
 
-def gelu_quantize(x: torch.Tensor) -> Int8Rows:
-    """INT8 rows of ``F.gelu(x, approximate="tanh")`` for ``x [..., K]``, flattened to ``[M, K]``."""
+def gelu_quantize(x: torch.Tensor, approximate: str = "tanh") -> Int8Rows:
+    """INT8 rows of ``F.gelu(x, approximate=approximate)`` for ``x [..., K]``, flattened to ``[M, K]``: ``"tanh"``
+    (Flux, Wan) or ``"none"``, the exact erf form (Kandinsky 5)."""
+    if approximate not in ("tanh", "none"):
+        raise ValueError(f"gelu_quantize: approximate={approximate!r}; use 'tanh' or 'none', as F.gelu")
     if torch.compiler.is_compiling():
-        return Int8Rows(*torch.ops.headroom.gelu_quantize(x))
-    return gelu_quantize_eager(x)
+        return Int8Rows(*torch.ops.headroom.gelu_quantize(x, approximate))
+    return gelu_quantize_eager(x, approximate)
 
 
-def gelu_quantize_eager(x: torch.Tensor) -> Int8Rows:
+def gelu_quantize_eager(x: torch.Tensor, approximate: str = "tanh") -> Int8Rows:
     x2 = _rows(x)
     if _triton_here(x2):
         from .triton_quant import quantize_rows
 
-        return Int8Rows(*quantize_rows(x2, gelu=True))
-    return Int8Rows(*quantize_activation(F.gelu(x2.float(), approximate="tanh")))
+        return Int8Rows(*quantize_rows(x2, gelu=approximate))
+    return Int8Rows(*quantize_activation(F.gelu(x2.float(), approximate=approximate)))
 
 
 def silu_mul_quantize(gate: torch.Tensor, up: torch.Tensor) -> Int8Rows:

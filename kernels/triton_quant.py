@@ -9,8 +9,9 @@ per element, which made the kernel compute bound. ``q`` can differ from the divi
 torch's CUDA result. Rows up to ``max_single_pass`` elements are loaded once into registers (read 2
 bytes, write 1 byte per element: memory bound); longer rows take a second read.
 
-``GELU=True`` applies tanh-GELU to each value before it is quantized: the MLP's activation and the next
-layer's quantization in one pass (:func:`comfyui_headroom.kernels.producers.gelu_quantize`).
+``GELU`` applies GELU to each value before it is quantized (1: the tanh approximation, 2: the exact erf form):
+the MLP's activation and the next layer's quantization in one pass
+(:func:`comfyui_headroom.kernels.producers.gelu_quantize`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,22 @@ def gelu_tanh(x):
 
 
 @triton.jit
+def gelu_erf(x):
+    """``F.gelu(x)`` (exact) in float32: 0.5 x (1 + erf(x / sqrt 2))."""
+    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu(x, GELU: tl.constexpr):
+    """``x`` through the GELU that ``GELU`` names (0: none); gelu(0) = 0 keeps masked lanes out of a row's amax."""
+    if GELU == 1:
+        x = gelu_tanh(x)
+    elif GELU == 2:
+        x = gelu_erf(x)
+    return x
+
+
+@triton.jit
 def _row_scale(amax):
     scale = tl.where(amax > 0.0, amax * 0.007874015718698502, 1.0)  # fl32(1/127)
     return scale, 1.0 / scale
@@ -60,9 +77,7 @@ def _quantize_rows_kernel(
     if SINGLE_PASS:
         offs = tl.arange(0, BLOCK_K)
         mask = offs < K
-        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        if GELU:
-            x = gelu_tanh(x)  # gelu(0) = 0: masked lanes stay out of the row's amax
+        x = _gelu(tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32), GELU)
         amax = tl.max(tl.abs(x), axis=0)
         scale, inv_scale = _row_scale(amax)
         tl.store(q_row + offs, _quantize_value(x, inv_scale), mask=mask)
@@ -70,18 +85,14 @@ def _quantize_rows_kernel(
         amax_vec = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-            if GELU:
-                x = gelu_tanh(x)
+            x = _gelu(tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32), GELU)
             amax_vec = tl.maximum(amax_vec, tl.abs(x))
         amax = tl.max(amax_vec, axis=0)
         scale, inv_scale = _row_scale(amax)
         for k0 in range(0, K, BLOCK_K):
             offs = k0 + tl.arange(0, BLOCK_K)
             mask = offs < K
-            x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-            if GELU:
-                x = gelu_tanh(x)
+            x = _gelu(tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32), GELU)
             tl.store(q_row + offs, _quantize_value(x, inv_scale), mask=mask)
     tl.store(scale_ptr + row, scale)
 
@@ -97,20 +108,26 @@ def row_block(k: int) -> tuple[int, bool, int]:
     return block, single, cfg.num_warps if block >= 2048 else 4
 
 
-def launch_args(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, gelu: bool = False):
+GELU_MODES = {None: 0, "tanh": 1, "none": 2}  # ``approximate`` as F.gelu spells it -> the kernel's GELU
+
+
+def launch_args(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, gelu: str | None = None):
     """(grid, runtime args, keyword args) of the quantization launch for a 2-D ``x``: shared by
     :func:`quantize_rows` and the launch plans (:mod:`.plans`)."""
+    if gelu not in GELU_MODES:
+        raise ValueError(f"quantize_rows: gelu={gelu!r}; use None, 'tanh' or 'none' (exact), as F.gelu's approximate")
     m, k = x.shape
     block, single, warps = row_block(k)
     # Every constexpr by keyword, defaults included: the launcher keeps only such calls (kernels/launch.py).
-    return (m,), (x, q, scale, k, x.stride(0)), dict(BLOCK_K=block, SINGLE_PASS=single, GELU=gelu, num_warps=warps)
+    return (m,), (x, q, scale, k, x.stride(0)), dict(BLOCK_K=block, SINGLE_PASS=single, GELU=GELU_MODES[gelu],
+                                                     num_warps=warps)
 
 
 def quantize_rows(
-    x: torch.Tensor, q_out: torch.Tensor | None = None, scale_out: torch.Tensor | None = None, gelu: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, q_out: torch.Tensor | None = None, scale_out: torch.Tensor | None = None,
+    gelu: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [M, K]`` (unit column stride) -> ``(int8 [M, K], float32 [M])``; optional preallocated outputs;
-    ``gelu=True`` quantizes ``gelu_tanh(x)`` instead of ``x``."""
+    ``gelu="tanh"`` / ``"none"`` quantizes ``F.gelu(x, approximate=gelu)`` instead of ``x``."""
     if x.ndim != 2 or x.stride(1) != 1:
         raise ValueError(f"quantize_rows expects a 2-D tensor with contiguous rows, got {tuple(x.shape)} {x.stride()}")
     m, k = x.shape

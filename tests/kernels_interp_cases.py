@@ -185,13 +185,14 @@ def test_quantize_heads_kernel_reads_the_transposed_rows(gen):
         assert torch.equal(rows.q, q) and torch.equal(rows.scale, s)
 
 
+@pytest.mark.parametrize("approximate", ["tanh", "none"])  # Flux's GELU, Kandinsky 5's exact one
 @pytest.mark.parametrize("k", [96, 200])  # 200 > QUANT.max_single_pass: the two-pass loop
-def test_gelu_quantize_kernel(k, gen):
+def test_gelu_quantize_kernel(k, approximate, gen):
     from comfyui_headroom.kernels import producers
 
     x = (2 * torch.randn(7, k, generator=gen)).to(BF16)
-    rows = producers.gelu_quantize(x)
-    _close_int8(rows, torch.nn.functional.gelu(x.double(), approximate="tanh"))
+    rows = producers.gelu_quantize(x, approximate)
+    _close_int8(rows, torch.nn.functional.gelu(x.double(), approximate=approximate))
 
 
 def test_producer_fed_layers_match_the_plain_block(gen):

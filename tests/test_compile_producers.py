@@ -151,6 +151,7 @@ def _op_samples(gen):
         (ops.norm_modulate_quantize_residual, (x, shift, scale, 1e-6, y, gate)),
         (ops.quantize_heads, (torch.randn(2, 4, 5, 16, generator=gen).to(BF16),)),
         (ops.gelu_quantize, (x,)),
+        (ops.gelu_quantize, (x, "none")),
         (ops.silu_mul_quantize, halves),
         (ops.rms_norm_scale_quantize, (x, torch.ones(64, dtype=BF16), scale, 1e-5)),
         (ops.rms_norm_scale_quantize, (x, None, scale, 1e-5)),
@@ -158,7 +159,7 @@ def _op_samples(gen):
     ]
 
 
-@pytest.mark.parametrize("index", range(8))
+@pytest.mark.parametrize("index", range(9))
 def test_op_fakes_match_the_real_ops(index, gen):
     """torch.library.opcheck: schema, fake implementation (shapes, dtypes, strides) vs the real op, AOT dispatch."""
     op, args = _op_samples(gen)[index]

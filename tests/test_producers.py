@@ -77,6 +77,9 @@ def test_quantize_heads_and_gelu_torch_paths(gen):
     assert torch.equal(rows.q, q) and torch.equal(rows.scale, s)
     x = (2 * torch.randn(4, 3, 40, generator=gen)).to(BF16)
     _check_rows(producers.gelu_quantize(x), F.gelu(x.double(), approximate="tanh").reshape(12, 40))
+    _check_rows(producers.gelu_quantize(x, "none"), F.gelu(x.double()).reshape(12, 40))
+    with pytest.raises(ValueError, match="approximate='erf'"):
+        producers.gelu_quantize(x, "erf")
 
 
 def test_silu_mul_and_rms_norm_scale_torch_paths(gen):
@@ -166,6 +169,7 @@ def test_triton_quantize_heads_and_gelu_on_gpu(gen):
         assert torch.equal(rows.q, q) and torch.equal(rows.scale, s)
     x = (2 * torch.randn(300, 12288, generator=gen)).to(BF16).cuda()
     _check_rows(producers.gelu_quantize(x), F.gelu(x.double(), approximate="tanh"))
+    _check_rows(producers.gelu_quantize(x, "none"), F.gelu(x.double()))
 
 
 @CUDA

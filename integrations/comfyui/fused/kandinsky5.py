@@ -12,12 +12,11 @@ it); what changes is only where the INT8 layers' inputs come from:
 * the cross-attention's ``to_key`` / ``to_value`` read the text context (not modulated): its rows are quantized
   once per call (``pieces.quantize_rows``) and feed both;
 * the attention output stays ``[B, H, N, D]`` (``skip_output_reshape``) and is quantized from there for
-  ``out_layer`` (``quantize_heads``), no transpose copy.
+  ``out_layer`` (``quantize_heads``), no transpose copy;
+* the MLP's activation, ``nn.GELU()`` in its exact (erf) form, is fused with the quantization of ``out_layer``'s input
+  (``gelu_quantize(h, approximate="none")``).
 
-Torch ops rather than a fused producer: the MLP's activation is ``nn.GELU()`` with the exact (erf) form, which the
-tanh ``gelu_quantize`` does not compute: it runs as ComfyUI's module and its output is quantized with
-``quantize_activation`` (a tanh-GELU MLP would take ``gelu_quantize``). q/k RMSNorms (``query_norm`` / ``key_norm``,
-their modules) and RoPE (``apply_rope1`` as the module bound it) are ComfyUI's. Attention is
+Torch ops rather than a fused producer: q/k RMSNorms (``query_norm`` / ``key_norm``, their modules) and RoPE (``apply_rope1`` as the module bound it) are ComfyUI's. Attention is
 ``comfy.ldm.kandinsky5.model.optimized_attention`` (``--use-sage-attention`` etc. keep working).
 
 ComfyUI splits sequences longer than 8192 tokens into chunks for the q/k projections + norm + RoPE and for the MLP,
@@ -115,9 +114,7 @@ def _cross_attention(attn, rows, shape, context, transformer_options, dtype) -> 
 def _activation_producer(act):
     if not isinstance(act, nn.GELU):
         raise FallBack(f"MLP activation {type(act).__name__}")
-    if act.approximate == "tanh":
-        return gelu_quantize
-    return lambda h: quantize_rows(act(h))  # exact GELU: torch op, then quantize
+    return lambda h: gelu_quantize(h, approximate=act.approximate)  # "none" (exact) in Kandinsky 5, or "tanh"
 
 
 def _feed_forward(ff, rows, shape, dtype) -> torch.Tensor:
