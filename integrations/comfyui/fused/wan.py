@@ -17,8 +17,8 @@ comes from:
   ``norm3`` is an Identity (``cross_attn_norm`` off) the residual is a torch ``addcmul`` and the rows are
   quantized with ``pieces.quantize_rows``. The text context (and for I2V the CLIP image
   context) is quantized once per call and feeds both k and v (k_img and v_img);
-* FFN: ``x + cross_attn`` is a torch add (the producer's residual always has a gate), then ``norm2`` +
-  modulation (``e[3]``, ``e[4]``) write fc1's rows, the tanh GELU is fused with fc2's quantization, and the
+* FFN: the residual ``x + cross_attn`` (a gate of ones), ``norm2`` and its modulation (``e[3]``, ``e[4]``) write
+  fc1's rows in one producer, the tanh GELU is fused with fc2's quantization, and the
   last gated residual is ComfyUI's ``addcmul``.
 
 ComfyUI's forward runs instead (:class:`~.pieces.FallBack`) for: per-token modulation (Wan 2.2 TI2V's ``e`` of
@@ -108,6 +108,11 @@ def _modulation(block, e: torch.Tensor, x: torch.Tensor) -> list:
     return [per_image(t, b, width, "Wan block") for t in parts]
 
 
+def _ones_like_rows(t: torch.Tensor) -> torch.Tensor:
+    """Ones in ``t``'s shape and strides: the producer reads shift, scale and gate with one row stride."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).fill_(1)
+
+
 def _norm3_rows(norm, x, y, gate):
     """``x + gate * y`` and the INT8 rows of ``norm3`` of it (the cross-attention query's input)."""
     b, _, width = x.shape
@@ -189,9 +194,11 @@ def wan_attention_block(block, mode, x, e, freqs, context, context_img_len=257,
     y = _self_attention(block.self_attn, rows, freqs, b, n, dtype, transformer_options)
     rows, x = _norm3_rows(block.norm3, x, y, gate1)
     del y
-    x = x + _cross_attention(block.cross_attn, rows, context, context_img_len, b, n, dtype, transformer_options)
-
-    rows, _ = norm_modulate_quantize(x, shift2, scale2, block.norm2.eps)
+    y = _cross_attention(block.cross_attn, rows, context, context_img_len, b, n, dtype, transformer_options)
+    # the ungated residual x + y folded into norm2's producer as a gate of ones (rounded to x's dtype before the
+    # norm, as ComfyUI's x + y is)
+    rows, x = norm_modulate_quantize(x, shift2, scale2, block.norm2.eps, y=y, gate=_ones_like_rows(shift2))
+    del y
     hidden = block.ffn[0].forward_int8(rows, dtype)
     y = block.ffn[2].forward_int8(gelu_quantize(hidden), dtype).view(b, n, -1)
     return torch.addcmul(x, y, gate2[:, None])
