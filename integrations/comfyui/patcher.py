@@ -80,7 +80,7 @@ def drop_lowvram_patches(modules: dict) -> None:
 
 
 def branch_bytes_off_cpu(modules: dict) -> int:
-    """Bytes of the layers' side branches held outside the CPU (VRAM ComfyUI should count as the model's)."""
+    """Bytes of the layers' side branches held outside the CPU (on the GPU)."""
     return sum(t.numel() * t.element_size() for module in modules.values() for down, up, _ in module.lora
                for t in (down, up) if t.device.type != "cpu")
 
@@ -185,7 +185,6 @@ def patcher_class():
             self._attach_side_branches(device_to)
             # partial loading: branches of the layers ComfyUI left on the CPU stay there with them
             park_branches_of_offloaded_layers(self._int8_modules(), self.patches, inference_lora_dtype(self.model))
-            self.model.model_loaded_weight_memory += branch_bytes_off_cpu(self._int8_modules())
 
         def load_streaming(self, device_to: torch.device) -> None:
             """Keep ``headroom_blocks_resident`` blocks on ``device_to``, stream the rest from pinned RAM - and,
@@ -230,16 +229,16 @@ def patcher_class():
                 self.model.model_lowvram = False
                 self.model.current_weight_patches_uuid = self.patches_uuid
                 self._attach_side_branches(device_to)
-                self.model.model_loaded_weight_memory += branch_bytes_off_cpu(self._int8_modules())
 
         def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
             if self._split() or self._streaming():
                 return 0  # all or nothing: ComfyUI then unloads the model (unpatch_model)
             freed = super().partially_unload(device_to, memory_to_free, force_patch_weights)
             self._drop_own_lowvram_patches()
+            # not in model_loaded_weight_memory: counting branches there would make ComfyUI's "offloaded" bytes
+            # (model_size - loaded_size) negative for a fully loaded model with a LoRA
             parked = park_branches_of_offloaded_layers(self._int8_modules(), self.patches,
                                                        inference_lora_dtype(self.model))
-            self.model.model_loaded_weight_memory -= parked
             if freed + parked:
                 # hand the freed blocks back to the driver: under DynamicVRAM the next model's weights are
                 # allocated outside torch's caching allocator and cannot reuse its cached blocks

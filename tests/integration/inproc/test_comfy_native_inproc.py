@@ -107,7 +107,7 @@ def test_stock_lora_loader_path_gives_side_branches(stock, int8, flux_file, inpu
 
 def test_partial_unload_takes_side_branches_off_the_gpu_with_their_weights(int8, flux_file, inputs):
     """When ComfyUI moves INT8 weights back to the CPU to make room (a dynamic model in the next prompt, say), their
-    LoRA side branches leave the GPU too and count as freed; the output stays the same. No GPU here: the branches
+    LoRA side branches leave the GPU too and count in the bytes freed; the output stays the same. No GPU here: the branches
     ComfyUI would have on the GPU are stood in for by meta tensors (any device but the CPU)."""
     from comfyui_headroom.integrations.comfyui.patcher import branch_bytes_off_cpu
 
@@ -122,11 +122,9 @@ def test_partial_unload_takes_side_branches_off_the_gpu_with_their_weights(int8,
     off_cpu = branch_bytes_off_cpu(layers)
     assert off_cpu == sum(t.numel() * t.element_size() for branches in on_cpu.values()
                           for down, up, _ in branches for t in (down, up))
-    patched.model.model_loaded_weight_memory += off_cpu  # what load counted for them
-    loaded = patched.model.model_loaded_weight_memory
     freed = patched.partially_unload(torch.device("cpu"), memory_to_free=1)
-    assert freed >= off_cpu and patched.model.model_loaded_weight_memory == loaded - freed
-    assert branch_bytes_off_cpu(layers) == 0
+    assert freed >= off_cpu and branch_bytes_off_cpu(layers) == 0
+    assert patched.model_size() >= patched.loaded_size()  # ComfyUI's offloaded bytes stay >= 0
     for name, m in layers.items():
         assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
                    for a, b in zip(m.lora, on_cpu[name]))
