@@ -16,8 +16,9 @@ it); what changes is only where the INT8 layers' inputs come from:
 * the MLP's activation, ``nn.GELU()`` in its exact (erf) form, is fused with the quantization of ``out_layer``'s input
   (``gelu_quantize(h, approximate="none")``).
 
-Torch ops rather than a fused producer: q/k RMSNorms (``query_norm`` / ``key_norm``, their modules) and RoPE (``apply_rope1`` as the module bound it) are ComfyUI's. Attention is
-``comfy.ldm.kandinsky5.model.optimized_attention`` (``--use-sage-attention`` etc. keep working).
+Torch ops rather than a fused producer: q/k RMSNorms (``query_norm`` / ``key_norm``, their modules) and RoPE
+(``apply_rope1`` as the module bound it) are ComfyUI's. Attention is ``comfy.ldm.kandinsky5.model.optimized_attention``
+(``--use-sage-attention`` etc. keep working).
 
 ComfyUI splits sequences longer than 8192 tokens into chunks for the q/k projections + norm + RoPE and for the MLP,
 to bound memory; those ops work token by token, so the answer is the same: the fused forward runs the q/k path
