@@ -10,7 +10,8 @@
   ``(q int8 [M, K], scale float32 [M])``: ``headroom::norm_modulate_quantize``,
   ``headroom::norm_modulate_quantize_residual`` (also returns the new residual stream),
   ``headroom::quantize_heads``, ``headroom::gelu_quantize``, ``headroom::silu_mul_quantize``,
-  ``headroom::rms_norm_scale_quantize``, ``headroom::heads_activation_quantize``; and
+  ``headroom::rms_norm_scale_quantize``, ``headroom::rms_norm_residual_scale_quantize`` (also returns the new
+  residual stream), ``headroom::heads_activation_quantize``; and
   ``headroom::int8_linear_int8_input``, the GEMM on such rows (:func:`.dispatch.int8_linear_int8_input`: kernel
   chosen at run time). The public functions call them only
   under ``torch.compile``; eager calls skip the dispatcher. No autograd: INT8 rows carry no gradient (layers
@@ -256,6 +257,23 @@ if not _registered("rms_norm_scale_quantize"):
     def _(x, weight, scale, eps):
         b, n, k = x.shape
         return _fake_rows(b * n, k, x)
+
+
+if not _registered("rms_norm_residual_scale_quantize"):
+
+    @torch.library.custom_op(f"{NAMESPACE}::rms_norm_residual_scale_quantize", mutates_args=())
+    def rms_norm_residual_scale_quantize(x: torch.Tensor, y: torch.Tensor, y_weight: Optional[torch.Tensor],
+                                         gate: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                                         scale: torch.Tensor, eps_y: float,
+                                         eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows, x_new = producers.rms_norm_residual_scale_quantize_eager(x, y, y_weight, gate, weight, scale, eps_y,
+                                                                        eps)
+        return (*_contiguous_rows(rows), x_new.contiguous())
+
+    @rms_norm_residual_scale_quantize.register_fake
+    def _(x, y, y_weight, gate, weight, scale, eps_y, eps):
+        b, n, k = x.shape
+        return (*_fake_rows(b * n, k, x), x.new_empty((b, n, k)))
 
 
 if not _registered("int8_linear_int8_input"):

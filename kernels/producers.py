@@ -14,6 +14,8 @@ says whether a layer can take a producer's output for a call: ``takes_int8_input
 * :func:`gelu_quantize`          - GELU (tanh or exact) + INT8;
 * :func:`silu_mul_quantize`      - ``silu(gate) * up`` + INT8 (SwiGLU MLPs: Flux 2, Z-Image);
 * :func:`rms_norm_scale_quantize` - RMSNorm (optional weight) + ``* (1 + scale)`` + INT8 (Z-Image / Lumina 2);
+* :func:`rms_norm_residual_scale_quantize` - Lumina 2 / Z-Image's seam between half-blocks: the layer output's
+  RMSNorm, ``tanh`` gate and residual add, then the above;
 * :func:`heads_activation_quantize` - ``[attention heads | GELU or SiLU gate of the MLP]`` as one INT8 row (a
   parallel block's output projection, Flux's ``linear2``);
 
@@ -187,6 +189,46 @@ def rms_norm_scale_quantize_eager(x: torch.Tensor, weight: torch.Tensor | None, 
     h = F.rms_norm(x.float(), (k,), None if weight is None else weight.float(), eps)
     h = h * (1 + scale.float()[:, None])
     return Int8Rows(*quantize_activation(h.reshape(b * n, k)))
+
+
+def rms_norm_residual_scale_quantize(x: torch.Tensor, y: torch.Tensor, y_weight: torch.Tensor | None,
+                                     gate: torch.Tensor | None, weight: torch.Tensor | None, scale: torch.Tensor,
+                                     eps_y: float = 1e-6, eps: float = 1e-6) -> tuple[Int8Rows, torch.Tensor]:
+    """``x' = x + tanh(gate) * rms_norm(y, y_weight)`` (``gate`` None: ``x + rms_norm(y, y_weight)``), each step in
+    ``x.dtype`` as torch's ops round it, then the INT8 rows of ``rms_norm(x', weight) * (1 + scale)``: the end of one
+    Lumina 2 / Z-Image half-block and the input of the next in one pass. ``x``, ``y`` ``[B, N, K]``; ``gate``,
+    ``scale`` ``[B, K]``; weights ``[K]`` or None. Returns ``(Int8Rows [B*N, K], x')``."""
+    b, _, k = x.shape
+    if y.shape != x.shape:
+        raise ValueError(f"rms_norm_residual_scale_quantize: y {tuple(y.shape)} must match x {tuple(x.shape)}")
+    for name, t, shape in (("gate", gate, (b, k)), ("scale", scale, (b, k)), ("y_weight", y_weight, (k,)),
+                           ("weight", weight, (k,))):
+        if t is not None and (t.shape != shape or t.stride(-1) != 1):
+            raise ValueError(f"rms_norm_residual_scale_quantize: {name} must be {list(shape)} with unit stride in "
+                             f"its last dimension, got {tuple(t.shape)} strides {t.stride()}")
+    if torch.compiler.is_compiling():
+        q, s, x_new = torch.ops.headroom.rms_norm_residual_scale_quantize(x, y, y_weight, gate, weight, scale,
+                                                                          eps_y, eps)
+        return Int8Rows(q, s), x_new
+    return rms_norm_residual_scale_quantize_eager(x, y, y_weight, gate, weight, scale, eps_y, eps)
+
+
+def rms_norm_residual_scale_quantize_eager(x, y, y_weight, gate, weight, scale, eps_y: float,
+                                           eps: float) -> tuple[Int8Rows, torch.Tensor]:
+    b, n, k = x.shape
+    if _triton_here(x):
+        from . import triton_producers
+
+        try:
+            q, s, x_new = triton_producers.rms_norm_residual_scale_quantize(
+                _rows(x), _rows(y), None if y_weight is None else y_weight.contiguous(), gate,
+                None if weight is None else weight.contiguous(), scale, n, eps_y, eps)
+            return Int8Rows(q, s), x_new.view(b, n, k)
+        except KernelUnsupported:
+            pass  # rows too long for one pass: the torch path below
+    t = F.rms_norm(y, (k,), y_weight, eps_y)
+    x_new = x + (t if gate is None else gate.tanh()[:, None] * t)
+    return rms_norm_scale_quantize_eager(x_new, weight, scale, eps), x_new
 
 
 def heads_activation_quantize(o: torch.Tensor, mlp: torch.Tensor, silu_gate: bool = False) -> Int8Rows:

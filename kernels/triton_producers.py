@@ -10,6 +10,8 @@
   ``gate`` and ``up`` may be row-strided views such as the two halves of one tensor; rows of any length.
 * :func:`rms_norm_scale_quantize` - RMSNorm (optional weight), ``* (1 + scale)`` per group of rows, per-row
   INT8: one program per row, like :func:`norm_modulate_quantize`.
+* :func:`rms_norm_residual_scale_quantize` - first ``x + tanh(gate) * rms_norm(y)`` (a layer output ``y`` normed,
+  gated and added to the residual stream, each step rounded to ``x``'s dtype), then the above on the new ``x``.
 
 The quantization itself (scale = amax / 127, round half to even, clamp to +-127) is the one of
 :mod:`.triton_quant`, so a producer's INT8 equals ``quantize_rows`` of the float value it computes.
@@ -107,6 +109,25 @@ def _silu_mul_quantize_kernel(
 
 
 @triton.jit
+def _rms_norm_row(v, weight_ptr, offs, mask, K, eps, HAS_WEIGHT: tl.constexpr):
+    """``F.rms_norm`` of one row held in float32: ``v * rsqrt(mean(v^2) + eps)`` (``* weight``)."""
+    h = v * (1.0 / tl.sqrt(tl.sum(v * v, axis=0) / K + eps))
+    if HAS_WEIGHT:
+        h = h * tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return h
+
+
+@triton.jit
+def _scale_quantize_store(h, row, group, offs, mask, K, scale_ptr, stride_scale, q_ptr, s_ptr):
+    """``h * (1 + scale[group])`` stored as the row's INT8 values and its scale."""
+    scale = tl.load(scale_ptr + group * stride_scale + offs, mask=mask, other=0.0).to(tl.float32)
+    h = tl.where(mask, h * (1.0 + scale), 0.0)
+    s, inv_s = _row_scale(tl.max(tl.abs(h), axis=0))
+    tl.store(q_ptr + row * K + offs, _quantize_value(h, inv_s), mask=mask)
+    tl.store(s_ptr + row, s)
+
+
+@triton.jit
 def _rms_norm_scale_quantize_kernel(
     x_ptr, weight_ptr, scale_ptr, q_ptr, s_ptr,
     K, rows_per_group, stride_x, stride_scale, eps,
@@ -117,14 +138,34 @@ def _rms_norm_scale_quantize_kernel(
     offs = tl.arange(0, BLOCK_K)
     mask = offs < K
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    h = x * (1.0 / tl.sqrt(tl.sum(x * x, axis=0) / K + eps))  # F.rms_norm: x * rsqrt(mean(x^2) + eps)
-    if HAS_WEIGHT:
-        h = h * tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + group * stride_scale + offs, mask=mask, other=0.0).to(tl.float32)
-    h = tl.where(mask, h * (1.0 + scale), 0.0)
-    s, inv_s = _row_scale(tl.max(tl.abs(h), axis=0))
-    tl.store(q_ptr + row * K + offs, _quantize_value(h, inv_s), mask=mask)
-    tl.store(s_ptr + row, s)
+    h = _rms_norm_row(x, weight_ptr, offs, mask, K, eps, HAS_WEIGHT)
+    _scale_quantize_store(h, row, group, offs, mask, K, scale_ptr, stride_scale, q_ptr, s_ptr)
+
+
+@triton.jit
+def _rms_norm_residual_scale_quantize_kernel(
+    x_ptr, y_ptr, y_weight_ptr, gate_ptr, weight_ptr, scale_ptr, x_out_ptr, q_ptr, s_ptr,
+    K, rows_per_group, stride_x, stride_y, stride_gate, stride_scale, eps_y, eps,
+    BLOCK_K: tl.constexpr, HAS_Y_WEIGHT: tl.constexpr, HAS_GATE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    group = row // rows_per_group
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    out_ty = x_out_ptr.dtype.element_ty
+    # the layer output's norm, gate and residual add, rounded where ComfyUI's torch ops round them
+    y = tl.load(y_ptr + row * stride_y + offs, mask=mask, other=0.0).to(tl.float32)
+    t = _rms_norm_row(y, y_weight_ptr, offs, mask, K, eps_y, HAS_Y_WEIGHT).to(out_ty).to(tl.float32)
+    if HAS_GATE:
+        g = tl.load(gate_ptr + group * stride_gate + offs, mask=mask, other=0.0).to(tl.float32)
+        g = (2.0 * tl.sigmoid(2.0 * g) - 1.0).to(out_ty).to(tl.float32)  # tanh
+        t = (g * t).to(out_ty).to(tl.float32)
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    x_new = (x + t).to(out_ty)
+    tl.store(x_out_ptr + row * K + offs, x_new, mask=mask)
+    # the next layer's input: rms_norm(x') (* weight) * (1 + scale), per-row INT8
+    h = _rms_norm_row(x_new.to(tl.float32), weight_ptr, offs, mask, K, eps, HAS_WEIGHT)
+    _scale_quantize_store(h, row, group, offs, mask, K, scale_ptr, stride_scale, q_ptr, s_ptr)
 
 
 @triton.jit
@@ -176,6 +217,7 @@ _launch_heads = cached_launcher(_quantize_heads_kernel)
 _launch_heads_activation = cached_launcher(_heads_activation_quantize_kernel)
 _launch_silu_mul = cached_launcher(_silu_mul_quantize_kernel)
 _launch_rms_norm_scale = cached_launcher(_rms_norm_scale_quantize_kernel)
+_launch_rms_norm_residual_scale = cached_launcher(_rms_norm_residual_scale_quantize_kernel)
 
 
 def _single_pass_block(k: int, what: str) -> tuple[int, int]:
@@ -248,6 +290,26 @@ def rms_norm_scale_quantize(x, weight, scale, rows_per_group: int, eps: float):
         _launch_rms_norm_scale((m,), x, weight if has_weight else scale, scale, q, s, k, rows_per_group, x.stride(0),
                                scale.stride(0), float(eps), BLOCK_K=block, HAS_WEIGHT=has_weight, num_warps=warps)
     return q, s
+
+
+def rms_norm_residual_scale_quantize(x, y, y_weight, gate, weight, scale, rows_per_group: int, eps_y: float,
+                                     eps: float):
+    """``x``, ``y`` ``[M, K]`` (unit stride in K), ``y_weight`` / ``weight`` ``[K]`` contiguous or None, ``gate`` /
+    ``scale`` ``[M / rows_per_group, K]`` (unit stride in K; ``gate`` may be None) -> ``(q int8 [M, K], scale
+    float32 [M], x_new [M, K])``: ``x_new = x + tanh(gate) * rms_norm(y, y_weight)`` in ``x.dtype``, then per-row INT8
+    of ``rms_norm(x_new, weight) * (1 + scale)``."""
+    m, k = x.shape
+    block, warps = _single_pass_block(k, "rms_norm_residual_scale_quantize")
+    q, s = _int8_rows_out(m, k, x.device)
+    x_new = torch.empty((m, k), dtype=x.dtype, device=x.device)
+    if m:
+        _launch_rms_norm_residual_scale(
+            (m,), x, y, scale if y_weight is None else y_weight, scale if gate is None else gate,
+            scale if weight is None else weight, scale, x_new, q, s, k, rows_per_group, x.stride(0), y.stride(0),
+            0 if gate is None else gate.stride(0), scale.stride(0), float(eps_y), float(eps), BLOCK_K=block,
+            HAS_Y_WEIGHT=y_weight is not None, HAS_GATE=gate is not None, HAS_WEIGHT=weight is not None,
+            num_warps=warps)
+    return q, s, x_new
 
 
 def heads_activation_quantize(o, mlp, silu_gate: bool):

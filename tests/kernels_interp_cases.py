@@ -246,6 +246,27 @@ def test_silu_mul_quantize_kernel_on_halves_of_one_tensor(k, gen, monkeypatch):
         gate.reshape(10, k), up.reshape(10, k))), expected)
 
 
+@pytest.mark.parametrize("gated,weights", [(True, True), (False, True), (True, False)])
+def test_rms_norm_residual_scale_quantize_kernel(gated, weights, gen, monkeypatch):
+    """Lumina 2 / Z-Image's seam: the kernel's new residual is the torch path's within the bf16 roundings of its four
+    steps (the interpreter truncates float32 -> bf16 casts where a GPU rounds to nearest: a few steps), and its INT8
+    rows are the torch path's of that residual."""
+    from comfyui_headroom.kernels import producers
+
+    x, y = ((2 * torch.randn(2, 5, 96, generator=gen)).to(BF16) for _ in range(2))
+    mods = (0.5 * torch.randn(2, 4 * 96, generator=gen)).to(BF16).chunk(4, dim=-1)  # ComfyUI's chunk views
+    scale, gate = mods[0], mods[1] if gated else None
+    y_weight, weight = ((1 + 0.1 * torch.randn(96, generator=gen)).to(BF16) if weights else None for _ in range(2))
+    rows, x_new = producers.rms_norm_residual_scale_quantize(x, y, y_weight, gate, weight, scale, 1e-6, 1e-5)
+    torch_rows, torch_x = _torch_path(monkeypatch, producers.rms_norm_residual_scale_quantize, x, y, y_weight, gate,
+                                      weight, scale, 1e-6, 1e-5)
+    added = (torch_x.float() - x.float()).abs()  # |tanh(gate) * norm(y)|: a sum's rounding is relative to its parts
+    step = (x.float().abs() + added) * 2.0 ** -7 + 2.0 ** -9  # one bf16 step of the larger part
+    assert bool(((x_new.float() - torch_x.float()).abs() <= 4 * step).all())
+    _close_to_torch_path(rows, _torch_path(monkeypatch, producers.rms_norm_scale_quantize, x_new, weight, scale, 1e-5))
+    assert torch.equal(torch_rows.scale > 0, rows.scale > 0)
+
+
 def test_silu_mul_quantize_kernel_on_two_tensors_of_different_row_strides(gen, monkeypatch):
     from comfyui_headroom.kernels import producers
 

@@ -119,7 +119,7 @@ def test_takes_int8_input_under_compile_equals_eager(rows, forced, lora, expecte
     assert eager == compiled == expected
 
 
-def test_silu_mul_and_rms_norm_scale_compile_to_their_ops(gen):
+def test_silu_mul_and_rms_norm_producers_compile_to_their_ops(gen):
     recorder = GraphRecorder()
     h = (2 * torch.randn(2, 7, 192, generator=gen)).to(BF16)
     x = torch.randn(2, 7, 64, generator=gen).to(BF16)
@@ -128,13 +128,15 @@ def test_silu_mul_and_rms_norm_scale_compile_to_their_ops(gen):
 
     def both(h, x, weight, scale):
         gate, up = h.chunk(2, dim=-1)
+        rows, x_new = producers.rms_norm_residual_scale_quantize(x, x, weight, scale, None, scale, 1e-6, 1e-5)
         return (*producers.silu_mul_quantize(gate, up), *producers.rms_norm_scale_quantize(x, weight, scale, 1e-5),
-                *producers.rms_norm_scale_quantize(x, None, scale, 1e-5))
+                *producers.rms_norm_scale_quantize(x, None, scale, 1e-5), *rows, x_new)
 
     compiled = torch.compile(both, backend=recorder, fullgraph=True)(h, x, weight, scale)
     for got, want in zip(compiled, both(h, x, weight, scale), strict=True):
         assert torch.equal(got, want)
-    assert sorted(recorder.graphs[0]) == ["rms_norm_scale_quantize", "rms_norm_scale_quantize", "silu_mul_quantize"]
+    assert sorted(recorder.graphs[0]) == ["rms_norm_residual_scale_quantize", "rms_norm_scale_quantize",
+                                          "rms_norm_scale_quantize", "silu_mul_quantize"]
 
 
 def _op_samples(gen):
@@ -155,11 +157,13 @@ def _op_samples(gen):
         (ops.silu_mul_quantize, halves),
         (ops.rms_norm_scale_quantize, (x, torch.ones(64, dtype=BF16), scale, 1e-5)),
         (ops.rms_norm_scale_quantize, (x, None, scale, 1e-5)),
+        (ops.rms_norm_residual_scale_quantize, (x, y, torch.ones(64, dtype=BF16), gate, None, scale, 1e-6, 1e-5)),
+        (ops.rms_norm_residual_scale_quantize, (x, y, None, None, torch.ones(64, dtype=BF16), scale, 1e-6, 1e-5)),
         (ops.int8_linear_int8_input, (q, s, layer.weight, layer.weight_scale, layer.bias, BF16, 128)),
     ]
 
 
-@pytest.mark.parametrize("index", range(9))
+@pytest.mark.parametrize("index", range(11))
 def test_op_fakes_match_the_real_ops(index, gen):
     """torch.library.opcheck: schema, fake implementation (shapes, dtypes, strides) vs the real op, AOT dispatch."""
     op, args = _op_samples(gen)[index]

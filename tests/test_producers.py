@@ -96,6 +96,25 @@ def test_silu_mul_and_rms_norm_scale_torch_paths(gen):
         producers.rms_norm_scale_quantize(x, weight, scale[:1], 1e-5)
 
 
+@pytest.mark.parametrize("gated", [True, False])  # Z-Image's modulated blocks, its unmodulated refiners
+def test_rms_norm_residual_scale_torch_path_is_comfyuis_seam(gated, gen):
+    """The new residual is what ComfyUI's ops give, bit for bit (``x + gate.tanh() * norm2(out)`` in bf16), and
+    the rows are ``rms_norm_scale_quantize`` of it."""
+    x, y, _, scale, gate = _inputs(2, 9, 64, gen)
+    y_weight, weight = ((1 + 0.1 * torch.randn(64, generator=gen)).to(BF16) for _ in range(2))
+    rows, x_new = producers.rms_norm_residual_scale_quantize(x, y, y_weight, gate if gated else None, weight,
+                                                              scale, 1e-6, 1e-5)
+    t = F.rms_norm(y, (64,), y_weight, 1e-6)
+    expected = x + (gate.unsqueeze(1).tanh() * t if gated else t)
+    assert x_new.dtype == BF16 and torch.equal(x_new, expected)
+    h = F.rms_norm(expected.double(), (64,), weight.double(), 1e-5) * (1 + scale.double()[:, None])
+    _check_rows(rows, h.reshape(-1, 64))
+    with pytest.raises(ValueError, match="y .* must match x"):
+        producers.rms_norm_residual_scale_quantize(x, y[:, :3], y_weight, gate, weight, scale)
+    with pytest.raises(ValueError, match=r"gate must be \[2, 64\]"):
+        producers.rms_norm_residual_scale_quantize(x, y, y_weight, gate[:1], weight, scale)
+
+
 def test_forward_int8_is_the_layers_gemm_on_its_own_quantization(gen):
     layer = Int8Linear.from_linear(torch.nn.Linear(64, 48).to(BF16))
     x = torch.randn(32, 64, generator=gen).to(BF16)

@@ -8,16 +8,17 @@ written out inside it; what changes is only where the INT8 layers' inputs come f
   (:func:`~comfyui_headroom.kernels.producers.rms_norm_scale_quantize`; an unmodulated block passes a zero scale);
 * ``out``: ComfyUI's attention output kept as ``[B, H, N, D]`` (``skip_output_reshape``) and quantized from there
   (``quantize_heads``), no transpose copy;
-* ``w1`` and ``w3`` take the same input: one ``rms_norm_scale_quantize`` of ``ffn_norm1`` + ``scale_mlp`` feeds both;
+* ``w1`` and ``w3`` take the same input, written together with the attention half's end: ``attention_norm2`` of
+  the attention output, its ``tanh`` gate and the residual add, then ``ffn_norm1`` + ``scale_mlp``, in one producer
+  (``rms_norm_residual_scale_quantize``; float16, where ComfyUI clamps the output first, runs those in torch);
 * ``w2``: ``silu(w1 x) * w3 x`` fused with its quantization (``silu_mul_quantize``); in float16 ComfyUI clamps that
   product to the float16 range before ``w2`` reads it, so there it is computed with torch ops (silu, mul,
   ``clamp_fp16``) and quantized with ``pieces.quantize_rows``.
 
 Kept in torch, as ComfyUI computes them: the ``adaLN_modulation`` (its own layer forward), q/k RMSNorm + RoPE
 (``comfy.quant_ops.ck.rms_rope`` with the norm weights cast by ``comfy.ops.cast_bias_weight``, or the modules and
-``apply_rope`` where ComfyUI uses those), the GQA key/value repeat, and the output-side norms
-``attention_norm2`` / ``ffn_norm2`` (their modules) with the ``tanh`` gate and the residual add: those norms read the
-layers' *outputs*, so no producer writes them. Attention is ``comfy.ldm.lumina.model.optimized_attention_masked``
+``apply_rope`` where ComfyUI uses those), the GQA key/value repeat, and the block's last step, ``ffn_norm2`` (its
+module) with the ``tanh`` gate and the residual add: no producer of this block reads its result. Attention is ``comfy.ldm.lumina.model.optimized_attention_masked``
 (``optimized_attention`` as the module bound it: ``--use-sage-attention`` etc. keep working).
 
 Falls back (ComfyUI's forward runs that call): ``timestep_zero_index`` (Z-Image omni: per-token modulation of two
@@ -32,7 +33,12 @@ from __future__ import annotations
 
 import torch
 
-from ....kernels.producers import quantize_heads, rms_norm_scale_quantize, silu_mul_quantize
+from ....kernels.producers import (
+    quantize_heads,
+    rms_norm_residual_scale_quantize,
+    rms_norm_scale_quantize,
+    silu_mul_quantize,
+)
 from .pieces import FallBack, layers_take_rows, no_extra_arguments, no_patches, per_image, quantize_rows
 
 
@@ -49,17 +55,43 @@ def _lumina_model():
 def _norm_rows(norm, x: torch.Tensor, scale: torch.Tensor):
     """INT8 rows of ``norm(x) * (1 + scale)`` for one of the block's input RMSNorms, its weight as ComfyUI's
     ``RMSNorm`` casts it (``cast_bias_weight``: device, dtype, weight patches)."""
+    weight, release = _cast_norm_weight(norm, x)
+    try:
+        return rms_norm_scale_quantize(x, weight, scale, norm.eps)
+    finally:
+        release()
+
+
+def _cast_norm_weight(norm, x):
+    """``(weight, release)`` of an RMSNorm as ComfyUI's ``RMSNorm`` casts it for ``x`` (``cast_bias_weight``: device,
+    dtype, weight patches); ``(None, no-op)`` for a norm without a weight."""
     import comfy.ops
 
     if norm.eps is None:
         raise FallBack("RMSNorm without eps")
     if norm.weight is None:
-        return rms_norm_scale_quantize(x, None, scale, norm.eps)
+        return None, lambda: None
     weight, _, stream = comfy.ops.cast_bias_weight(norm, x, offloadable=True)
+    return weight, lambda: comfy.ops.uncast_bias_weight(norm, weight, None, stream)
+
+
+def _seam_rows(out_norm, out: torch.Tensor, gate, in_norm, x: torch.Tensor, scale: torch.Tensor):
+    """``x + tanh(gate) * out_norm(out)`` (``gate`` None: ``x + out_norm(out)``) -> ``(INT8 rows of in_norm(x') *
+    (1 + scale), x')``: the end of one half-block and the next one's input in one producer. In float16 ComfyUI clamps
+    ``out`` first (``clamp_fp16``): there the torch ops and :func:`_norm_rows` run instead."""
+    if x.dtype == torch.float16:
+        t = out_norm(_clamp_fp16(out))
+        x = x + (t if gate is None else gate.unsqueeze(1).tanh() * t)
+        return _norm_rows(in_norm, x, scale), x
+    y_weight, release_y = _cast_norm_weight(out_norm, out)
     try:
-        return rms_norm_scale_quantize(x, weight, scale, norm.eps)
+        weight, release = _cast_norm_weight(in_norm, x)
+        try:
+            return rms_norm_residual_scale_quantize(x, out, y_weight, gate, weight, scale, out_norm.eps, in_norm.eps)
+        finally:
+            release()
     finally:
-        comfy.ops.uncast_bias_weight(norm, weight, None, stream)
+        release_y()
 
 
 def _qk_norm_rope(attn, xq, xk, freqs_cis):
@@ -145,9 +177,9 @@ def joint_transformer_block(block, mode, x, x_mask, freqs_cis, adaln_input=None,
             per_image(t, b, width, "JointTransformerBlock") for t in block.adaLN_modulation(adaln_input).chunk(4, dim=1))
         attn_out = _attention(attn, _norm_rows(block.attention_norm1, x, scale_msa), x.shape, x_mask, freqs_cis,
                               transformer_options, dtype)
-        x = x + gate_msa.unsqueeze(1).tanh() * block.attention_norm2(_clamp_fp16(attn_out))
+        rows, x = _seam_rows(block.attention_norm2, attn_out, gate_msa, block.ffn_norm1, x, scale_mlp)
         del attn_out
-        ff_out = _feed_forward(ff, _norm_rows(block.ffn_norm1, x, scale_mlp), x.shape, dtype)
+        ff_out = _feed_forward(ff, rows, x.shape, dtype)
         return x + gate_mlp.unsqueeze(1).tanh() * block.ffn_norm2(_clamp_fp16(ff_out))
 
     if adaln_input is not None:
@@ -155,9 +187,9 @@ def joint_transformer_block(block, mode, x, x_mask, freqs_cis, adaln_input=None,
     unscaled = x.new_zeros((b, width))  # norm(x) * (1 + 0): the producer's RMSNorm alone
     attn_out = _attention(attn, _norm_rows(block.attention_norm1, x, unscaled), x.shape, x_mask, freqs_cis,
                           transformer_options, dtype)
-    x = x + block.attention_norm2(_clamp_fp16(attn_out))
+    rows, x = _seam_rows(block.attention_norm2, attn_out, None, block.ffn_norm1, x, unscaled)
     del attn_out
-    return x + block.ffn_norm2(_feed_forward(ff, _norm_rows(block.ffn_norm1, x, unscaled), x.shape, dtype))
+    return x + block.ffn_norm2(_feed_forward(ff, rows, x.shape, dtype))
 
 
 FORWARDS = {
