@@ -18,8 +18,9 @@ written out inside it; what changes is only where the INT8 layers' inputs come f
 Kept in torch, as ComfyUI computes them: the ``adaLN_modulation`` (its own layer forward), q/k RMSNorm + RoPE
 (``comfy.quant_ops.ck.rms_rope`` with the norm weights cast by ``comfy.ops.cast_bias_weight``, or the modules and
 ``apply_rope`` where ComfyUI uses those), the GQA key/value repeat, and the block's last step, ``ffn_norm2`` (its
-module) with the ``tanh`` gate and the residual add: no producer of this block reads its result. Attention is ``comfy.ldm.lumina.model.optimized_attention_masked``
-(``optimized_attention`` as the module bound it: ``--use-sage-attention`` etc. keep working).
+module) with the ``tanh`` gate and the residual add: no producer of this block reads its result. Attention is
+``comfy.ldm.lumina.model.optimized_attention_masked`` (``optimized_attention`` as the module bound it:
+``--use-sage-attention`` etc. keep working).
 
 Falls back (ComfyUI's forward runs that call): ``timestep_zero_index`` (Z-Image omni: per-token modulation of two
 batch halves, done in place by ComfyUI), an ``optimized_attention_override`` in ``transformer_options`` (an attention
