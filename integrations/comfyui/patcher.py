@@ -182,9 +182,7 @@ def patcher_class():
                     lowvram_model_memory, full_load = budget, False
             super().load(device_to, lowvram_model_memory=lowvram_model_memory,
                          force_patch_weights=force_patch_weights, full_load=full_load)
-            self._attach_side_branches(device_to)
-            # partial loading: branches of the layers ComfyUI left on the CPU stay there with them
-            park_branches_of_offloaded_layers(self._int8_modules(), self.patches, inference_lora_dtype(self.model))
+            self._attach_side_branches(device_to, follow_weights=True)
 
         def load_streaming(self, device_to: torch.device) -> None:
             """Keep ``headroom_blocks_resident`` blocks on ``device_to``, stream the rest from pinned RAM - and,
@@ -279,11 +277,18 @@ def patcher_class():
             super().unpatch_model(None, True)
             self.model.device = device_to
 
-        def _attach_side_branches(self, device_to) -> None:
+        def _attach_side_branches(self, device_to, follow_weights: bool = False) -> None:
+            """Branches on ``device_to`` (CPU copies with ``lora_offload``); ``follow_weights``: a layer whose weight
+            ComfyUI's partial loading left on the CPU gets CPU copies too, built once where they stay."""
             modules = self._int8_modules()
             drop_lowvram_patches(modules)
+            dtype = inference_lora_dtype(self.model)
+            if follow_weights:
+                on_cpu = {key: m for key, m in modules.items() if m.weight.device.type == "cpu"}
+                attach_side_branches(on_cpu, self.patches, None, dtype)
+                modules = {key: m for key, m in modules.items() if key not in on_cpu}
             device = None if self.headroom_lora_offload else device_to
-            attach_side_branches(modules, self.patches, device, inference_lora_dtype(self.model))
+            attach_side_branches(modules, self.patches, device, dtype)
 
         def _drop_own_lowvram_patches(self) -> None:
             drop_lowvram_patches(self._int8_modules())
