@@ -11,10 +11,9 @@
   ``headroom::norm_modulate_quantize_residual`` (also returns the new residual stream),
   ``headroom::quantize_heads``, ``headroom::gelu_quantize``, ``headroom::silu_mul_quantize``,
   ``headroom::rms_norm_scale_quantize``, ``headroom::rms_norm_residual_scale_quantize`` (also returns the new
-  residual stream), ``headroom::heads_activation_quantize``; and
-  ``headroom::int8_linear_int8_input``, the GEMM on such rows (:func:`.dispatch.int8_linear_int8_input`: kernel
-  chosen at run time). The public functions call them only
-  under ``torch.compile``; eager calls skip the dispatcher. No autograd: INT8 rows carry no gradient (layers
+  residual stream), ``headroom::heads_activation_quantize``; and ``headroom::int8_linear_int8_input``, the GEMM on
+  such rows (:func:`.dispatch.int8_linear_int8_input`: kernel chosen at run time). The public functions call them
+  only under ``torch.compile``; eager calls skip the dispatcher. No autograd: INT8 rows carry no gradient (layers
   that need one keep the float path, see ``Int8Linear.takes_int8_input``). Every output is contiguous, as the
   fakes say: inductor lays out what follows from the fake's strides.
 
