@@ -107,8 +107,8 @@ def test_stock_lora_loader_path_gives_side_branches(stock, int8, flux_file, inpu
 
 def test_partial_unload_takes_side_branches_off_the_gpu_with_their_weights(int8, flux_file, inputs):
     """When ComfyUI moves INT8 weights back to the CPU to make room (a dynamic model in the next prompt, say), their
-    LoRA side branches leave the GPU too and count in the bytes freed; the output stays the same. No GPU here: the branches
-    ComfyUI would have on the GPU are stood in for by meta tensors (any device but the CPU)."""
+    LoRA side branches leave the GPU too and count in the bytes freed; the output stays the same. No GPU here: the
+    branches ComfyUI would have on the GPU are stood in for by meta tensors (any device but the CPU)."""
     from comfyui_headroom.integrations.comfyui.patcher import branch_bytes_off_cpu
 
     lora = flux_lora_state_dict(load_file(flux_file), std=0.1)
