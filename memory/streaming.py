@@ -137,27 +137,42 @@ class BlockStreamer:
         reads = {i: reads[i] for i in disk_order}
         if disk_order:
             self.disk_reader = DiskReader(reads, disk_order, prefetch + 1, self.pin_memory)
-        order = [i for i in range(len(blocks)) if not resident[i]]
-        self._lookahead = {}
-        for i in range(len(blocks)):  # the next `prefetch` streamed blocks after position i (cyclic)
-            after = [j for j in order if j > i] + [j for j in order if j <= i]
-            self._lookahead[i] = [j for j in after if j != i][: prefetch]
-        if order:
-            slot_bytes = max(self._streamed[i].layout.nbytes for i in order)
-            n_slots = min(prefetch + 1, len(order))
-            for _ in range(n_slots):
-                self._slots.append(_Slot(torch.empty(slot_bytes, dtype=torch.uint8, device=self.device)))
-            # Views of every block in every slot, made once: creating them costs far more than re-pointing.
-            for i in order:
-                for slot_id in range(n_slots):
-                    self._slot_views(i, slot_id)
-            self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
-        else:
-            self.copy_stream = None
-        for i, block in enumerate(blocks):
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._block_bytes = [self._streamed[i].layout.nbytes if i in self._streamed
+                             else FlatLayout(collect_tensor_refs(block)).nbytes for i, block in enumerate(blocks)]
+        self.demoted: list[int] = []  # blocks planned resident that shrink() moved to RAM, last one last
+        self._schedule()
+        for i, block in enumerate(blocks):  # every block: shrink() may turn a resident block into a streamed one
             self._handles.append(block.register_forward_pre_hook(self._make_pre_hook(i)))
-            if not resident[i]:
-                self._handles.append(block.register_forward_hook(self._make_post_hook(i)))
+            self._handles.append(block.register_forward_hook(self._make_post_hook(i)))
+
+    def _ring_shape(self, streamed: list[int]) -> tuple[int, int]:
+        """(slots, bytes per slot) of the ring for these streamed blocks: ``prefetch + 1`` slots (fewer when
+        fewer blocks stream), each as large as the largest streamed block."""
+        if not streamed:
+            return 0, 0
+        return min(self.prefetch + 1, len(streamed)), max(self._block_bytes[i] for i in streamed)
+
+    def _schedule(self) -> None:
+        """Look-ahead tables and the ring for the blocks streamed now (at start, and after shrink/grow). A ring
+        of the right shape is kept; otherwise it is allocated again. Views of every streamed block in every
+        slot are made here, once: creating them costs far more than re-pointing."""
+        order = [i for i in range(len(self.blocks)) if i in self._streamed]
+        self._lookahead = {}
+        for i in range(len(self.blocks)):  # the next `prefetch` streamed blocks after position i (cyclic)
+            after = [j for j in order if j > i] + [j for j in order if j <= i]
+            self._lookahead[i] = [j for j in after if j != i][: self.prefetch]
+        n_slots, slot_bytes = self._ring_shape(order)
+        if (len(self._slots), self._slots[0].buffer.numel() if self._slots else 0) != (n_slots, slot_bytes):
+            self._slots.clear()  # before the new ring is allocated: the old one's memory is reused
+            for entry in self._streamed.values():
+                entry.slot_views.clear()
+            self._slots = [_Slot(torch.empty(slot_bytes, dtype=torch.uint8, device=self.device))
+                           for _ in range(n_slots)]
+        self._next_slot = 0
+        for i in order:
+            for slot_id in range(n_slots):
+                self._slot_views(i, slot_id)
 
     # -- setup -------------------------------------------------------------------------------------------
     def _park(self, block: nn.Module) -> _Streamed:
@@ -209,6 +224,94 @@ class BlockStreamer:
         """Host RAM the streamed blocks take: their pinned buffers + the disk read ring."""
         ring = self.disk_reader.ring_bytes if self.disk_reader is not None else 0
         return sum(h.numel() for h in self.host_buffers()) + ring
+
+    # -- resizing at run time: ComfyUI's partial unload and load -----------------------------------------------
+    @property
+    def resizable(self) -> bool:
+        """Whether :meth:`shrink` / :meth:`grow` may move blocks now. Not with CUDA graphs (they captured the
+        resident blocks' addresses) nor with the disk tier (a demoted block would go over the RAM budget)."""
+        return self._active and self.graphs is None and self.disk_reader is None
+
+    def device_bytes(self, streamed: set[int] | None = None) -> int:
+        """Bytes the blocks take on the device: the resident ones and the ring - now, or with ``streamed``
+        the blocks streamed instead."""
+        streamed = set(self._streamed) if streamed is None else streamed
+        n_slots, slot_bytes = self._ring_shape(sorted(streamed))
+        return sum(b for i, b in enumerate(self._block_bytes) if i not in streamed) + n_slots * slot_bytes
+
+    def plan_shrink(self, nbytes: int, host_room: int | None = None) -> list[int] | None:
+        """The resident blocks to stream from RAM so that the device holds ``nbytes`` less (the ring grows
+        with the first ones), in order; None when even streaming every block would not free that much, or when
+        their host copies would take more than ``host_room`` bytes. Each pick is the middle of the longest run
+        of resident blocks, so the remaining ones stay spread between the streamed ones and keep hiding their
+        copies."""
+        before = self.device_bytes()
+        streamed = set(self._streamed)
+        chosen: list[int] = []
+        while before - self.device_bytes(streamed) < nbytes:
+            pick = _middle_of_longest_run([i not in streamed for i in range(len(self.blocks))])
+            if pick is None:
+                return None
+            streamed.add(pick)
+            chosen.append(pick)
+        if host_room is not None and sum(self._block_bytes[i] for i in chosen) > host_room:
+            return None
+        return chosen
+
+    def shrink(self, nbytes: int, host_room: int | None = None) -> int:
+        """Free at least ``nbytes`` of device memory by streaming resident blocks from pinned RAM (packed as
+        the planned streamed ones are), their host copies within ``host_room`` bytes (None: no limit); all or
+        nothing: 0 when that cannot free enough, or when the streamer cannot be resized (:attr:`resizable`).
+        Returns the bytes freed. Call between forward passes."""
+        chosen = self.plan_shrink(nbytes, host_room) if self.resizable and nbytes > 0 else None
+        if not chosen:
+            return 0
+        before = self.device_bytes()
+        self._quiesce()
+        for i in chosen:
+            self._streamed[i] = self._park(self.blocks[i])
+            self.resident[i] = False
+            self.demoted.append(i)
+        self._schedule()
+        return before - self.device_bytes()
+
+    def grow(self, nbytes: int | None = None) -> int:
+        """Put blocks that :meth:`shrink` streamed back on the device, the last demoted first, while the device
+        holds at most ``nbytes`` more (None: all of them). Returns the bytes added (negative when the ring
+        shrank more than the blocks added)."""
+        if not self.demoted or not self.resizable:
+            return 0
+        before = self.device_bytes()
+        streamed = set(self._streamed)
+        back = []
+        for i in reversed(self.demoted):
+            if nbytes is not None and self.device_bytes(streamed - {i}) - before > nbytes:
+                break
+            streamed.discard(i)
+            back.append(i)
+        if not back:
+            return 0
+        self._quiesce()
+        for i in back:
+            entry = self._streamed.pop(i)
+            entry.layout.point_to([view.to(self.device) for view in entry.host_views])
+            self.resident[i] = True
+            self.demoted.remove(i)
+        self._schedule()
+        return self.device_bytes() - before
+
+    def _quiesce(self) -> None:
+        """Wait for the device, and point every block that sits in a ring slot back at its host copy: the ring
+        holds nothing afterwards."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        for entry in self._streamed.values():
+            if entry.slot is not None:
+                entry.layout.fast_point_to(entry.host_views)
+                entry.slot = None
+        for slot in self._slots:
+            slot.holder = None
+            slot.free_event = None
 
     # -- the streaming machinery -----------------------------------------------------------------------------
     def _slot_views(self, index: int, slot: int) -> list[torch.Tensor]:
@@ -265,11 +368,10 @@ class BlockStreamer:
             self.stats.on_demand += 1
 
     def _make_pre_hook(self, index: int):
-        streamed = not self.resident[index]
-
         def pre_hook(module, args):
             if not self._active:
                 return None
+            streamed = index in self._streamed
             if streamed:
                 self._ensure(index, on_demand=True)
             for j in self._lookahead[index]:
@@ -284,8 +386,8 @@ class BlockStreamer:
         def post_hook(module, args, output):
             if not self._active:
                 return None
-            entry = self._streamed[index]
-            if self.cuda and entry.slot is not None:
+            entry = self._streamed.get(index)
+            if self.cuda and entry is not None and entry.slot is not None:
                 slot = self._slots[entry.slot]
                 if slot.free_event is None:
                     slot.free_event = torch.cuda.Event()
@@ -424,6 +526,19 @@ def enable_block_streaming(model_or_blocks, device, *, blocks=None, blocks_resid
     return streamer
 
 
+def _middle_of_longest_run(flags: list[bool]) -> int | None:
+    """The index in the middle of the longest run of True in ``flags`` (the first such run), or None."""
+    best_start, best_len, start = 0, 0, None
+    for i, flag in enumerate(flags + [False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            if i - start > best_len:
+                best_start, best_len = start, i - start
+            start = None
+    return best_start + best_len // 2 if best_len else None
+
+
 def _has_meta(module: nn.Module) -> bool:
     return any(t.device.type == "meta" for t in list(module.parameters()) + list(module.buffers()))
 
@@ -478,7 +593,8 @@ def streamer_of(model: nn.Module) -> "BlockStreamer | None":
 
 def disable_block_streaming(model_or_streamer, device=None) -> None:
     """Undo :func:`enable_block_streaming` (see :meth:`BlockStreamer.disable`)."""
-    streamer = model_or_streamer if isinstance(model_or_streamer, BlockStreamer) else getattr(model_or_streamer, _ATTR, None)
+    streamer = model_or_streamer if isinstance(model_or_streamer, BlockStreamer) \
+        else getattr(model_or_streamer, _ATTR, None)
     if streamer is None:
         raise ValueError(f"{type(model_or_streamer).__name__} is not streaming")
     streamer.disable(device)

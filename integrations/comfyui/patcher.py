@@ -173,7 +173,8 @@ def patcher_class():
             on_gpu = device_to is not None and torch.device(device_to).type != "cpu"
             disk_tier = device_to is not None and self.headroom_ram_budget_bytes > 0  # on a CPU too: disk blocks
             if (on_gpu or disk_tier) and self.headroom_blocks_resident:           # have no data outside the streamer
-                return self.load_streaming(torch.device(device_to))
+                room = None if full_load or lowvram_model_memory <= 0 else int(lowvram_model_memory)
+                return self.load_streaming(torch.device(device_to), room)
             if on_gpu and self.headroom_devices:
                 return self.load_split(torch.device(device_to))
             budget = self.headroom_budget_bytes
@@ -184,10 +185,11 @@ def patcher_class():
                          force_patch_weights=force_patch_weights, full_load=full_load)
             self._attach_side_branches(device_to, follow_weights=True)
 
-        def load_streaming(self, device_to: torch.device) -> None:
+        def load_streaming(self, device_to: torch.device, weight_bytes: int | None = None) -> None:
             """Keep ``headroom_blocks_resident`` blocks on ``device_to``, stream the rest from pinned RAM - and,
             with a RAM budget, those beyond it from the INT8 file (memory/streaming.py, the disk tier);
-            everything outside the blocks goes to ``device_to``."""
+            everything outside the blocks goes to ``device_to``. On a model that :meth:`partially_unload` shrank,
+            the blocks it streamed come back while its weights stay within ``weight_bytes`` (None: all)."""
             def place(dm) -> int:
                 streamer = streamer_of(dm)
                 if streamer is None:
@@ -195,10 +197,19 @@ def patcher_class():
                         if self.headroom_ram_budget_bytes else {}
                     streamer = enable_block_streaming(dm, device_to, blocks_resident=self.headroom_blocks_resident,
                                                       **disk)
+                elif streamer.demoted:
+                    room = None if weight_bytes is None else weight_bytes - self._streamed_weight_bytes(streamer)
+                    streamer.grow(room)
                 log.info("headroom: %s", streamer.summary())
-                return max(0, self.model_size() - streamer.streamed_bytes + streamer.ring_bytes)
+                return self._streamed_weight_bytes(streamer)
 
             self._load_placed(device_to, place)
+            # still shrunk: ComfyUI's partially_load calls load() again when memory is there (classic patcher)
+            self.model.model_lowvram = bool(streamer_of(self.model.diffusion_model).demoted)
+
+        def _streamed_weight_bytes(self, streamer) -> int:
+            """The weight bytes a streaming model holds on its device, as ComfyUI should count them."""
+            return max(0, self.model_size() - streamer.streamed_bytes + streamer.ring_bytes)
 
         def load_split(self, device_to: torch.device) -> None:
             """Split the diffusion model's blocks over ``headroom_devices`` (memory/multi_device.py: per-device
@@ -229,8 +240,10 @@ def patcher_class():
                 self._attach_side_branches(device_to)
 
         def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
-            if self._split() or self._streaming():
+            if self._split():
                 return 0  # all or nothing: ComfyUI then unloads the model (unpatch_model)
+            if self._streaming():
+                return self._shrink_streaming(memory_to_free)
             freed = super().partially_unload(device_to, memory_to_free, force_patch_weights)
             self._drop_own_lowvram_patches()
             # not in model_loaded_weight_memory: counting branches there would make ComfyUI's "offloaded" bytes
@@ -244,6 +257,27 @@ def patcher_class():
 
                 comfy.model_management.soft_empty_cache()
             return freed + parked
+
+        def _shrink_streaming(self, memory_to_free) -> int:
+            """Partial unload of a streaming model: more of its blocks stream from pinned RAM (memory/streaming.py
+            ``shrink``) instead of ComfyUI unloading it whole and pinning it again on the next prompt. All or
+            nothing, as ComfyUI expects: 0 when not enough can be freed that way (the disk tier, CUDA graphs,
+            too few resident blocks, a RAM budget they would exceed); then ComfyUI unloads the model."""
+            if memory_to_free <= 0:
+                return 0
+            streamer = streamer_of(self.model.diffusion_model)
+            host_room = self.headroom_ram_budget_bytes - streamer.host_bytes if self.headroom_ram_budget_bytes \
+                else None  # a RAM budget holds for the blocks it streams too
+            freed = streamer.shrink(int(min(memory_to_free, self.model_size() + 1)), host_room)
+            if freed:
+                self.model.model_loaded_weight_memory = self._streamed_weight_bytes(streamer)
+                self.model.model_lowvram = True  # ComfyUI's partially_load then asks load() to grow it back
+                log.info("headroom: partial unload freed %.2f GB by streaming more blocks (%d in all): %s",
+                         freed / 2**30, len(streamer.demoted), streamer.summary())
+                import comfy.model_management
+
+                comfy.model_management.soft_empty_cache()
+            return freed
 
         def _streaming(self) -> bool:
             dm = getattr(self.model, "diffusion_model", None)

@@ -363,10 +363,44 @@ def test_block_streaming_mode_runs_like_resident(workdir, inputs):
     assert dm._headroom_streamer is not None and dm._headroom_streamer.streamed_bytes > 0
     with torch.no_grad():
         streamed = dm(inputs["x"], inputs["t"], context=inputs["context"], y=inputs["y"]).float()
-    assert patcher.partially_unload(torch.device("cpu"), 1) == 0
     patcher.unpatch_model(torch.device("cpu"))
     assert getattr(dm, "_headroom_streamer", None) is None
     assert torch.allclose(streamed, run(resident, inputs), atol=1e-5, rtol=1e-4)
+
+
+def test_partial_unload_of_a_streaming_model_streams_more_blocks(workdir, inputs):
+    """ComfyUI frees memory for another model by a partial unload: a streaming model streams more of its blocks
+    from RAM instead of being unloaded whole (and pinned again on the next prompt); ComfyUI's accounting follows,
+    and its next load (partially_load -> load) brings the blocks back."""
+    path = workdir / "flux_3x3.safetensors"
+    save_file(flux_state_dict(depth=3, single=3, seed=5), str(path))
+    patcher, _ = load_int8_diffusion_model(str(path), Int8LoadConfig(), blocks_resident=5)
+    patcher.load_streaming(torch.device("cpu"))
+    dm = patcher.model.diffusion_model
+    streamer = dm._headroom_streamer
+
+    def forward():
+        with torch.no_grad():
+            return dm(inputs["x"], inputs["t"], context=inputs["context"], y=inputs["y"]).float()
+
+    expected = forward()
+    loaded = patcher.loaded_size()
+    assert patcher.partially_unload(torch.device("cpu"), 0) == 0
+    assert patcher.partially_unload(torch.device("cpu"), patcher.model_size()) == 0  # cannot: all or nothing
+    assert not streamer.demoted and patcher.loaded_size() == loaded
+    want = max(streamer._block_bytes)  # one block's worth (the ring grows by a slot first)
+    assert mm.LoadedModel(patcher).model_unload(want) is False  # ComfyUI's free_memory path: the model stays
+    freed = loaded - patcher.loaded_size()
+    assert freed >= want and streamer.demoted
+    assert patcher.loaded_size() == loaded - freed and patcher.model.model_lowvram
+    assert torch.equal(forward(), expected)
+    patcher.load_streaming(torch.device("cpu"), loaded - freed + 1)  # no room for a block: nothing comes back
+    assert streamer.demoted and patcher.model.model_lowvram
+    patcher.load_streaming(torch.device("cpu"))
+    assert not streamer.demoted and not patcher.model.model_lowvram and patcher.loaded_size() == loaded
+    assert torch.equal(forward(), expected)
+    patcher.unpatch_model(torch.device("cpu"))
+    assert getattr(dm, "_headroom_streamer", None) is None
 
 
 @pytest.mark.parametrize("budgets", [(), "plan"])
