@@ -27,8 +27,9 @@ from pathlib import Path
 TITLE = "ComfyUI's models, fused INT8 blocks"
 
 
-def families(small: bool) -> dict:
-    """name -> (ComfyUI class path, constructor kwargs, input builder(dev, dtype) -> (args, kwargs))."""
+def families(small: bool, scale: int = 1) -> dict:
+    """name -> (ComfyUI class path, constructor kwargs, input builder(dev, dtype) -> (args, kwargs)); ``scale``
+    multiplies the block counts (the releases have 10-20x more: there the embedders and the final layer weigh less)."""
     import torch
 
     def flux_inputs(channels, side, ctx_dim, txt, patch=2, pooled=True, frames=None):
@@ -56,22 +57,22 @@ def families(small: bool) -> dict:
     return {
         "flux": ("comfy.ldm.flux.model:Flux", dict(
             in_channels=16, out_channels=16, patch_size=2, txt_ids_dims=[], vec_in_dim=768, context_in_dim=4096, hidden_size=hidden,
-            mlp_ratio=4.0, num_heads=heads, depth=2, depth_single_blocks=4, axes_dim=[16, 56, 56], theta=10000, qkv_bias=True, guidance_embed=False),
+            mlp_ratio=4.0, num_heads=heads, depth=2 * scale, depth_single_blocks=4 * scale, axes_dim=[16, 56, 56], theta=10000, qkv_bias=True, guidance_embed=False),
             flux_inputs(16, side, 4096, 256)),
         "qwen_image": ("comfy.ldm.qwen_image.model:QwenImageTransformer2DModel", dict(
-            num_layers=4, attention_head_dim=128, num_attention_heads=heads,
+            num_layers=4 * scale, attention_head_dim=128, num_attention_heads=heads,
             joint_attention_dim=3584 if not small else 512), flux_inputs(16, side, 3584 if not small else 512, 256,
                                                                         pooled=False, frames=1)),
         "flux2": ("comfy.ldm.flux.model:Flux", dict(
             image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None,
             context_in_dim=15360 if not small else 512, hidden_size=6144 if not small else 256, mlp_ratio=3.0,
-            num_heads=48 if not small else 2, depth=2, depth_single_blocks=4, axes_dim=[32, 32, 32, 32],
+            num_heads=48 if not small else 2, depth=2 * scale, depth_single_blocks=4 * scale, axes_dim=[32, 32, 32, 32],
             theta=2000, qkv_bias=False, guidance_embed=True, global_modulation=True, mlp_silu_act=True,
             ops_bias=False, txt_ids_dims=[3], patch_size=1),
             flux_inputs(128, side, 15360 if not small else 512, 256, patch=1, pooled=False)),
         "wan": ("comfy.ldm.wan.model:WanModel", dict(
             dim=5120 if not small else 256, ffn_dim=13824 if not small else 512, num_heads=40 if not small else 2,
-            num_layers=4, text_dim=4096, in_dim=16, out_dim=16, freq_dim=256),
+            num_layers=4 * scale, text_dim=4096, in_dim=16, out_dim=16, freq_dim=256),
             wan_inputs(9 if not small else 1, 60 if not small else 8, 104 if not small else 8, 512, 4096)),
     }
 
@@ -235,7 +236,8 @@ def run_family(name, spec, args, cuda, dev) -> dict:
 
 def render(result: dict) -> str:
     lines = [f"`{result['command']}` on {result['device']}, {result['date']}; {result['versions']}.", "",
-             "Random weights at the release's widths, few blocks; median step over "
+             f"Random weights at the release's widths, {result.get('depth_scale', 1)}x the bench's few blocks "
+             "(Flux 2+4, Qwen-Image 4, Flux 2 2+4, Wan 4); median step over "
              f"{result['iters']} calls. Ratios are bf16 step / variant step.", ""]
     for name, fam in result["families"].items():
         base = next(r["step_ms"] for r in fam["rows"] if r["variant"] == "ComfyUI bf16")
@@ -260,6 +262,9 @@ def main() -> None:
     ap.add_argument("--min-features", type=int, default=1024)
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--small", action="store_true", help="tiny widths (a smoke test of the script)")
+    ap.add_argument("--depth-scale", type=int, default=1,
+                    help="multiply the block counts (Flux 2+4, Qwen-Image 4, Flux 2 2+4, Wan 4) by this; the bf16 and "
+                         "comfy-kitchen files of the largest family take ~16 GB x scale of disk")
     ap.add_argument("--profile", action="store_true", help="also list each variant's top GPU kernels (torch.profiler)")
     ap.add_argument("--doc", default=None, help="write the section into this PERFORMANCE.md")
     args = ap.parse_args()
@@ -275,10 +280,11 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     dev = mm.get_torch_device()
     cuda = dev.type == "cuda"
-    table = families(args.small)
+    table = families(args.small, args.depth_scale)
     result = {"device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
               "date": datetime.date.today().isoformat(), "versions": versions("torch", "triton"),
               "command": "python bench/comfy_fused.py " + " ".join(sys.argv[1:]), "iters": args.iters,
+              "depth_scale": args.depth_scale,
               "families": {}}
     for name in args.models.split(","):
         result["families"][name] = run_family(name, table[name], args, cuda, dev)
