@@ -21,12 +21,18 @@ download() {  # download DEST NAME==VERSION ...
         -d "$dest" "$@"
 }
 
-keep_only() {  # keep_only WHEEL [LIBRARY]: re-zip WHEEL without its native libraries, LIBRARY excepted
-    local wheel="$1" keep="${2:-}" tmp
-    tmp="$(mktemp -d)"
-    (cd "$tmp" && unzip -q "$wheel" && find . -name '*.so' ! -name "${keep:-*.so}" -delete 2>/dev/null; \
-        [ -n "$keep" ] || find . -name '*.so' -delete; rm -f "$wheel" && zip -q -r "$wheel" .)
-    rm -rf "$tmp"
+keep_only() {  # keep_only WHEEL [LIBRARY]: rewrite WHEEL without its native libraries, LIBRARY excepted
+    python3 - "$1" "${2:-}" <<'PY'
+import os, sys, zipfile
+wheel, keep = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(wheel + ".tmp", "w", zipfile.ZIP_DEFLATED) as dst:
+    for item in src.infolist():
+        name = os.path.basename(item.filename)
+        if ".so" in name and name != keep:
+            continue
+        dst.writestr(item, src.read(item))
+os.replace(wheel + ".tmp", wheel)
+PY
 }
 
 [ -f "$CARRY/comfyui-v0.29.0.tar.xz" ] || cp "$SHARED/comfyui-v0.29.0.tar.xz" "$CARRY/"
