@@ -337,3 +337,34 @@ def test_compiled_block_runs_the_producer_kernels_as_eager(gen):
     assert block.producer_forwards == 1  # eager took the producer path (compiled calls are not counted)
     assert kernels.kernel_summary()["triton_w8a8"]["shapes"]["24x192x64"] == 1  # qkv on INT8 rows, compiled
     assert torch.equal(compiled, eager)
+
+
+@pytest.mark.parametrize("pe_batch,with_weights,heads", [(1, True, 3), (2, False, 10), (None, True, 2)])
+def test_qk_norm_rope_kernel_writes_the_joint_sequence(pe_batch, with_weights, heads, gen):
+    """The attention inputs of two streams (text, then image) through the Triton kernel, against ComfyUI's ops in
+    torch. Within an ulp: the interpreter truncates float32 -> bf16 casts where a GPU rounds to nearest."""
+    from comfyui_headroom.kernels import triton_attention_inputs
+    from comfyui_headroom.kernels.attention_inputs import qk_norm_rope
+    from test_attention_inputs import reference, rotation_matrices, stream
+
+    b, d, lengths = 2, 16, (3, 5)
+    streams = [stream(b, n, heads, d, gen) for n in lengths]
+    weights = [tuple((1 + 0.1 * torch.randn(d, generator=gen)).to(BF16) if with_weights else None for _ in range(2))
+               for _ in streams]
+    pe = None if pe_batch is None else rotation_matrices(pe_batch, sum(lengths), d, gen)
+    eps = 1e-6
+    out = tuple(torch.full((b, heads, sum(lengths), d), float("nan"), dtype=BF16) for _ in range(3))
+    calls = []
+    launch = triton_attention_inputs._launch
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(triton_attention_inputs, "_launch", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
+        offset = 0
+        for (q, k, v), (wq, wk) in zip(streams, weights):
+            qk_norm_rope(q, k, v, wq, wk, eps, eps, pe, out, offset)
+            offset += q.shape[1]
+    assert len(calls) == 2  # the kernel ran, not the torch path
+    for got, want in zip(out, reference(streams, weights, eps, pe)):
+        assert not got.isnan().any()
+        ulp = 2 ** -7 * want.float().abs().amax(dim=-1, keepdim=True)  # of the head's largest value: a rotation
+        assert ((got.float() - want.float()).abs() <= 2 * ulp).all()   # mixes a pair's two rounding errors
+    assert torch.equal(out[2], reference(streams, weights, eps, pe)[2])  # v is copied, not computed

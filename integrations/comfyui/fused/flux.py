@@ -4,7 +4,9 @@ MLP) and HunyuanImage 2.1 / HunyuanVideo, which build the same two classes.
 Each mirrors its ComfyUI forward line by line; what changes is only where a linear layer's input comes from:
 norm + modulation (+ the gated residual of the previous half-block) write the qkv / MLP input as INT8 rows, the
 attention output is quantized per stream straight from ``[B, H, N, D]``, the MLP activation is fused with its
-quantization. RoPE is ComfyUI's ``apply_rope`` and attention ComfyUI's ``optimized_attention``, as bound by
+quantization, and the q/k RMSNorms, RoPE and the joint text + image sequence are written in one pass per stream
+(:func:`.pieces.joint_heads`; ComfyUI's QKNorm, ``torch.cat`` and ``apply_rope`` where that pass does not apply or
+another node pack replaced ``apply_rope``). Attention is ComfyUI's ``optimized_attention``, as bound by
 ``comfy.ldm.flux.math``.
 """
 
@@ -20,7 +22,8 @@ from ....kernels.producers import (
     quantize_heads,
     silu_mul_quantize,
 )
-from .pieces import FallBack, attention_heads, layers_take_rows, no_extra_arguments, no_patches, per_image
+from .pieces import FallBack, attention_heads, joint_heads, layers_take_rows, no_extra_arguments, no_patches, \
+    per_image
 
 ATTENTION_PATCHES = ("attn1_patch", "attn1_output_patch")
 
@@ -34,6 +37,26 @@ def _flux_math():
     if layers.attention is not flux_math.attention:
         raise FallBack("comfy.ldm.flux.layers.attention replaced")
     return flux_math
+
+
+def _attention_inputs(flux_math, streams, pe) -> tuple:
+    """q, k, v ``[B, H, N, D]`` of the (joint) attention over ``streams`` - ``(q, k, v [B, N_i, H, D], QKNorm)``,
+    text first - with ComfyUI's q/k norms and RoPE: one pass per stream (:func:`.pieces.joint_heads`) where that
+    computes what ComfyUI's ops would, else those ops (QKNorm, ``torch.cat``, ``apply_rope``)."""
+    import comfy.ldm.flux.layers as layers
+
+    plain = all(type(norm) is layers.QKNorm for *_, norm in streams) and (
+        pe is None or getattr(flux_math.apply_rope, "__module__", None) == flux_math.__name__)
+    heads = joint_heads([(q, k, v, norm.query_norm, norm.key_norm) for q, k, v, norm in streams], pe) \
+        if plain else None
+    if heads is not None:
+        return heads
+    normed = [(*norm(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)), v.transpose(1, 2))
+              for q, k, v, norm in streams]
+    q, k, v = normed[0] if len(normed) == 1 else (torch.cat(parts, dim=2) for parts in zip(*normed))
+    if pe is not None:
+        q, k = flux_math.apply_rope(q, k, pe)
+    return q, k, v
 
 
 def _mlp_parts(mlp) -> tuple:
@@ -77,12 +100,11 @@ class _Stream:
                                                 (mod2.shift, mod2.scale, mod2.gate))
 
     def qkv(self, heads: int) -> tuple:
+        """q, k, v ``[B, N, H, D]``: views of the qkv projection of the modulated stream."""
         b, n, _ = self.x.shape
         rows, _ = norm_modulate_quantize(self.x, self.shift1, self.scale1, self.norm1.eps)
         qkv = self.attn.qkv.forward_int8(rows, self.x.dtype)
-        q, k, v = qkv.view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
-        q, k = self.attn.norm(q, k, v)
-        return q, k, v
+        return qkv.view(b, n, 3, heads, -1).unbind(2)
 
     def finish(self, heads_out: torch.Tensor) -> torch.Tensor:
         """The stream after its attention output ``[B, H, N, D]``: projection, gated residual, MLP, gated residual."""
@@ -114,12 +136,10 @@ def double_stream_block(block, mode, img, txt, vec, pe, attn_mask=None, modulati
         img_stream.modulation(*img_mods)
         txt_stream.modulation(*txt_mods)
 
-    img_q, img_k, img_v = img_stream.qkv(block.num_heads)
-    txt_q, txt_k, txt_v = txt_stream.qkv(block.num_heads)
-    q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
-    del img_q, img_k, img_v, txt_q, txt_k, txt_v
-    if pe is not None:
-        q, k = flux_math.apply_rope(q, k, pe)
+    txt_heads, img_heads = txt_stream.qkv(block.num_heads), img_stream.qkv(block.num_heads)
+    q, k, v = _attention_inputs(flux_math, [(*txt_heads, txt_stream.attn.norm), (*img_heads, img_stream.attn.norm)],
+                                pe)
+    del txt_heads, img_heads
     out = attention_heads(flux_math.optimized_attention, q, k, v, attn_mask, transformer_options)
     del q, k, v
     n_txt = txt.shape[1]
@@ -151,10 +171,7 @@ def single_stream_block(block, mode, x, vec, pe, attn_mask=None, modulation_dims
     rows, _ = norm_modulate_quantize(x, shift, scale, block.pre_norm.eps)
     qkv, mlp = torch.split(block.linear1.forward_int8(rows, dtype).view(b, n, -1),
                            [3 * block.hidden_size, block.mlp_hidden_dim_first], dim=-1)
-    q, k, v = qkv.view(b, n, 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
-    q, k = block.norm(q, k, v)
-    if pe is not None:
-        q, k = flux_math.apply_rope(q, k, pe)
+    q, k, v = _attention_inputs(flux_math, [(*qkv.view(b, n, 3, block.num_heads, -1).unbind(2), block.norm)], pe)
     out = attention_heads(flux_math.optimized_attention, q, k, v, attn_mask, transformer_options)
     del q, k, v
     rows = heads_activation_quantize(out, mlp, silu_gate)

@@ -174,8 +174,8 @@ def joint_transformer_block(block, mode, x, x_mask, freqs_cis, adaln_input=None,
     if block.modulation:
         if adaln_input is None:
             raise FallBack("a modulated block without adaln_input")  # ComfyUI's forward asserts
-        scale_msa, gate_msa, scale_mlp, gate_mlp = (
-            per_image(t, b, width, "JointTransformerBlock") for t in block.adaLN_modulation(adaln_input).chunk(4, dim=1))
+        scale_msa, gate_msa, scale_mlp, gate_mlp = (per_image(t, b, width, "JointTransformerBlock")
+                                                    for t in block.adaLN_modulation(adaln_input).chunk(4, dim=1))
         attn_out = _attention(attn, _norm_rows(block.attention_norm1, x, scale_msa), x.shape, x_mask, freqs_cis,
                               transformer_options, dtype)
         rows, x = _seam_rows(block.attention_norm2, attn_out, gate_msa, block.ffn_norm1, x, scale_mlp)

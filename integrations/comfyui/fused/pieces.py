@@ -1,5 +1,6 @@
-"""What every fused block forward needs: the per-call checks, modulation vectors as producer rows, ComfyUI's
-attention with the heads kept apart (so the output projection's producer reads them without a transpose copy).
+"""What every fused block forward needs: the per-call checks, modulation vectors as producer rows, the joint
+attention's q/k/v written in one pass per stream, ComfyUI's attention with the heads kept apart (so the output
+projection's producer reads them without a transpose copy).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from ....kernels.attention_inputs import qk_norm_rope, rope_fits
 from ....quant.linear import Int8Linear
 
 
@@ -82,4 +84,38 @@ def attention_heads(attention, q, k, v, mask, transformer_options) -> torch.Tens
                     transformer_options=transformer_options)
     if out.ndim == 3:
         out = out.view(b, n, heads, -1).transpose(1, 2)
+    return out
+
+
+def rms_norm_params(norm, x: torch.Tensor) -> tuple | None:
+    """``(weight or None, eps)`` of a q/k norm that :func:`~comfyui_headroom.kernels.attention_inputs.qk_norm_rope`
+    computes as the module would on ``x [..., D]``: a torch ``RMSNorm`` over D (ComfyUI's ``operations.RMSNorm``)
+    without patch functions, its weight on ``x``'s device. None otherwise (the block then calls the module)."""
+    if not isinstance(norm, torch.nn.RMSNorm) or tuple(norm.normalized_shape) != (x.shape[-1],) \
+            or getattr(norm, "weight_function", None) or getattr(norm, "bias_function", None):
+        return None
+    weight = norm.weight
+    if weight is not None and (weight.device != x.device or not weight.dtype.is_floating_point):
+        return None
+    # eps=None: torch's rms_norm takes the epsilon of the type it computes in (float32 for bf16/fp16 inputs)
+    return weight, norm.eps if norm.eps is not None else torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps
+
+
+def joint_heads(streams, pe: torch.Tensor | None):
+    """``(q, k, v) [B, H, N_1 + N_2 + ..., D]`` of a joint attention over ``streams`` (in order), each
+    ``(q, k, v [B, N_i, H, D] views of its projection output, its q norm, its k norm)``: each stream normed, rotated
+    by ``pe`` (ComfyUI's rotation matrices over the joint sequence, or None) and written into its rows in one pass
+    (kernels/attention_inputs.py). None when a norm is not one :func:`rms_norm_params` reproduces or ``pe`` not
+    the layout the pass reads: the block then runs ComfyUI's ops for them."""
+    q0 = streams[0][0]
+    b, _, heads, d = q0.shape
+    total = sum(q.shape[1] for q, *_ in streams)
+    params = [(rms_norm_params(nq, q), rms_norm_params(nk, k)) for q, k, _, nq, nk in streams]
+    if any(p is None for pair in params for p in pair) or (pe is not None and not rope_fits(pe, b, total, d)):
+        return None
+    out = tuple(torch.empty((b, heads, total, d), dtype=q0.dtype, device=q0.device) for _ in range(3))
+    offset = 0
+    for (q, k, v, _, _), ((q_weight, eps_q), (k_weight, eps_k)) in zip(streams, params):
+        qk_norm_rope(q, k, v, q_weight, k_weight, eps_q, eps_k, pe, out, offset)
+        offset += q.shape[1]
     return out

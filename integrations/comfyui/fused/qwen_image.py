@@ -12,13 +12,14 @@ inputs of the INT8 linear layers change where they come from:
   writing the MLP's input rows (and the new residual stream);
 * the MLP's tanh-GELU is fused with the quantization of ``net[2]``'s input (:func:`gelu_quantize`).
 
-What stays ComfyUI's: the modulation projections ``img_mod`` / ``txt_mod`` (called as the block calls them), the
-RMSNorm q/k norms (the block's own modules), ``apply_rope1`` and ``optimized_attention_masked`` as
-``comfy.ldm.qwen_image.model`` binds them at call time (so ``--use-sage-attention`` and attention overrides keep
-working), the text-mask layout and the stream order (text first) of the joint attention.
+* the q/k RMSNorms (the weights and eps of the block's own modules), RoPE and the joint sequence (text first) are
+  written in one pass per stream (:func:`.pieces.joint_heads`); where that pass does not apply (a norm that is not
+  a plain RMSNorm, another node pack's ``apply_rope1``) ComfyUI's own ops run them.
 
-Torch ops rather than producers: none inside the fused path beyond what ComfyUI itself runs in torch (q/k RMSNorm,
-RoPE, attention, the final gated residual ``addcmul``).
+What stays ComfyUI's: the modulation projections ``img_mod`` / ``txt_mod`` (called as the block calls them) and
+``optimized_attention_masked`` as ``comfy.ldm.qwen_image.model`` binds it at call time (so ``--use-sage-attention``
+and attention overrides keep working), the text-mask layout of the joint attention, and the final gated residual
+``addcmul`` (torch).
 
 ComfyUI's forward runs instead (:class:`~.pieces.FallBack`) for:
 
@@ -38,7 +39,8 @@ import torch
 from torch import nn
 
 from ....kernels.producers import gelu_quantize, norm_modulate_quantize, quantize_heads
-from .pieces import FallBack, attention_heads, layers_take_rows, no_extra_arguments, no_patches, per_image
+from .pieces import FallBack, attention_heads, joint_heads, layers_take_rows, no_extra_arguments, no_patches, \
+    per_image
 
 ATTENTION_PATCHES = ("attn1_patch",)
 
@@ -91,13 +93,11 @@ class _Stream:
         self.shift1, self.scale1, self.gate1 = (per_image(t, b, width, self.what) for t in first.chunk(3, dim=-1))
         self.shift2, self.scale2, self.gate2 = (per_image(t, b, width, self.what) for t in second.chunk(3, dim=-1))
 
-    def heads(self, heads: int, norm_q, norm_k) -> tuple:
-        """q, k, v ``[B, H, N, D]`` from one INT8 copy of the modulated stream; q and k through their RMSNorms."""
+    def heads(self, heads: int) -> tuple:
+        """q, k, v ``[B, N, H, D]`` from one INT8 copy of the modulated stream (before the q/k norms)."""
         b, n, _ = self.x.shape
         rows, _ = norm_modulate_quantize(self.x, self.shift1, self.scale1, self.eps1)
-        q, k, v = (layer.forward_int8(rows, self.x.dtype).view(b, n, heads, -1).transpose(1, 2)
-                   for layer in self.qkv_layers)
-        return norm_q(q.contiguous()), norm_k(k.contiguous()), v
+        return tuple(layer.forward_int8(rows, self.x.dtype).view(b, n, heads, -1) for layer in self.qkv_layers)
 
     def finish(self, heads_out: torch.Tensor, after_out=None) -> torch.Tensor:
         """The stream after its part of the attention output ``[B, H, N, D]``: output projection, gated residual,
@@ -111,6 +111,22 @@ class _Stream:
         hidden = self.fc1.forward_int8(rows, dtype)
         mlp = self.fc2.forward_int8(gelu_quantize(hidden), dtype).view(b, n, width)
         return torch.addcmul(x, self.gate2[:, None], mlp)
+
+
+def _attention_inputs(qwen_model, txt_heads, txt_norms, img_heads, img_norms, rope) -> tuple:
+    """Joint q, k, v ``[B, H, N_txt + N_img, D]`` (text first) with the streams' q/k RMSNorms and RoPE: one pass per
+    stream (:func:`.pieces.joint_heads`) where that computes what ComfyUI's ops would, else those ops (the norms on
+    contiguous ``[B, H, N, D]`` copies, ``torch.cat``, ``apply_rope1``), as ``Attention.forward`` runs them."""
+    if getattr(qwen_model.apply_rope1, "__module__", None) == "comfy.ldm.flux.math":
+        joint = joint_heads([(*txt_heads, *txt_norms), (*img_heads, *img_norms)], rope)
+        if joint is not None:
+            return joint
+    streams = []
+    for (q, k, v), (norm_q, norm_k) in ((txt_heads, txt_norms), (img_heads, img_norms)):
+        streams.append((norm_q(q.transpose(1, 2).contiguous()), norm_k(k.transpose(1, 2).contiguous()),
+                        v.transpose(1, 2)))
+    q, k, v = (torch.cat(parts, dim=2) for parts in zip(*streams))
+    return qwen_model.apply_rope1(q, rope), qwen_model.apply_rope1(k, rope), v
 
 
 def _joint_mask(text_mask, batch: int, n_txt: int, n_img: int, like: torch.Tensor):
@@ -143,14 +159,10 @@ def transformer_block(block, mode, hidden_states, encoder_hidden_states, encoder
     img.modulation(block.img_mod(temb))
     txt.modulation(block.txt_mod(temb))
 
-    img_q, img_k, img_v = img.heads(attn.heads, attn.norm_q, attn.norm_k)
-    txt_q, txt_k, txt_v = txt.heads(attn.heads, attn.norm_added_q, attn.norm_added_k)
-    q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
-    del img_q, img_k, img_v, txt_q, txt_k, txt_v
+    q, k, v = _attention_inputs(qwen_model, txt.heads(attn.heads), (attn.norm_added_q, attn.norm_added_k),
+                                img.heads(attn.heads), (attn.norm_q, attn.norm_k), image_rotary_emb)
     batch, n_txt, n_img = hidden_states.shape[0], encoder_hidden_states.shape[1], hidden_states.shape[1]
     mask = _joint_mask(encoder_hidden_states_mask, batch, n_txt, n_img, hidden_states)
-    q = qwen_model.apply_rope1(q, image_rotary_emb)
-    k = qwen_model.apply_rope1(k, image_rotary_emb)
     out = attention_heads(qwen_model.optimized_attention_masked, q, k, v, mask, transformer_options)
     del q, k, v
     hidden_states = img.finish(out[:, :, n_txt:], attn.to_out[1])

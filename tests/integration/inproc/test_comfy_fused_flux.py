@@ -166,3 +166,69 @@ def test_attention_override_still_chooses_the_attention(models, conditioning):
     assert stats(models["on"])["fused_calls"] > before
     assert True in calls and False in calls  # the fused path asked for heads, ComfyUI's forward did not
     assert cosine(outputs["on"], outputs["off"]) >= 0.999
+
+
+def _joint_inputs(g, heads=2, d=128, n_txt=5, n_img=9):
+    """A double block's two streams as its fused forward hands them on: q, k, v [B, N, H, D] views of each stream's
+    qkv projection, with ComfyUI's QKNorm modules, and ComfyUI's RoPE of the joint sequence (EmbedND)."""
+    import comfy.ldm.flux.layers as layers
+    import comfy.ops
+
+    streams = []
+    for n in (n_txt, n_img):
+        norm = layers.QKNorm(d, dtype=torch.bfloat16, operations=comfy.ops.manual_cast)
+        with torch.no_grad():
+            norm.query_norm.weight.copy_(1 + 0.1 * torch.randn(d, generator=g))
+            norm.key_norm.weight.copy_(1 + 0.1 * torch.randn(d, generator=g))
+        qkv = torch.randn(1, n, 3 * heads * d, generator=g).to(torch.bfloat16)
+        streams.append((*qkv.view(1, n, 3, heads, d).unbind(2), norm))
+    ids = torch.randint(0, 64, (1, n_txt + n_img, 3), generator=g).float()
+    pe = layers.EmbedND(dim=d, theta=10000, axes_dim=[16, 56, 56])(ids)
+    return streams, pe
+
+
+@torch.no_grad()  # as ComfyUI samples (with autograd on, torch's rms_norm takes another implementation)
+def test_attention_inputs_in_one_pass_equal_comfyuis_qknorm_cat_and_rope(monkeypatch):
+    """The fused blocks' q/k norms + RoPE + joint sequence (kernels/attention_inputs.py, the torch path here) against
+    ComfyUI's own QKNorm, torch.cat and apply_rope - the path the fused forward takes when another node pack
+    replaced apply_rope."""
+    import comfy.ldm.flux.math as flux_math
+    from comfyui_headroom.integrations.comfyui.fused import flux, pieces
+
+    g = torch.Generator().manual_seed(7)
+    streams, pe = _joint_inputs(g)
+    calls = []
+    one_pass = pieces.qk_norm_rope
+    monkeypatch.setattr(pieces, "qk_norm_rope", lambda *a, **kw: calls.append(1) or one_pass(*a, **kw))
+    fused = flux._attention_inputs(flux_math, streams, pe)
+    assert len(calls) == 2  # one pass per stream
+    replaced = lambda q, k, pe: flux_math.apply_rope(q, k, pe)  # noqa: E731 - another pack's wrapper
+    comfys = flux._attention_inputs(type("patched", (), {"apply_rope": staticmethod(replaced),
+                                                         "__name__": flux_math.__name__}), streams, pe)
+    assert len(calls) == 2  # the wrapper is not ComfyUI's apply_rope: ComfyUI's ops ran
+    # ComfyUI's ops (apply_rope: comfy-kitchen's rope here) and its definition of the rotation (_apply_rope1, the
+    # training path): equal but where a fused multiply-add rounds a value near zero otherwise
+    normed = [norm(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)) for q, k, v, norm in streams]
+    definition = [flux_math._apply_rope1(torch.cat(parts, dim=2), pe) for parts in list(zip(*normed))[:2]]
+    for got, want in zip(list(fused) + list(fused[:2]), list(comfys) + definition):
+        assert got.shape == want.shape == (1, 2, 14, 128)
+        assert (got == want).float().mean() > 0.999
+        torch.testing.assert_close(got, want, rtol=2 ** -8, atol=1e-6)
+
+
+@torch.no_grad()
+def test_single_block_attention_inputs_and_fallback_for_a_norm_with_patches():
+    import comfy.ldm.flux.math as flux_math
+    from comfyui_headroom.integrations.comfyui.fused import flux
+
+    g = torch.Generator().manual_seed(8)
+    streams, pe = _joint_inputs(g, n_txt=0)
+    one = [streams[1]]
+    pe = pe[:, :, :9]
+    fused = flux._attention_inputs(flux_math, one, pe)
+    q, k, v, norm = one[0]
+    norm.key_norm.weight_function = [lambda w: w * 2]  # a patch function: the module's own forward must run
+    patched = flux._attention_inputs(flux_math, one, pe)
+    expected_k = flux_math.apply_rope(*norm(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)), pe)[1]
+    assert torch.equal(patched[1], expected_k)
+    assert not torch.allclose(patched[1].float(), fused[1].float(), atol=1e-2)

@@ -95,11 +95,33 @@ def test_detection_builds_qwen_image_with_int8_block_layers(models):
                 assert isinstance(layer, Int8Linear) and layer.weight.dtype == torch.int8
 
 
-def test_fused_qwen_image_samples_like_comfyuis_block_code(models, conditioning):
+def test_fused_qwen_image_samples_like_comfyuis_block_code(models, conditioning, monkeypatch):
+    from comfyui_headroom.integrations.comfyui.fused import pieces
+
     latent, positive, negative, _ = conditioning
+    calls = []
+    one_pass = pieces.qk_norm_rope
+    monkeypatch.setattr(pieces, "qk_norm_rope", lambda *a, **kw: calls.append(1) or one_pass(*a, **kw))
     # The sampled latent of this tiny model is dominated by its input and output layers, so the blocks' share is
     # small: a bound tighter than the usual 0.999 (about 5e-7 from 1 here; swapping two gates gives 2e-3).
     sample_fused_and_unfused(models, latent, positive, negative, blocks=DEPTH, min_cosine=0.99999)
+    assert calls and len(calls) % (2 * DEPTH) == 0  # the q/k norms + RoPE in one pass, per stream and block
+
+
+def test_attention_inputs_fall_back_to_comfyuis_ops_when_apply_rope1_is_replaced(models, conditioning, monkeypatch):
+    import comfy.ldm.qwen_image.model as qwen_model
+    from comfyui_headroom.integrations.comfyui.fused import pieces
+
+    latent, positive, negative, _ = conditioning
+    reference = ksample(models["on"], latent, positive, negative)
+    original = qwen_model.apply_rope1
+    replaced = []
+    monkeypatch.setattr(qwen_model, "apply_rope1", lambda x, pe: replaced.append(1) or original(x, pe))
+    monkeypatch.setattr(pieces, "qk_norm_rope", lambda *a, **kw: pytest.fail("the one-pass path ran"))
+    before = stats(models["on"])["fallback_calls"]
+    again = ksample(models["on"], latent, positive, negative)
+    assert replaced and stats(models["on"])["fallback_calls"] == before  # still the fused block, ComfyUI's RoPE
+    assert cosine(again, reference) >= 0.99999
 
 
 def test_text_attention_mask_is_honoured(models, conditioning):
