@@ -119,3 +119,27 @@ def test_the_kernel_at_flux_and_qwen_sizes_on_gpu(layout, gen):
         assert not got.isnan().any()
         assert (got == want).float().mean() > 0.99  # rounding to nearest as torch: equal but for a few values
         assert (got.float() - want.float()).abs().max() <= 2 ** -7 * want.float().abs().max()
+
+
+@pytest.mark.parametrize("rope,weights", [(True, True), (False, False)])
+def test_the_kernel_compiles_for_hopper_without_spills(rope, weights, tmp_path):
+    """Triton compiles the kernel for sm90 here, without a GPU (what the fused Flux blocks run on an H100/H200)."""
+    triton = pytest.importorskip("triton")
+    from comfyui_headroom.kernels import triton_attention_inputs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import mangle_type
+    from testutil import ptxas_spills
+
+    fn = triton_attention_inputs._qk_norm_rope_kernel
+    bf16, f32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1, dtype=torch.float32)
+    args = [bf16] * 5 + [f32] + [bf16] * 3 + [4352, 24, 0, 1e-6, 1e-6] + [1 << 20] * 14
+    constexprs = dict(D=128, BLOCK_H=8, HAS_Q_WEIGHT=weights, HAS_K_WEIGHT=weights, HAS_ROPE=rope)
+    signature = {name: mangle_type(arg) for name, arg in zip(fn.arg_names, args)}
+    signature.update({name: "constexpr" for name in constexprs})
+    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    ptx = compiled.asm["ptx"]
+    assert "ld.global" in ptx and "st.global" in ptx
+    spills = ptxas_spills(ptx, tmp_path)
+    assert spills in (None, 0), f"the kernel spills {spills} bytes of registers"
