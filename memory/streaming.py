@@ -175,9 +175,10 @@ class BlockStreamer:
                 self._slot_views(i, slot_id)
 
     # -- setup -------------------------------------------------------------------------------------------
-    def _park(self, block: nn.Module) -> _Streamed:
+    def _park(self, block: nn.Module, host: torch.Tensor | None = None) -> _Streamed:
+        """Pack ``block`` into a host buffer of its own (``host``, else a new one) and point it there."""
         layout = FlatLayout(collect_tensor_refs(block))
-        host = empty_host(layout.nbytes, self.pin_memory)
+        host = empty_host(layout.nbytes, self.pin_memory) if host is None else host
         views = layout.pack(host)
         layout.point_to(views)
         return _Streamed(layout, host, views)
@@ -266,10 +267,16 @@ class BlockStreamer:
         chosen = self.plan_shrink(nbytes, host_room) if self.resizable and nbytes > 0 else None
         if not chosen:
             return 0
+        try:  # every host buffer first: pinned memory may run out, and then nothing has moved
+            hosts = [empty_host(self._block_bytes[i], self.pin_memory) for i in chosen]
+        except RuntimeError as err:
+            log.warning("headroom: could not stream %d more blocks from RAM (%s); the model is unloaded instead",
+                        len(chosen), str(err).splitlines()[0])
+            return 0
         before = self.device_bytes()
         self._quiesce()
-        for i in chosen:
-            self._streamed[i] = self._park(self.blocks[i])
+        for i, host in zip(chosen, hosts):
+            self._streamed[i] = self._park(self.blocks[i], host)
             self.resident[i] = False
             self.demoted.append(i)
         self._schedule()
@@ -293,8 +300,15 @@ class BlockStreamer:
             return 0
         self._quiesce()
         for i in back:
-            entry = self._streamed.pop(i)
-            entry.layout.point_to([view.to(self.device) for view in entry.host_views])
+            entry = self._streamed[i]
+            try:
+                moved = [view.to(self.device) for view in entry.host_views]
+            except torch.OutOfMemoryError:  # less room than counted (another model, fragmentation): stop here
+                log.warning("headroom: no room to bring block %s back to %s; %d blocks stay streamed",
+                            self.names[i], self.device, len(self.demoted))
+                break
+            entry.layout.point_to(moved)
+            del self._streamed[i]
             self.resident[i] = True
             self.demoted.remove(i)
         self._schedule()

@@ -118,3 +118,49 @@ def test_shrink_keeps_the_host_copies_within_the_room_given(gen):
     size = streamer._block_bytes[0]
     assert streamer.shrink(size, host_room=3 * size - 1) == 0 and not streamer.demoted  # needs three blocks
     assert streamer.shrink(size, host_room=3 * size) == size and len(streamer.demoted) == 3
+
+
+def test_a_shrink_that_cannot_pin_its_buffers_changes_nothing(gen, monkeypatch, caplog):
+    import comfyui_headroom.memory.streaming as streaming
+
+    model = make_dit(depth=6)
+    x = torch.randn(1, 4, 16, generator=gen)
+    expected = _run(model, x, 1)[0]
+    streamer = enable_block_streaming(model, "cpu", blocks_resident=6, prefetch=1)
+    real, calls = streaming.empty_host, []
+
+    def second_fails(nbytes, pin):
+        calls.append(nbytes)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
+        return real(nbytes, pin)
+
+    monkeypatch.setattr(streaming, "empty_host", second_fails)
+    assert streamer.shrink(streamer._block_bytes[0]) == 0
+    assert len(calls) == 2 and not streamer.demoted and streamer.streamed_indices == []
+    assert "the model is unloaded instead" in caplog.text
+    assert torch.equal(_run(model, x, 1)[0], expected)
+
+
+def test_grow_stops_at_the_first_block_the_device_has_no_room_for(gen, monkeypatch, caplog):
+    model = make_dit(depth=6)
+    x = torch.randn(1, 4, 16, generator=gen)
+    expected = _run(model, x, 1)[0]
+    streamer = enable_block_streaming(model, "cpu", blocks_resident=6, prefetch=1)
+    streamer.shrink(2 * streamer._block_bytes[0])
+    demoted = list(streamer.demoted)
+    assert len(demoted) == 4
+    real_to, moves = torch.Tensor.to, []
+    first_block_tensors = len(streamer._streamed[demoted[-1]].host_views)
+
+    def to(self, *args, **kwargs):
+        moves.append(1)
+        if len(moves) > first_block_tensors:  # the first block fits, then the device is full
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    streamer.grow()
+    monkeypatch.undo()
+    assert streamer.demoted == demoted[:-1] and "stay streamed" in caplog.text
+    assert torch.equal(_run(model, x, 1)[0], expected)
