@@ -9,7 +9,9 @@ like ComfyUI-GGUF. This script starts the server with its default flags (Dynamic
 2. a second, larger model through ComfyUI's stock UNETLoader (bf16), same graph: ComfyUI must make room;
 3. the first graph again: our model must come back;
 4. the same graph with ComfyUI's stock loader on the first model (bf16) and, when comfy-kitchen is importable,
-   with ComfyUI's own INT8 file of it: the anchors.
+   with ComfyUI's own INT8 file of it: the anchors;
+5. with ``--blocks-resident N``: ours with block streaming, the second model, ours again (the partial unload of a
+   streaming model streams more of its blocks instead of unloading it).
 
 Per prompt it records: ok / the error, wall seconds of the prompt (execution start -> success from the history),
 VRAM free/total from ``/system_stats`` after the prompt, our nodes' status texts, and the lines of the server log
@@ -33,7 +35,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 LOG_LINES = re.compile(r"out of memory|OutOfMemory|OOM|aimdo|dynamic|lowvram|partially|loaded partially|Traceback|"
-                       r"Error", re.I)
+                       r"Error|headroom: (partial unload|streaming|could not|no room)", re.I)
 
 
 def write_models(folder: Path, args) -> dict:
@@ -97,10 +99,10 @@ def graph(model_node: dict, side: int, steps: int, vae: str | None, ours: bool) 
     return g
 
 
-def int8_loader(name: str) -> dict:
+def int8_loader(name: str, blocks_resident: int = 0) -> dict:
     return {"class_type": "HeadroomLoadDiffusionModelInt8", "inputs": {
         "unet_name": name, "weight_format": "auto", "quantize_on_load": True, "compute": "auto", "skip_patterns": "",
-        "gpu_budget_gb": 0.0, "blocks_resident": 0}}
+        "gpu_budget_gb": 0.0, "blocks_resident": blocks_resident}}
 
 
 def stock_loader(name: str) -> dict:
@@ -151,6 +153,11 @@ def run_mode(args, dynamic: bool, folder: Path, files: dict) -> dict:
                     ("stock bf16", stock_loader(model), False)]
         if "kitchen" in files:
             sequence.append(("ComfyUI INT8 (comfy-kitchen)", stock_loader(files["kitchen"][1]), False))
+        if args.blocks_resident:  # block streaming: the second model should shrink ours (more blocks streamed)
+            streaming = int8_loader(model, args.blocks_resident)
+            sequence += [("ours INT8 streaming", streaming, True),
+                         ("second model, stock bf16", stock_loader(big), False),
+                         ("ours INT8 streaming again", streaming, True)]
         for name, node, ours in sequence:
             row = run_prompt(server, name, graph(node, side, args.steps, args.vae, ours), log_from)
             log_from = row.pop("_log_end")
@@ -176,6 +183,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--reserve-vram", type=float, default=0.0, help="GB ComfyUI leaves unused (shrinks the card)")
     ap.add_argument("--vae", default=None, help="a VAE file name in the server's models/vae (optional)")
+    ap.add_argument("--blocks-resident", type=int, default=0,
+                    help="also run our model with block streaming (this many blocks resident) before and after the "
+                         "second model: partial unload streams more blocks instead of unloading it")
     ap.add_argument("--cpu", action="store_true", help="a smoke test of the script on a machine without a GPU")
     args = ap.parse_args()
     os.environ.setdefault("COMFYUI_DIR", args.comfy)
