@@ -106,6 +106,7 @@ class BlockStreamer:
         self._active = True
         self.graphs = None  # BlockGraphs when enable_block_streaming(..., cuda_graphs=True)
         self.disk_reader: DiskReader | None = None
+        self.disk_source = disk_source
         on_disk = on_disk or [False] * len(blocks)
         disk_order = [i for i in range(len(blocks)) if on_disk[i] and not resident[i]]
         if disk_order and disk_source is None:
@@ -229,9 +230,9 @@ class BlockStreamer:
     # -- resizing at run time: ComfyUI's partial unload and load -----------------------------------------------
     @property
     def resizable(self) -> bool:
-        """Whether :meth:`shrink` / :meth:`grow` may move blocks now. Not with CUDA graphs (they captured the
-        resident blocks' addresses) nor with the disk tier (a demoted block would go over the RAM budget)."""
-        return self._active and self.graphs is None and self.disk_reader is None
+        """Whether :meth:`shrink` / :meth:`grow` may move blocks now: not with CUDA graphs (they captured the
+        resident blocks' addresses)."""
+        return self._active and self.graphs is None
 
     def device_bytes(self, streamed: set[int] | None = None) -> int:
         """Bytes the blocks take on the device: the resident ones and the ring - now, or with ``streamed``
@@ -240,12 +241,11 @@ class BlockStreamer:
         n_slots, slot_bytes = self._ring_shape(sorted(streamed))
         return sum(b for i, b in enumerate(self._block_bytes) if i not in streamed) + n_slots * slot_bytes
 
-    def plan_shrink(self, nbytes: int, host_room: int | None = None) -> list[int] | None:
-        """The resident blocks to stream from RAM so that the device holds ``nbytes`` less (the ring grows
-        with the first ones), in order; None when even streaming every block would not free that much, or when
-        their host copies would take more than ``host_room`` bytes. Each pick is the middle of the longest run
-        of resident blocks, so the remaining ones stay spread between the streamed ones and keep hiding their
-        copies."""
+    def plan_shrink(self, nbytes: int) -> list[int] | None:
+        """The resident blocks to stream so that the device holds ``nbytes`` less (the ring grows with the first
+        ones), in order; None when even streaming every block would not free that much. Each pick is the middle of
+        the longest run of resident blocks, so the remaining ones stay spread between the streamed ones and keep
+        hiding their copies."""
         before = self.device_bytes()
         streamed = set(self._streamed)
         chosen: list[int] = []
@@ -255,28 +255,55 @@ class BlockStreamer:
                 return None
             streamed.add(pick)
             chosen.append(pick)
-        if host_room is not None and sum(self._block_bytes[i] for i in chosen) > host_room:
-            return None
         return chosen
 
+    def host_cost(self, blocks: list[int], tier: str) -> int:
+        """Host RAM that streaming ``blocks`` as well would add: in the ``"ram"`` tier their pinned copies; on
+        ``"disk"`` (read from the model's file like the planned disk blocks) the growth of the read ring."""
+        if tier == "ram":
+            return sum(self._block_bytes[i] for i in blocks)
+        order = self.disk_indices + list(blocks)
+        ring = self.disk_reader.ring_bytes if self.disk_reader is not None else 0
+        return min(self.prefetch + 1, len(order)) * max(self._block_bytes[i] for i in order) - ring
+
     def shrink(self, nbytes: int, host_room: int | None = None) -> int:
-        """Free at least ``nbytes`` of device memory by streaming resident blocks from pinned RAM (packed as
-        the planned streamed ones are), their host copies within ``host_room`` bytes (None: no limit); all or
+        """Free at least ``nbytes`` of device memory by streaming resident blocks, within ``host_room`` bytes of
+        host RAM (None: no limit): from pinned RAM (packed as the planned streamed ones are) where that fits, else
+        - on a streamer with a disk source - from the model's file (read as the planned disk blocks are). All or
         nothing: 0 when that cannot free enough, or when the streamer cannot be resized (:attr:`resizable`).
         Returns the bytes freed. Call between forward passes."""
-        chosen = self.plan_shrink(nbytes, host_room) if self.resizable and nbytes > 0 else None
+        chosen = self.plan_shrink(nbytes) if self.resizable and nbytes > 0 else None
         if not chosen:
             return 0
-        try:  # every host buffer first: pinned memory may run out, and then nothing has moved
-            hosts = [empty_host(self._block_bytes[i], self.pin_memory) for i in chosen]
-        except RuntimeError as err:
-            log.warning("headroom: could not stream %d more blocks from RAM (%s); the model is unloaded instead",
+        fits = lambda tier: host_room is None or self.host_cost(chosen, tier) <= host_room  # noqa: E731
+        tier = "ram" if fits("ram") else "disk" if self.disk_source is not None and fits("disk") else None
+        if tier is None:
+            return 0
+        try:  # every host buffer and read first: pinned memory may run out, and then nothing has moved
+            if tier == "ram":
+                hosts = [empty_host(self._block_bytes[i], self.pin_memory) for i in chosen]
+            else:
+                layouts = {i: FlatLayout(collect_tensor_refs(self.blocks[i])) for i in chosen}
+                reads = {i: plan_block_read(self.names[i], layouts[i], self.disk_source) for i in chosen}
+                known = self.disk_reader.reads if self.disk_reader is not None else {}
+                reader = DiskReader({**known, **reads}, sorted(self.disk_indices + chosen), self.prefetch + 1,
+                                    self.pin_memory)
+        except RuntimeError as err:  # DiskTierError too: a block the file does not hold as it is now
+            log.warning("headroom: could not stream %d more blocks (%s); the model is unloaded instead",
                         len(chosen), str(err).splitlines()[0])
             return 0
         before = self.device_bytes()
         self._quiesce()
-        for i, host in zip(chosen, hosts):
-            self._streamed[i] = self._park(self.blocks[i], host)
+        if tier == "ram":
+            for i, host in zip(chosen, hosts):
+                self._streamed[i] = self._park(self.blocks[i], host)
+        else:
+            if self.disk_reader is not None:
+                self.disk_reader.close()
+            self.disk_reader = reader
+            for i in chosen:
+                self._streamed[i] = self._park_on_disk(layouts[i])
+        for i in chosen:
             self.resident[i] = False
             self.demoted.append(i)
         self._schedule()
@@ -299,10 +326,11 @@ class BlockStreamer:
         if not back:
             return 0
         self._quiesce()
+        from_disk = []
         for i in back:
             entry = self._streamed[i]
             try:
-                moved = [view.to(self.device) for view in entry.host_views]
+                moved = [view.to(self.device) for view in self._host_copy(i, entry)]
             except torch.OutOfMemoryError:  # less room than counted (another model, fragmentation): stop here
                 log.warning("headroom: no room to bring block %s back to %s; %d blocks stay streamed",
                             self.names[i], self.device, len(self.demoted))
@@ -311,8 +339,22 @@ class BlockStreamer:
             del self._streamed[i]
             self.resident[i] = True
             self.demoted.remove(i)
+            from_disk += [i] if entry.host is None else []
+        if from_disk:  # the read ring follows the blocks that are still on disk
+            reads, remaining = self.disk_reader.reads, self.disk_indices
+            self.disk_reader.close()
+            self.disk_reader = DiskReader({i: reads[i] for i in remaining}, remaining, self.prefetch + 1,
+                                          self.pin_memory) if remaining else None
         self._schedule()
         return self.device_bytes() - before
+
+    def _host_copy(self, index: int, entry: _Streamed) -> list[torch.Tensor]:
+        """Views of block ``index``'s tensors in host memory: its pinned copy, or read from the file."""
+        if entry.host is not None:
+            return entry.host_views
+        host = empty_host(entry.layout.nbytes, self.pin_memory)
+        self.disk_reader.read_into(index, host)
+        return entry.layout.views(host)
 
     def _quiesce(self) -> None:
         """Wait for the device, and point every block that sits in a ring slot back at its host copy: the ring

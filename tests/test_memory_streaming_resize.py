@@ -100,16 +100,63 @@ def test_demotions_keep_the_resident_blocks_spread():
     assert order[:3] == [4, 2, 6]  # halves first, then quarters
 
 
-def test_a_disk_tier_streamer_is_not_resized(tmp_path, gen):
+def _disk_tier_model(tmp_path, depth=6):
     from safetensors.torch import save_file
 
-    model = make_dit(depth=6)
+    model = make_dit(depth=depth)
     path = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    streamer = enable_block_streaming(model, "cpu", blocks_resident=2,
-                                      ram_budget_bytes=3 * _block_bytes(model) + 4096, disk=str(path))
-    assert streamer.disk_indices and not streamer.resizable
-    assert streamer.shrink(1) == 0 and not streamer.demoted
+    return model, str(path)
+
+
+def test_a_disk_tier_streamer_shrinks_to_disk_when_ram_has_no_room(tmp_path, gen):
+    """With the disk tier, blocks that leave the GPU and find no room in RAM are read from the model's file on each
+    pass, like the planned disk blocks (the read ring is what the host pays); grow reads them back."""
+    model, path = _disk_tier_model(tmp_path)
+    x = torch.randn(1, 4, 16, generator=gen)
+    expected = _run(model, x, 1)[0]
+    size = _block_bytes(model)
+    streamer = enable_block_streaming(model, "cpu", blocks_resident=2, ram_budget_bytes=3 * size + 4096, disk=path)
+    assert streamer.tier_counts() == {"gpu": 2, "ram": 0, "disk": 4} and streamer.resizable
+    assert streamer.host_cost([0], "disk") == 0  # the ring already has its prefetch + 1 buffers
+    freed = streamer.shrink(1, host_room=0)
+    assert freed > 0 and streamer.tier_counts() == {"gpu": 1, "ram": 0, "disk": 5}
+    demoted = streamer.demoted[0]
+    weight = model.blocks[demoted].fc1.weight  # a placeholder: no copy of it anywhere but the file
+    assert weight.untyped_storage().nbytes() == weight.element_size()
+    for out in _run(model, x, 2):
+        assert torch.equal(out, expected)
+    assert streamer.grow() > 0 and streamer.tier_counts() == {"gpu": 2, "ram": 0, "disk": 4}
+    assert torch.equal(_run(model, x, 1)[0], expected)
+
+
+def test_ram_demotion_is_preferred_while_the_room_lasts(tmp_path, gen):
+    model, path = _disk_tier_model(tmp_path, depth=4)
+    size = _block_bytes(model)
+    streamer = enable_block_streaming(model, "cpu", blocks_resident=4, ram_budget_bytes=size, disk=path)
+    assert streamer.disk_reader is None  # nothing streams yet
+    streamer.shrink(1, host_room=10 * size)
+    assert streamer.tier_counts()["disk"] == 0 and streamer.tier_counts()["ram"] > 0
+    streamer.grow()
+    demotions = len(streamer.plan_shrink(1))  # all four: the ring's three slots come first
+    ring = streamer.host_cost(streamer.plan_shrink(1), "disk")
+    assert ring == 3 * size < streamer.host_cost(streamer.plan_shrink(1), "ram") == demotions * size
+    streamer.shrink(1, host_room=ring)  # no room for the copies in RAM: a disk reader starts for the demoted blocks
+    assert streamer.tier_counts()["ram"] == 0 and streamer.tier_counts()["disk"] == demotions
+    assert streamer.disk_reader is not None
+    streamer.grow()
+    assert streamer.disk_reader is None and streamer.tier_counts()["gpu"] == 4
+
+
+def test_a_block_the_file_does_not_hold_as_it_is_cannot_go_to_disk(tmp_path, gen, caplog):
+    model, path = _disk_tier_model(tmp_path, depth=4)
+    streamer = enable_block_streaming(model, "cpu", blocks_resident=4, ram_budget_bytes=1 << 30, disk=path)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.fc1.weight.data = block.fc1.weight.data.to(torch.float64)  # changed on load: not as stored
+    room = streamer.host_cost(streamer.plan_shrink(1), "disk")  # the read ring fits, the RAM copies do not
+    assert streamer.shrink(1, host_room=room) == 0 and not streamer.demoted and streamer.disk_reader is None
+    assert "the model is unloaded instead" in caplog.text and "float64" in caplog.text
 
 
 def test_shrink_keeps_the_host_copies_within_the_room_given(gen):
@@ -117,6 +164,7 @@ def test_shrink_keeps_the_host_copies_within_the_room_given(gen):
     streamer = enable_block_streaming(model, "cpu", blocks_resident=6, prefetch=1)
     size = streamer._block_bytes[0]
     assert streamer.shrink(size, host_room=3 * size - 1) == 0 and not streamer.demoted  # needs three blocks
+    assert streamer.host_cost([0, 1, 2], "ram") == 3 * size
     assert streamer.shrink(size, host_room=3 * size) == size and len(streamer.demoted) == 3
 
 

@@ -259,10 +259,11 @@ def patcher_class():
             return freed + parked
 
         def _shrink_streaming(self, memory_to_free) -> int:
-            """Partial unload of a streaming model: more of its blocks stream from pinned RAM (memory/streaming.py
-            ``shrink``) instead of ComfyUI unloading it whole and pinning it again on the next prompt. All or
-            nothing, as ComfyUI expects: 0 when not enough can be freed that way (the disk tier, CUDA graphs,
-            too few resident blocks, a RAM budget they would exceed); then ComfyUI unloads the model."""
+            """Partial unload of a streaming model: more of its blocks stream - from pinned RAM, or with the disk
+            tier from the model's file once its RAM budget is used (memory/streaming.py ``shrink``) - instead of
+            ComfyUI unloading it whole and loading it again on the next prompt. All or nothing, as ComfyUI expects:
+            0 when not enough can be freed that way (CUDA graphs, too few resident blocks, no room in the RAM
+            budget); then ComfyUI unloads the model."""
             if memory_to_free <= 0:
                 return 0
             streamer = streamer_of(self.model.diffusion_model)

@@ -82,6 +82,29 @@ def test_blocks_beyond_the_ram_budget_stream_from_the_int8_cache(flux_file, cach
     assert record2.disk_file == record.disk_file and not record2.disk_cache_written  # the cache is reused
 
 
+def test_partial_unload_of_a_disk_tier_model_streams_more_blocks_within_its_ram_budget(flux_file, cache, inputs):
+    """ComfyUI frees memory for another model: the disk-tier model streams more blocks within its RAM budget
+    instead of being unloaded whole - here from the file, as the budget's RAM is taken by the read ring - and its
+    next load brings them back."""
+    budget = 60 * MB
+    patcher, _ = load_int8_diffusion_model(flux_file, Int8LoadConfig(), blocks_resident=4, ram_budget_bytes=budget)
+    patcher.load_streaming(torch.device("cpu"))
+    dm = patcher.model.diffusion_model
+    streamer = streamer_of(dm)
+    expected = _forward(dm, inputs)
+    before, loaded = streamer.tier_counts(), patcher.loaded_size()
+    want = 3 * min(streamer._block_bytes)
+    assert mm.LoadedModel(patcher).model_unload(want) is False  # partially unloaded: ComfyUI keeps it
+    after = streamer.tier_counts()
+    assert after["gpu"] < before["gpu"] and after["disk"] > before["disk"], (before, after)
+    assert loaded - patcher.loaded_size() >= want and streamer.host_bytes <= budget
+    assert torch.equal(_forward(dm, inputs), expected)
+    patcher.load_streaming(torch.device("cpu"))  # what ComfyUI's next load of it runs (model_lowvram is set)
+    assert streamer.tier_counts() == before and patcher.loaded_size() == loaded and not patcher.model.model_lowvram
+    assert torch.equal(_forward(dm, inputs), expected)
+    patcher.unpatch_model(torch.device("cpu"))
+
+
 def test_disk_tier_needs_block_streaming_and_a_headroom_int8_file(flux_file, workdir, cache):
     with pytest.raises(ValueError, match="set blocks_resident"):
         load_int8_diffusion_model(flux_file, Int8LoadConfig(), ram_budget_bytes=60 * MB)
