@@ -99,8 +99,9 @@ def _mods(n: int, batch: int, g):
 
 
 def test_flux2_blocks_global_modulation_and_silu_gate():
-    """Flux 2's configuration of the same classes: no per-block modulation (the model hands the vectors in) and a
-    SiLU-gated MLP; the detection of a real Flux 2 forces 48 heads of 128, too wide for a CPU test."""
+    """Flux 2's configuration of the same classes, block by block (256 wide, two heads): no per-block modulation
+    (the model hands the vectors in) and a SiLU-gated MLP. A whole Flux 2 through ComfyUI's detection:
+    test_comfy_fused_flux2_hunyuan_image.py."""
     g = torch.Generator().manual_seed(3)
     fused, plain = _block_pair("DoubleStreamBlock", 1, modulation=False, mlp_silu_act=True)
     img, txt = (torch.randn(2, n, 256, generator=g, dtype=torch.bfloat16) for n in (24, 8))
