@@ -16,9 +16,12 @@ it); what changes is only where the INT8 layers' inputs come from:
 * the MLP's activation, ``nn.GELU()`` in its exact (erf) form, is fused with the quantization of ``out_layer``'s input
   (``gelu_quantize(h, approximate="none")``).
 
-Torch ops rather than a fused producer: q/k RMSNorms (``query_norm`` / ``key_norm``, their modules) and RoPE
-(``apply_rope1`` as the module bound it) are ComfyUI's. Attention is ``comfy.ldm.kandinsky5.model.optimized_attention``
-(``--use-sage-attention`` etc. keep working).
+* the self-attention's q/k RMSNorms (the weights and eps of ``query_norm`` / ``key_norm``) and RoPE, with v in the
+  attention's ``[B, H, N, D]`` layout, are one pass (:func:`.pieces.joint_heads`); where that pass does not apply (a
+  norm with patch functions, another node pack's ``apply_rope1``) ComfyUI's modules and ``apply_rope1`` run them.
+
+The cross-attention's q/k norms stay the modules' (no RoPE there). Attention is
+``comfy.ldm.kandinsky5.model.optimized_attention`` (``--use-sage-attention`` etc. keep working).
 
 ComfyUI splits sequences longer than 8192 tokens into chunks for the q/k projections + norm + RoPE and for the MLP,
 to bound memory; those ops work token by token, so the answer is the same: the fused forward runs the q/k path
@@ -39,6 +42,7 @@ from ....kernels.producers import Int8Rows, gelu_quantize, norm_modulate_quantiz
 from .pieces import (
     FallBack,
     attention_heads,
+    joint_heads,
     layers_take_rows,
     no_extra_arguments,
     no_patches,
@@ -95,9 +99,14 @@ def _self_attention(attn, rows, shape, freqs, transformer_options, dtype) -> tor
     """``SelfAttention.forward`` on its INT8 input rows (shared by the three projections)."""
     k5 = _kandinsky5()
     b, n, _ = shape
-    q = k5.apply_rope1(attn.query_norm(attn.to_query.forward_int8(rows, dtype).view(b, n, attn.num_heads, -1)), freqs)
-    k = k5.apply_rope1(attn.key_norm(attn.to_key.forward_int8(rows, dtype).view(b, n, attn.num_heads, -1)), freqs)
-    v = attn.to_value.forward_int8(rows, dtype).view(b, n, attn.num_heads, -1)
+    q, k, v = (layer.forward_int8(rows, dtype).view(b, n, attn.num_heads, -1)
+               for layer in (attn.to_query, attn.to_key, attn.to_value))
+    if getattr(k5.apply_rope1, "__module__", None) == "comfy.ldm.flux.math":  # ComfyUI's own RoPE: one pass
+        heads = joint_heads([(q, k, v, attn.query_norm, attn.key_norm)], freqs.movedim(1, 2))  # pe [B, 1, N, ...]
+        if heads is not None:
+            out = attention_heads(k5.optimized_attention, *heads, None, transformer_options)
+            return attn.out_layer.forward_int8(quantize_heads(out), dtype).view(b, n, -1)
+    q, k = k5.apply_rope1(attn.query_norm(q), freqs), k5.apply_rope1(attn.key_norm(k), freqs)
     return _heads_out(k5, attn, q, k, v, transformer_options, dtype, shape)
 
 

@@ -60,9 +60,41 @@ def test_detection_builds_kandinsky5_with_int8_block_layers(models):
                     assert isinstance(layer, Int8Linear) and layer.weight.dtype == torch.int8, name
 
 
-def test_fused_kandinsky5_samples_like_comfyuis_block_code(models, conditioning):
+def test_fused_kandinsky5_samples_like_comfyuis_block_code(models, conditioning, monkeypatch):
+    from comfyui_headroom.integrations.comfyui.fused import pieces
+
+    calls = []
+    one_pass = pieces.qk_norm_rope
+    monkeypatch.setattr(pieces, "qk_norm_rope", lambda *a, **kw: calls.append(1) or one_pass(*a, **kw))
     # one text (encoder) block, two visual (decoder) blocks
     sample_fused_and_unfused(models, *conditioning, blocks=3)
+    assert calls and len(calls) % 3 == 0  # each block's self-attention: q/k norms + RoPE in one pass
+
+
+def test_self_attention_inputs_in_one_pass_equal_comfyuis_norm_and_rope():
+    """The fused self-attention's q/k norms + RoPE against ComfyUI's modules and apply_rope1 on Kandinsky 5's
+    ``[B, N, 1, D/2, 2, 2]`` RoPE (its model's 3-D rope_encode)."""
+    import comfy.ldm.kandinsky5.model as k5
+    import comfy.ops
+    from comfyui_headroom.integrations.comfyui.fused.pieces import joint_heads
+
+    g = torch.Generator().manual_seed(5)
+    attn = k5.SelfAttention(256, 128, operation_settings={"operations": comfy.ops.manual_cast,
+                                                          "dtype": torch.bfloat16})
+    with torch.no_grad():
+        attn.query_norm.weight.copy_(1 + 0.1 * torch.randn(128, generator=g))
+        attn.key_norm.weight.copy_(1 + 0.1 * torch.randn(128, generator=g))
+    embed = k5.EmbedND(dim=128, theta=10000.0, axes_dim=[16, 56, 56])
+    freqs = embed(torch.randint(0, 16, (1, 10, 3), generator=g).float()).movedim(1, 2)  # as rope_encode_3d
+    q, k, v = (torch.randn(1, 10, 2, 128, generator=g).to(torch.bfloat16) for _ in range(3))
+    with torch.no_grad():
+        fused = joint_heads([(q, k, v, attn.query_norm, attn.key_norm)], freqs.movedim(1, 2))
+        want = (k5.apply_rope1(attn.query_norm(q), freqs), k5.apply_rope1(attn.key_norm(k), freqs), v)
+    for got, ref in zip(fused, want):
+        ref = ref.transpose(1, 2)
+        assert got.shape == ref.shape == (1, 2, 10, 128)
+        assert (got == ref).float().mean() > 0.999
+        torch.testing.assert_close(got, ref, rtol=2 ** -8, atol=1e-6)
 
 
 def test_attention_override_takes_comfyuis_forward(models, conditioning):
