@@ -111,7 +111,8 @@ def test_attention_override_takes_comfyuis_forward(models, conditioning):
 
 def test_lora_still_applies_through_comfyuis_forward(models, conditioning):
     g = torch.Generator().manual_seed(2)
-    targets = ["text_transformer_blocks.0.self_attention.to_value", "visual_transformer_blocks.0.cross_attention.to_key",
+    targets = ["text_transformer_blocks.0.self_attention.to_value",
+               "visual_transformer_blocks.0.cross_attention.to_key",
                "visual_transformer_blocks.1.feed_forward.in_layer"]
     lora = {}
     for name in targets:  # one layer of every block: every call takes ComfyUI's forward
