@@ -65,6 +65,8 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: to
     ``offset .. offset + N`` of (a stream's place in a joint sequence; ``pe`` is indexed by that row), returned;
     None: new ``[B, H, N, D]`` tensors."""
     b, n, h, d = _check(q, k, v, q_weight, k_weight, pe, out, offset)
+    # the weights in the stream's dtype, as ComfyUI's norm casts them (a [D] vector: nothing to speak of)
+    q_weight, k_weight = (None if w is None else w.to(q.dtype) for w in (q_weight, k_weight))
     if out is None:
         out = tuple(torch.empty((b, h, n, d), dtype=v.dtype, device=v.device) for _ in range(3))
     if HAS_TRITON and (q.is_cuda or interpreting()) and not torch.compiler.is_compiling():
@@ -85,7 +87,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: to
 
 def _norm_rope(x: torch.Tensor, weight, eps: float, freqs) -> torch.Tensor:
     """ComfyUI's sequence in torch: RMSNorm (its output in ``x.dtype``), then the rotation in float32."""
-    x = F.rms_norm(x, (x.shape[-1],), None if weight is None else weight.to(x.dtype), eps)
+    x = F.rms_norm(x, (x.shape[-1],), weight, eps)
     if freqs is None:
         return x
     pairs = x.float().reshape(*x.shape[:-1], -1, 1, 2)
