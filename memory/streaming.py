@@ -503,6 +503,8 @@ class BlockStreamer:
             rate = f", read {stats.gb_per_s:.2f} GB/s" if stats.gb_per_s else ""
             text += (f"; blocks: {tiers['gpu']} on the GPU, {tiers['ram']} in RAM, {tiers['disk']} on disk "
                      f"({self.host_bytes / GB:.2f} GB of RAM{rate})")
+        if self.demoted:  # why a model runs slower than its plan: another model needed the memory
+            text += f"; {len(self.demoted)} of them moved off the GPU to make room for another model"
         return text
 
     def __repr__(self) -> str:

@@ -26,6 +26,7 @@ def test_shrink_frees_what_was_asked_and_keeps_the_output(int8, gen):
     assert freed >= want
     assert streamer.device_bytes() == before - freed
     assert streamer.tier_counts()["gpu"] < 6 and len(streamer.demoted) == 6 - streamer.tier_counts()["gpu"]
+    assert f"{len(streamer.demoted)} of them moved off the GPU to make room for another model" in streamer.summary()
     for i in streamer.demoted:  # packed into a host buffer of its own, like the planned streamed blocks
         assert any(_inside(model.blocks[i].fc1.weight, h) for h in streamer.host_buffers())
     for out in _run(model, x, 3):
