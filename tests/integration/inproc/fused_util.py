@@ -90,3 +90,14 @@ def with_lora(lora: dict):
     import comfy.sd
 
     return lambda base: comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0)[0]
+
+
+def count_one_pass_calls(monkeypatch) -> list:
+    """A list that grows by one on each call of the fused blocks' q/k norm + RoPE pass (``pieces.qk_norm_rope``),
+    which still runs: how a test sees that the pass, not ComfyUI's ops, computed the attention's inputs."""
+    from comfyui_headroom.integrations.comfyui.fused import pieces
+
+    calls = []
+    one_pass = pieces.qk_norm_rope
+    monkeypatch.setattr(pieces, "qk_norm_rope", lambda *a, **kw: calls.append(1) or one_pass(*a, **kw))
+    return calls

@@ -12,6 +12,7 @@ from comfyui_headroom.integrations.comfyui.ops import Int8LoadConfig, make_int8_
 from comfyui_models import flux_lora_state_dict, flux_state_dict
 from fused_util import (
     cosine,
+    count_one_pass_calls,
     ksample,
     load,
     sample_falling_back,
@@ -194,13 +195,11 @@ def test_attention_inputs_in_one_pass_equal_comfyuis_qknorm_cat_and_rope(monkeyp
     ComfyUI's own QKNorm, torch.cat and apply_rope - the path the fused forward takes when another node pack
     replaced apply_rope."""
     import comfy.ldm.flux.math as flux_math
-    from comfyui_headroom.integrations.comfyui.fused import flux, pieces
+    from comfyui_headroom.integrations.comfyui.fused import flux
 
     g = torch.Generator().manual_seed(7)
     streams, pe = _joint_inputs(g)
-    calls = []
-    one_pass = pieces.qk_norm_rope
-    monkeypatch.setattr(pieces, "qk_norm_rope", lambda *a, **kw: calls.append(1) or one_pass(*a, **kw))
+    calls = count_one_pass_calls(monkeypatch)
     fused = flux._attention_inputs(flux_math, streams, pe)
     assert len(calls) == 2  # one pass per stream
     replaced = lambda q, k, pe: flux_math.apply_rope(q, k, pe)  # noqa: E731 - another pack's wrapper

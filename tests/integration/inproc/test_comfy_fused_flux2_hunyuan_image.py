@@ -9,7 +9,7 @@ and ComfyUI's own block code on the same INT8 layers are sampled with KSampler a
 
 import pytest
 import torch
-from fused_util import load, random_state, sample_fused_and_unfused, stats
+from fused_util import count_one_pass_calls, load, random_state, sample_fused_and_unfused, stats
 from safetensors.torch import save_file
 
 TEXT_WIDTH = 64
@@ -66,12 +66,8 @@ def test_detection_builds_the_family_with_fusable_blocks(family):
 
 
 def test_fused_blocks_sample_like_comfyuis_block_code(family, monkeypatch):
-    from comfyui_headroom.integrations.comfyui.fused import pieces
-
     name, models, _, channels = family
-    calls = []
-    one_pass = pieces.qk_norm_rope
-    monkeypatch.setattr(pieces, "qk_norm_rope", lambda *a, **kw: calls.append(1) or one_pass(*a, **kw))
+    calls = count_one_pass_calls(monkeypatch)
     g = torch.Generator().manual_seed(0)
     cond = lambda: [[torch.randn(1, 12, TEXT_WIDTH, generator=g), {}]]  # noqa: E731
     latent = torch.randn(1, channels, 8, 8, generator=g)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from comfyui_headroom.quant.linear import Int8Linear
 from fused_util import (
+    count_one_pass_calls,
     load,
     random_state,
     sample_falling_back,
@@ -61,11 +62,7 @@ def test_detection_builds_kandinsky5_with_int8_block_layers(models):
 
 
 def test_fused_kandinsky5_samples_like_comfyuis_block_code(models, conditioning, monkeypatch):
-    from comfyui_headroom.integrations.comfyui.fused import pieces
-
-    calls = []
-    one_pass = pieces.qk_norm_rope
-    monkeypatch.setattr(pieces, "qk_norm_rope", lambda *a, **kw: calls.append(1) or one_pass(*a, **kw))
+    calls = count_one_pass_calls(monkeypatch)
     # one text (encoder) block, two visual (decoder) blocks
     sample_fused_and_unfused(models, *conditioning, blocks=3)
     assert calls and len(calls) % 3 == 0  # each block's self-attention: q/k norms + RoPE in one pass

@@ -14,7 +14,16 @@ import torch
 from comfyui_headroom.integrations.comfyui.fused import install_fused_blocks
 from comfyui_headroom.integrations.comfyui.ops import Int8LoadConfig, make_int8_ops
 from comfyui_headroom.quant.linear import Int8Linear
-from fused_util import cosine, ksample, load, sample_falling_back, sample_fused_and_unfused, stats, with_lora
+from fused_util import (
+    cosine,
+    count_one_pass_calls,
+    ksample,
+    load,
+    sample_falling_back,
+    sample_fused_and_unfused,
+    stats,
+    with_lora,
+)
 from safetensors.torch import save_file
 
 TINY = {"num_attention_heads": 2, "attention_head_dim": 64, "joint_attention_dim": 64, "axes_dims_rope": (16, 24, 24)}
@@ -96,12 +105,8 @@ def test_detection_builds_qwen_image_with_int8_block_layers(models):
 
 
 def test_fused_qwen_image_samples_like_comfyuis_block_code(models, conditioning, monkeypatch):
-    from comfyui_headroom.integrations.comfyui.fused import pieces
-
     latent, positive, negative, _ = conditioning
-    calls = []
-    one_pass = pieces.qk_norm_rope
-    monkeypatch.setattr(pieces, "qk_norm_rope", lambda *a, **kw: calls.append(1) or one_pass(*a, **kw))
+    calls = count_one_pass_calls(monkeypatch)
     # The sampled latent of this tiny model is dominated by its input and output layers, so the blocks' share is
     # small: a bound tighter than the usual 0.999 (about 5e-7 from 1 here; swapping two gates gives 2e-3).
     sample_fused_and_unfused(models, latent, positive, negative, blocks=DEPTH, min_cosine=0.99999)
