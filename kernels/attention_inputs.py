@@ -1,5 +1,5 @@
-"""The attention's inputs in one pass: q/k RMSNorm, RoPE and the ``[B, H, N, D]`` head layout (Flux, Flux 2,
-Qwen-Image blocks).
+"""The attention's inputs in one pass: q/k RMSNorm, RoPE and the ``[B, H, N, D]`` head layout (the fused Flux,
+Flux 2, HunyuanImage 2.1, Qwen-Image and Kandinsky 5 blocks).
 
 Why: between a block's qkv projection and its attention, ComfyUI's blocks run torch ops that each read and write
 every head once more: the q and k RMSNorms (on transposed views, so with a contiguous copy first), the

@@ -64,8 +64,8 @@ def _qk_norm_rope_kernel(
         f01 = tl.load(pe_row + 1)[None, :]
         f10 = tl.load(pe_row + 2)[None, :]
         f11 = tl.load(pe_row + 3)[None, :]
-    out_row = b * so_b + (offset + n) * so_n + heads[:, None].to(tl.int64) * so_h
     h64 = heads[:, None].to(tl.int64)
+    out_row = b * so_b + (offset + n) * so_n + h64 * so_h
     for which in tl.static_range(2):
         if which == 0:
             even, odd = _norm_rope_pair(q_ptr + b * sq_b + n * sq_n, qw_ptr, f00, f01, f10, f11, h64 * sq_h,
@@ -106,4 +106,3 @@ def qk_norm_rope(q, k, v, q_weight, k_weight, eps_q: float, eps_k: float, pe, ou
             q_out.stride(0), q_out.stride(1), q_out.stride(2),
             D=d, BLOCK_H=block_h, HAS_Q_WEIGHT=q_weight is not None, HAS_K_WEIGHT=k_weight is not None,
             HAS_ROPE=rope, num_warps=4)
-
