@@ -96,7 +96,6 @@ class BlockStreamer:
                         "memory and block the CPU; use pin_memory=True (the default)")
         self.blocks = blocks
         self.names = names
-        self.resident = resident
         self.prefetch = prefetch
         self.stats = StreamStats()
         self._handles: list = []
@@ -141,7 +140,7 @@ class BlockStreamer:
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._block_bytes = [self._streamed[i].layout.nbytes if i in self._streamed
                              else FlatLayout(collect_tensor_refs(block)).nbytes for i, block in enumerate(blocks)]
-        self.demoted: list[int] = []  # blocks planned resident that shrink() moved to RAM, last one last
+        self.demoted: list[int] = []  # blocks planned resident that shrink() streamed (RAM or disk), last one last
         self._schedule()
         for i, block in enumerate(blocks):  # every block: shrink() may turn a resident block into a streamed one
             self._handles.append(block.register_forward_pre_hook(self._make_pre_hook(i)))
@@ -303,9 +302,7 @@ class BlockStreamer:
             self.disk_reader = reader
             for i in chosen:
                 self._streamed[i] = self._park_on_disk(layouts[i])
-        for i in chosen:
-            self.resident[i] = False
-            self.demoted.append(i)
+        self.demoted += chosen
         self._schedule()
         return before - self.device_bytes()
 
@@ -337,7 +334,6 @@ class BlockStreamer:
                 break
             entry.layout.point_to(moved)
             del self._streamed[i]
-            self.resident[i] = True
             self.demoted.remove(i)
             from_disk += [i] if entry.host is None else []
         if from_disk:  # the read ring follows the blocks that are still on disk
